@@ -1,0 +1,151 @@
+// tfla_cupy — backward stage 2: dq, dk, dv per chunk (MLSTM_SPEC.md §6.3, §7).
+//
+//   dq_τ = Σ_{u<=τ} dS[τ][u] k_u + s β̄_τ C^(c) Ĝ_τ                  (causal rows τ)
+//   dk_σ = Σ_{τ>=σ} dS[τ][σ] q_τ + ā_σ dC^(c+1) v_σ                 (anti-causal rows σ)
+//   dv_σ = Σ_{τ>=σ} P[τ][σ] A[τ][σ] Ĝ_τ + ā_σ dC^(c+1)ᵀ k_σ
+// with Ĝ = dh / (N + ε) (dh without normalizer), P = exp(D̃ − M), A = s q·k, dS = s P ⊙ (Ĝ vᵀ),
+// ā_σ = exp(a_σ − m^(c+1)), β̄_τ = exp(b_τ + m^(c) − M_τ). The 1/(N + ε) of Ĝ is folded into the
+// gate weights, so Ĝ is never materialised. dq and dk also write their per-token partial dots
+// q·dq and k·dk (one part per DK block) for the gate gradients.
+// Grids: (output blocks × row tiles × chunks × B·NH), flattened.
+#pragma once
+#include "chunk_mainloop.cuh"
+
+namespace tfla {
+
+// Σ over this CTA's output columns of acc[r][z] · src[row r][z], reduced per row into
+// row_part[r] (deterministic), for the gate-gradient dots.
+template <typename Tile, typename T>
+__device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], const T* src, int ld, int rows,
+                                         int cols, float* row_part) {
+  const int warp = threadIdx.x >> 5;
+  const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
+  float part[2] = {0.f, 0.f};
+  for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int r, int c) {
+    if (wrow + r < rows && wcol + c < cols) part[e >> 1] += acc[0][fn][e] * to_float(src[(wrow + r) * i64(ld) + wcol + c]);
+  });
+  reduce_rows<Tile>(part, row_part);
+}
+
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dq_kernel(const Params p) {
+  using T = typename Mma::T;
+  constexpr int BM = Tile::kBM, NT = Tile::kThreads;
+  const ChunkCoords<Tile> at(p, p.DK);
+  if (at.r0 >= at.Lc) return;
+  const ChunkSmem<T, Tile> sm(p.L);
+  const int warp = threadIdx.x >> 5;
+  const i64 tok = i64(at.bh) * p.S + at.t0;
+  const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
+  const i64 slot = i64(at.bh) * p.NC + at.c;
+
+  const float b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
+  const float m_c = Gate::kStabilized ? p.m_states[i64(at.bh) * (p.NC + 1) + at.c] : 0.f;
+  const float A0 = b_r0 + m_c;
+  for (int r = threadIdx.x; r < BM; r += NT) {
+    if (r < rows) {
+      const float M = Gate::kStabilized ? p.M[tok + at.r0 + r] : 0.f;
+      const float fac = Gate::kNormalize ? p.scale / (p.N[tok + at.r0 + r] + p.eps) : p.scale;
+      sm.row_scale[r] = fac * expf(A0 + sm.row_p[r] - M);
+      sm.row_log[r] = (sm.row_p[r] - M) * kLog2e + log2f(fac);
+    } else {
+      sm.row_scale[r] = 0.f;
+      sm.row_log[r] = neg_inf();
+    }
+  }
+  __syncthreads();
+
+  const T* dH = ptr<T>(p.dh) + tok * p.DV;
+  const T* V = ptr<T>(p.v) + tok * p.DV;
+  const T* K = ptr<T>(p.k) + tok * p.DK;
+  const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
+  float acc[1][Tile::kFNO][4], rowsum[2];
+  chunk_mainloop<Mma, Tile, true, true, false>(acc, rowsum, sm, dH, V, K, C, p.DV, p.DK, at.n0, at.r0, at.Lc,
+                                              [](int) {});
+
+  const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
+  const i64 out = (tok + at.r0) * p.DK + at.n0;
+  store_acc<T>(acc, ptr<T>(p.dq) + out + wrow * i64(p.DK) + wcol, p.DK, rows - wrow, p.DK - at.n0 - wcol);
+  row_dots<Tile>(acc, ptr<T>(p.q) + out, p.DK, rows, p.DK - at.n0, sm.row_part);
+  for (int r = threadIdx.x; r < rows; r += NT)
+    p.qdq[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part[r];
+}
+
+// Row and column gate terms of the anti-causal roles:
+//   row_log[r] = (ι_σ − P_σ)·log2e,  row_scale[r] = ā_σ,
+//   col_log[u] = (P_u − M_u)·log2e + log2(s / (N_u + ε)).
+template <typename Gate, typename Tile, typename T>
+__device__ __forceinline__ void anticausal_terms(const Params& p, const ChunkSmem<T, Tile>& sm,
+                                                 const ChunkCoords<Tile>& at, i64 tok) {
+  constexpr int BM = Tile::kBM, NT = Tile::kThreads;
+  prepare_anticausal<Gate>(p, sm, tok, at.r0, at.Lc);
+  const float m_next = Gate::kStabilized ? p.m_states[i64(at.bh) * (p.NC + 1) + at.c + 1] : 0.f;
+  for (int r = threadIdx.x; r < BM; r += NT) {
+    const int s = at.r0 + r;
+    if (s < at.Lc) {
+      sm.row_log[r] = (sm.iota[s] - sm.scan[s]) * kLog2e;
+      sm.row_scale[r] = expf(sm.row_aux[r] + sm.iota[s] - m_next);
+    } else {
+      sm.row_log[r] = neg_inf();
+      sm.row_scale[r] = 0.f;
+    }
+  }
+  for (int u = at.r0 + threadIdx.x; u < at.Lc; u += NT) {
+    const float M = Gate::kStabilized ? p.M[tok + u] : 0.f;
+    const float fac = Gate::kNormalize ? p.scale / (p.N[tok + u] + p.eps) : p.scale;
+    sm.col_log[u] = (sm.scan[u] - M) * kLog2e + log2f(fac);
+  }
+  __syncthreads();
+}
+
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dv_kernel(const Params p) {
+  using T = typename Mma::T;
+  const ChunkCoords<Tile> at(p, p.DV);
+  if (at.r0 >= at.Lc) return;
+  const ChunkSmem<T, Tile> sm(p.L);
+  const int warp = threadIdx.x >> 5;
+  const i64 tok = i64(at.bh) * p.S + at.t0;
+  const int rows = min(Tile::kBM, at.Lc - at.r0);
+  anticausal_terms<Gate>(p, sm, at, tok);
+
+  const T* K = ptr<T>(p.k) + tok * p.DK;
+  const T* Q = ptr<T>(p.q) + tok * p.DK;
+  const T* dH = ptr<T>(p.dh) + tok * p.DV;
+  const T* dC = ptr<T>(p.dC_states) + (i64(at.bh) * p.NC + at.c) * p.DK * p.DV;
+  float acc[1][Tile::kFNO][4], rowsum[2];
+  chunk_mainloop<Mma, Tile, false, false, false>(acc, rowsum, sm, K, Q, dH, dC, p.DK, p.DV, at.n0, at.r0, at.Lc,
+                                                [](int) {});
+  const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
+  T* out = ptr<T>(p.dv) + (tok + at.r0 + wrow) * p.DV + at.n0 + wcol;
+  store_acc<T>(acc, out, p.DV, rows - wrow, p.DV - at.n0 - wcol);
+}
+
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dk_kernel(const Params p) {
+  using T = typename Mma::T;
+  constexpr int NT = Tile::kThreads;
+  const ChunkCoords<Tile> at(p, p.DK);
+  if (at.r0 >= at.Lc) return;
+  const ChunkSmem<T, Tile> sm(p.L);
+  const int warp = threadIdx.x >> 5;
+  const i64 tok = i64(at.bh) * p.S + at.t0;
+  const int rows = min(Tile::kBM, at.Lc - at.r0);
+  anticausal_terms<Gate>(p, sm, at, tok);
+
+  const T* V = ptr<T>(p.v) + tok * p.DV;
+  const T* dH = ptr<T>(p.dh) + tok * p.DV;
+  const T* Q = ptr<T>(p.q) + tok * p.DK;
+  const T* dC = ptr<T>(p.dC_states) + (i64(at.bh) * p.NC + at.c) * p.DK * p.DV;
+  float acc[1][Tile::kFNO][4], rowsum[2];
+  chunk_mainloop<Mma, Tile, false, true, false>(acc, rowsum, sm, V, dH, Q, dC, p.DV, p.DK, at.n0, at.r0, at.Lc,
+                                               [](int) {});
+  const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
+  const i64 out = (tok + at.r0) * p.DK + at.n0;
+  store_acc<T>(acc, ptr<T>(p.dk) + out + wrow * i64(p.DK) + wcol, p.DK, rows - wrow, p.DK - at.n0 - wcol);
+  row_dots<Tile>(acc, ptr<T>(p.k) + out, p.DK, rows, p.DK - at.n0, sm.row_part);
+  for (int r = threadIdx.x; r < rows; r += NT)
+    p.kdk[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part[r];
+}
+
+}  // namespace tfla

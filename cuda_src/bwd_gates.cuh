@@ -1,0 +1,79 @@
+// tfla_cupy — backward stage 3: gate gradients, fp32 (MLSTM_SPEC.md §6.3, §6.5, §7).
+//
+//   dι_t = k_t·dk_t,            dĩ_t = dι_t (exp) or dι_t·σ(−ĩ_t) (sig)
+//   dλ_t = Σ_{u>=t} (q_u·dq_u − k_u·dk_u) + ⟨dC_last, C_last⟩,   df̃_t = dλ_t·σ(−f̃_t)
+// The reverse sum runs over the WHOLE sequence (not per chunk). The dots arrive as partial
+// sums over DK blocks from the dq / dk kernels; every reduction has a fixed order, so two runs
+// give bit-identical gradients. The ⟨dC_last, C_last⟩ term (absent upstream) makes df exact
+// when a gradient flows into the last state (truncated BPTT / state passing).
+// Grid: one CTA of kThreads per batch·head, walking the sequence backwards kThreads at a time.
+#pragma once
+#include "gates.cuh"
+#include "params.cuh"
+
+namespace tfla {
+
+constexpr int kGateThreads = 512;
+
+// Inclusive prefix sum over the threads of the block, in thread order; returns this thread's
+// value and writes the block total to *total. Ends synchronised.
+__device__ __forceinline__ float block_scan(float x, float* warp_tot, float* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_tot[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < nw ? warp_tot[lane] : 0.f;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < nw) warp_tot[lane] = w;
+    if (lane == nw - 1) *total = w;
+  }
+  __syncthreads();
+  const float r = x + (warp > 0 ? warp_tot[warp - 1] : 0.f);
+  __syncthreads();
+  return r;
+}
+
+template <typename Gate>
+__global__ void __launch_bounds__(kGateThreads) bwd_gates_kernel(const Params p) {
+  __shared__ float warp_tot[32];
+  __shared__ float total;
+  const int bh = blockIdx.x;
+
+  // ⟨dC_last, C_last⟩: per-thread strided sums, then a fixed-order block sum
+  float carry = 0.f;
+  if (p.dC_last != nullptr) {
+    const i64 n = i64(p.DK) * p.DV, base = i64(bh) * n;
+    float s = 0.f;
+    for (i64 j = threadIdx.x; j < n; j += blockDim.x) s = fmaf(p.dC_last[base + j], p.C_last[base + j], s);
+    block_scan(s, warp_tot, &total);
+    carry = total;
+  }
+
+  const i64 row = i64(bh) * p.S;
+  for (int end = p.S; end > 0; end -= blockDim.x) {
+    const int t = end - 1 - int(threadIdx.x);  // thread 0 takes the latest step of the segment
+    float d = 0.f, kdk = 0.f;
+    if (t >= 0) {
+      for (int j = 0; j < p.qdq_parts; ++j) d += p.qdq[i64(j) * p.BH * p.S + row + t];
+      for (int j = 0; j < p.kdk_parts; ++j) kdk += p.kdk[i64(j) * p.BH * p.S + row + t];
+      d -= kdk;
+    }
+    const float suffix = block_scan(d, warp_tot, &total) + carry;  // Σ_{u = t .. end−1} d_u + later segments
+    if (t >= 0) {
+      p.di[row + t] = kdk * Gate::d_log_input(p.i[row + t]);
+      p.df[row + t] = suffix * sigmoid(-p.f[row + t]);
+    }
+    carry += total;
+  }
+}
+
+}  // namespace tfla

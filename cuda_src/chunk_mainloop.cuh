@@ -1,0 +1,261 @@
+// tfla_cupy — the tiled chunk-parallel main loop shared by the forward output pass and the
+// backward dq / dk / dv passes (MLSTM_SPEC.md §4.3, §5.3, §5.5, §6.3).
+//
+// One CTA owns kBM rows (positions r0 .. r0+kBM of chunk c) and kBN output columns n0 .. n0+kBN
+// of the "Z" head dimension. It computes
+//
+//     acc = diag(row_scale) · X_rows · D  +  Σ_{column tiles j} (W_j ⊙ (X_rows · Y_jᵀ)) · Z_j
+//     W[r][u] = exp2(row_log[r] + col_log[u])  for u ≤ r (causal) or u ≥ r (anti-causal)
+//
+// where X, Y, Z are token tensors of the chunk, D is a DX × DZ boundary state (C or dC), and
+// all gate information is folded into the two log2 vectors (plus the per-row inter scale):
+//
+//   role     rows  X    Y    Z    D                    direction
+//   fwd h    τ     q    k    v    C^(c)   [DK][DV]     causal       (+ row sums: denominator)
+//   bwd dq   τ     dh   v    k    C^(c)   [DK][DV]ᵀ    causal
+//   bwd dv   σ     k    q    dh   dC^(c+1)[DK][DV]     anti-causal
+//   bwd dk   σ     v    dh   q    dC^(c+1)[DK][DV]ᵀ    anti-causal
+//
+// The stabilizer of the exp variant depends only on the gates, never on q·k, so M is known
+// before the first product: no online rescaling of acc is needed (unlike softmax attention).
+// The contraction dimension DX is processed in kBX-column blocks; when DX <= kBX the X tile
+// stays in shared memory for the whole CTA. Loads use cp.async: the Z tile of step j is in
+// flight while the score tile of step j is computed.
+#pragma once
+#include "config.cuh"
+#include "gates.cuh"
+#include "params.cuh"
+#include "tile.cuh"
+
+namespace tfla {
+
+template <typename Tile>
+struct ChunkCoords {
+  int jn, rt, c, bh;  // output-column block, row tile, chunk, batch·head
+  int n0, r0;         // first output column; first row (position inside the chunk)
+  int t0, Lc;         // first token of the chunk; valid positions in the chunk
+  __device__ ChunkCoords(const Params& p, int DZ) {
+    const int nN = cdiv(DZ, Tile::kBN), nR = cdiv(p.L, Tile::kBM);
+    int blk = blockIdx.x;
+    jn = blk % nN;
+    blk /= nN;
+    rt = blk % nR;
+    blk /= nR;
+    c = blk % p.NC;
+    bh = blk / p.NC;
+    n0 = jn * Tile::kBN;
+    r0 = rt * Tile::kBM;
+    t0 = c * p.L;
+    Lc = min(p.L, p.S - t0);
+  }
+};
+
+// Shared-memory layout of a chunk CTA (see ChunkTile::smem_bytes).
+template <typename T, typename Tile>
+struct ChunkSmem {
+  static constexpr int ldx = smem_stride<T>(Tile::kBX), ldz = smem_stride<T>(Tile::kBN),
+                       ldw = smem_stride<T>(Tile::kBL);
+  T *Xs, *Ys, *Zs, *Ds, *Ws;
+  float *lam, *iota, *scan, *col_log;                            // length L
+  float *row_log, *row_scale, *row_M, *row_N, *row_aux, *row_p;  // length kBM
+  float* row_part;                                               // kWN × kBM
+  __device__ explicit ChunkSmem(int L) {
+    SmemCarver sm{dynamic_smem()};
+    Xs = sm.take<T>(Tile::kBM * ldx);
+    Ys = sm.take<T>(Tile::kBL * ldx);
+    Zs = sm.take<T>(Tile::kBL * ldz);
+    Ds = sm.take<T>(Tile::d_elems(int(sizeof(T))));
+    Ws = sm.take<T>(Tile::kBM * ldw);
+    lam = sm.take<float>(L);
+    iota = sm.take<float>(L);
+    scan = sm.take<float>(L);
+    col_log = sm.take<float>(L);
+    row_log = sm.take<float>(Tile::kBM);
+    row_scale = sm.take<float>(Tile::kBM);
+    row_M = sm.take<float>(Tile::kBM);
+    row_N = sm.take<float>(Tile::kBM);
+    row_aux = sm.take<float>(Tile::kBM);
+    row_p = sm.take<float>(Tile::kBM);
+    row_part = sm.take<float>(Tile::kWN * Tile::kBM);
+  }
+};
+
+// Sum the per-thread row partials (rows g and g+8 of each warp) over the quad and the kWN
+// warps of a row band, in a fixed order (deterministic). Result in row_part[0][r]; call with
+// every thread, ends synchronised.
+template <typename Tile>
+__device__ __forceinline__ void reduce_rows(float (&part)[2], float* row_part) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp / Tile::kWN, wn = warp % Tile::kWN;
+  const float a = quad_sum(part[0]), b = quad_sum(part[1]);
+  if ((lane & 3) == 0) {
+    row_part[wn * Tile::kBM + wm * 16 + (lane >> 2)] = a;
+    row_part[wn * Tile::kBM + wm * 16 + (lane >> 2) + 8] = b;
+  }
+  __syncthreads();
+  if (threadIdx.x < Tile::kBM) {
+    float s = row_part[threadIdx.x];
+    for (int j = 1; j < Tile::kWN; ++j) s += row_part[j * Tile::kBM + threadIdx.x];
+    row_part[threadIdx.x] = s;
+  }
+  __syncthreads();
+}
+
+template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX, bool kRowSum, typename OnXBlock>
+__device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2],
+                                               const ChunkSmem<typename Mma::T, Tile>& sm,
+                                               const typename Mma::T* X, const typename Mma::T* Y,
+                                               const typename Mma::T* Z, const typename Mma::T* D, int DX, int DZ,
+                                               int n0, int r0, int Lc, OnXBlock&& on_x_block) {
+  using T = typename Mma::T;
+  using Sm = ChunkSmem<T, Tile>;
+  constexpr int BM = Tile::kBM, BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN, NT = Tile::kThreads;
+  constexpr int FNS = Tile::kFNS, FNO = Tile::kFNO;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = warp / Tile::kWN, wn = warp % Tile::kWN;
+  const int wrow = wm * 16;                 // warp's first row in the CTA tile
+  const int wcol_s = wn * (BL / Tile::kWN);  // warp's first column of the score tile
+  const int wcol_o = wn * (BN / Tile::kWN);  // warp's first column of the output tile
+  const int nXb = cdiv(DX, BX);
+  const int rows = min(BM, Lc - r0);
+  const int z_cols = DZ - n0;
+
+  // ---- inter-chunk term: acc = X_rows · D, then scaled per row --------------------------------
+  zero(acc);
+  for (int xb = 0; xb < nXb; ++xb) {
+    const int x0 = xb * BX;
+    load_tile_async<T, BM, BX, NT>(sm.Xs, Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
+    if constexpr (!kDStoredZX) {  // D[x][z]: a BX × BN block, B operand stored [K][N]
+      load_tile_async<T, BX, BN, NT>(sm.Ds, Sm::ldz, D + i64(x0) * DZ + n0, DZ, DX - x0, z_cols);
+    } else {                      // D[z][x]: a BN × BX block, B operand stored [N][K]
+      load_tile_async<T, BN, BX, NT>(sm.Ds, Sm::ldx, D + i64(n0) * DX + x0, DX, z_cols, DX - x0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    // acc[r][z] += Σ_x X[r][x] · D[x][z]
+    warp_gemm<Mma, 1, FNO, false, !kDStoredZX>(acc, sm.Xs, Sm::ldx, wrow, sm.Ds,
+                                               kDStoredZX ? Sm::ldx : Sm::ldz, wcol_o, BX);
+    on_x_block(x0);
+    __syncthreads();
+  }
+  for_each_acc<1, FNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] *= sm.row_scale[wrow + r]; });
+  int x_cached = nXb - 1;  // the X block now in shared memory
+
+  // ---- intra-chunk term over column tiles ------------------------------------------------------
+  rowsum[0] = rowsum[1] = 0.f;
+  const int j_lo = kCausal ? 0 : r0 / BL;
+  const int j_hi = kCausal ? (r0 + rows - 1) / BL : (Lc - 1) / BL;
+  for (int j = j_lo; j <= j_hi; ++j) {
+    const int u0 = j * BL, cols = min(BL, Lc - u0);
+    float s[1][FNS][4];
+    zero(s);
+    for (int xb = 0; xb < nXb; ++xb) {
+      const int x0 = xb * BX;
+      if (x_cached != xb) {
+        load_tile_async<T, BM, BX, NT>(sm.Xs, Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
+        x_cached = xb;
+      }
+      load_tile_async<T, BL, BX, NT>(sm.Ys, Sm::ldx, Y + i64(u0) * DX + x0, DX, cols, DX - x0);
+      cp_async_commit();
+      if (xb == 0) {  // Z_j streams in while the scores are computed
+        load_tile_async<T, BL, BN, NT>(sm.Zs, Sm::ldz, Z + i64(u0) * DZ + n0, DZ, cols, z_cols);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      // s[r][u] += Σ_x X[r][x] · Y[u][x]
+      warp_gemm<Mma, 1, FNS, false, false>(s, sm.Xs, Sm::ldx, wrow, sm.Ys, Sm::ldx, wcol_s, BX);
+      __syncthreads();
+    }
+    // W ⊙ S, masked to the causal (or anti-causal) triangle and to the valid positions
+    for_each_acc<1, FNS>([&](int, int fn, int e, int r, int cc) {
+      const int pr = r0 + wrow + r, pu = u0 + wcol_s + cc;
+      const bool keep = pu < Lc && (kCausal ? pu <= pr : pu >= pr);
+      const float w = keep ? exp2f(sm.row_log[wrow + r] + sm.col_log[pu]) * s[0][fn][e] : 0.f;
+      s[0][fn][e] = w;
+      if constexpr (kRowSum) rowsum[e >> 1] += w;
+    });
+    {
+      const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+      for (int fn = 0; fn < FNS; ++fn) {
+        store2(sm.Ws + (wrow + g) * Sm::ldw + wcol_s + 8 * fn + 2 * t, s[0][fn][0], s[0][fn][1]);
+        store2(sm.Ws + (wrow + g + 8) * Sm::ldw + wcol_s + 8 * fn + 2 * t, s[0][fn][2], s[0][fn][3]);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    // acc[r][z] += Σ_u W[r][u] · Z[u][z]
+    warp_gemm<Mma, 1, FNO, false, true>(acc, sm.Ws, Sm::ldw, wrow, sm.Zs, Sm::ldz, wcol_o, BL);
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gate preparation. All in-chunk sums are anchored at the CTA's first row r0 so that the
+// exponents are differences of *small* partial sums (accurate in fp32 even for large L and
+// strong forgetting), never differences of chunk-level cumulative sums.
+// ---------------------------------------------------------------------------------------------
+
+// Causal roles (rows τ = r0 + r, columns u <= τ). Fills col_log[u] = κ_u·log2e for u < Tend with
+//   κ_u = ι_u + Σ_{w=u+1..r0} λ_w (u <= r0),   κ_u = ι_u − Σ_{w=r0+1..u} λ_w (u > r0),
+// lam[u] = κ_u, row_p[r] = Σ_{w=r0+1..r0+r} λ_w, and returns b_{r0} = Σ_{w<=r0} λ_w. Then
+//   D̃[τ][u] = b_τ − b_u + ι_u = row_p[τ−r0] + κ_u.
+template <typename Gate, typename Tile, typename T>
+__device__ __forceinline__ float prepare_causal(const Params& p, const ChunkSmem<T, Tile>& sm, i64 tok, int r0,
+                                                int Tend, int Lc) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  load_log_gates<Gate>(p.i, p.f, tok, 0, Tend, Lc, sm.lam, sm.iota);
+  __syncthreads();
+  __shared__ float b_r0;
+  if (warp == 0) {
+    for (int u = lane; u < Tend; u += 32) sm.scan[u] = sm.lam[u];
+    __syncwarp();
+    warp_scan_suffix(sm.scan + 1, r0);                  // scan[u] = Σ_{w=u..r0} λ_w, 1 <= u <= r0
+    warp_scan_inclusive(sm.scan + r0 + 1, Tend - r0 - 1);  // scan[u] = Σ_{w=r0+1..u} λ_w, u > r0
+    if (lane == 0) b_r0 = sm.lam[0] + (r0 >= 1 ? sm.scan[1] : 0.f);
+  }
+  __syncthreads();
+  for (int u = threadIdx.x; u < Tend; u += Tile::kThreads) {
+    const float rest = u < r0 ? sm.scan[u + 1] : (u == r0 ? 0.f : -sm.scan[u]);
+    const float kappa = sm.iota[u] + rest;
+    sm.lam[u] = kappa;  // λ is no longer needed: keep κ in natural-log units
+    sm.col_log[u] = kappa * kLog2e;
+  }
+  for (int r = threadIdx.x; r < Tile::kBM; r += Tile::kThreads)
+    sm.row_p[r] = (r == 0 || r0 + r >= Tend) ? 0.f : sm.scan[r0 + r];
+  __syncthreads();
+  return b_r0;
+}
+
+// Anti-causal roles (rows σ = r0 + r, columns u >= σ, up to Lc). Fills
+//   scan[u] = P_u = Σ_{w=r0+1..u} λ_w  for r0 <= u < Lc  (P_{r0} = 0),
+//   row_aux[r] = R_σ = Σ_{w=σ+1..Lc−1} λ_w (by its own suffix scan, not P_end − P_σ).
+// Then D̃[u][σ] = P_u − P_σ + ι_σ.
+template <typename Gate, typename Tile, typename T>
+__device__ __forceinline__ void prepare_anticausal(const Params& p, const ChunkSmem<T, Tile>& sm, i64 tok, int r0,
+                                                   int Lc) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  load_log_gates<Gate>(p.i, p.f, tok, r0, Lc, Lc, sm.lam, sm.iota);
+  __syncthreads();
+  if (warp == 0) {
+    for (int u = r0 + lane; u < Lc; u += 32) {
+      sm.scan[u] = u == r0 ? 0.f : sm.lam[u];
+      sm.col_log[u] = sm.lam[u];  // scratch for the suffix scan
+    }
+    __syncwarp();
+    warp_scan_inclusive(sm.scan + r0, Lc - r0);
+    warp_scan_suffix(sm.col_log + r0, Lc - r0);  // col_log[w] = Σ_{w'=w..Lc−1} λ
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < Tile::kBM; r += Tile::kThreads) {
+    const int s = r0 + r;
+    sm.row_aux[r] = (s + 1 < Lc) ? sm.col_log[s + 1] : 0.f;
+  }
+  __syncthreads();
+}
+
+}  // namespace tfla

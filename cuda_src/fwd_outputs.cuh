@@ -1,0 +1,105 @@
+// tfla_cupy — forward stage 2: outputs h and the per-step N, M (MLSTM_SPEC.md §4.3, §7).
+//
+// For query τ of chunk c (anchored at the CTA's first row r0, see prepare_causal):
+//     μ_τ = max(−10, max_{u<=τ} D̃[τ][u]),   M_τ = max(b_τ + m^(c), μ_τ)     (exp; M ≡ 0 for sig)
+//     num_τ = s·β̄_τ C^(c)ᵀ q_τ + Σ_{u<=τ} s·exp(D̃[τ][u] − M_τ) (q_τ·k_u) v_u,   β̄_τ = e^{b_τ + m^(c) − M_τ}
+//     den_τ = s·β̄_τ q_τ·n^(c) + Σ_{u<=τ} s·exp(D̃[τ][u] − M_τ) (q_τ·k_u)
+//     N_τ = max(|den_τ|, e^{−M_τ}),  h_τ = num_τ / (N_τ + ε)          (h = num without normalizer)
+// μ depends on the gates only (a prefix max of κ), so M is final before the first product.
+// Grid: (DV blocks × row tiles × chunks × B·NH), flattened.
+#pragma once
+#include "chunk_mainloop.cuh"
+
+namespace tfla {
+
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, 1) fwd_h_kernel(const Params p) {
+  using T = typename Mma::T;
+  using Sm = ChunkSmem<T, Tile>;
+  constexpr int BM = Tile::kBM, NT = Tile::kThreads;
+  const ChunkCoords<Tile> at(p, p.DV);
+  if (at.r0 >= at.Lc) return;  // row tile past the ragged end of the last chunk
+  const Sm sm(p.L);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const i64 tok = i64(at.bh) * p.S + at.t0;
+  const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
+  const i64 slot = i64(at.bh) * p.NC + at.c;
+
+  const float b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
+  const float m_c = Gate::kStabilized ? p.m_states[i64(at.bh) * (p.NC + 1) + at.c] : 0.f;
+  const float A0 = b_r0 + m_c;  // log weight of the incoming state at row r0
+  __shared__ float kappa_max;   // max_{u<=r0} κ_u
+  if constexpr (Gate::kStabilized) {
+    if (warp == 0) {
+      float mx = neg_inf();
+      for (int u = lane; u <= at.r0; u += 32) mx = fmaxf(mx, sm.lam[u]);
+      mx = warp_max(mx);
+      if (lane == 0) kappa_max = mx;
+    }
+    __syncthreads();
+  }
+  const float log2_scale = log2f(p.scale);
+  for (int r = threadIdx.x; r < BM; r += NT) {
+    if (r < rows) {
+      const float pr = sm.row_p[r];
+      float M = 0.f;
+      if constexpr (Gate::kStabilized) {
+        float pm = kappa_max;
+        for (int u = at.r0 + 1; u <= at.r0 + r; ++u) pm = fmaxf(pm, sm.lam[u]);
+        M = fmaxf(A0 + pr, fmaxf(kRowMaxFloor, pr + pm));
+      }
+      sm.row_M[r] = M;
+      sm.row_scale[r] = p.scale * expf(A0 + pr - M);
+      sm.row_log[r] = (pr - M) * kLog2e + log2_scale;
+    } else {
+      sm.row_M[r] = 0.f;
+      sm.row_scale[r] = 0.f;
+      sm.row_log[r] = neg_inf();
+    }
+    sm.row_aux[r] = 0.f;  // q·n^(c)
+  }
+  __syncthreads();
+
+  const T* Q = ptr<T>(p.q) + tok * p.DK;
+  const T* K = ptr<T>(p.k) + tok * p.DK;
+  const T* V = ptr<T>(p.v) + tok * p.DV;
+  const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
+  const float* n = Gate::kNormalize ? p.n_states + slot * p.DK : nullptr;
+
+  // q_τ · n^(c), accumulated per X block; kTPR consecutive lanes share a row.
+  auto q_dot_n = [&](int x0) {
+    if constexpr (Gate::kNormalize) {
+      constexpr int kTPR = NT / BM;
+      static_assert(NT % BM == 0 && 32 % kTPR == 0, "rows must map onto lane groups");
+      const int r = threadIdx.x / kTPR, part = threadIdx.x % kTPR;
+      float s = 0.f;
+      for (int x = part; x < Tile::kBX && x0 + x < p.DK; x += kTPR) s = fmaf(to_float(sm.Xs[r * Sm::ldx + x]), n[x0 + x], s);
+#pragma unroll
+      for (int o = kTPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (part == 0) sm.row_aux[r] += s;
+    }
+  };
+  float acc[1][Tile::kFNO][4], rowsum[2];
+  chunk_mainloop<Mma, Tile, true, false, Gate::kNormalize>(acc, rowsum, sm, Q, K, V, C, p.DK, p.DV, at.n0, at.r0,
+                                                           at.Lc, q_dot_n);
+
+  const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
+  if constexpr (Gate::kNormalize) {
+    reduce_rows<Tile>(rowsum, sm.row_part);
+    for (int r = threadIdx.x; r < BM; r += NT) {
+      const float den = sm.row_scale[r] * sm.row_aux[r] + sm.row_part[r];
+      const float N = fmaxf(fabsf(den), expf(-sm.row_M[r]));
+      sm.row_N[r] = N;
+      if (at.jn == 0 && r < rows) {
+        p.N[tok + at.r0 + r] = N;
+        if (Gate::kStabilized) p.M[tok + at.r0 + r] = sm.row_M[r];
+      }
+    }
+    __syncthreads();
+    for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] /= sm.row_N[wrow + r] + p.eps; });
+  }
+  T* H = ptr<T>(p.h) + (tok + at.r0 + wrow) * p.DV + at.n0 + wcol;
+  store_acc<T>(acc, H, p.DV, rows - wrow, p.DV - at.n0 - wcol);
+}
+
+}  // namespace tfla

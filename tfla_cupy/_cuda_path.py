@@ -1,0 +1,216 @@
+"""The GPU path: buffers, launch order and grids of the TFLA kernels.
+
+Forward: fwd_states (chunk-boundary states) -> fwd_h (outputs, N, M).
+Backward: [fwd_states again, unless the forward kept its states] -> bwd_dq -> bwd_dstates ->
+bwd_dk, bwd_dv -> bwd_gates. Everything is launched on CuPy's current stream with no host
+synchronisation, so a warmed-up call can be captured in a CUDA graph.
+
+Inputs that are not C-contiguous (or not 16-byte aligned) are copied once; gates are read as
+float32 (other dtypes are converted, a copy of B·NH·S values).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays, _loader
+from ._params import make_params
+from ._types import MLSTMContext, MLSTMGrads, MLSTMState
+from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, chunk_kernel, gates_kernel, pick_config, state_kernels,
+                     step_kernel)
+
+MAX_DK, MAX_DV = 512, 1024
+_F32 = np.dtype(np.float32)
+_STEP_THREADS = 128   # kStepThreads in step.cuh
+_GATE_THREADS = 512   # kGateThreads in bwd_gates.cuh
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _mma(problem):
+    key = (np.dtype(problem.dtype), problem.precision if np.dtype(problem.dtype) == _F32 else "default")
+    if key not in MMA:
+        raise TypeError(f"q: the GPU path supports float16, bfloat16 and float32, got {_arrays.dtype_name(problem.dtype)}")
+    return MMA[key]
+
+
+def _check_head_dims(DK, DV, *, where="q"):
+    if DK % 8 or DK > MAX_DK:
+        raise ValueError(f"{where}: the GPU path needs DK to be a multiple of 8 and <= {MAX_DK}, got DK={DK}")
+    if DV % 8 or DV > MAX_DV:
+        raise ValueError(f"v: the GPU path needs DV to be a multiple of 8 and <= {MAX_DV}, got DV={DV}")
+
+
+def _same_device(named):
+    cp = _arrays.cupy_module()
+    ids = {n: x.device.id for n, x in named.items() if x is not None}
+    if len(set(ids.values())) > 1:
+        raise ValueError("inputs live on different GPUs: " + ", ".join(f"{n}: device {d}" for n, d in ids.items()))
+    return cp.cuda.Device(next(iter(ids.values())))
+
+
+def _operand(x, dtype=None):
+    """C-contiguous, 16-byte aligned, of ``dtype`` (copies only when needed)."""
+    cp = _arrays.cupy_module()
+    if dtype is not None and x.dtype != dtype:
+        x = x.astype(dtype)
+    if not x.flags.c_contiguous:
+        x = cp.ascontiguousarray(x)
+    if x.data.ptr % 16:
+        x = x.copy()
+    return x
+
+
+def _state_f32(state, problem):
+    if state is None:
+        return None, None, None
+    C0 = _operand(state.C)
+    n0 = _operand(state.n) if problem.has_n else None
+    m0 = _operand(state.m) if problem.has_m else None
+    return C0, n0, m0
+
+
+class _Launch:
+    """Grids of one problem under one config."""
+
+    def __init__(self, problem, cfg, mma):
+        self.p, self.cfg, self.mma = problem, cfg, mma
+        self.gate = GATE_POLICY[(problem.gate, problem.normalize)]
+        self.e = ELEMENT_BYTES[mma]
+        self.BH = problem.B * problem.NH
+        self.NC = _cdiv(problem.S, problem.chunk_size)
+
+    def states(self, kind, params):
+        t, p = self.cfg.states, self.p
+        grid = _cdiv(p.DK, t.bk) * _cdiv(p.DV, t.bv) * self.BH
+        name = state_kernels(self.mma, self.gate, t)[kind]
+        _loader.get_kernel(name)(grid, t.threads, params, t.smem_bytes(self.e, p.chunk_size))
+
+    def chunk(self, kind, params):
+        t, p = getattr(self.cfg, kind), self.p
+        DZ = p.DV if kind in ("fwd_h", "bwd_dv") else p.DK
+        grid = _cdiv(DZ, t.bn) * _cdiv(p.chunk_size, t.bm) * self.NC * self.BH
+        name = chunk_kernel(f"{kind}_kernel", self.mma, self.gate, t)
+        _loader.get_kernel(name)(grid, t.threads, params, t.smem_bytes(self.e, p.chunk_size))
+
+    def parts(self, kind):
+        return _cdiv(self.p.DK, getattr(self.cfg, kind).bn)
+
+
+def _config(problem, mma, device):
+    cfg = problem.config
+    if cfg is None:
+        cfg = pick_config(mma, problem.DK, problem.DV, problem.chunk_size)
+    else:
+        from .config import KernelConfig
+        if not isinstance(cfg, KernelConfig):
+            raise TypeError(f"config: expected a tfla_cupy.config.KernelConfig or None, got {type(cfg).__name__}")
+    cfg.check(ELEMENT_BYTES[mma], problem.chunk_size, _loader.device_limits(device.id)[1])
+    return cfg
+
+
+def forward(problem, arrays, state):
+    cp = _arrays.cupy_module()
+    q, k, v, i, f = arrays
+    mma = _mma(problem)
+    _check_head_dims(problem.DK, problem.DV)
+    device = _same_device(dict(q=q, k=k, v=v, i=i, f=f, **({} if state is None else state._asdict())))
+    with device:
+        cfg = _config(problem, mma, device)
+        run = _Launch(problem, cfg, mma)
+        p, BH, NC = problem, run.BH, run.NC
+        q, k, v = (_operand(x) for x in (q, k, v))
+        i32, f32 = _operand(i, _F32), _operand(f, _F32)
+        C0, n0, m0 = _state_f32(state, problem)
+        shape = (p.B, p.NH)
+        h = cp.empty(shape + (p.S, p.DV), p.dtype)
+        N = cp.empty(shape + (p.S,), _F32) if p.has_n else None
+        M = cp.empty(shape + (p.S,), _F32) if p.has_m else None
+        C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
+        n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n else None
+        m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
+        C_last = cp.empty(shape + (p.DK, p.DV), _F32)
+        n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
+        m_last = cp.empty(shape, _F32) if p.has_m else None
+        params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
+                             n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
+                             BH=BH, S=p.S, DK=p.DK, DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps)
+        run.states("fwd_states_kernel", params)
+        run.chunk("fwd_h", params)
+    saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last,
+                 C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
+                 dtypes=(i.dtype, f.dtype), mma=mma, cfg=cfg, device=device.id)
+    return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
+
+
+def backward(ctx, dh, dC_last):
+    cp = _arrays.cupy_module()
+    p, s = ctx.problem, ctx.saved
+    device = cp.cuda.Device(s["device"])
+    if dh.device.id != device.id or (dC_last is not None and dC_last.device.id != device.id):
+        raise ValueError(f"dh, d_state: expected arrays on GPU {device.id}, where the forward ran")
+    with device:
+        run = _Launch(p, s["cfg"], s["mma"])
+        BH, NC = run.BH, run.NC
+        dh = _operand(dh, p.dtype)
+        dC_last = None if dC_last is None else _operand(dC_last)
+        common = dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"],
+                      N=s["N"], M=s["M"], dh=dh, dC_last=dC_last, C_last=s["C_last"], BH=BH, S=p.S, DK=p.DK,
+                      DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps)
+        C_states, m_states = s["C_states"], s["m_states"]
+        if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
+            C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
+            m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
+            recompute = make_params(**{**common, "C_last": None}, C_states=C_states, m_states=m_states)
+            run.states("fwd_states_kernel", recompute)
+        dq = cp.empty_like(s["q"])
+        qdq = cp.empty((run.parts("bwd_dq"), BH, p.S), _F32)
+        run.chunk("bwd_dq", make_params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
+        del C_states  # dq was its last reader (unless the forward keeps it)
+
+        dC_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
+        dC0 = cp.empty((p.B, p.NH, p.DK, p.DV), _F32) if p.has_initial_state else None
+        run.states("bwd_dstates_kernel", make_params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0))
+        dk, dv = cp.empty_like(s["k"]), cp.empty_like(s["v"])
+        kdk = cp.empty((run.parts("bwd_dk"), BH, p.S), _F32)
+        params = make_params(**common, m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=kdk)
+        run.chunk("bwd_dk", params)
+        run.chunk("bwd_dv", params)
+        del dC_states
+
+        di = cp.empty((p.B, p.NH, p.S), _F32)
+        df = cp.empty((p.B, p.NH, p.S), _F32)
+        gp = make_params(**common, qdq=qdq, kdk=kdk, di=di, df=df, qdq_parts=qdq.shape[0], kdk_parts=kdk.shape[0])
+        _loader.get_kernel(gates_kernel(run.gate))(BH, _GATE_THREADS, gp)
+        di_dtype, df_dtype = s["dtypes"]
+        di, df = di.astype(di_dtype, copy=False), df.astype(df_dtype, copy=False)
+        d_initial = None
+        if p.has_initial_state:
+            d_initial = MLSTMState(dC0, cp.zeros((p.B, p.NH, p.DK), _F32) if p.has_n else None,
+                                   cp.zeros((p.B, p.NH), _F32) if p.has_m else None)
+    return MLSTMGrads(dq, dk, dv, di, df, d_initial)
+
+
+def step(problem, arrays, state):
+    cp = _arrays.cupy_module()
+    q, k, v, i, f = arrays
+    mma = _mma(problem)
+    _check_head_dims(problem.DK, problem.DV)
+    device = _same_device(dict(q=q, k=k, v=v, i=i, f=f, **({} if state is None else state._asdict())))
+    with device:
+        p = problem
+        BH = p.B * p.NH
+        q, k, v = (_operand(x) for x in (q, k, v))
+        i32, f32 = _operand(i, _F32), _operand(f, _F32)
+        C0, n0, m0 = _state_f32(state, problem)
+        h = cp.empty((p.B, p.NH, p.DV), p.dtype)
+        C = cp.empty((p.B, p.NH, p.DK, p.DV), _F32)
+        n = cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None
+        m = cp.empty((p.B, p.NH), _F32) if p.has_m else None
+        params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, C_last=C, n_last=n, m_last=m,
+                             BH=BH, S=1, DK=p.DK, DV=p.DV, L=1, NC=1, scale=p.scale, eps=p.eps)
+        gate = GATE_POLICY[(p.gate, p.normalize)]
+        _loader.get_kernel(step_kernel(mma, gate))(_cdiv(p.DV, _STEP_THREADS) * BH, _STEP_THREADS, params)
+    return h, MLSTMState(C, n, m)

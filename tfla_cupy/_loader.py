@@ -1,0 +1,166 @@
+"""The one loader: the only code that compiles CUDA sources.
+
+* The translation unit ``cuda_src/tfla.cu`` and every header it includes are expanded into
+  one source string, so CuPy's on-disk cache (which hashes the source string and options, not
+  files reached through ``-I``) sees every byte of every file: a changed header can never reuse
+  a stale binary.
+* Kernels are template instantiations named by :func:`kernel_name`; each is compiled through
+  ``cupy.RawModule(name_expressions=...)`` on first use and memoised per device.
+* On compute capability 9.0 the code is built for ``sm_90a`` (NVRTC keeps the ``a`` target);
+  elsewhere CuPy's default ``sm_XX``.
+* :func:`compile_for_arch` compiles through NVRTC directly for an explicit architecture, with
+  the same source and options and no GPU: CI uses it to build every instantiation for sm_80,
+  sm_90 and sm_90a.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from pathlib import Path
+
+from . import _arrays
+
+#: Options of every compilation (CuPy appends -arch and -ftz=true on the GPU path; the
+#: direct NVRTC path appends the same).
+OPTIONS = ("-std=c++17", "-DNDEBUG")
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def source_dir() -> Path:
+    """cuda_src/: inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "cuda_src", here.parent / "cuda_src"):
+        if (candidate / "tfla.cu").is_file():
+            return candidate
+    raise FileNotFoundError(f"tfla_cupy: cuda_src/tfla.cu not found next to {here}")
+
+
+def _expand(path: Path, seen: set) -> str:
+    out = []
+    for line in path.read_text().splitlines(keepends=True):
+        m = _INCLUDE.match(line)
+        if m:
+            dep = path.parent / m.group(1)
+            if dep not in seen:
+                seen.add(dep)
+                out.append(f"// ---- {m.group(1)} ----\n")
+                out.append(_expand(dep, seen))
+            continue
+        if line.strip() == "#pragma once":
+            continue
+        out.append(line)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def source() -> str:
+    """The whole translation unit, every header inlined, tagged with its hash."""
+    text = _expand(source_dir() / "tfla.cu", set())
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"// tfla_cupy source fingerprint {digest}\n" + text
+
+
+def source_files():
+    """Every .cu / .cuh file the translation unit is made of."""
+    return sorted(p for p in source_dir().iterdir() if p.suffix in (".cu", ".cuh"))
+
+
+def kernel_name(kernel: str, *template_args: str) -> str:
+    """C++ name of one instantiation, e.g. ``tfla::fwd_h_kernel<tfla::MmaBF16, ...>``."""
+    return f"tfla::{kernel}<{', '.join(template_args)}>"
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected the sources; the message carries the log."""
+
+
+# ------------------------------------------------------------------------------------------
+# GPU path: RawModule per instantiation, memoised per device
+# ------------------------------------------------------------------------------------------
+
+
+def _arch_options(cc: str):
+    return ("-arch=sm_90a",) if cc == "90" else ()
+
+
+@functools.lru_cache(maxsize=None)
+def _function(device_id: int, cc: str, name: str):
+    cp = _arrays.cupy_module()
+    module = cp.RawModule(code=source(), options=OPTIONS + _arch_options(cc), name_expressions=(name,))
+    try:
+        return module.get_function(name)
+    except cp.cuda.compiler.CompileException as e:
+        raise CompileError(f"NVRTC failed to compile {name} for compute capability {cc}:\n{e}") from None
+
+
+class Kernel:
+    """A compiled kernel with its dynamic shared-memory opt-in."""
+
+    __slots__ = ("fn", "smem_limit")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.smem_limit = 0
+
+    def __call__(self, grid: int, block: int, params, smem: int = 0):
+        if smem > self.smem_limit:
+            self.fn.max_dynamic_shared_size_bytes = smem
+            self.smem_limit = smem
+        self.fn((grid,), (block,), (params,), shared_mem=smem)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_id: int, name: str) -> Kernel:
+    cp = _arrays.cupy_module()
+    cc = cp.cuda.Device(device_id).compute_capability
+    return Kernel(_function(device_id, cc, name))
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel ``name`` for the current device (compiled on first use)."""
+    cp = _arrays.cupy_module()
+    return _kernel(cp.cuda.Device().id, name)
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(device_id: int):
+    """(multiprocessors, max opt-in shared memory per block) of a device."""
+    cp = _arrays.cupy_module()
+    attrs = cp.cuda.Device(device_id).attributes
+    return attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerBlockOptin"]
+
+
+# ------------------------------------------------------------------------------------------
+# No-GPU path: NVRTC directly, explicit architecture
+# ------------------------------------------------------------------------------------------
+
+
+def compile_for_arch(names, arch: str, *, extra_source: str = "", verbose_ptxas: bool = True):
+    """Compile the instantiations ``names`` for ``arch`` (e.g. "sm_80", "sm_90a") without a GPU.
+
+    Returns ``(log, lowered)``: the NVRTC/ptxas log (register, spill and shared-memory report
+    with ``verbose_ptxas``) and the mangled names. Raises :class:`CompileError` on failure.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    src = source() + extra_source
+    options = list(OPTIONS) + [f"-arch={arch}", "-ftz=true"]
+    if verbose_ptxas:
+        options.append("-Xptxas=-v")
+    prog = nvrtc.createProgram(src, "tfla.cu", [], [])
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError:
+            raise CompileError(f"NVRTC failed for {arch}:\n{nvrtc.getProgramLog(prog)}") from None
+        log = nvrtc.getProgramLog(prog)
+        lowered = {n: nvrtc.getLoweredName(prog, n) for n in names}
+        nvrtc.getCUBIN(prog)
+        return log, lowered
+    finally:
+        nvrtc.destroyProgram(prog)

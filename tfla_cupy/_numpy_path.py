@@ -1,0 +1,66 @@
+"""The NumPy path: float64 reference arithmetic, results in the input dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._types import MLSTMContext, MLSTMGrads, MLSTMState
+from .reference import chunkwise, recurrent
+
+
+def _f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+def _initial(problem, state):
+    """Initial states in float64; zeros where absent (m_0 = 0, MLSTM_SPEC.md §1.1)."""
+    B, NH, DK, DV = problem.B, problem.NH, problem.DK, problem.DV
+    C0 = np.zeros((B, NH, DK, DV))
+    n0 = np.zeros((B, NH, DK))
+    m0 = np.zeros((B, NH))
+    if state is not None:
+        C0 = _f64(state.C)
+        if state.n is not None:
+            n0 = _f64(state.n)
+        if state.m is not None and problem.stabilized:
+            m0 = _f64(state.m)
+    return C0, n0, m0
+
+
+def _public_state(problem, C, n, m):
+    return MLSTMState(C, n if problem.has_n else None, m if problem.has_m else None)
+
+
+def forward(problem, arrays, state):
+    q, k, v, i, f = (_f64(x) for x in arrays)
+    C0, n0, m0 = _initial(problem, state)
+    h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
+                                       normalize=problem.normalize, L=problem.chunk_size,
+                                       eps=problem.eps, scale=problem.scale)
+    last = _public_state(problem, C[..., -1, :, :], n[..., -1, :], m[..., -1])
+    dtypes = tuple(x.dtype for x in arrays)
+    ctx = MLSTMContext("numpy", problem, dict(inputs=(q, k, v, i, f), initial=(C0, n0, m0),
+                                               dtypes=dtypes))
+    return h.astype(problem.dtype), last, ctx
+
+
+def backward(ctx, dh, dC_last):
+    p = ctx.problem
+    q, k, v, i, f = ctx.saved["inputs"]
+    C0, n0, m0 = ctx.saved["initial"]
+    dC_last = None if dC_last is None else _f64(dC_last)
+    grads = chunkwise.bwd(q, k, v, i, f, C0, n0, m0, _f64(dh), dC_last, gate=p.gate,
+                          normalize=p.normalize, L=p.chunk_size, eps=p.eps, scale=p.scale)
+    dq, dk, dv, di, df, dC0 = (g.astype(dt) for g, dt in zip(grads, ctx.saved["dtypes"] + (np.float64,)))
+    d_initial = None
+    if p.has_initial_state:
+        d_initial = _public_state(p, dC0, np.zeros_like(n0), np.zeros_like(m0))
+    return MLSTMGrads(dq, dk, dv, di, df, d_initial)
+
+
+def step(problem, arrays, state):
+    q, k, v, i, f = (_f64(x) for x in arrays)
+    C0, n0, m0 = _initial(problem, state)
+    h, C, n, m = recurrent.step(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
+                                normalize=problem.normalize, eps=problem.eps, scale=problem.scale)
+    return h.astype(problem.dtype), _public_state(problem, C, n, m)

@@ -1,0 +1,43 @@
+"""NumPy twin of ``tfla::Params`` (cuda_src/params.cuh), the by-value kernel argument.
+
+The field order and types here must match the C++ struct; tests/test_params_layout.py parses
+the header and checks names, order, offsets and size (plus an NVRTC static_assert on sizeof).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_PTR, _INT, _FLOAT = np.uint64, np.int32, np.float32
+
+FIELDS = (
+    ("q", _PTR), ("k", _PTR), ("v", _PTR), ("i", _PTR), ("f", _PTR),
+    ("C0", _PTR), ("n0", _PTR), ("m0", _PTR),
+    ("h", _PTR), ("N", _PTR), ("M", _PTR),
+    ("C_last", _PTR), ("n_last", _PTR), ("m_last", _PTR),
+    ("C_states", _PTR), ("n_states", _PTR), ("m_states", _PTR),
+    ("dh", _PTR), ("dC_last", _PTR), ("dC_states", _PTR),
+    ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("di", _PTR), ("df", _PTR), ("dC0", _PTR),
+    ("qdq", _PTR), ("kdk", _PTR),
+    ("BH", _INT), ("S", _INT), ("DK", _INT), ("DV", _INT), ("L", _INT), ("NC", _INT),
+    ("qdq_parts", _INT), ("kdk_parts", _INT),
+    ("scale", _FLOAT), ("eps", _FLOAT),
+)
+
+PARAMS_DTYPE = np.dtype([(n, t) for n, t in FIELDS], align=True)
+_POINTERS = {n for n, t in FIELDS if t is _PTR}
+
+
+def make_params(**values):
+    """A one-element structured array (passed by value to the kernels). Arrays become their
+    device pointers, None becomes a null pointer, omitted fields are zero."""
+    unknown = set(values) - set(PARAMS_DTYPE.names)
+    if unknown:
+        raise KeyError(f"unknown Params fields: {sorted(unknown)}")
+    p = np.zeros(1, dtype=PARAMS_DTYPE)
+    for name, value in values.items():
+        if name in _POINTERS:
+            p[name] = 0 if value is None else value.data.ptr
+        else:
+            p[name] = value
+    return p

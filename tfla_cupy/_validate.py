@@ -1,0 +1,223 @@
+"""Validation at the API boundary: every error names the argument, what was received and
+what was expected. Nothing past this module re-checks user input."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _arrays
+from ._types import MLSTMContext, MLSTMState
+
+GATES = ("exp", "sig")
+PRECISIONS = ("default", "tf32")
+MIN_CHUNK, MAX_CHUNK = 16, 1024
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes and options of one call, after validation."""
+
+    kind: str               # "numpy" or "cuda"
+    B: int
+    NH: int
+    S: int
+    DK: int
+    DV: int
+    dtype: Any              # dtype of q, k, v (and of h)
+    gate: str
+    normalize: bool
+    eps: float
+    scale: float
+    chunk_size: int
+    has_initial_state: bool
+    precision: str = "default"
+    config: Any = None      # a KernelConfig override, or None for the heuristic
+    keep_states: bool = False
+
+    @property
+    def stabilized(self):
+        return self.gate == "exp"
+
+    @property
+    def has_n(self):
+        return self.normalize
+
+    @property
+    def has_m(self):
+        return self.gate == "exp"
+
+
+def _shape_str(shape):
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _check_rank_and_dtype(name, x, rank, dims_doc):
+    if x.ndim != rank:
+        raise ValueError(f"{name}: expected a {rank}-d array {dims_doc}, got shape {_shape_str(x.shape)}")
+    if not _arrays.is_floating(x.dtype):
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {_arrays.dtype_name(x.dtype)}")
+    if any(s == 0 for s in x.shape):
+        raise ValueError(f"{name}: every dimension must be >= 1, got shape {_shape_str(x.shape)}")
+
+
+def _check_shape(name, x, expected, dims_doc):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {_shape_str(expected)} {dims_doc}, got {_shape_str(x.shape)}")
+
+
+def check_options(*, gate, normalize, eps, scale, chunk_size, precision, DK):
+    if gate not in GATES:
+        raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize: expected a bool, got {normalize!r}")
+    if gate == "exp" and not normalize:
+        raise ValueError("normalize: normalize=False is only defined for gate='sig' (the exp variant's "
+                         "numerator is in stabilizer-dependent units); got gate='exp', normalize=False")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f"eps: expected a positive real number, got {eps!r}")
+    if not (math.isfinite(float(eps)) and float(eps) > 0):
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(DK)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale: expected None or a positive real number, got {scale!r}")
+    elif not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale: expected None or a finite number > 0, got {scale!r}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+            raise TypeError(f"chunk_size: expected None or an int, got {chunk_size!r}")
+        c = int(chunk_size)
+        if c < MIN_CHUNK or c > MAX_CHUNK or (c & (c - 1)) != 0:
+            raise ValueError(f"chunk_size: expected a power of two in [{MIN_CHUNK}, {MAX_CHUNK}], got {chunk_size}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return float(eps), float(scale)
+
+
+def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_state,
+           precision="default", config=None, keep_states=False):
+    """Validate a sequence call. Returns (Problem, (q, k, v, i, f), initial_state) with the
+    arrays converted to the call's array module (DLPack producers become CuPy or NumPy arrays)."""
+    arrays = _arrays.to_common_module(dict(q=q, k=k, v=v, i=i, f=f))
+    kind = arrays.pop("_kind")
+    q, k, v, i, f = (arrays[n] for n in "qkvif")
+    _check_rank_and_dtype("q", q, 4, "(B, NH, S, DK)")
+    B, NH, S, DK = q.shape
+    _check_rank_and_dtype("k", k, 4, "(B, NH, S, DK)")
+    _check_shape("k", k, (B, NH, S, DK), "(B, NH, S, DK) to match q")
+    _check_rank_and_dtype("v", v, 4, "(B, NH, S, DV)")
+    DV = v.shape[3]
+    _check_shape("v", v, (B, NH, S, DV), "(B, NH, S, DV) to match q's B, NH, S")
+    for name, g in (("i", i), ("f", f)):
+        _check_rank_and_dtype(name, g, 3, "(B, NH, S)")
+        _check_shape(name, g, (B, NH, S), "(B, NH, S) to match q")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({_arrays.dtype_name(q.dtype)}), "
+                            f"got {_arrays.dtype_name(x.dtype)}")
+    eps, scale = check_options(gate=gate, normalize=normalize, eps=eps, scale=scale,
+                               chunk_size=chunk_size, precision=precision, DK=DK)
+    if not isinstance(keep_states, (bool, np.bool_)):
+        raise TypeError(f"keep_states: expected a bool, got {keep_states!r}")
+    if chunk_size is None:
+        from .config import default_chunk_size
+        chunk_size = default_chunk_size(S)
+    problem = Problem(kind=kind, B=B, NH=NH, S=S, DK=DK, DV=DV, dtype=q.dtype, gate=gate,
+                      normalize=bool(normalize), eps=eps, scale=scale, chunk_size=int(chunk_size),
+                      has_initial_state=initial_state is not None, precision=precision,
+                      config=config, keep_states=bool(keep_states))
+    state = None
+    if initial_state is not None:
+        state = state_arg("initial_state", initial_state, problem)
+    return problem, (q, k, v, i, f), state
+
+
+def state_arg(name, state, problem, *, require_m=None, require_n=None):
+    """Validate an MLSTMState (or (C, n, m) tuple) against the problem sizes.
+
+    C is always required. n is required when the problem normalizes and m for the exp
+    variant; where the variant has no n or m the entry may be None (it is ignored otherwise).
+    """
+    if isinstance(state, MLSTMState):
+        C, n, m = state
+    elif isinstance(state, (tuple, list)) and len(state) == 3:
+        C, n, m = state
+    else:
+        raise TypeError(f"{name}: expected an MLSTMState(C, n, m) or a (C, n, m) tuple, got {type(state).__name__}")
+    p = problem
+    require_n = p.has_n if require_n is None else require_n
+    require_m = p.has_m if require_m is None else require_m
+    B, NH, DK, DV = p.B, p.NH, p.DK, p.DV
+    entries = [("C", C, (B, NH, DK, DV), "(B, NH, DK, DV)", True),
+               ("n", n, (B, NH, DK), "(B, NH, DK)", require_n),
+               ("m", m, (B, NH), "(B, NH)", require_m)]
+    out = {}
+    state_dtype = np.dtype(np.float32) if p.kind == "cuda" else None
+    for key, x, shape, doc, required in entries:
+        full = f"{name}.{key}"
+        if x is None:
+            if required:
+                why = "for gate='exp'" if key == "m" else "when normalize=True"
+                raise ValueError(f"{full}: required {why}, got None")
+            out[key] = None
+            continue
+        x = _arrays.to_module(full, x, p.kind)
+        if not _arrays.is_floating(x.dtype):
+            raise TypeError(f"{full}: expected a floating dtype, got {_arrays.dtype_name(x.dtype)}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{full}: expected shape {_shape_str(shape)} {doc}, got {_shape_str(x.shape)}")
+        if state_dtype is not None and x.dtype != state_dtype:
+            raise TypeError(f"{full}: the GPU path keeps states in float32, got {_arrays.dtype_name(x.dtype)}")
+        out[key] = x if required else None
+    return MLSTMState(out["C"], out["n"], out["m"])
+
+
+def backward_args(ctx, dh, d_state):
+    """Validate the arguments of mlstm_bwd. Returns (dh, dC_last or None)."""
+    if not isinstance(ctx, MLSTMContext):
+        raise TypeError(f"ctx: expected the context returned by mlstm_fwd, got {type(ctx).__name__}")
+    p = ctx.problem
+    dh = _arrays.to_module("dh", dh, p.kind, ctx_kind=True)
+    expected = (p.B, p.NH, p.S, p.DV)
+    if dh.ndim != 4 or tuple(dh.shape) != expected:
+        raise ValueError(f"dh: expected shape {_shape_str(expected)} (B, NH, S, DV) of h, got {_shape_str(dh.shape)}")
+    if not _arrays.is_floating(dh.dtype):
+        raise TypeError(f"dh: expected a floating dtype, got {_arrays.dtype_name(dh.dtype)}")
+    dC = None
+    if d_state is not None:
+        st = state_arg("d_state", d_state, p, require_m=False, require_n=False)
+        dC = st.C
+    return dh, dC
+
+
+def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale):
+    """Validate mlstm_step. Returns (Problem with S=1, arrays, state or None)."""
+    arrays = _arrays.to_common_module(dict(q=q, k=k, v=v, i=i, f=f))
+    kind = arrays.pop("_kind")
+    q, k, v, i, f = (arrays[n] for n in "qkvif")
+    _check_rank_and_dtype("q", q, 3, "(B, NH, DK)")
+    B, NH, DK = q.shape
+    _check_rank_and_dtype("k", k, 3, "(B, NH, DK)")
+    _check_shape("k", k, (B, NH, DK), "(B, NH, DK) to match q")
+    _check_rank_and_dtype("v", v, 3, "(B, NH, DV)")
+    DV = v.shape[2]
+    _check_shape("v", v, (B, NH, DV), "(B, NH, DV) to match q's B, NH")
+    for name, g in (("i", i), ("f", f)):
+        _check_rank_and_dtype(name, g, 2, "(B, NH)")
+        _check_shape(name, g, (B, NH), "(B, NH) to match q")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({_arrays.dtype_name(q.dtype)}), "
+                            f"got {_arrays.dtype_name(x.dtype)}")
+    eps, scale = check_options(gate=gate, normalize=normalize, eps=eps, scale=scale,
+                               chunk_size=None, precision="default", DK=DK)
+    problem = Problem(kind=kind, B=B, NH=NH, S=1, DK=DK, DV=DV, dtype=q.dtype, gate=gate,
+                      normalize=bool(normalize), eps=eps, scale=scale, chunk_size=MIN_CHUNK,
+                      has_initial_state=state is not None)
+    st = None if state is None else state_arg("state", state, problem)
+    return problem, (q, k, v, i, f), st

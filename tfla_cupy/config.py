@@ -1,0 +1,184 @@
+"""Launch configuration: the Python twin of cuda_src/config.cuh and the one heuristic.
+
+Every block size used by a launch comes from a :class:`KernelConfig`, picked by
+:func:`pick_config` or given by the caller (``config=`` of :func:`tfla_cupy.mlstm`).
+:func:`all_instantiations` lists every kernel the heuristic can ask for; CI compiles them all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._arrays import BFLOAT16
+
+DEFAULT_CHUNK_SIZE = 128
+SMEM_LIMIT_BYTES = 232_448   # H100/H200 opt-in per block; smaller devices are checked at launch
+
+#: The compute policy (C++ ``tfla::Mma*``) per (dtype, precision).
+MMA = {
+    (np.dtype(BFLOAT16), "default"): "MmaBF16",
+    (np.dtype(np.float16), "default"): "MmaF16",
+    (np.dtype(np.float32), "default"): "MmaF32",
+    (np.dtype(np.float32), "tf32"): "MmaTF32",
+}
+ELEMENT_BYTES = {"MmaBF16": 2, "MmaF16": 2, "MmaF32": 4, "MmaTF32": 4}
+STORAGE_TYPE = {"MmaBF16": "tfla::bf16", "MmaF16": "tfla::f16", "MmaF32": "float", "MmaTF32": "float"}
+
+#: The gate policy (C++ ``tfla::Gate*``) per (gate, normalize).
+GATE_POLICY = {("exp", True): "tfla::GateExp", ("sig", True): "tfla::GateSig<true>",
+               ("sig", False): "tfla::GateSig<false>"}
+
+
+def default_chunk_size(S: int) -> int:
+    """128 (the TFLA default), or the smallest power of two >= 16 covering a short sequence."""
+    L = 16
+    while L < min(S, DEFAULT_CHUNK_SIZE):
+        L *= 2
+    return L
+
+
+def _pad(cols: int, e: int) -> int:
+    return cols + 16 // e
+
+
+@dataclass(frozen=True)
+class StateTile:
+    """Tile of the chunk-recurrence kernels (forward states, backward dC): a bk × bv state tile
+    per CTA, chunks consumed bt steps at a time, wm × wn warps."""
+
+    bk: int = 64
+    bv: int = 64
+    bt: int = 64
+    wm: int = 4
+    wn: int = 1
+
+    @property
+    def threads(self):
+        return 32 * self.wm * self.wn
+
+    def cpp(self):
+        return f"tfla::StateTile<{self.bk}, {self.bv}, {self.bt}, {self.wm}, {self.wn}>"
+
+    def smem_bytes(self, e: int, L: int) -> int:  # mirrors StateTile::smem_bytes
+        return self.bt * _pad(self.bk, e) * e + self.bt * _pad(self.bv, e) * e + 4 * (3 * L + self.bk)
+
+    def check(self):
+        if self.bk % (16 * self.wm) or self.bv % (8 * self.wn) or self.bt % 16:
+            raise ValueError(f"config: invalid {self}: need bk % (16·wm) == 0, bv % (8·wn) == 0, bt % 16 == 0")
+
+
+@dataclass(frozen=True)
+class ChunkTile:
+    """Tile of the chunk-parallel kernels: bm rows per CTA, bl-row tiles of the other operand,
+    bx-column blocks of the contraction dim, bn output columns; bm/16 × wn warps."""
+
+    bm: int = 64
+    bl: int = 64
+    bx: int = 128
+    bn: int = 128
+    wn: int = 2
+
+    @property
+    def threads(self):
+        return 32 * (self.bm // 16) * self.wn
+
+    def cpp(self):
+        return f"tfla::ChunkTile<{self.bm}, {self.bl}, {self.bx}, {self.bn}, {self.wn}>"
+
+    def d_elems(self, e: int) -> int:
+        return max(self.bx * _pad(self.bn, e), self.bn * _pad(self.bx, e))
+
+    def smem_bytes(self, e: int, L: int) -> int:  # mirrors ChunkTile::smem_bytes
+        tiles = (self.bm * _pad(self.bx, e) + self.bl * _pad(self.bx, e) + self.bl * _pad(self.bn, e)
+                 + self.d_elems(e) + self.bm * _pad(self.bl, e))
+        return e * tiles + 4 * (4 * L + 6 * self.bm + self.wn * self.bm)
+
+    def check(self):
+        if (self.bm % 16 or self.bl % (16 * self.wn) or self.bn % (16 * self.wn) or self.bx % 16
+                or (32 % (2 * self.wn))):
+            raise ValueError(f"config: invalid {self}: need bm % 16 == 0, bl and bn multiples of 16·wn, "
+                             f"bx % 16 == 0, wn in (1, 2, 4, 8, 16)")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """All launch parameters of one call."""
+
+    states: StateTile
+    fwd_h: ChunkTile
+    bwd_dq: ChunkTile
+    bwd_dk: ChunkTile
+    bwd_dv: ChunkTile
+
+    def check(self, e: int, L: int, smem_limit: int = SMEM_LIMIT_BYTES):
+        for name in ("states", "fwd_h", "bwd_dq", "bwd_dk", "bwd_dv"):
+            tile = getattr(self, name)
+            tile.check()
+            need = tile.smem_bytes(e, L)
+            if need > smem_limit:
+                raise ValueError(f"config.{name}: {tile} needs {need} bytes of shared memory at chunk size {L}, "
+                                 f"the device allows {smem_limit}")
+
+
+def _chunk_tile(mma: str, L: int) -> ChunkTile:
+    bm = min(64, L)
+    wn = 1 if bm == 16 else 2
+    wide = 128 if ELEMENT_BYTES[mma] == 2 else 64
+    return ChunkTile(bm=bm, bl=bm, bx=wide, bn=wide, wn=wn)
+
+
+def pick_config(mma: str, DK: int, DV: int, L: int) -> KernelConfig:
+    """The heuristic. Row tiles follow the chunk size (64, or L for L < 64); contraction and
+    output blocks are 128 columns for 16-bit operands (64 for fp32, whose tiles are twice the
+    bytes); head dims beyond a block are streamed in blocks. Depends on (mma, L) only today;
+    DK and DV are part of the signature because the choice is theirs to influence."""
+    del DK, DV
+    tile = _chunk_tile(mma, L)
+    return KernelConfig(states=StateTile(), fwd_h=tile, bwd_dq=tile, bwd_dk=tile, bwd_dv=tile)
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel names
+# ------------------------------------------------------------------------------------------
+
+
+def state_kernels(mma: str, gate: str, tile: StateTile):
+    from ._loader import kernel_name
+    return {k: kernel_name(k, f"tfla::{mma}", gate, tile.cpp()) for k in ("fwd_states_kernel", "bwd_dstates_kernel")}
+
+
+def chunk_kernel(kind: str, mma: str, gate: str, tile: ChunkTile):
+    from ._loader import kernel_name
+    return kernel_name(kind, f"tfla::{mma}", gate, tile.cpp())
+
+
+def gates_kernel(gate: str):
+    from ._loader import kernel_name
+    return kernel_name("bwd_gates_kernel", gate)
+
+
+def step_kernel(mma: str, gate: str):
+    from ._loader import kernel_name
+    return kernel_name("step_kernel", STORAGE_TYPE[mma], gate)
+
+
+def all_instantiations():
+    """Every kernel the heuristic can launch, grouped by compute policy: {mma: [names]}."""
+    out = {}
+    for mma in ELEMENT_BYTES:
+        names = []
+        for gate in GATE_POLICY.values():
+            tiles = {_chunk_tile(mma, L) for L in (16, 32, 64, 128, 256, 512, 1024)}
+            names += state_kernels(mma, gate, StateTile()).values()
+            for tile, kind in itertools.product(sorted(tiles, key=repr),
+                                                ("fwd_h_kernel", "bwd_dq_kernel", "bwd_dk_kernel", "bwd_dv_kernel")):
+                names.append(chunk_kernel(kind, mma, gate, tile))
+            if mma != "MmaTF32":
+                names.append(step_kernel(mma, gate))
+            if mma == "MmaF32":
+                names.append(gates_kernel(gate))
+        out[mma] = names
+    return out

@@ -1,0 +1,232 @@
+"""The chunkwise form and its manual backward, split into the stages the CUDA kernels have.
+
+MLSTM_SPEC.md §4 (forward), §6 (backward), §7 (mLSTMsig). Float64 throughout; every array is
+batched over leading axes (B, NH). Shapes: q, k (..., S, DK); v, h, dh (..., S, DV);
+i, f, N, M (..., S); boundary states C (..., NC+1, DK, DV), n (..., NC+1, DK), m (..., NC+1).
+
+Any S >= 1 and any chunk size L >= 1: chunk c covers steps [cL, min((c+1)L, S)), so the last
+chunk may be ragged and the last boundary state is the true state after step S.
+
+Stages (kernel of the same role in parentheses):
+  fwd_states   boundary states C, n, m                       (forward state pass)
+  fwd_outputs  h and the per-step normalizer N, stabilizer M   (forward output pass)
+  bwd_dstates  boundary-state gradients dC                     (backward reverse state pass)
+  bwd_dq, bwd_dk, bwd_dv                                       (backward chunk passes)
+  bwd_gates    di, df from q·dq and k·dk                       (gate-gradient pass)
+
+The backward is the custom one of §6: N, M and every m are constants. It equals the exact
+derivative of the forward with those held fixed, which the ``*_frozen`` arguments of the
+forward stages provide for finite-difference checks. There is no dn or dm recursion: n only
+feeds N and m only the stabilizers, so the gradients of n0 and m0 are zero by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gates import ROW_MAX_FLOOR, chunk_gate_vectors, log_gates, sigmoid
+
+
+def chunk_slices(S, L):
+    """The slices [cL, min((c+1)L, S)) of the NC = ceil(S / L) chunks."""
+    return [slice(s0, min(s0 + L, S)) for s0 in range(0, S, L)]
+
+
+def _intra_log_gates(b, log_i):
+    """D̃[τ, σ] = b_τ − b_σ + ι_σ for σ <= τ, −inf above the diagonal (§4.1)."""
+    Lc = b.shape[-1]
+    D = b[..., :, None] - b[..., None, :] + log_i[..., None, :]
+    return np.where(np.tril(np.ones((Lc, Lc), dtype=bool)), D, -np.inf)
+
+
+# ------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------
+
+
+def fwd_states(k, v, log_i, log_f, C0, n0, m0, *, L, stabilized, m_frozen=None):
+    """Boundary states entering each chunk, plus the last state (§4.2, §7).
+
+    Returns (C, n, m) with NC + 1 slots: slot c is the state entering chunk c, slot NC the
+    state after step S. ``m_frozen`` (..., NC+1) replaces the computed stabilizers.
+    """
+    S = k.shape[-2]
+    C, n, m = C0, n0, m0
+    Cs, ns, ms = [C], [n], [m]
+    for c, sl in enumerate(chunk_slices(S, L)):
+        _, g, a = chunk_gate_vectors(log_i[..., sl], log_f[..., sl])
+        if m_frozen is not None:
+            m_next = m_frozen[..., c + 1]
+        elif stabilized:
+            m_next = np.maximum(g + m, a.max(-1))
+        else:
+            m_next = np.zeros_like(g)
+        gamma = np.exp(g + m - m_next)
+        a_bar = np.exp(a - m_next[..., None])
+        # C ← γ C + (K ⊙ ā)ᵀ V ;  n ← γ n + Σ_τ ā_τ k_τ
+        C = gamma[..., None, None] * C + np.einsum("...t,...tk,...tv->...kv", a_bar, k[..., sl, :], v[..., sl, :])
+        n = gamma[..., None] * n + np.einsum("...t,...tk->...k", a_bar, k[..., sl, :])
+        m = m_next
+        Cs.append(C), ns.append(n), ms.append(m)
+    return np.stack(Cs, -3), np.stack(ns, -2), np.stack(ms, -1)
+
+
+def fwd_outputs(q, k, v, log_i, log_f, C, n, m, *, L, scale, eps, stabilized, normalize,
+                floor=ROW_MAX_FLOOR, M_frozen=None, N_frozen=None):
+    """h, N, M from the boundary states (§4.3, §7).
+
+    ``floor=None`` drops the −10 row-max floor (pure step semantics). For the sig variant
+    M ≡ 0 and there is no floor. With ``normalize=False`` (sig only) h is the numerator and
+    N is returned as ones (unused by the backward).
+    """
+    S = q.shape[-2]
+    h = np.empty(q.shape[:-1] + (v.shape[-1],))
+    N = np.empty(q.shape[:-1])
+    M = np.empty(q.shape[:-1])
+    for c, sl in enumerate(chunk_slices(S, L)):
+        b, _, _ = chunk_gate_vectors(log_i[..., sl], log_f[..., sl])
+        D = _intra_log_gates(b, log_i[..., sl])
+        m_c = m[..., c, None]
+        if M_frozen is not None:
+            Mc = M_frozen[..., sl]
+        elif stabilized:
+            mu = D.max(-1)
+            if floor is not None:
+                mu = np.maximum(mu, floor)
+            Mc = np.maximum(b + m_c, mu)
+        else:
+            Mc = np.zeros_like(b)
+        beta_bar = np.exp(b + m_c - Mc)                            # inter weight
+        P = np.exp(D - Mc[..., None])                              # stabilized gate matrix
+        qs = scale * q[..., sl, :]
+        A = np.einsum("...tk,...sk->...ts", qs, k[..., sl, :])     # s·q_τᵀk_σ
+        W = P * A
+        num = beta_bar[..., None] * np.einsum("...tk,...kv->...tv", qs, C[..., c, :, :]) + W @ v[..., sl, :]
+        if normalize:
+            den = beta_bar * np.einsum("...tk,...k->...t", qs, n[..., c, :]) + W.sum(-1)
+            Nc = np.maximum(np.abs(den), np.exp(-Mc)) if N_frozen is None else N_frozen[..., sl]
+            h[..., sl, :] = num / (Nc + eps)[..., None]
+        else:
+            Nc = np.ones_like(b)
+            h[..., sl, :] = num
+        N[..., sl], M[..., sl] = Nc, Mc
+    return h, N, M
+
+
+def fwd(q, k, v, i, f, C0, n0, m0, *, gate, normalize, L, eps, scale, floor=ROW_MAX_FLOOR):
+    """Both forward stages. Returns h, N, M and the boundary states (C, n, m)."""
+    log_i, log_f = log_gates(i, f, gate)
+    stabilized = gate == "exp"
+    C, n, m = fwd_states(k, v, log_i, log_f, C0, n0, m0, L=L, stabilized=stabilized)
+    h, N, M = fwd_outputs(q, k, v, log_i, log_f, C, n, m, L=L, scale=scale, eps=eps,
+                          stabilized=stabilized, normalize=normalize, floor=floor)
+    return h, N, M, (C, n, m)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward (§6): N, M, m are constants
+# ------------------------------------------------------------------------------------------
+
+
+def scaled_dh(dh, N, *, eps, normalize):
+    """Ĝ = dh / (N + ε) (§6.1); dh itself without the normalizer."""
+    return dh / (N + eps)[..., None] if normalize else dh
+
+
+def bwd_dstates(q, log_i, log_f, m, N, M, dh, dC_last, *, L, scale, eps, normalize):
+    """Boundary-state gradients dC^(c) = ∂ℓ/∂C^(c) for c = 0..NC (§6.2).
+
+    Slot NC is dC_last (zeros if None); slot 0 is the gradient of the initial C.
+    """
+    S = q.shape[-2]
+    G = scaled_dh(dh, N, eps=eps, normalize=normalize)
+    slices = chunk_slices(S, L)
+    dC = np.zeros(q.shape[:-2] + (q.shape[-1], dh.shape[-1])) if dC_last is None else dC_last
+    dCs = [dC]
+    for c in reversed(range(len(slices))):
+        sl = slices[c]
+        b, g, _ = chunk_gate_vectors(log_i[..., sl], log_f[..., sl])
+        gamma = np.exp(g + m[..., c] - m[..., c + 1])
+        beta_bar = np.exp(b + m[..., c, None] - M[..., sl])
+        # dC^(c) = γ dC^(c+1) + Σ_τ (s β̄_τ q_τ) Ĝ_τᵀ
+        dC = gamma[..., None, None] * dC + np.einsum("...t,...tk,...tv->...kv", scale * beta_bar, q[..., sl, :], G[..., sl, :])
+        dCs.append(dC)
+    return np.stack(dCs[::-1], -3)
+
+
+def _chunk_backward_tiles(q, k, v, log_i, log_f, m, N, M, dh, c, sl, *, scale, eps, normalize):
+    """Per-chunk quantities shared by bwd_dq / bwd_dk / bwd_dv (§6.3)."""
+    b, _, a = chunk_gate_vectors(log_i[..., sl], log_f[..., sl])
+    P = np.exp(_intra_log_gates(b, log_i[..., sl]) - M[..., sl, None])
+    G = scaled_dh(dh[..., sl, :], N[..., sl], eps=eps, normalize=normalize)
+    dP = np.einsum("...tv,...sv->...ts", G, v[..., sl, :])          # dP̄ = Ĝ Vᵀ
+    beta_bar = np.exp(b + m[..., c, None] - M[..., sl])
+    a_bar = np.exp(a - m[..., c + 1, None])
+    return P, G, dP, beta_bar, a_bar
+
+
+def bwd_dq(q, k, v, log_i, log_f, C, m, N, M, dh, *, L, scale, eps, normalize):
+    """dq_τ = Σ_{σ<=τ} dS_τσ k_σ + s β̄_τ C^(c) Ĝ_τ, dS = s·P ⊙ dP̄ (§6.3)."""
+    dq = np.empty(q.shape)
+    for c, sl in enumerate(chunk_slices(q.shape[-2], L)):
+        P, G, dP, beta_bar, _ = _chunk_backward_tiles(q, k, v, log_i, log_f, m, N, M, dh, c, sl,
+                                                      scale=scale, eps=eps, normalize=normalize)
+        dS = scale * P * dP
+        dq[..., sl, :] = dS @ k[..., sl, :] + (scale * beta_bar)[..., None] * np.einsum("...tv,...kv->...tk", G, C[..., c, :, :])
+    return dq
+
+
+def bwd_dk(q, k, v, log_i, log_f, m, dC, N, M, dh, *, L, scale, eps, normalize):
+    """dk_σ = Σ_{τ>=σ} dS_τσ q_τ + ā_σ dC^(c+1) v_σ (§6.3)."""
+    dk = np.empty(k.shape)
+    for c, sl in enumerate(chunk_slices(k.shape[-2], L)):
+        P, G, dP, _, a_bar = _chunk_backward_tiles(q, k, v, log_i, log_f, m, N, M, dh, c, sl,
+                                                   scale=scale, eps=eps, normalize=normalize)
+        dS = scale * P * dP
+        dk[..., sl, :] = np.swapaxes(dS, -1, -2) @ q[..., sl, :] + a_bar[..., None] * np.einsum("...kv,...sv->...sk", dC[..., c + 1, :, :], v[..., sl, :])
+    return dk
+
+
+def bwd_dv(q, k, v, log_i, log_f, m, dC, N, M, dh, *, L, scale, eps, normalize):
+    """dv_σ = Σ_{τ>=σ} P_τσ A_τσ Ĝ_τ + ā_σ dC^(c+1)ᵀ k_σ (§6.3)."""
+    dv = np.empty(v.shape)
+    for c, sl in enumerate(chunk_slices(v.shape[-2], L)):
+        P, G, _, _, a_bar = _chunk_backward_tiles(q, k, v, log_i, log_f, m, N, M, dh, c, sl,
+                                                  scale=scale, eps=eps, normalize=normalize)
+        A = scale * np.einsum("...tk,...sk->...ts", q[..., sl, :], k[..., sl, :])
+        dv[..., sl, :] = np.swapaxes(P * A, -1, -2) @ G + a_bar[..., None] * np.einsum("...kv,...sk->...sv", dC[..., c + 1, :, :], k[..., sl, :])
+    return dv
+
+
+def bwd_gates(q, k, dq, dk, i, f, *, gate, last_state_dot=None):
+    """di, df from the token gradients (§6.3, §6.5, §7).
+
+    dι_t = k_t·dk_t; dλ_t = Σ_{u>=t} (q_u·dq_u − k_u·dk_u) over the whole sequence, plus
+    ⟨dC_last, C_last⟩ (``last_state_dot``, (...)) when a gradient flows into the last state.
+    di = dι (exp) or dι·σ(−ĩ) (sig); df = dλ·σ(−f̃).
+    """
+    kdk = np.einsum("...tk,...tk->...t", k, dk)
+    qdq = np.einsum("...tk,...tk->...t", q, dq)
+    d_log_f = np.flip(np.cumsum(np.flip(qdq - kdk, -1), -1), -1)
+    if last_state_dot is not None:
+        d_log_f = d_log_f + last_state_dot[..., None]
+    di = kdk if gate == "exp" else kdk * sigmoid(-i)
+    return di, d_log_f * sigmoid(-f)
+
+
+def bwd(q, k, v, i, f, C0, n0, m0, dh, dC_last, *, gate, normalize, L, eps, scale, floor=ROW_MAX_FLOOR):
+    """The whole manual backward: recompute the forward quantities, then every stage.
+
+    Returns dq, dk, dv, di, df, dC0.
+    """
+    log_i, log_f = log_gates(i, f, gate)
+    h, N, M, (C, n, m) = fwd(q, k, v, i, f, C0, n0, m0, gate=gate, normalize=normalize, L=L,
+                             eps=eps, scale=scale, floor=floor)
+    opts = dict(L=L, scale=scale, eps=eps, normalize=normalize)
+    dC = bwd_dstates(q, log_i, log_f, m, N, M, dh, dC_last, **opts)
+    dq = bwd_dq(q, k, v, log_i, log_f, C, m, N, M, dh, **opts)
+    dk = bwd_dk(q, k, v, log_i, log_f, m, dC, N, M, dh, **opts)
+    dv = bwd_dv(q, k, v, log_i, log_f, m, dC, N, M, dh, **opts)
+    last_dot = None if dC_last is None else np.einsum("...kv,...kv->...", dC_last, C[..., -1, :, :])
+    di, df = bwd_gates(q, k, dq, dk, i, f, gate=gate, last_state_dot=last_dot)
+    return dq, dk, dv, di, df, dC[..., 0, :, :]
