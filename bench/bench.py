@@ -1,0 +1,421 @@
+"""The tfla_cupy benchmark (../shared/spec/PERFORMANCE.md): constant tokens B·S = 65,536.
+
+    python bench/bench.py                 # main shape, S = 8192, fw + fwbw, exp + sig, peers if present
+    python bench/bench.py --sweep         # S = 512 … 65536 (B = 65536 / S)
+    python bench/bench.py --shape second  # NH = 8, DK = 256, DV = 512
+
+Timing: CUDA events, a 256 MB buffer zeroed before every call (L2 flush), 10 warm-ups, median of
+30 calls. Each tfla_cupy row is first checked against the float64 reference on two heads of the
+same inputs (the reference on all 128 heads would take minutes on a CPU). Peers (mlstm_kernels
+TFLA, flash-linear-attention chunk_simple_gla, PyTorch SDPA as the attention baseline) run when
+importable. Results go to bench/results/*.csv and .json (and a PNG if matplotlib is present).
+
+On a machine without a GPU this runs the NumPy reference on a small shape and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tfla_cupy  # noqa: E402
+from tfla_cupy.reference import chunkwise  # noqa: E402
+
+SHAPES = {"main": dict(NH=16, DK=128, DV=256), "second": dict(NH=8, DK=256, DV=512)}
+TOKENS = 65536
+COPY_BW = 3.0e12        # bytes/s: measured device copy bandwidth of the H100 here (PERFORMANCE.md)
+MMA_RATE = 800e12       # FLOP/s: measured bf16 matrix rate
+CHECK_TOL = {"fw": 3e-2, "fwbw": 3e-2, "df": 1e-1}
+
+
+@dataclass
+class Row:
+    impl: str
+    variant: str
+    mode: str
+    B: int
+    S: int
+    NH: int
+    DK: int
+    DV: int
+    L: int
+    ms: float
+    tflops: float
+    gbps: float
+    floor_ms: float
+    x_floor: float
+    peak_gb: float
+    checked: str = ""
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+# Models: FLOPs (MLSTM_SPEC.md §11.2) and the IO floor (PERFORMANCE.md §3)
+# ------------------------------------------------------------------------------------------
+
+
+def causal_fraction(L, tile=64):
+    nb = max(L // tile, 1)
+    return (nb + 1) / (2 * nb)
+
+
+def flops(mode, B, NH, S, DK, DV, L):
+    rho = causal_fraction(L)
+    per_head = 4 * S * DK * DV + 2 * rho * S * L * (DK + DV)
+    if mode == "fwbw":
+        per_head = 14 * S * DK * DV + 8 * rho * S * L * (DK + DV)
+    return B * NH * per_head
+
+
+def floor_bytes(mode, B, NH, S, DK, DV, e=2):
+    if mode == "fw":   # read q, k, v, i, f; write h and N, M (fp32)
+        per_tok = e * (2 * DK + 2 * DV + 2) + 8
+    else:              # fw + bw: read q,k,v,dh,i,f; write h, dq,dk,dv,di,df; N, M once each way
+        per_tok = e * (6 * DK + 5 * DV + 6) + 16
+    return B * NH * S * per_tok
+
+
+def floor_ms(mode, B, NH, S, DK, DV, L):
+    return 1e3 * max(floor_bytes(mode, B, NH, S, DK, DV) / COPY_BW, flops(mode, B, NH, S, DK, DV, L) / MMA_RATE)
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self, cp, warmup=10, repeat=30):
+        self.cp, self.warmup, self.repeat = cp, warmup, repeat
+        self.flush = cp.empty(256 * 2**20, dtype=cp.uint8)
+
+    def __call__(self, fn):
+        cp = self.cp
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeat):
+            self.flush.fill(0)
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(cp.cuda.get_elapsed_time(a, b))
+        return float(np.median(times))
+
+
+def cupy_peak_bytes(cp, fn):
+    """Peak bytes allocated through CuPy's pool during fn() beyond what was live before."""
+    from cupy.cuda import memory_hook
+
+    class Peak(memory_hook.MemoryHook):
+        name = "PeakHook"
+
+        def __init__(self):
+            self.live, self.peak, self.sizes = 0, 0, {}
+
+        def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+            self.sizes[mem_ptr] = mem_size
+            self.live += mem_size
+            self.peak = max(self.peak, self.live)
+
+        def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+            self.live -= self.sizes.pop(mem_ptr, mem_size)
+
+    hook = Peak()
+    with hook:
+        fn()
+        cp.cuda.Device().synchronize()
+    return hook.peak
+
+
+# ------------------------------------------------------------------------------------------
+# tfla_cupy rows
+# ------------------------------------------------------------------------------------------
+
+
+def make_inputs(cp, B, NH, S, DK, DV, dtype, seed=0):
+    rng = cp.random.default_rng(seed)
+    q = rng.standard_normal((B, NH, S, DK), dtype=cp.float32).astype(dtype)
+    k = rng.standard_normal((B, NH, S, DK), dtype=cp.float32).astype(dtype)
+    v = rng.standard_normal((B, NH, S, DV), dtype=cp.float32).astype(dtype)
+    i = rng.standard_normal((B, NH, S), dtype=cp.float32).astype(dtype)
+    f = rng.standard_normal((B, NH, S), dtype=cp.float32).astype(dtype)
+    return q, k, v, i, f
+
+
+def check_against_reference(cp, x, outs, gate, normalize, L, mode, heads=2):
+    """Max relative error of the first `heads` heads of batch 0 against the float64 reference."""
+    q, k, v, i, f = (cp.asnumpy(t[:1, :heads]).astype(np.float64) for t in x)
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    z = np.zeros
+    h_ref, *_ = chunkwise.fwd(q, k, v, i, f, z((B, NH, DK, DV)), z((B, NH, DK)), z((B, NH)), gate=gate,
+                              normalize=normalize, L=L, eps=1e-6, scale=DK ** -0.5)
+
+    def err(a, ref):
+        a = cp.asnumpy(a[:1, :heads]).astype(np.float64)
+        return float(np.abs(a - ref).max() / np.abs(ref).max()) if np.all(np.isfinite(a)) else math.inf
+
+    errs = {"h": err(outs[0], h_ref)}
+    if mode == "fwbw":
+        dh = np.ones_like(h_ref)
+        g = chunkwise.bwd(q, k, v, i, f, z((B, NH, DK, DV)), z((B, NH, DK)), z((B, NH)), dh, None, gate=gate,
+                          normalize=normalize, L=L, eps=1e-6, scale=DK ** -0.5)
+        for name, got, ref in zip(("dq", "dk", "dv", "di", "df"), outs[1][:5], g[:5]):
+            errs[name] = err(got, ref)
+    ok = all(e <= (CHECK_TOL["df"] if n == "df" else CHECK_TOL[mode]) for n, e in errs.items())
+    worst = max(errs, key=errs.get)
+    return ("ok" if ok else "FAIL") + f" max {worst} {errs[worst]:.1e}", ok
+
+
+def bench_tfla(cp, timer, variant, mode, B, NH, S, DK, DV, L, check=True):
+    import ml_dtypes
+    gate, normalize = {"exp": ("exp", True), "sig": ("sig", False)}[variant]
+    x = make_inputs(cp, B, NH, S, DK, DV, ml_dtypes.bfloat16)
+    dh = cp.ones((B, NH, S, DV), dtype=ml_dtypes.bfloat16)
+    opts = dict(gate=gate, normalize=normalize, chunk_size=L)
+
+    def fw():
+        return tfla_cupy.mlstm(*x, **opts)
+
+    def fwbw():
+        h, _, ctx = tfla_cupy.mlstm_fwd(*x, **opts)
+        return h, tfla_cupy.mlstm_bwd(ctx, dh)
+
+    fn = fw if mode == "fw" else fwbw
+    out = fn()
+    checked, ok = ("", True)
+    if check:
+        outs = (out, None) if mode == "fw" else out
+        checked, ok = check_against_reference(cp, x, outs, gate, normalize, L, mode)
+    del out
+    ms = timer(fn)
+    peak = cupy_peak_bytes(cp, fn)
+    return ms, peak, checked, ok
+
+
+# ------------------------------------------------------------------------------------------
+# Peers (PyTorch / Triton), only if importable
+# ------------------------------------------------------------------------------------------
+
+
+def torch_peers():
+    try:
+        import torch
+    except ImportError:
+        return None, {}
+    peers = {}
+    try:
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
+        peers["mlstm_kernels TFLA"] = ("exp", mlstm_chunkwise__xl_chunk)
+    except Exception as e:  # noqa: BLE001
+        print(f"# peer mlstm_kernels TFLA exp unavailable: {type(e).__name__}: {e}")
+    try:
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
+        peers["mlstm_kernels TFLA sig"] = ("sig", mlstm_siging_chunkwise__xl_chunk)
+    except Exception as e:  # noqa: BLE001
+        print(f"# peer mlstm_kernels TFLA sig unavailable: {type(e).__name__}: {e}")
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+        peers["fla chunk_simple_gla"] = ("gla", chunk_simple_gla)
+    except Exception as e:  # noqa: BLE001
+        print(f"# peer fla unavailable: {type(e).__name__}: {e}")
+    peers["torch SDPA causal (NH32 d128)"] = ("sdpa", None)
+    return torch, peers
+
+
+def bench_peer(torch, timer, name, kind, fn, mode, B, NH, S, DK, DV, L):
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    if kind == "sdpa":
+        NHa, d = 32, 128
+        q, k, v = (torch.randn(B, NHa, S, d, device=dev, dtype=dt, generator=g, requires_grad=mode == "fwbw")
+                   for _ in range(3))
+        call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        args = (q, k, v)
+    elif kind == "gla":
+        q = torch.randn(B, S, NH, DK, device=dev, dtype=dt, generator=g)
+        k = torch.randn(B, S, NH, DK, device=dev, dtype=dt, generator=g)
+        v = torch.randn(B, S, NH, DV, device=dev, dtype=dt, generator=g)
+        gg = torch.nn.functional.logsigmoid(torch.randn(B, S, NH, device=dev, dtype=torch.float32, generator=g))
+        call = lambda: fn(q, k, v, g=gg)[0]  # noqa: E731
+        args = (q, k, v)
+    else:
+        q = torch.randn(B, NH, S, DK, device=dev, dtype=dt, generator=g)
+        k = torch.randn(B, NH, S, DK, device=dev, dtype=dt, generator=g)
+        v = torch.randn(B, NH, S, DV, device=dev, dtype=dt, generator=g)
+        i = torch.randn(B, NH, S, device=dev, dtype=torch.float32, generator=g)
+        f = torch.randn(B, NH, S, device=dev, dtype=torch.float32, generator=g)
+        kw = dict(chunk_size=L) if kind == "exp" else dict(chunk_size=L, normalize=False)
+        call = lambda: fn(q, k, v, i, f, **kw)  # noqa: E731
+        args = (q, k, v, i, f)
+    if mode == "fwbw":
+        for a in args:
+            a.requires_grad_(True)
+
+        def run():
+            out = call()
+            out.backward(torch.ones_like(out))
+    else:
+        def run():
+            with torch.no_grad():
+                call()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return timer(run), peak
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def cpu_demo():
+    """No GPU: the NumPy reference on a small shape."""
+    rng = np.random.default_rng(0)
+    B, NH, S, DK, DV = 1, 2, 256, 32, 64
+    q, k = rng.standard_normal((2, B, NH, S, DK))
+    v = rng.standard_normal((B, NH, S, DV))
+    i, f = rng.standard_normal((2, B, NH, S))
+    print(f"# no CUDA GPU found: running the float64 NumPy reference on a small shape "
+          f"(B={B}, NH={NH}, S={S}, DK={DK}, DV={DV}) instead of the CUDA kernels")
+    t = time.perf_counter()
+    h, state, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=64)
+    g = tfla_cupy.mlstm_bwd(ctx, np.ones_like(h))
+    dt = time.perf_counter() - t
+    print(f"reference fw+bw: {dt * 1e3:.1f} ms; |h| max {np.abs(h).max():.3f}; "
+          f"|df| max {np.abs(g.df).max():.3f}; last C norm {np.linalg.norm(state.C):.3f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="main")
+    ap.add_argument("--sweep", action="store_true", help="S = 512 … 65536 at B·S = 65536")
+    ap.add_argument("--S", type=int, nargs="*", help="sequence lengths (default 8192, or the sweep)")
+    ap.add_argument("--chunk", type=int, nargs="*", default=[128])
+    ap.add_argument("--variants", default="exp,sig")
+    ap.add_argument("--modes", default="fw,fwbw")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+
+    try:
+        import cupy as cp
+        has_gpu = cp.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    if not has_gpu:
+        cpu_demo()
+        return 0
+
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    print(f"# card: {card}, CC {dev.compute_capability}, {props['multiProcessorCount']} SMs; "
+          f"CuPy {cp.__version__}; date {time.strftime('%Y-%m-%d')}")
+    shape = SHAPES[args.shape]
+    S_list = args.S or ([512 * 2**j for j in range(8)] if args.sweep else [8192])
+    timer = Timer(cp)
+    torch, peers = (None, {}) if args.no_peers else torch_peers()
+    rows, failures = [], 0
+    for S in S_list:
+        B = max(TOKENS // S, 1)
+        for L in args.chunk:
+            for mode in args.modes.split(","):
+                for variant in args.variants.split(","):
+                    ms, peak, checked, ok = bench_tfla(cp, timer, variant, mode, B, shape["NH"], S, shape["DK"],
+                                                       shape["DV"], L, check=not args.no_check)
+                    failures += not ok
+                    rows.append(_row("tfla_cupy", variant, mode, B, S, shape, L, ms, peak, checked))
+                    _print(rows[-1])
+                for name, (kind, fn) in peers.items():
+                    if kind in ("sdpa", "gla") and L != args.chunk[0]:
+                        continue
+                    try:
+                        ms, peak = bench_peer(torch, timer, name, kind, fn, mode, B, shape["NH"], S, shape["DK"],
+                                              shape["DV"], L)
+                        rows.append(_row(name, kind, mode, B, S, shape, L, ms, peak, "",
+                                         "attention baseline: NH 32, d 128" if kind == "sdpa" else ""))
+                        _print(rows[-1])
+                    except Exception as e:  # noqa: BLE001
+                        print(f"# {name} {mode} S={S} L={L}: failed: {type(e).__name__}: {str(e)[:200]}")
+                    if torch is not None:
+                        torch.cuda.empty_cache()
+                cp.get_default_memory_pool().free_all_blocks()
+    _save(rows, Path(args.out), card)
+    print("\n" + _table(rows))
+    return 1 if failures else 0
+
+
+def _row(impl, variant, mode, B, S, shape, L, ms, peak, checked, notes=""):
+    NH, DK, DV = shape["NH"], shape["DK"], shape["DV"]
+    fl = flops(mode, B, NH, S, DK, DV, L)
+    by = floor_bytes(mode, B, NH, S, DK, DV)
+    fms = floor_ms(mode, B, NH, S, DK, DV, L)
+    return Row(impl, variant, mode, B, S, NH, DK, DV, L, ms, fl / ms / 1e9, by / ms / 1e6, fms, ms / fms,
+               peak / 1e9, checked, notes)
+
+
+def _print(r):
+    print(f"{r.impl:34s} {r.variant:4s} {r.mode:5s} B={r.B:<4d} S={r.S:<6d} L={r.L:<4d} {r.ms:8.3f} ms "
+          f"{r.tflops:6.1f} TFLOP/s {r.gbps:7.0f} GB/s  x{r.x_floor:5.2f} floor  peak {r.peak_gb:5.2f} GB  {r.checked}",
+          flush=True)
+
+
+def _table(rows):
+    head = "| impl | variant | mode | S | L | ms | TFLOP/s | GB/s | ÷ floor | peak GB | check |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    body = [f"| {r.impl} | {r.variant} | {r.mode} | {r.S} | {r.L} | {r.ms:.3f} | {r.tflops:.1f} | {r.gbps:.0f} | "
+            f"{r.x_floor:.2f} | {r.peak_gb:.2f} | {r.checked} |" for r in rows]
+    return "\n".join([head] + body)
+
+
+def _save(rows, out, card):
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with open(out / f"bench-{stamp}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[k for k in asdict(rows[0]) if k != "extra"])
+        w.writeheader()
+        for r in rows:
+            d = asdict(r)
+            d.pop("extra")
+            w.writerow(d)
+    meta = dict(card=card, date=time.strftime("%Y-%m-%d"), host=platform.node(), rows=[asdict(r) for r in rows])
+    (out / f"bench-{stamp}.json").write_text(json.dumps(meta, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("fw", "fwbw")):
+        for key in sorted({(r.impl, r.variant) for r in rows if r.mode == mode}):
+            pts = sorted((r.S, r.ms) for r in rows if (r.impl, r.variant) == key and r.mode == mode)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("S (B·S = 65536)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{mode} — {card}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"bench-{stamp}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: precompile, GPU tests, benchmark. Everything it prints
+# also lands in $OUT (when set) so that a killed run still returns its log.
+#   bash bench/device_run.sh [tests|bench|all] [extra pytest args...]
+set -uo pipefail
+what=${1:-all}; shift || true
+out=${OUT:-/tmp/tfla_out}; mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy_cache
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/card.txt"
+python3 -m tfla_cupy.precompile --jobs 16 2>&1 | tail -3 | tee "$out/precompile.txt"
+if [[ $what == tests || $what == all ]]; then
+  python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider --timeout=500 "$@" tests 2>&1 | tee "$out/pytest.txt" | tail -60
+fi
+if [[ $what == bench || $what == all ]]; then
+  python3 bench/bench.py --no-peers --out "$out" 2>&1 | tee "$out/bench.txt" | tail -20
+fi

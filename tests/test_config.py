@@ -1,0 +1,51 @@
+"""The launch configuration: smem formulas agree with C++, the heuristic's choices are valid,
+and bad overrides are refused with a clear message."""
+
+import pytest
+
+from tfla_cupy import _loader, config
+from tfla_cupy.config import ChunkTile, KernelConfig, StateTile
+
+
+def test_smem_formulas_match_the_cuda_side():
+    asserts = []
+    for mma, e in config.ELEMENT_BYTES.items():
+        for L in (16, 32, 64, 128, 512, 1024):
+            cfg = config.pick_config(mma, 128, 256, L)
+            for tile in (cfg.states, cfg.fwd_h):
+                asserts.append(f"static_assert({tile.cpp()}::smem_bytes({e}, {L}) == {tile.smem_bytes(e, L)}, \"smem\");")
+    _loader.compile_for_arch([], "sm_80", extra_source="\n" + "\n".join(asserts) + "\n", verbose_ptxas=False)
+
+
+@pytest.mark.parametrize("mma", sorted(config.ELEMENT_BYTES))
+@pytest.mark.parametrize("L", [16, 32, 64, 128, 256, 512, 1024])
+def test_heuristic_configs_fit_an_h100(mma, L):
+    cfg = config.pick_config(mma, 512, 1024, L)
+    cfg.check(config.ELEMENT_BYTES[mma], L)
+    assert cfg.fwd_h.bm <= L and cfg.fwd_h.bl <= L
+
+
+def test_default_chunk_size():
+    assert [config.default_chunk_size(S) for S in (1, 16, 17, 100, 128, 129, 10**6)] == [16, 16, 32, 128, 128, 128, 128]
+
+
+def test_invalid_override_is_refused():
+    bad = KernelConfig(states=StateTile(), fwd_h=ChunkTile(bl=40), bwd_dq=ChunkTile(), bwd_dk=ChunkTile(),
+                       bwd_dv=ChunkTile())
+    with pytest.raises(ValueError, match="config: invalid ChunkTile"):
+        bad.check(2, 128)
+    huge = KernelConfig(states=StateTile(), fwd_h=ChunkTile(bx=512, bn=512), bwd_dq=ChunkTile(),
+                        bwd_dk=ChunkTile(), bwd_dv=ChunkTile())
+    with pytest.raises(ValueError, match="config.fwd_h: .* needs .* bytes of shared memory"):
+        huge.check(4, 1024)
+
+
+def test_every_heuristic_choice_is_in_the_compiled_list():
+    names = {n for group in config.all_instantiations().values() for n in group}
+    for mma in config.ELEMENT_BYTES:
+        for gate in config.GATE_POLICY.values():
+            for L in (16, 32, 64, 128, 1024):
+                cfg = config.pick_config(mma, 64, 64, L)
+                for kind in ("fwd_h", "bwd_dq", "bwd_dk", "bwd_dv"):
+                    assert config.chunk_kernel(f"{kind}_kernel", mma, gate, getattr(cfg, kind)) in names
+                assert set(config.state_kernels(mma, gate, cfg.states).values()) <= names
