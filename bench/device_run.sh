@@ -15,6 +15,12 @@ python3 -m tfla_cupy.precompile --jobs 16 2>&1 | tail -3 | tee "$out/precompile.
 if [[ $what == tests || $what == all ]]; then
   python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider --timeout=500 "$@" tests 2>&1 | tee "$out/pytest.txt" | tail -60
 fi
+if [[ $what == profile || $what == all ]] && command -v ncu > /dev/null; then
+  ncu --profile-from-start off --kernel-name-base demangled --csv --metrics \
+    gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem \
+    python3 bench/profile_once.py exp > "$out/ncu.csv" 2> "$out/ncu.err"
+  python3 bench/ncu_table.py "$out/ncu.csv" | tee "$out/ncu.txt"
+fi
 if [[ $what == bench || $what == all ]]; then
   python3 bench/bench.py --no-peers --out "$out" 2>&1 | tee "$out/bench.txt" | tail -20
 fi

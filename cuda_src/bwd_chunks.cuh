@@ -28,7 +28,7 @@ __device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], c
 }
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dq_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dq_kernel(const Params p) {
   using T = typename Mma::T;
   constexpr int BM = Tile::kBM, NT = Tile::kThreads;
   const ChunkCoords<Tile> at(p, p.DK);
@@ -39,18 +39,19 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dq_kernel(const Params 
   const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
   const i64 slot = i64(at.bh) * p.NC + at.c;
 
-  const float b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
-  const float m_c = Gate::kStabilized ? p.m_states[i64(at.bh) * (p.NC + 1) + at.c] : 0.f;
-  const float A0 = b_r0 + m_c;
+  const double b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
+  const double m_c = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c]) : 0.0;
+  const double A0 = b_r0 + m_c;
   for (int r = threadIdx.x; r < BM; r += NT) {
     if (r < rows) {
-      const float M = Gate::kStabilized ? p.M[tok + at.r0 + r] : 0.f;
+      const double M = Gate::kStabilized ? double(p.M[tok + at.r0 + r]) : 0.0;
       const float fac = Gate::kNormalize ? p.scale / (p.N[tok + at.r0 + r] + p.eps) : p.scale;
-      sm.row_scale[r] = fac * expf(A0 + sm.row_p[r] - M);
-      sm.row_log[r] = (sm.row_p[r] - M) * kLog2e + log2f(fac);
+      const double pr = sm.row_d()[r];
+      sm.row_scale()[r] = fac * expf(float(A0 + pr - M));
+      sm.row_log()[r] = split((pr - M) * double(kLog2e) + log2(double(fac)));
     } else {
-      sm.row_scale[r] = 0.f;
-      sm.row_log[r] = neg_inf();
+      sm.row_scale()[r] = 0.f;
+      sm.row_log()[r] = make_float2(neg_inf(), 0.f);
     }
   }
   __syncthreads();
@@ -66,40 +67,40 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dq_kernel(const Params 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   const i64 out = (tok + at.r0) * p.DK + at.n0;
   store_acc<T>(acc, ptr<T>(p.dq) + out + wrow * i64(p.DK) + wcol, p.DK, rows - wrow, p.DK - at.n0 - wcol);
-  row_dots<Tile>(acc, ptr<T>(p.q) + out, p.DK, rows, p.DK - at.n0, sm.row_part);
+  row_dots<Tile>(acc, ptr<T>(p.q) + out, p.DK, rows, p.DK - at.n0, sm.row_part());
   for (int r = threadIdx.x; r < rows; r += NT)
-    p.qdq[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part[r];
+    p.qdq[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part()[r];
 }
 
 // Row and column gate terms of the anti-causal roles:
-//   row_log[r] = (ι_σ − P_σ)·log2e,  row_scale[r] = ā_σ,
-//   col_log[u] = (P_u − M_u)·log2e + log2(s / (N_u + ε)).
+//   row_log[r] = (ι_σ − P_σ)·log2e,  row_scale[r] = ā_σ = exp(R_σ + ι_σ − m^(c+1)),
+//   col_log[u] = (P_u − M_u)·log2e + log2(s / (N_u + ε))      (log terms split hi/lo).
 template <typename Gate, typename Tile, typename T>
 __device__ __forceinline__ void anticausal_terms(const Params& p, const ChunkSmem<T, Tile>& sm,
                                                  const ChunkCoords<Tile>& at, i64 tok) {
   constexpr int BM = Tile::kBM, NT = Tile::kThreads;
   prepare_anticausal<Gate>(p, sm, tok, at.r0, at.Lc);
-  const float m_next = Gate::kStabilized ? p.m_states[i64(at.bh) * (p.NC + 1) + at.c + 1] : 0.f;
+  const double m_next = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c + 1]) : 0.0;
   for (int r = threadIdx.x; r < BM; r += NT) {
     const int s = at.r0 + r;
     if (s < at.Lc) {
-      sm.row_log[r] = (sm.iota[s] - sm.scan[s]) * kLog2e;
-      sm.row_scale[r] = expf(sm.row_aux[r] + sm.iota[s] - m_next);
+      sm.row_log()[r] = split((sm.iota()[s] - sm.scan()[s]) * double(kLog2e));
+      sm.row_scale()[r] = expf(float(sm.row_d()[r] + sm.iota()[s] - m_next));
     } else {
-      sm.row_log[r] = neg_inf();
-      sm.row_scale[r] = 0.f;
+      sm.row_log()[r] = make_float2(neg_inf(), 0.f);
+      sm.row_scale()[r] = 0.f;
     }
   }
   for (int u = at.r0 + threadIdx.x; u < at.Lc; u += NT) {
-    const float M = Gate::kStabilized ? p.M[tok + u] : 0.f;
+    const double M = Gate::kStabilized ? double(p.M[tok + u]) : 0.0;
     const float fac = Gate::kNormalize ? p.scale / (p.N[tok + u] + p.eps) : p.scale;
-    sm.col_log[u] = (sm.scan[u] - M) * kLog2e + log2f(fac);
+    sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + log2(double(fac)));
   }
   __syncthreads();
 }
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dv_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dv_kernel(const Params p) {
   using T = typename Mma::T;
   const ChunkCoords<Tile> at(p, p.DV);
   if (at.r0 >= at.Lc) return;
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dv_kernel(const Params 
 }
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dk_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dk_kernel(const Params p) {
   using T = typename Mma::T;
   constexpr int NT = Tile::kThreads;
   const ChunkCoords<Tile> at(p, p.DK);
@@ -143,9 +144,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dk_kernel(const Params 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   const i64 out = (tok + at.r0) * p.DK + at.n0;
   store_acc<T>(acc, ptr<T>(p.dk) + out + wrow * i64(p.DK) + wcol, p.DK, rows - wrow, p.DK - at.n0 - wcol);
-  row_dots<Tile>(acc, ptr<T>(p.k) + out, p.DK, rows, p.DK - at.n0, sm.row_part);
+  row_dots<Tile>(acc, ptr<T>(p.k) + out, p.DK, rows, p.DK - at.n0, sm.row_part());
   for (int r = threadIdx.x; r < rows; r += NT)
-    p.kdk[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part[r];
+    p.kdk[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part()[r];
 }
 
 }  // namespace tfla

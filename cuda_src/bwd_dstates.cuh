@@ -18,46 +18,39 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dstates_kernel(const Pa
   constexpr int NT = Tile::kThreads;
   const StateCoords<Tile> at(p.DK, p.DV);
   const int warp = threadIdx.x >> 5;
-
-  SmemCarver sm{dynamic_smem()};
-  T* Xs = sm.take<T>(Tile::kBT * smem_stride<T>(Tile::kBK));
-  T* Ys = sm.take<T>(Tile::kBT * smem_stride<T>(Tile::kBV));
-  float* lam = sm.take<float>(p.L);  // λ, then b (inclusive prefix sums)
-  float* iota = sm.take<float>(p.L);
-  float* w = sm.take<float>(p.L);    // s β̄_τ / (N_τ + ε)
+  const StateStream<Mma, Tile> st(p, ptr<T>(p.q) + i64(at.bh) * p.S * p.DK + at.k0, p.DK, p.DK - at.k0,
+                                  ptr<T>(p.dh) + i64(at.bh) * p.S * p.DV + at.v0, p.DV, p.DV - at.v0);
+  const float* m_states = p.m_states + i64(at.bh) * (p.NC + 1);
 
   float acc[Tile::kFM][Tile::kFN][4];
   load_state_acc(acc, p.dC_last, at, p.DK, p.DV);
 
-  const T* Q = ptr<T>(p.q) + i64(at.bh) * p.S * p.DK + at.k0;
-  const T* dH = ptr<T>(p.dh) + i64(at.bh) * p.S * p.DV + at.v0;
-  const float* m_states = p.m_states + i64(at.bh) * (p.NC + 1);
-
+  int buf = 0;
+  st.issue(buf, i64(p.NC - 1) * p.L, min(Tile::kBT, chunk_len(p, p.NC - 1)));
   for (int c = p.NC - 1; c >= 0; --c) {
-    const int t0 = c * p.L, Lc = min(p.L, p.S - t0);
+    const int Lc = chunk_len(p, c);
     store_state_acc<T>(acc, ptr<T>(p.dC_states), i64(at.bh) * p.NC + c, at, p.DK, p.DV);
 
-    load_log_gates<Gate>(p.i, p.f, i64(at.bh) * p.S + t0, 0, p.L, Lc, lam, iota);
+    const i64 tok = i64(at.bh) * p.S + i64(c) * p.L;
+    load_log_gates<Gate>(p.i, p.f, tok, 0, p.L, Lc, st.lam, st.iota);
     __syncthreads();
-    if (warp == 0) warp_scan_inclusive(lam, p.L);  // b_τ
+    if (warp == 0) warp_scan_inclusive(st.lam, p.L);  // b_τ
     __syncthreads();
-    const float m_c = Gate::kStabilized ? m_states[c] : 0.f;
-    const float m_n = Gate::kStabilized ? m_states[c + 1] : 0.f;
-    const float gamma = expf(lam[p.L - 1] + m_c - m_n);
-    const i64 tok = i64(at.bh) * p.S + t0;
+    const double m_c = Gate::kStabilized ? double(m_states[c]) : 0.0;
+    const double m_n = Gate::kStabilized ? double(m_states[c + 1]) : 0.0;
+    const float gamma = expf(float(st.lam[p.L - 1] + m_c - m_n));
     for (int u = threadIdx.x; u < p.L; u += NT) {
       float x = 0.f;
       if (u < Lc) {
-        const float M = Gate::kStabilized ? p.M[tok + u] : 0.f;
-        x = p.scale * expf(lam[u] + m_c - M);
+        const double M = Gate::kStabilized ? double(p.M[tok + u]) : 0.0;
+        x = p.scale * expf(float(st.lam[u] + m_c - M));
         if constexpr (Gate::kNormalize) x /= p.N[tok + u] + p.eps;
       }
-      w[u] = x;
+      st.w[u] = x;
     }
     scale_acc(acc, gamma);
     __syncthreads();
-    accumulate_chunk<Mma, Tile, false>(acc, Q + i64(t0) * p.DK, p.DK, p.DK - at.k0, dH + i64(t0) * p.DV, p.DV,
-                                       p.DV - at.v0, w, Lc, Xs, Ys, nullptr, at.row0, at.col0);
+    buf = st.template walk_chunk<false>(acc, p, c, c - 1, buf, at.row0, at.col0);
   }
   if (p.dC0 != nullptr) store_state_acc<float>(acc, p.dC0, at.bh, at, p.DK, p.DV);
 }

@@ -50,34 +50,42 @@ struct ChunkCoords {
   }
 };
 
-// Shared-memory layout of a chunk CTA (see ChunkTile::smem_bytes).
+// Shared-memory layout of a chunk CTA (see ChunkTile::smem_bytes). Every address is the
+// dynamic shared-memory symbol plus an offset that is a compile-time constant for the tiles and
+// row vectors, and a multiple of L for the gate vectors: no pointer registers are spent on it.
 template <typename T, typename Tile>
 struct ChunkSmem {
+  static constexpr int E = int(sizeof(T));
   static constexpr int ldx = smem_stride<T>(Tile::kBX), ldz = smem_stride<T>(Tile::kBN),
                        ldw = smem_stride<T>(Tile::kBL);
-  T *Xs, *Ys, *Zs, *Ds, *Ws;
-  float *lam, *iota, *scan, *col_log;                            // length L
-  float *row_log, *row_scale, *row_M, *row_N, *row_aux, *row_p;  // length kBM
-  float* row_part;                                               // kWN × kBM
-  __device__ explicit ChunkSmem(int L) {
-    SmemCarver sm{dynamic_smem()};
-    Xs = sm.take<T>(Tile::kBM * ldx);
-    Ys = sm.take<T>(Tile::kBL * ldx);
-    Zs = sm.take<T>(Tile::kBL * ldz);
-    Ds = sm.take<T>(Tile::d_elems(int(sizeof(T))));
-    Ws = sm.take<T>(Tile::kBM * ldw);
-    lam = sm.take<float>(L);
-    iota = sm.take<float>(L);
-    scan = sm.take<float>(L);
-    col_log = sm.take<float>(L);
-    row_log = sm.take<float>(Tile::kBM);
-    row_scale = sm.take<float>(Tile::kBM);
-    row_M = sm.take<float>(Tile::kBM);
-    row_N = sm.take<float>(Tile::kBM);
-    row_aux = sm.take<float>(Tile::kBM);
-    row_p = sm.take<float>(Tile::kBM);
-    row_part = sm.take<float>(Tile::kWN * Tile::kBM);
+  static constexpr int kXs = 0, kYs = kXs + Tile::kBM * ldx * E, kZs = kYs + Tile::kBL * ldx * E,
+                       kDs = kZs + Tile::kBL * ldz * E, kWs = kDs + Tile::d_elems(E) * E,
+                       kRowLog = kWs + Tile::kBM * ldw * E, kRowD = kRowLog + 8 * Tile::kBM,
+                       kRowScale = kRowD + 8 * Tile::kBM, kRowM = kRowScale + 4 * Tile::kBM,
+                       kRowN = kRowM + 4 * Tile::kBM, kRowAux = kRowN + 4 * Tile::kBM,
+                       kRowPart = kRowAux + 4 * Tile::kBM, kGates = kRowPart + 4 * Tile::kWN * Tile::kBM;
+  static_assert(kGates % 16 == 0, "gate vectors must stay 16-byte aligned");
+  int L;
+  __device__ explicit ChunkSmem(int L_) : L(L_) {}
+  template <typename U> __device__ __forceinline__ U* at(int off) const {
+    return reinterpret_cast<U*>(dynamic_smem() + off);
   }
+  __device__ __forceinline__ T* Xs() const { return at<T>(kXs); }
+  __device__ __forceinline__ T* Ys() const { return at<T>(kYs); }
+  __device__ __forceinline__ T* Zs() const { return at<T>(kZs); }
+  __device__ __forceinline__ T* Ds() const { return at<T>(kDs); }
+  __device__ __forceinline__ T* Ws() const { return at<T>(kWs); }
+  __device__ __forceinline__ float2* row_log() const { return at<float2>(kRowLog); }  // row exponent terms
+  __device__ __forceinline__ double* row_d() const { return at<double>(kRowD); }      // p_τ or R_σ
+  __device__ __forceinline__ float* row_scale() const { return at<float>(kRowScale); }
+  __device__ __forceinline__ float* row_M() const { return at<float>(kRowM); }
+  __device__ __forceinline__ float* row_N() const { return at<float>(kRowN); }
+  __device__ __forceinline__ float* row_aux() const { return at<float>(kRowAux); }
+  __device__ __forceinline__ float* row_part() const { return at<float>(kRowPart); }  // kWN × kBM
+  __device__ __forceinline__ double* lam() const { return at<double>(kGates); }       // gate scratch, length L
+  __device__ __forceinline__ double* iota() const { return at<double>(kGates + 8 * L); }
+  __device__ __forceinline__ double* scan() const { return at<double>(kGates + 16 * L); }
+  __device__ __forceinline__ float2* col_log() const { return at<float2>(kGates + 24 * L); }  // column terms
 };
 
 // Sum the per-thread row partials (rows g and g+8 of each warp) over the quad and the kWN
@@ -117,64 +125,90 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
   const int wcol_s = wn * (BL / Tile::kWN);  // warp's first column of the score tile
   const int wcol_o = wn * (BN / Tile::kWN);  // warp's first column of the output tile
   const int nXb = cdiv(DX, BX);
+  const bool resident = nXb == 1;           // X stays in shared memory for the whole CTA
   const int rows = min(BM, Lc - r0);
   const int z_cols = DZ - n0;
+  const int j_lo = kCausal ? 0 : r0 / BL;
+  const int j_hi = kCausal ? (r0 + rows - 1) / BL : (Lc - 1) / BL;
+
+  auto issue_X = [&](int x0) {
+    load_tile_async<T, BM, BX, NT>(sm.Xs(), Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
+  };
+  auto issue_Y = [&](int j, int x0) {
+    load_tile_async<T, BL, BX, NT>(sm.Ys(), Sm::ldx, Y + i64(j * BL) * DX + x0, DX, min(BL, Lc - j * BL), DX - x0);
+  };
+  auto issue_Z = [&](int j) {
+    load_tile_async<T, BL, BN, NT>(sm.Zs(), Sm::ldz, Z + i64(j * BL) * DZ + n0, DZ, min(BL, Lc - j * BL), z_cols);
+  };
 
   // ---- inter-chunk term: acc = X_rows · D, then scaled per row --------------------------------
+  // With X resident, the first Y and Z tiles are requested up front (groups: XD, Y, Z).
   zero(acc);
   for (int xb = 0; xb < nXb; ++xb) {
     const int x0 = xb * BX;
-    load_tile_async<T, BM, BX, NT>(sm.Xs, Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
+    issue_X(x0);
     if constexpr (!kDStoredZX) {  // D[x][z]: a BX × BN block, B operand stored [K][N]
-      load_tile_async<T, BX, BN, NT>(sm.Ds, Sm::ldz, D + i64(x0) * DZ + n0, DZ, DX - x0, z_cols);
+      load_tile_async<T, BX, BN, NT>(sm.Ds(), Sm::ldz, D + i64(x0) * DZ + n0, DZ, DX - x0, z_cols);
     } else {                      // D[z][x]: a BN × BX block, B operand stored [N][K]
-      load_tile_async<T, BN, BX, NT>(sm.Ds, Sm::ldx, D + i64(n0) * DX + x0, DX, z_cols, DX - x0);
+      load_tile_async<T, BN, BX, NT>(sm.Ds(), Sm::ldx, D + i64(n0) * DX + x0, DX, z_cols, DX - x0);
     }
     cp_async_commit();
-    cp_async_wait<0>();
+    if (resident) {
+      issue_Y(j_lo, 0);
+      cp_async_commit();
+      issue_Z(j_lo);
+      cp_async_commit();
+      cp_async_wait<2>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     // acc[r][z] += Σ_x X[r][x] · D[x][z]
-    warp_gemm<Mma, 1, FNO, false, !kDStoredZX>(acc, sm.Xs, Sm::ldx, wrow, sm.Ds,
+    warp_gemm<Mma, 1, FNO, false, !kDStoredZX>(acc, sm.Xs(), Sm::ldx, wrow, sm.Ds(),
                                                kDStoredZX ? Sm::ldx : Sm::ldz, wcol_o, BX);
     on_x_block(x0);
     __syncthreads();
   }
-  for_each_acc<1, FNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] *= sm.row_scale[wrow + r]; });
-  int x_cached = nXb - 1;  // the X block now in shared memory
+  for_each_acc<1, FNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] *= sm.row_scale()[wrow + r]; });
 
   // ---- intra-chunk term over column tiles ------------------------------------------------------
   rowsum[0] = rowsum[1] = 0.f;
-  const int j_lo = kCausal ? 0 : r0 / BL;
-  const int j_hi = kCausal ? (r0 + rows - 1) / BL : (Lc - 1) / BL;
   for (int j = j_lo; j <= j_hi; ++j) {
-    const int u0 = j * BL, cols = min(BL, Lc - u0);
+    const int u0 = j * BL;
     float s[1][FNS][4];
     zero(s);
-    for (int xb = 0; xb < nXb; ++xb) {
-      const int x0 = xb * BX;
-      if (x_cached != xb) {
-        load_tile_async<T, BM, BX, NT>(sm.Xs, Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
-        x_cached = xb;
-      }
-      load_tile_async<T, BL, BX, NT>(sm.Ys, Sm::ldx, Y + i64(u0) * DX + x0, DX, cols, DX - x0);
-      cp_async_commit();
-      if (xb == 0) {  // Z_j streams in while the scores are computed
-        load_tile_async<T, BL, BN, NT>(sm.Zs, Sm::ldz, Z + i64(u0) * DZ + n0, DZ, cols, z_cols);
+    if (resident) {  // Y_j and Z_j are in flight (Z newest): wait for Y_j only
+      cp_async_wait<1>();
+      __syncthreads();
+      // s[r][u] = Σ_x X[r][x] · Y[u][x]
+      warp_gemm<Mma, 1, FNS, false, false>(s, sm.Xs(), Sm::ldx, wrow, sm.Ys(), Sm::ldx, wcol_s, BX);
+      __syncthreads();
+      if (j < j_hi) {  // Y_{j+1} streams in during the weights and W·Z_j
+        issue_Y(j + 1, 0);
         cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
       }
-      __syncthreads();
-      // s[r][u] += Σ_x X[r][x] · Y[u][x]
-      warp_gemm<Mma, 1, FNS, false, false>(s, sm.Xs, Sm::ldx, wrow, sm.Ys, Sm::ldx, wcol_s, BX);
-      __syncthreads();
+    } else {         // contraction streamed in BX blocks; Z_j overlaps the first block
+      for (int xb = 0; xb < nXb; ++xb) {
+        issue_X(xb * BX);
+        issue_Y(j, xb * BX);
+        cp_async_commit();
+        if (xb == 0) {
+          issue_Z(j);
+          cp_async_commit();
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();
+        warp_gemm<Mma, 1, FNS, false, false>(s, sm.Xs(), Sm::ldx, wrow, sm.Ys(), Sm::ldx, wcol_s, BX);
+        __syncthreads();
+      }
     }
     // W ⊙ S, masked to the causal (or anti-causal) triangle and to the valid positions
     for_each_acc<1, FNS>([&](int, int fn, int e, int r, int cc) {
       const int pr = r0 + wrow + r, pu = u0 + wcol_s + cc;
       const bool keep = pu < Lc && (kCausal ? pu <= pr : pu >= pr);
-      const float w = keep ? exp2f(sm.row_log[wrow + r] + sm.col_log[pu]) * s[0][fn][e] : 0.f;
+      const float w = keep ? exp2f(add_split(sm.row_log()[wrow + r], sm.col_log()[pu])) * s[0][fn][e] : 0.f;
       s[0][fn][e] = w;
       if constexpr (kRowSum) rowsum[e >> 1] += w;
     });
@@ -182,15 +216,23 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
       const int g = lane >> 2, t = lane & 3;
 #pragma unroll
       for (int fn = 0; fn < FNS; ++fn) {
-        store2(sm.Ws + (wrow + g) * Sm::ldw + wcol_s + 8 * fn + 2 * t, s[0][fn][0], s[0][fn][1]);
-        store2(sm.Ws + (wrow + g + 8) * Sm::ldw + wcol_s + 8 * fn + 2 * t, s[0][fn][2], s[0][fn][3]);
+        store2(sm.Ws() + (wrow + g) * Sm::ldw + wcol_s + 8 * fn + 2 * t, s[0][fn][0], s[0][fn][1]);
+        store2(sm.Ws() + (wrow + g + 8) * Sm::ldw + wcol_s + 8 * fn + 2 * t, s[0][fn][2], s[0][fn][3]);
       }
     }
-    cp_async_wait<0>();
+    if (resident && j < j_hi) {
+      cp_async_wait<1>();  // Z_j landed; Y_{j+1} may still be in flight
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     // acc[r][z] += Σ_u W[r][u] · Z[u][z]
-    warp_gemm<Mma, 1, FNO, false, true>(acc, sm.Ws, Sm::ldw, wrow, sm.Zs, Sm::ldz, wcol_o, BL);
+    warp_gemm<Mma, 1, FNO, false, true>(acc, sm.Ws(), Sm::ldw, wrow, sm.Zs(), Sm::ldz, wcol_o, BL);
     __syncthreads();
+    if (resident && j < j_hi) {
+      issue_Z(j + 1);
+      cp_async_commit();
+    }
   }
 }
 
@@ -200,60 +242,58 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
 // strong forgetting), never differences of chunk-level cumulative sums.
 // ---------------------------------------------------------------------------------------------
 
-// Causal roles (rows τ = r0 + r, columns u <= τ). Fills col_log[u] = κ_u·log2e for u < Tend with
-//   κ_u = ι_u + Σ_{w=u+1..r0} λ_w (u <= r0),   κ_u = ι_u − Σ_{w=r0+1..u} λ_w (u > r0),
-// lam[u] = κ_u, row_p[r] = Σ_{w=r0+1..r0+r} λ_w, and returns b_{r0} = Σ_{w<=r0} λ_w. Then
-//   D̃[τ][u] = b_τ − b_u + ι_u = row_p[τ−r0] + κ_u.
+// Causal roles (rows τ = r0 + r, columns u <= τ). In double:
+//   κ_u = ι_u + Σ_{w=u+1..r0} λ_w (u <= r0),   κ_u = ι_u − Σ_{w=r0+1..u} λ_w (u > r0)   -> lam[u]
+//   p_r = Σ_{w=r0+1..r0+r} λ_w                                                         -> row_d[r]
+// and col_log[u] = κ_u·log2e (split). Returns b_{r0} = Σ_{w<=r0} λ_w. Then
+//   D̃[τ][u] = b_τ − b_u + ι_u = p_{τ−r0} + κ_u.
 template <typename Gate, typename Tile, typename T>
-__device__ __forceinline__ float prepare_causal(const Params& p, const ChunkSmem<T, Tile>& sm, i64 tok, int r0,
-                                                int Tend, int Lc) {
+__device__ __forceinline__ double prepare_causal(const Params& p, const ChunkSmem<T, Tile>& sm, i64 tok, int r0,
+                                                 int Tend, int Lc) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_log_gates<Gate>(p.i, p.f, tok, 0, Tend, Lc, sm.lam, sm.iota);
+  load_log_gates<Gate>(p.i, p.f, tok, 0, Tend, Lc, sm.lam(), sm.iota());
   __syncthreads();
-  __shared__ float b_r0;
+  __shared__ double b_r0;
   if (warp == 0) {
-    for (int u = lane; u < Tend; u += 32) sm.scan[u] = sm.lam[u];
+    for (int u = lane; u < Tend; u += 32) sm.scan()[u] = sm.lam()[u];
     __syncwarp();
-    warp_scan_suffix(sm.scan + 1, r0);                  // scan[u] = Σ_{w=u..r0} λ_w, 1 <= u <= r0
-    warp_scan_inclusive(sm.scan + r0 + 1, Tend - r0 - 1);  // scan[u] = Σ_{w=r0+1..u} λ_w, u > r0
-    if (lane == 0) b_r0 = sm.lam[0] + (r0 >= 1 ? sm.scan[1] : 0.f);
+    warp_scan_suffix(sm.scan() + 1, r0);                     // scan[u] = Σ_{w=u..r0} λ_w, 1 <= u <= r0
+    warp_scan_inclusive(sm.scan() + r0 + 1, Tend - r0 - 1);  // scan[u] = Σ_{w=r0+1..u} λ_w, u > r0
+    if (lane == 0) b_r0 = sm.lam()[0] + (r0 >= 1 ? sm.scan()[1] : 0.0);
   }
   __syncthreads();
   for (int u = threadIdx.x; u < Tend; u += Tile::kThreads) {
-    const float rest = u < r0 ? sm.scan[u + 1] : (u == r0 ? 0.f : -sm.scan[u]);
-    const float kappa = sm.iota[u] + rest;
-    sm.lam[u] = kappa;  // λ is no longer needed: keep κ in natural-log units
-    sm.col_log[u] = kappa * kLog2e;
+    const double rest = u < r0 ? sm.scan()[u + 1] : (u == r0 ? 0.0 : -sm.scan()[u]);
+    const double kappa = sm.iota()[u] + rest;
+    sm.lam()[u] = kappa;  // λ is no longer needed
+    sm.col_log()[u] = split(kappa * double(kLog2e));
   }
   for (int r = threadIdx.x; r < Tile::kBM; r += Tile::kThreads)
-    sm.row_p[r] = (r == 0 || r0 + r >= Tend) ? 0.f : sm.scan[r0 + r];
+    sm.row_d()[r] = (r == 0 || r0 + r >= Tend) ? 0.0 : sm.scan()[r0 + r];
   __syncthreads();
   return b_r0;
 }
 
-// Anti-causal roles (rows σ = r0 + r, columns u >= σ, up to Lc). Fills
+// Anti-causal roles (rows σ = r0 + r, columns u >= σ, up to Lc). In double:
 //   scan[u] = P_u = Σ_{w=r0+1..u} λ_w  for r0 <= u < Lc  (P_{r0} = 0),
-//   row_aux[r] = R_σ = Σ_{w=σ+1..Lc−1} λ_w (by its own suffix scan, not P_end − P_σ).
+//   row_d[r] = R_σ = Σ_{w=σ+1..Lc−1} λ_w (by its own suffix scan, not P_end − P_σ).
 // Then D̃[u][σ] = P_u − P_σ + ι_σ.
 template <typename Gate, typename Tile, typename T>
 __device__ __forceinline__ void prepare_anticausal(const Params& p, const ChunkSmem<T, Tile>& sm, i64 tok, int r0,
                                                    int Lc) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_log_gates<Gate>(p.i, p.f, tok, r0, Lc, Lc, sm.lam, sm.iota);
+  load_log_gates<Gate>(p.i, p.f, tok, r0, Lc, Lc, sm.lam(), sm.iota());
   __syncthreads();
   if (warp == 0) {
-    for (int u = r0 + lane; u < Lc; u += 32) {
-      sm.scan[u] = u == r0 ? 0.f : sm.lam[u];
-      sm.col_log[u] = sm.lam[u];  // scratch for the suffix scan
-    }
+    for (int u = r0 + lane; u < Lc; u += 32) sm.scan()[u] = u == r0 ? 0.0 : sm.lam()[u];
     __syncwarp();
-    warp_scan_inclusive(sm.scan + r0, Lc - r0);
-    warp_scan_suffix(sm.col_log + r0, Lc - r0);  // col_log[w] = Σ_{w'=w..Lc−1} λ
+    warp_scan_inclusive(sm.scan() + r0, Lc - r0);
+    warp_scan_suffix(sm.lam() + r0, Lc - r0);  // lam[w] = Σ_{w'=w..Lc−1} λ
   }
   __syncthreads();
   for (int r = threadIdx.x; r < Tile::kBM; r += Tile::kThreads) {
     const int s = r0 + r;
-    sm.row_aux[r] = (s + 1 < Lc) ? sm.col_log[s + 1] : 0.f;
+    sm.row_d()[r] = (s + 1 < Lc) ? sm.lam()[s + 1] : 0.0;
   }
   __syncthreads();
 }

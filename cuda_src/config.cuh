@@ -18,9 +18,10 @@ struct StateTile {
   static_assert(BK % (16 * WM) == 0 && BV % (8 * WN) == 0, "state tile must split evenly over warps");
   static_assert(BT % 16 == 0, "time sub-tile is a multiple of the mma k");
 
-  // X tile [kBT][kBK] + Y tile [kBT][kBV] (element size E) + 3 gate vectors of length L + kBK floats.
+  // Two buffers of X [kBT][kBK] and Y [kBT][kBV] (element size E, rows padded by 16 bytes);
+  // gate scratch: 2 double vectors of length L, a float vector of length L, kBK floats of n.
   __host__ __device__ static constexpr int smem_bytes(int E, int L) {
-    return BT * (BK + 16 / E) * E + BT * (BV + 16 / E) * E + 4 * (3 * L + BK);
+    return 2 * E * BT * ((BK + 16 / E) + (BV + 16 / E)) + 8 * 2 * L + 4 * (L + BK);
   }
 };
 
@@ -37,15 +38,15 @@ struct ChunkTile {
   static_assert(BX % 16 == 0, "contraction block is a multiple of the mma k");
 
   // Tiles in element size E (rows padded by 16 bytes): X [BM][BX], Y [BL][BX], Z [BL][BN],
-  // D [BX][BN] or [BN][BX], W [BM][BL]; then floats: 4 gate vectors of length L, 6 row vectors
-  // of length BM and WN·BM row partials.
+  // D [BX][BN] or [BN][BX], W [BM][BL]; then 4 gate vectors of length L and 2 row vectors of
+  // 8-byte entries (double or float2), 4 float row vectors and WN·BM float row partials.
   __host__ __device__ static constexpr int d_elems(int E) {
     return BX * (BN + 16 / E) > BN * (BX + 16 / E) ? BX * (BN + 16 / E) : BN * (BX + 16 / E);
   }
   __host__ __device__ static constexpr int smem_bytes(int E, int L) {
     return E * (BM * (BX + 16 / E) + BL * (BX + 16 / E) + BL * (BN + 16 / E) + d_elems(E) +
                 BM * (BL + 16 / E)) +
-           4 * (4 * L + 6 * BM + WN * BM);
+           8 * (4 * L + 2 * BM) + 4 * (4 * BM + WN * BM);
   }
 };
 

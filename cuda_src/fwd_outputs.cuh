@@ -13,7 +13,7 @@
 namespace tfla {
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 1) fwd_h_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p) {
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
   constexpr int BM = Tile::kBM, NT = Tile::kThreads;
@@ -25,38 +25,39 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) fwd_h_kernel(const Params p
   const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
   const i64 slot = i64(at.bh) * p.NC + at.c;
 
-  const float b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
-  const float m_c = Gate::kStabilized ? p.m_states[i64(at.bh) * (p.NC + 1) + at.c] : 0.f;
-  const float A0 = b_r0 + m_c;  // log weight of the incoming state at row r0
-  __shared__ float kappa_max;   // max_{u<=r0} κ_u
+  const double b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
+  const double m_c = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c]) : 0.0;
+  const double A0 = b_r0 + m_c;  // log weight of the incoming state at row r0
+  __shared__ double kappa_max;   // max_{u<=r0} κ_u
   if constexpr (Gate::kStabilized) {
     if (warp == 0) {
-      float mx = neg_inf();
-      for (int u = lane; u <= at.r0; u += 32) mx = fmaxf(mx, sm.lam[u]);
+      double mx = -1e300;
+      for (int u = lane; u <= at.r0; u += 32) mx = fmax(mx, sm.lam()[u]);
       mx = warp_max(mx);
       if (lane == 0) kappa_max = mx;
     }
     __syncthreads();
   }
-  const float log2_scale = log2f(p.scale);
+  const double log2_scale = log2(double(p.scale));
   for (int r = threadIdx.x; r < BM; r += NT) {
     if (r < rows) {
-      const float pr = sm.row_p[r];
-      float M = 0.f;
+      const double pr = sm.row_d()[r];
+      double M = 0.0;
       if constexpr (Gate::kStabilized) {
-        float pm = kappa_max;
-        for (int u = at.r0 + 1; u <= at.r0 + r; ++u) pm = fmaxf(pm, sm.lam[u]);
-        M = fmaxf(A0 + pr, fmaxf(kRowMaxFloor, pr + pm));
+        double pm = kappa_max;  // prefix max of κ up to τ
+        for (int u = at.r0 + 1; u <= at.r0 + r; ++u) pm = fmax(pm, sm.lam()[u]);
+        // M is stored in fp32 for the backward: use the rounded value here too
+        M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), pr + pm))));
       }
-      sm.row_M[r] = M;
-      sm.row_scale[r] = p.scale * expf(A0 + pr - M);
-      sm.row_log[r] = (pr - M) * kLog2e + log2_scale;
+      sm.row_M()[r] = float(M);
+      sm.row_scale()[r] = p.scale * expf(float(A0 + pr - M));
+      sm.row_log()[r] = split((pr - M) * double(kLog2e) + log2_scale);
     } else {
-      sm.row_M[r] = 0.f;
-      sm.row_scale[r] = 0.f;
-      sm.row_log[r] = neg_inf();
+      sm.row_M()[r] = 0.f;
+      sm.row_scale()[r] = 0.f;
+      sm.row_log()[r] = make_float2(neg_inf(), 0.f);
     }
-    sm.row_aux[r] = 0.f;  // q·n^(c)
+    sm.row_aux()[r] = 0.f;  // q·n^(c)
   }
   __syncthreads();
 
@@ -73,10 +74,10 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) fwd_h_kernel(const Params p
       static_assert(NT % BM == 0 && 32 % kTPR == 0, "rows must map onto lane groups");
       const int r = threadIdx.x / kTPR, part = threadIdx.x % kTPR;
       float s = 0.f;
-      for (int x = part; x < Tile::kBX && x0 + x < p.DK; x += kTPR) s = fmaf(to_float(sm.Xs[r * Sm::ldx + x]), n[x0 + x], s);
+      for (int x = part; x < Tile::kBX && x0 + x < p.DK; x += kTPR) s = fmaf(to_float(sm.Xs()[r * Sm::ldx + x]), n[x0 + x], s);
 #pragma unroll
       for (int o = kTPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (part == 0) sm.row_aux[r] += s;
+      if (part == 0) sm.row_aux()[r] += s;
     }
   };
   float acc[1][Tile::kFNO][4], rowsum[2];
@@ -85,18 +86,18 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) fwd_h_kernel(const Params p
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   if constexpr (Gate::kNormalize) {
-    reduce_rows<Tile>(rowsum, sm.row_part);
+    reduce_rows<Tile>(rowsum, sm.row_part());
     for (int r = threadIdx.x; r < BM; r += NT) {
-      const float den = sm.row_scale[r] * sm.row_aux[r] + sm.row_part[r];
-      const float N = fmaxf(fabsf(den), expf(-sm.row_M[r]));
-      sm.row_N[r] = N;
+      const float den = sm.row_scale()[r] * sm.row_aux()[r] + sm.row_part()[r];
+      const float N = fmaxf(fabsf(den), expf(-sm.row_M()[r]));
+      sm.row_N()[r] = N;
       if (at.jn == 0 && r < rows) {
         p.N[tok + at.r0 + r] = N;
-        if (Gate::kStabilized) p.M[tok + at.r0 + r] = sm.row_M[r];
+        if (Gate::kStabilized) p.M[tok + at.r0 + r] = sm.row_M()[r];
       }
     }
     __syncthreads();
-    for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] /= sm.row_N[wrow + r] + p.eps; });
+    for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] /= sm.row_N()[wrow + r] + p.eps; });
   }
   T* H = ptr<T>(p.h) + (tok + at.r0 + wrow) * p.DV + at.n0 + wcol;
   store_acc<T>(acc, H, p.DV, rows - wrow, p.DV - at.n0 - wcol);

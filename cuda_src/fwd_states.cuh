@@ -22,71 +22,59 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) fwd_states_kernel(const Par
   // This CTA carries n when the variant normalizes and it owns DV block 0.
   const bool owns_n = Gate::kNormalize && at.vb == 0;
   const bool owns_m = at.kb == 0 && at.vb == 0 && threadIdx.x == 0;
-
-  SmemCarver sm{dynamic_smem()};
-  T* Xs = sm.take<T>(Tile::kBT * smem_stride<T>(Tile::kBK));
-  T* Ys = sm.take<T>(Tile::kBT * smem_stride<T>(Tile::kBV));
-  float* lam = sm.take<float>(p.L);
-  float* iota = sm.take<float>(p.L);  // ι_τ, then a_τ
-  float* w = sm.take<float>(p.L);     // suffix sums of λ, then ā_τ
-  float* n_s = sm.take<float>(Tile::kBK);
-  __shared__ float g_amax[2];
+  const StateStream<Mma, Tile> st(p, ptr<T>(p.k) + i64(at.bh) * p.S * p.DK + at.k0, p.DK, p.DK - at.k0,
+                                  ptr<T>(p.v) + i64(at.bh) * p.S * p.DV + at.v0, p.DV, p.DV - at.v0);
+  __shared__ double g_amax[2];
 
   float acc[Tile::kFM][Tile::kFN][4];
   load_state_acc(acc, p.C0, at, p.DK, p.DV);
   for (int d = threadIdx.x; d < Tile::kBK; d += NT)
-    n_s[d] = (p.n0 != nullptr && at.k0 + d < p.DK) ? p.n0[i64(at.bh) * p.DK + at.k0 + d] : 0.f;
+    st.n_s[d] = (p.n0 != nullptr && at.k0 + d < p.DK) ? p.n0[i64(at.bh) * p.DK + at.k0 + d] : 0.f;
   float m = (Gate::kStabilized && p.m0 != nullptr) ? p.m0[at.bh] : 0.f;
 
-  const T* K = ptr<T>(p.k) + i64(at.bh) * p.S * p.DK + at.k0;
-  const T* V = ptr<T>(p.v) + i64(at.bh) * p.S * p.DV + at.v0;
-
+  int buf = 0;
+  st.issue(buf, 0, min(Tile::kBT, chunk_len(p, 0)));
   for (int c = 0; c < p.NC; ++c) {
-    const int t0 = c * p.L, Lc = min(p.L, p.S - t0);
+    const int Lc = chunk_len(p, c);
     // 1. the state entering chunk c
     const i64 slot = i64(at.bh) * p.NC + c;
     if (p.C_states != nullptr) store_state_acc<T>(acc, ptr<T>(p.C_states), slot, at, p.DK, p.DV);
     if (owns_n && p.n_states != nullptr)
-      for (int d = threadIdx.x; d < Tile::kBK && at.k0 + d < p.DK; d += NT) p.n_states[slot * p.DK + at.k0 + d] = n_s[d];
+      for (int d = threadIdx.x; d < Tile::kBK && at.k0 + d < p.DK; d += NT) p.n_states[slot * p.DK + at.k0 + d] = st.n_s[d];
     if (owns_m && p.m_states != nullptr) p.m_states[i64(at.bh) * (p.NC + 1) + c] = m;
 
-    // 2. gates: a_τ = Σ_{u>τ} λ_u + ι_τ, g = Σ λ, the new stabilizer and ā
-    load_log_gates<Gate>(p.i, p.f, i64(at.bh) * p.S + t0, 0, p.L, Lc, lam, iota);
+    // 2. gates: a_τ = Σ_{u>τ} λ_u + ι_τ, g = Σ λ (double), the new stabilizer and ā
+    load_log_gates<Gate>(p.i, p.f, i64(at.bh) * p.S + i64(c) * p.L, 0, p.L, Lc, st.lam, st.iota);
     __syncthreads();
     if (warp == 0) {
-      for (int u = lane; u < p.L; u += 32) w[u] = lam[u];
-      __syncwarp();
-      warp_scan_suffix(w, p.L);
-      float amax = neg_inf();
+      warp_scan_suffix(st.lam, p.L);  // lam[u] = Σ_{u' >= u} λ
+      double amax = -1e300;
       for (int u = lane; u < p.L; u += 32) {
-        const float a = (u + 1 < p.L ? w[u + 1] : 0.f) + iota[u];
-        iota[u] = a;
-        amax = fmaxf(amax, a);
+        const double a = (u + 1 < p.L ? st.lam[u + 1] : 0.0) + st.iota[u];
+        st.iota[u] = a;
+        amax = fmax(amax, a);
       }
       amax = warp_max(amax);
       if (lane == 0) {
-        g_amax[0] = w[0];
+        g_amax[0] = st.lam[0];
         g_amax[1] = amax;
       }
     }
     __syncthreads();
-    const float g = g_amax[0];
-    const float m_next = Gate::kStabilized ? fmaxf(g + m, g_amax[1]) : 0.f;
-    const float gamma = expf(g + m - m_next);
-    for (int u = threadIdx.x; u < p.L; u += NT) w[u] = expf(iota[u] - m_next);  // ā (0 past the end)
+    const double g = g_amax[0];
+    // the stabilizer is stored in fp32: use the rounded value, so states and m stay consistent
+    const float m_next = Gate::kStabilized ? float(fmax(g + m, g_amax[1])) : 0.f;
+    const float gamma = expf(float(g + double(m) - double(m_next)));
+    for (int u = threadIdx.x; u < p.L; u += NT) st.w[u] = expf(float(st.iota[u] - double(m_next)));  // ā
     scale_acc(acc, gamma);
     if (owns_n)
-      for (int d = threadIdx.x; d < Tile::kBK; d += NT) n_s[d] *= gamma;
+      for (int d = threadIdx.x; d < Tile::kBK; d += NT) st.n_s[d] *= gamma;
     __syncthreads();
 
     // 3. C ← γ C + (K ⊙ ā)ᵀ V,  n ← γ n + Σ ā k
-    if (owns_n) {
-      accumulate_chunk<Mma, Tile, true>(acc, K + i64(t0) * p.DK, p.DK, p.DK - at.k0, V + i64(t0) * p.DV, p.DV,
-                                        p.DV - at.v0, w, Lc, Xs, Ys, n_s, at.row0, at.col0);
-    } else {
-      accumulate_chunk<Mma, Tile, false>(acc, K + i64(t0) * p.DK, p.DK, p.DK - at.k0, V + i64(t0) * p.DV, p.DV,
-                                         p.DV - at.v0, w, Lc, Xs, Ys, n_s, at.row0, at.col0);
-    }
+    const int next = c + 1 < p.NC ? c + 1 : -1;
+    buf = owns_n ? st.template walk_chunk<true>(acc, p, c, next, buf, at.row0, at.col0)
+                 : st.template walk_chunk<false>(acc, p, c, next, buf, at.row0, at.col0);
     m = m_next;
   }
 
@@ -95,7 +83,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) fwd_states_kernel(const Par
   if (owns_m && p.m_last != nullptr) p.m_last[at.bh] = m;
   if (p.C_last != nullptr) store_state_acc<float>(acc, p.C_last, at.bh, at, p.DK, p.DV);
   if (owns_n && p.n_last != nullptr)
-    for (int d = threadIdx.x; d < Tile::kBK && at.k0 + d < p.DK; d += NT) p.n_last[i64(at.bh) * p.DK + at.k0 + d] = n_s[d];
+    for (int d = threadIdx.x; d < Tile::kBK && at.k0 + d < p.DK; d += NT) p.n_last[i64(at.bh) * p.DK + at.k0 + d] = st.n_s[d];
 }
 
 }  // namespace tfla

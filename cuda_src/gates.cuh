@@ -3,7 +3,7 @@
 // GateExp (mLSTMexp): ι = ĩ, max-stabilized (m, M, the −10 row-max floor).
 // GateSig<kNormalize> (mLSTMsig): ι = logσ(ĩ) <= 0, so no stabilizer: m ≡ 0, M ≡ 0, no floor;
 // with kNormalize = false there is no normalizer N and h is the numerator.
-// λ = logσ(f̃) for both. Gate arithmetic is fp32.
+// λ = logσ(f̃) for both. Gate transcendentals are fp32; in-chunk sums of log gates are double.
 #pragma once
 #include "common.cuh"
 
@@ -28,24 +28,28 @@ struct GateSig {
 constexpr float kRowMaxFloor = -10.f;  // MINIMUM_MAX_VAL of the exp variant
 
 // ---------------------------------------------------------------------------------------------
-// In-place inclusive scans of x[0, n) in shared memory by ONE warp (all 32 lanes call).
-// Each lane sums a contiguous run sequentially, then the run totals are scanned across lanes:
-// a sum of same-sign log gates keeps fp32 rounding proportional to the (small) partial sums.
+// In-place scans of x[0, n) in shared memory by ONE warp (all 32 lanes call), in double: a long
+// sum of log gates (|Σλ| reaches hundreds for strong forgetting or large chunks) must keep the
+// *differences* of partial sums exact, which fp32 running sums do not (their rounding grows with
+// the sum's magnitude and was measured at 1e-5..2e-4 relative in h). Each lane sums a
+// contiguous run, the run totals are scanned across lanes.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ void warp_scan_inclusive(float* x, int n) {
+__device__ __forceinline__ double shfl_up(double x, int o) { return __shfl_up_sync(0xffffffffu, x, o); }
+
+__device__ __forceinline__ void warp_scan_inclusive(double* x, int n) {
   const int lane = threadIdx.x & 31;
   const int per = cdiv(n, 32);
   const int lo = min(lane * per, n), hi = min(lo + per, n);
-  float run = 0.f;
+  double run = 0.0;
   for (int j = lo; j < hi; ++j) run += x[j];
-  float incl = run;
+  double incl = run;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const float y = __shfl_up_sync(0xffffffffu, incl, o);
+    const double y = shfl_up(incl, o);
     if (lane >= o) incl += y;
   }
-  float acc = __shfl_up_sync(0xffffffffu, incl, 1);  // exclusive offset of this lane's run
-  if (lane == 0) acc = 0.f;
+  double acc = shfl_up(incl, 1);  // exclusive offset of this lane's run
+  if (lane == 0) acc = 0.0;
   for (int j = lo; j < hi; ++j) {
     acc += x[j];
     x[j] = acc;
@@ -54,21 +58,21 @@ __device__ __forceinline__ void warp_scan_inclusive(float* x, int n) {
 }
 
 // Suffix (reverse inclusive) scan: x[j] <- Σ_{j' >= j} x[j'].
-__device__ __forceinline__ void warp_scan_suffix(float* x, int n) {
+__device__ __forceinline__ void warp_scan_suffix(double* x, int n) {
   const int lane = threadIdx.x & 31;
   const int per = cdiv(n, 32);
   // lane 0 takes the last run, so shfl_up accumulates from the end
   const int hi = max(n - lane * per, 0), lo = max(hi - per, 0);
-  float run = 0.f;
+  double run = 0.0;
   for (int j = hi - 1; j >= lo; --j) run += x[j];
-  float incl = run;
+  double incl = run;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const float y = __shfl_up_sync(0xffffffffu, incl, o);
+    const double y = shfl_up(incl, o);
     if (lane >= o) incl += y;
   }
-  float acc = __shfl_up_sync(0xffffffffu, incl, 1);  // exclusive offset of this lane's run
-  if (lane == 0) acc = 0.f;
+  double acc = shfl_up(incl, 1);
+  if (lane == 0) acc = 0.0;
   for (int j = hi - 1; j >= lo; --j) {
     acc += x[j];
     x[j] = acc;
@@ -76,9 +80,23 @@ __device__ __forceinline__ void warp_scan_suffix(float* x, int n) {
   __syncwarp();
 }
 
+// A double as an unevaluated sum hi + lo of two floats. Exponents of the gate matrix are formed
+// as (row.hi + col.hi) + (row.lo + col.lo): the large, opposite parts cancel in the first sum
+// with an error relative to the (small) result, so fp32 keeps the accuracy of the double terms.
+__device__ __forceinline__ float2 split(double x) {
+  const float hi = float(x);
+  return make_float2(hi, float(x - double(hi)));
+}
+__device__ __forceinline__ float add_split(float2 a, float2 b) { return (a.x + b.x) + (a.y + b.y); }
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 __device__ __forceinline__ float warp_sum(float v) {
@@ -92,11 +110,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 // decay nothing and contribute nothing.
 template <typename Gate>
 __device__ __forceinline__ void load_log_gates(const float* i, const float* f, i64 base, int lo, int hi,
-                                               int valid, float* lam, float* iota) {
+                                               int valid, double* lam, double* iota) {
   for (int u = lo + threadIdx.x; u < hi; u += blockDim.x) {
     const bool ok = u < valid;
-    lam[u] = ok ? logsigmoid(f[base + u]) : 0.f;
-    iota[u] = ok ? Gate::log_input(i[base + u]) : neg_inf();
+    lam[u] = ok ? double(logsigmoid(f[base + u])) : 0.0;
+    iota[u] = ok ? double(Gate::log_input(i[base + u])) : double(neg_inf());
   }
 }
 

@@ -173,6 +173,7 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[FM][FN][4], const typenam
     }
   } else {
     static_assert(FN % 2 == 0, "16-bit B fragments are loaded in pairs of n-blocks");
+#pragma unroll 1
     for (int k0 = 0; k0 < K; k0 += 16) {
       u32 a[FM][4];
 #pragma unroll

@@ -4,6 +4,9 @@
 //     acc ← γ · acc + Σ_τ X_τᵀ (w_τ · Y_τ)
 // forward (MLSTM_SPEC.md §4.2): X = K, Y = V, w = ā (and n ← γ n + Σ ā_τ k_τ);
 // backward (§6.2):              X = Q, Y = dH, w = s·β̄ / (N + ε).
+// Chunks are consumed kBT steps at a time from a double-buffered stream: the cp.async loads of
+// the next sub-tile (of this chunk or of the next chunk in walking order) are in flight while
+// the current one is multiplied and while the next chunk's gates are computed.
 // Grid: one CTA per (DK block, DV block, batch·head), flattened into blockIdx.x.
 #pragma once
 #include "config.cuh"
@@ -33,41 +36,95 @@ struct StateCoords {
   }
 };
 
-// acc += Σ_{τ < Lc} X_τᵀ (w_τ Y_τ) over one chunk, kBT steps per shared-memory round.
-// X points at the chunk's first row and this CTA's first DK column (row stride DX), Y likewise
-// for DV. With kUpdateN, also n_s[d] += Σ_τ w_τ X_τ[d] (fp32, unrounded X).
-template <typename Mma, typename Tile, bool kUpdateN>
-__device__ __forceinline__ void accumulate_chunk(float (&acc)[Tile::kFM][Tile::kFN][4], const typename Mma::T* X,
-                                                 int DX, int x_cols, const typename Mma::T* Y, int DY, int y_cols,
-                                                 const float* w, int Lc, typename Mma::T* Xs,
-                                                 typename Mma::T* Ys, float* n_s, int row0, int col0) {
+__device__ __forceinline__ int chunk_len(const Params& p, int c) { return min(p.L, p.S - c * p.L); }
+
+// Shared memory of a state pass (see StateTile::smem_bytes) and its sub-tile stream.
+template <typename Mma, typename Tile>
+struct StateStream {
   using T = typename Mma::T;
-  constexpr int BT = Tile::kBT, BK = Tile::kBK, BV = Tile::kBV, NT = Tile::kThreads;
-  constexpr int ldx = smem_stride<T>(BK), ldy = smem_stride<T>(BV);
-  for (int ts = 0; ts < Lc; ts += BT) {
-    const int rows = min(BT, Lc - ts);
-    load_tile_async<T, BT, BK, NT>(Xs, ldx, X + i64(ts) * DX, DX, rows, x_cols);
-    load_tile_async<T, BT, BV, NT>(Ys, ldy, Y + i64(ts) * DY, DY, rows, y_cols);
+  static constexpr int BT = Tile::kBT, ldx = smem_stride<T>(Tile::kBK), ldy = smem_stride<T>(Tile::kBV);
+  static constexpr int kXElems = BT * ldx, kYElems = BT * ldy;
+  T* Xs0;        // two X buffers, kXElems apart, and two Y buffers
+  T* Ys0;
+  double* lam;   // per-chunk gate scratch (length L)
+  double* iota;
+  float* w;      // per-step weight w_τ of the current chunk
+  float* n_s;    // n slice (forward only)
+  const T* X;    // this CTA's column block of X (row stride DX) and Y
+  const T* Y;
+  int DX, DY, x_cols, y_cols;
+
+  __device__ StateStream(const Params& p, const T* X_, int DX_, int x_cols_, const T* Y_, int DY_, int y_cols_)
+      : X(X_), Y(Y_), DX(DX_), DY(DY_), x_cols(x_cols_), y_cols(y_cols_) {
+    SmemCarver sm{dynamic_smem()};
+    Xs0 = sm.take<T>(2 * kXElems);
+    Ys0 = sm.take<T>(2 * kYElems);
+    lam = sm.take<double>(p.L);
+    iota = sm.take<double>(p.L);
+    w = sm.take<float>(p.L);
+    n_s = sm.take<float>(Tile::kBK);
+  }
+
+  __device__ __forceinline__ T* Xs(int b) const { return Xs0 + b * kXElems; }
+  __device__ __forceinline__ T* Ys(int b) const { return Ys0 + b * kYElems; }
+
+  // Start the copy of steps [t, t + rows) into buffer b.
+  __device__ __forceinline__ void issue(int b, i64 t, int rows) const {
+    load_tile_async<T, BT, Tile::kBK, Tile::kThreads>(Xs(b), ldx, X + t * DX, DX, rows, x_cols);
+    load_tile_async<T, BT, Tile::kBV, Tile::kThreads>(Ys(b), ldy, Y + t * DY, DY, rows, y_cols);
     cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+  }
+
+  // acc += X_subᵀ (w ⊙ Y_sub) for the landed buffer b holding `rows` steps whose weights are
+  // w[w0 ..]; with kUpdateN also n_s += Σ_τ w_τ X_τ (fp32, unrounded X). Ends synchronised.
+  template <bool kUpdateN>
+  __device__ __forceinline__ void consume(float (&acc)[Tile::kFM][Tile::kFN][4], int b, int w0, int rows,
+                                          int row0, int col0) const {
+    constexpr int NT = Tile::kThreads, BV = Tile::kBV;
     if constexpr (kUpdateN) {
-      for (int d = threadIdx.x; d < BK; d += NT) {
+      for (int d = threadIdx.x; d < Tile::kBK; d += NT) {
         float s = 0.f;
-        for (int r = 0; r < rows; ++r) s = fmaf(w[ts + r], to_float(Xs[r * ldx + d]), s);
+        for (int r = 0; r < rows; ++r) s = fmaf(w[w0 + r], to_float(Xs(b)[r * ldx + d]), s);
         n_s[d] += s;
       }
     }
-    for (int idx = threadIdx.x; idx < rows * BV; idx += NT) {  // Y rows ← w_τ · Y_τ
+    for (int idx = threadIdx.x; idx < rows * BV; idx += NT) {
       const int r = idx / BV, d = idx % BV;
-      Ys[r * ldy + d] = from_float<T>(w[ts + r] * to_float(Ys[r * ldy + d]));
+      Ys(b)[r * ldy + d] = from_float<T>(w[w0 + r] * to_float(Ys(b)[r * ldy + d]));
     }
     __syncthreads();
     // acc[dk][dv] += Σ_τ X[τ][dk] · Y[τ][dv]:  A = Xᵀ (stored [τ][dk]), B = Y (stored [τ][dv])
-    warp_gemm<Mma, Tile::kFM, Tile::kFN, true, true>(acc, Xs, ldx, row0, Ys, ldy, col0, BT);
+    warp_gemm<Mma, Tile::kFM, Tile::kFN, true, true>(acc, Xs(b), ldx, row0, Ys(b), ldy, col0, BT);
     __syncthreads();
   }
-}
+
+  // Walk chunk c (whose gates are in w) sub-tile by sub-tile. `next_c` is the chunk that
+  // follows in walking order (or −1): its first sub-tile is prefetched during the last one of
+  // this chunk. On entry the first sub-tile of c is in flight in buffer `b`; returns the buffer
+  // where the next chunk's first sub-tile is in flight.
+  template <bool kUpdateN>
+  __device__ __forceinline__ int walk_chunk(float (&acc)[Tile::kFM][Tile::kFN][4], const Params& p, int c,
+                                            int next_c, int b, int row0, int col0) const {
+    const int Lc = chunk_len(p, c);
+    for (int ts = 0; ts < Lc; ts += BT) {
+      const bool more = ts + BT < Lc;
+      if (more) {
+        issue(b ^ 1, i64(c) * p.L + ts + BT, min(BT, Lc - ts - BT));
+      } else if (next_c >= 0) {
+        issue(b ^ 1, i64(next_c) * p.L, min(BT, chunk_len(p, next_c)));
+      }
+      if (more || next_c >= 0) {
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      consume<kUpdateN>(acc, b, ts, min(BT, Lc - ts), row0, col0);
+      b ^= 1;
+    }
+    return b;
+  }
+};
 
 template <int FM, int FN> __device__ __forceinline__ void scale_acc(float (&acc)[FM][FN][4], float s) {
 #pragma unroll

@@ -15,7 +15,7 @@ __device__ __forceinline__ void load_tile_async(T* s, int lds, const T* g, i64 l
   constexpr int E = 16 / int(sizeof(T));
   constexpr int kChunksPerRow = COLS / E;
   static_assert(COLS % E == 0, "tile columns must be whole 16-byte chunks");
-#pragma unroll 4
+#pragma unroll 1
   for (int idx = threadIdx.x; idx < ROWS * kChunksPerRow; idx += NT) {
     const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * E;
     const bool valid = r < rows_valid && c < cols_valid;

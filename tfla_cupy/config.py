@@ -63,7 +63,7 @@ class StateTile:
         return f"tfla::StateTile<{self.bk}, {self.bv}, {self.bt}, {self.wm}, {self.wn}>"
 
     def smem_bytes(self, e: int, L: int) -> int:  # mirrors StateTile::smem_bytes
-        return self.bt * _pad(self.bk, e) * e + self.bt * _pad(self.bv, e) * e + 4 * (3 * L + self.bk)
+        return 2 * e * self.bt * (_pad(self.bk, e) + _pad(self.bv, e)) + 8 * 2 * L + 4 * (L + self.bk)
 
     def check(self):
         if self.bk % (16 * self.wm) or self.bv % (8 * self.wn) or self.bt % 16:
@@ -94,7 +94,7 @@ class ChunkTile:
     def smem_bytes(self, e: int, L: int) -> int:  # mirrors ChunkTile::smem_bytes
         tiles = (self.bm * _pad(self.bx, e) + self.bl * _pad(self.bx, e) + self.bl * _pad(self.bn, e)
                  + self.d_elems(e) + self.bm * _pad(self.bl, e))
-        return e * tiles + 4 * (4 * L + 6 * self.bm + self.wn * self.bm)
+        return e * tiles + 8 * (4 * L + 2 * self.bm) + 4 * (4 * self.bm + self.wn * self.bm)
 
     def check(self):
         if (self.bm % 16 or self.bl % (16 * self.wn) or self.bn % (16 * self.wn) or self.bx % 16
