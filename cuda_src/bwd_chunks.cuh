@@ -39,6 +39,13 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dq_kernel(const Params 
   const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
   const i64 slot = i64(at.bh) * p.NC + at.c;
 
+  const T* dH = ptr<T>(p.dh) + tok * p.DV;
+  const T* V = ptr<T>(p.v) + tok * p.DV;
+  const T* K = ptr<T>(p.k) + tok * p.DK;
+  const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, true, true> ops(sm, dH, V, K, C, p.DV, p.DK, at.n0, at.r0, at.Lc);
+  ops.prologue();
+
   const double b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
   const double m_c = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c]) : 0.0;
   const double A0 = b_r0 + m_c;
@@ -56,13 +63,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dq_kernel(const Params 
   }
   __syncthreads();
 
-  const T* dH = ptr<T>(p.dh) + tok * p.DV;
-  const T* V = ptr<T>(p.v) + tok * p.DV;
-  const T* K = ptr<T>(p.k) + tok * p.DK;
-  const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, true, true, false>(acc, rowsum, sm, dH, V, K, C, p.DV, p.DK, at.n0, at.r0, at.Lc,
-                                              [](int) {});
+  chunk_mainloop<Mma, Tile, true, true, false>(acc, rowsum, ops, [](int) {});
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   const i64 out = (tok + at.r0) * p.DK + at.n0;
@@ -108,15 +110,15 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dv_kernel(const Params 
   const int warp = threadIdx.x >> 5;
   const i64 tok = i64(at.bh) * p.S + at.t0;
   const int rows = min(Tile::kBM, at.Lc - at.r0);
-  anticausal_terms<Gate>(p, sm, at, tok);
-
   const T* K = ptr<T>(p.k) + tok * p.DK;
   const T* Q = ptr<T>(p.q) + tok * p.DK;
   const T* dH = ptr<T>(p.dh) + tok * p.DV;
   const T* dC = ptr<T>(p.dC_states) + (i64(at.bh) * p.NC + at.c) * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, false, false> ops(sm, K, Q, dH, dC, p.DK, p.DV, at.n0, at.r0, at.Lc);
+  ops.prologue();
+  anticausal_terms<Gate>(p, sm, at, tok);
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, false, false, false>(acc, rowsum, sm, K, Q, dH, dC, p.DK, p.DV, at.n0, at.r0, at.Lc,
-                                                [](int) {});
+  chunk_mainloop<Mma, Tile, false, false, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   T* out = ptr<T>(p.dv) + (tok + at.r0 + wrow) * p.DV + at.n0 + wcol;
   store_acc<T>(acc, out, p.DV, rows - wrow, p.DV - at.n0 - wcol);
@@ -132,15 +134,15 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dk_kernel(const Params 
   const int warp = threadIdx.x >> 5;
   const i64 tok = i64(at.bh) * p.S + at.t0;
   const int rows = min(Tile::kBM, at.Lc - at.r0);
-  anticausal_terms<Gate>(p, sm, at, tok);
-
   const T* V = ptr<T>(p.v) + tok * p.DV;
   const T* dH = ptr<T>(p.dh) + tok * p.DV;
   const T* Q = ptr<T>(p.q) + tok * p.DK;
   const T* dC = ptr<T>(p.dC_states) + (i64(at.bh) * p.NC + at.c) * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, false, true> ops(sm, V, dH, Q, dC, p.DV, p.DK, at.n0, at.r0, at.Lc);
+  ops.prologue();
+  anticausal_terms<Gate>(p, sm, at, tok);
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, false, true, false>(acc, rowsum, sm, V, dH, Q, dC, p.DV, p.DK, at.n0, at.r0, at.Lc,
-                                               [](int) {});
+  chunk_mainloop<Mma, Tile, false, true, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   const i64 out = (tok + at.r0) * p.DK + at.n0;
   store_acc<T>(acc, ptr<T>(p.dk) + out + wrow * i64(p.DK) + wcol, p.DK, rows - wrow, p.DK - at.n0 - wcol);

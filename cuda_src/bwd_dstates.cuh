@@ -13,44 +13,52 @@
 namespace tfla {
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 1) bwd_dstates_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dstates_kernel(const Params p) {
   using T = typename Mma::T;
-  constexpr int NT = Tile::kThreads;
+  using Stream = StateStream<Mma, Tile>;
+  constexpr int NT = Tile::kThreads, BT = Tile::kBT;
   const StateCoords<Tile> at(p.DK, p.DV);
-  const int warp = threadIdx.x >> 5;
-  const StateStream<Mma, Tile> st(p, ptr<T>(p.q) + i64(at.bh) * p.S * p.DK + at.k0, p.DK, p.DK - at.k0,
-                                  ptr<T>(p.dh) + i64(at.bh) * p.S * p.DV + at.v0, p.DV, p.DV - at.v0);
+  const Stream st(ptr<T>(p.q) + i64(at.bh) * p.S * p.DK + at.k0, p.DK, p.DK - at.k0,
+                  ptr<T>(p.dh) + i64(at.bh) * p.S * p.DV + at.v0, p.DV, p.DV - at.v0);
   const float* m_states = p.m_states + i64(at.bh) * (p.NC + 1);
+  const float* gate_b = p.gate_b + i64(at.bh) * p.NC * p.L;
+  const float* gate_g = p.gate_g + i64(at.bh) * p.NC;
+  const i64 tok0 = i64(at.bh) * p.S;
+  // gate rows of a sub-tile: b_τ, then M_τ and N_τ (per-step arrays, not 16-byte aligned)
+  auto issue_at = [&](int b, int c, int ts) {
+    const int rows = min(BT, chunk_len(p, c) - ts);
+    const i64 t = i64(c) * p.L + ts;
+    st.issue(b, t, rows, [&](float* G, int n) {
+      load_row_async<BT, NT>(G, gate_b + t, n);
+      if (Gate::kStabilized) load_row_async4<BT, NT>(G + BT, p.M + tok0 + t, n);
+      if (Gate::kNormalize) load_row_async4<BT, NT>(G + 2 * BT, p.N + tok0 + t, n);
+    });
+  };
 
   float acc[Tile::kFM][Tile::kFN][4];
   load_state_acc(acc, p.dC_last, at, p.DK, p.DV);
 
   int buf = 0;
-  st.issue(buf, i64(p.NC - 1) * p.L, min(Tile::kBT, chunk_len(p, p.NC - 1)));
+  issue_at(buf, p.NC - 1, 0);
+  // per-chunk scalars, loaded one chunk ahead
+  float m_n = Gate::kStabilized ? m_states[p.NC] : 0.f;
+  float m_c_next = Gate::kStabilized ? m_states[p.NC - 1] : 0.f, g_next = gate_g[p.NC - 1];
   for (int c = p.NC - 1; c >= 0; --c) {
-    const int Lc = chunk_len(p, c);
     store_state_acc<T>(acc, ptr<T>(p.dC_states), i64(at.bh) * p.NC + c, at, p.DK, p.DV);
-
-    const i64 tok = i64(at.bh) * p.S + i64(c) * p.L;
-    load_log_gates<Gate>(p.i, p.f, tok, 0, p.L, Lc, st.lam, st.iota);
-    __syncthreads();
-    if (warp == 0) warp_scan_inclusive(st.lam, p.L);  // b_τ
-    __syncthreads();
-    const double m_c = Gate::kStabilized ? double(m_states[c]) : 0.0;
-    const double m_n = Gate::kStabilized ? double(m_states[c + 1]) : 0.0;
-    const float gamma = expf(float(st.lam[p.L - 1] + m_c - m_n));
-    for (int u = threadIdx.x; u < p.L; u += NT) {
-      float x = 0.f;
-      if (u < Lc) {
-        const double M = Gate::kStabilized ? double(p.M[tok + u]) : 0.0;
-        x = p.scale * expf(float(st.lam[u] + m_c - M));
-        if constexpr (Gate::kNormalize) x /= p.N[tok + u] + p.eps;
-      }
-      st.w[u] = x;
+    const float m_c = m_c_next, g = g_next;
+    if (c > 0) {
+      m_c_next = Gate::kStabilized ? m_states[c - 1] : 0.f;
+      g_next = gate_g[c - 1];
     }
-    scale_acc(acc, gamma);
-    __syncthreads();
-    buf = st.template walk_chunk<false>(acc, p, c, c - 1, buf, at.row0, at.col0);
+    scale_acc(acc, expf(g + m_c - m_n));  // γ_c
+    // w_τ = s·β̄_τ / (N_τ + ε),  β̄_τ = exp(b_τ + m^(c) − M_τ)
+    auto weight = [&](const float* G, int r) {
+      const float M = Gate::kStabilized ? G[BT + r] : 0.f;
+      const float x = p.scale * expf(G[r] + m_c - M);
+      return Gate::kNormalize ? x / (G[2 * BT + r] + p.eps) : x;
+    };
+    buf = st.template walk_chunk<false>(acc, p, c, c - 1, buf, at.row0, at.col0, issue_at, weight);
+    m_n = m_c;
   }
   if (p.dC0 != nullptr) store_state_acc<float>(acc, p.dC0, at.bh, at, p.DK, p.DV);
 }

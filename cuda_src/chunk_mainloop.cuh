@@ -109,56 +109,79 @@ __device__ __forceinline__ void reduce_rows(float (&part)[2], float* row_part) {
   __syncthreads();
 }
 
-template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX, bool kRowSum, typename OnXBlock>
-__device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2],
-                                               const ChunkSmem<typename Mma::T, Tile>& sm,
-                                               const typename Mma::T* X, const typename Mma::T* Y,
-                                               const typename Mma::T* Z, const typename Mma::T* D, int DX, int DZ,
-                                               int n0, int r0, int Lc, OnXBlock&& on_x_block) {
+// Operands of one chunk CTA and the cp.async requests of its tiles.
+template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX>
+struct ChunkOperands {
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
-  constexpr int BM = Tile::kBM, BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN, NT = Tile::kThreads;
+  static constexpr int BM = Tile::kBM, BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN, NT = Tile::kThreads;
+  const Sm& sm;
+  const T *X, *Y, *Z, *D;
+  int DX, DZ, n0, r0, Lc, rows, nXb, j_lo, j_hi;
+  __device__ ChunkOperands(const Sm& sm_, const T* X_, const T* Y_, const T* Z_, const T* D_, int DX_, int DZ_,
+                           int n0_, int r0_, int Lc_)
+      : sm(sm_), X(X_), Y(Y_), Z(Z_), D(D_), DX(DX_), DZ(DZ_), n0(n0_), r0(r0_), Lc(Lc_) {
+    rows = min(BM, Lc - r0);
+    nXb = cdiv(DX, BX);
+    j_lo = kCausal ? 0 : r0 / BL;
+    j_hi = kCausal ? (r0 + rows - 1) / BL : (Lc - 1) / BL;
+  }
+  __device__ __forceinline__ bool resident() const { return nXb == 1; }  // X stays in shared memory
+  __device__ __forceinline__ void issue_X(int x0) const {
+    load_tile_async<T, BM, BX, NT>(sm.Xs(), Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
+  }
+  __device__ __forceinline__ void issue_Y(int j, int x0) const {
+    load_tile_async<T, BL, BX, NT>(sm.Ys(), Sm::ldx, Y + i64(j * BL) * DX + x0, DX, min(BL, Lc - j * BL), DX - x0);
+  }
+  __device__ __forceinline__ void issue_Z(int j) const {
+    load_tile_async<T, BL, BN, NT>(sm.Zs(), Sm::ldz, Z + i64(j * BL) * DZ + n0, DZ, min(BL, Lc - j * BL), DZ - n0);
+  }
+  __device__ __forceinline__ void issue_XD(int x0) const {
+    issue_X(x0);
+    if constexpr (!kDStoredZX) {  // D[x][z]: a BX × BN block, B operand stored [K][N]
+      load_tile_async<T, BX, BN, NT>(sm.Ds(), Sm::ldz, D + i64(x0) * DZ + n0, DZ, DX - x0, DZ - n0);
+    } else {                      // D[z][x]: a BN × BX block, B operand stored [N][K]
+      load_tile_async<T, BN, BX, NT>(sm.Ds(), Sm::ldx, D + i64(n0) * DX + x0, DX, DZ - n0, DX - x0);
+    }
+    cp_async_commit();
+  }
+  // The first requests, issued before the gate preparation so that they overlap it: groups
+  // {X, D} (first contraction block) and, with X resident, {Y_jlo} and {Z_jlo}.
+  __device__ __forceinline__ void prologue() const {
+    issue_XD(0);
+    if (resident()) {
+      issue_Y(j_lo, 0);
+      cp_async_commit();
+      issue_Z(j_lo);
+      cp_async_commit();
+    }
+  }
+};
+
+// Expects ops.prologue() to have been issued.
+template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX, bool kRowSum, typename OnXBlock>
+__device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2],
+                                               const ChunkOperands<Mma, Tile, kCausal, kDStoredZX>& ops,
+                                               OnXBlock&& on_x_block) {
+  using T = typename Mma::T;
+  using Sm = ChunkSmem<T, Tile>;
+  constexpr int BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN;
   constexpr int FNS = Tile::kFNS, FNO = Tile::kFNO;
+  const Sm& sm = ops.sm;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = warp / Tile::kWN, wn = warp % Tile::kWN;
   const int wrow = wm * 16;                 // warp's first row in the CTA tile
   const int wcol_s = wn * (BL / Tile::kWN);  // warp's first column of the score tile
   const int wcol_o = wn * (BN / Tile::kWN);  // warp's first column of the output tile
-  const int nXb = cdiv(DX, BX);
-  const bool resident = nXb == 1;           // X stays in shared memory for the whole CTA
-  const int rows = min(BM, Lc - r0);
-  const int z_cols = DZ - n0;
-  const int j_lo = kCausal ? 0 : r0 / BL;
-  const int j_hi = kCausal ? (r0 + rows - 1) / BL : (Lc - 1) / BL;
-
-  auto issue_X = [&](int x0) {
-    load_tile_async<T, BM, BX, NT>(sm.Xs(), Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
-  };
-  auto issue_Y = [&](int j, int x0) {
-    load_tile_async<T, BL, BX, NT>(sm.Ys(), Sm::ldx, Y + i64(j * BL) * DX + x0, DX, min(BL, Lc - j * BL), DX - x0);
-  };
-  auto issue_Z = [&](int j) {
-    load_tile_async<T, BL, BN, NT>(sm.Zs(), Sm::ldz, Z + i64(j * BL) * DZ + n0, DZ, min(BL, Lc - j * BL), z_cols);
-  };
+  const bool resident = ops.resident();
+  const int r0 = ops.r0, Lc = ops.Lc, j_lo = ops.j_lo, j_hi = ops.j_hi;
 
   // ---- inter-chunk term: acc = X_rows · D, then scaled per row --------------------------------
-  // With X resident, the first Y and Z tiles are requested up front (groups: XD, Y, Z).
   zero(acc);
-  for (int xb = 0; xb < nXb; ++xb) {
-    const int x0 = xb * BX;
-    issue_X(x0);
-    if constexpr (!kDStoredZX) {  // D[x][z]: a BX × BN block, B operand stored [K][N]
-      load_tile_async<T, BX, BN, NT>(sm.Ds(), Sm::ldz, D + i64(x0) * DZ + n0, DZ, DX - x0, z_cols);
-    } else {                      // D[z][x]: a BN × BX block, B operand stored [N][K]
-      load_tile_async<T, BN, BX, NT>(sm.Ds(), Sm::ldx, D + i64(n0) * DX + x0, DX, z_cols, DX - x0);
-    }
-    cp_async_commit();
+  for (int xb = 0; xb < ops.nXb; ++xb) {
+    if (xb > 0) ops.issue_XD(xb * BX);
     if (resident) {
-      issue_Y(j_lo, 0);
-      cp_async_commit();
-      issue_Z(j_lo);
-      cp_async_commit();
-      cp_async_wait<2>();
+      cp_async_wait<2>();  // {X, D} landed; Y_jlo, Z_jlo may be in flight
     } else {
       cp_async_wait<0>();
     }
@@ -166,7 +189,7 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
     // acc[r][z] += Σ_x X[r][x] · D[x][z]
     warp_gemm<Mma, 1, FNO, false, !kDStoredZX>(acc, sm.Xs(), Sm::ldx, wrow, sm.Ds(),
                                                kDStoredZX ? Sm::ldx : Sm::ldz, wcol_o, BX);
-    on_x_block(x0);
+    on_x_block(xb * BX);
     __syncthreads();
   }
   for_each_acc<1, FNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] *= sm.row_scale()[wrow + r]; });
@@ -184,16 +207,16 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
       warp_gemm<Mma, 1, FNS, false, false>(s, sm.Xs(), Sm::ldx, wrow, sm.Ys(), Sm::ldx, wcol_s, BX);
       __syncthreads();
       if (j < j_hi) {  // Y_{j+1} streams in during the weights and W·Z_j
-        issue_Y(j + 1, 0);
+        ops.issue_Y(j + 1, 0);
         cp_async_commit();
       }
     } else {         // contraction streamed in BX blocks; Z_j overlaps the first block
-      for (int xb = 0; xb < nXb; ++xb) {
-        issue_X(xb * BX);
-        issue_Y(j, xb * BX);
+      for (int xb = 0; xb < ops.nXb; ++xb) {
+        ops.issue_X(xb * BX);
+        ops.issue_Y(j, xb * BX);
         cp_async_commit();
         if (xb == 0) {
-          issue_Z(j);
+          ops.issue_Z(j);
           cp_async_commit();
           cp_async_wait<1>();
         } else {
@@ -230,7 +253,7 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
     warp_gemm<Mma, 1, FNO, false, true>(acc, sm.Ws(), Sm::ldw, wrow, sm.Zs(), Sm::ldz, wcol_o, BL);
     __syncthreads();
     if (resident && j < j_hi) {
-      issue_Z(j + 1);
+      ops.issue_Z(j + 1);
       cp_async_commit();
     }
   }

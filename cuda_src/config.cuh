@@ -15,13 +15,16 @@ struct StateTile {
   static constexpr int kThreads = 32 * WM * WN;
   static constexpr int kFM = BK / (16 * WM);  // 16-row fragments per warp
   static constexpr int kFN = BV / (8 * WN);   // 8-column fragments per warp
+  static constexpr int kGateRows = 3;         // per-step gate scalars per sub-tile (a; or b, M, N)
   static_assert(BK % (16 * WM) == 0 && BV % (8 * WN) == 0, "state tile must split evenly over warps");
   static_assert(BT % 16 == 0, "time sub-tile is a multiple of the mma k");
+  static_assert(kThreads % (BK / 2) == 0, "n update maps threads onto column pairs");
 
-  // Two buffers of X [kBT][kBK] and Y [kBT][kBV] (element size E, rows padded by 16 bytes);
-  // gate scratch: 2 double vectors of length L, a float vector of length L, kBK floats of n.
+  // Two buffers of X [kBT][kBK] and Y [kBT][kBV] (element size E, rows padded by 16 bytes) and of
+  // the gate rows; floats: the weights (kBT), n (kBK) and the n partials. Independent of L.
   __host__ __device__ static constexpr int smem_bytes(int E, int L) {
-    return 2 * E * BT * ((BK + 16 / E) + (BV + 16 / E)) + 8 * 2 * L + 4 * (L + BK);
+    return 2 * E * BT * ((BK + 16 / E) + (BV + 16 / E)) +
+           4 * (2 * kGateRows * BT + BT + BK + (kThreads / (BK / 2)) * BK) + 0 * L;
   }
 };
 

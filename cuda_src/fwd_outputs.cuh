@@ -25,6 +25,13 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
   const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
   const i64 slot = i64(at.bh) * p.NC + at.c;
 
+  const T* Q = ptr<T>(p.q) + tok * p.DK;
+  const T* K = ptr<T>(p.k) + tok * p.DK;
+  const T* V = ptr<T>(p.v) + tok * p.DV;
+  const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, true, false> ops(sm, Q, K, V, C, p.DK, p.DV, at.n0, at.r0, at.Lc);
+  ops.prologue();
+
   const double b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
   const double m_c = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c]) : 0.0;
   const double A0 = b_r0 + m_c;  // log weight of the incoming state at row r0
@@ -35,6 +42,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
       for (int u = lane; u <= at.r0; u += 32) mx = fmax(mx, sm.lam()[u]);
       mx = warp_max(mx);
       if (lane == 0) kappa_max = mx;
+      // scan[u] = max_{r0 < u' <= u} κ_u' for the rows of this tile (scan is free again)
+      warp_scan_max(sm.scan() + at.r0 + 1, sm.lam() + at.r0 + 1, Tend - at.r0 - 1);
     }
     __syncthreads();
   }
@@ -44,8 +53,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
       const double pr = sm.row_d()[r];
       double M = 0.0;
       if constexpr (Gate::kStabilized) {
-        double pm = kappa_max;  // prefix max of κ up to τ
-        for (int u = at.r0 + 1; u <= at.r0 + r; ++u) pm = fmax(pm, sm.lam()[u]);
+        const double pm = r == 0 ? kappa_max : fmax(kappa_max, sm.scan()[at.r0 + r]);  // max_{u<=τ} κ_u
         // M is stored in fp32 for the backward: use the rounded value here too
         M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), pr + pm))));
       }
@@ -61,10 +69,6 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
   }
   __syncthreads();
 
-  const T* Q = ptr<T>(p.q) + tok * p.DK;
-  const T* K = ptr<T>(p.k) + tok * p.DK;
-  const T* V = ptr<T>(p.v) + tok * p.DV;
-  const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
   const float* n = Gate::kNormalize ? p.n_states + slot * p.DK : nullptr;
 
   // q_τ · n^(c), accumulated per X block; kTPR consecutive lanes share a row.
@@ -81,8 +85,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
     }
   };
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, true, false, Gate::kNormalize>(acc, rowsum, sm, Q, K, V, C, p.DK, p.DV, at.n0, at.r0,
-                                                           at.Lc, q_dot_n);
+  chunk_mainloop<Mma, Tile, true, false, Gate::kNormalize>(acc, rowsum, ops, q_dot_n);
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   if constexpr (Gate::kNormalize) {

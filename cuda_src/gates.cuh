@@ -80,6 +80,28 @@ __device__ __forceinline__ void warp_scan_suffix(double* x, int n) {
   __syncwarp();
 }
 
+// dst[j] = max_{j' <= j} src[j'] for j in [0, n), by ONE warp.
+__device__ __forceinline__ void warp_scan_max(double* dst, const double* src, int n) {
+  const int lane = threadIdx.x & 31;
+  const int per = cdiv(n, 32);
+  const int lo = min(lane * per, n), hi = min(lo + per, n);
+  double run = -1e300;
+  for (int j = lo; j < hi; ++j) run = fmax(run, src[j]);
+  double incl = run;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double y = shfl_up(incl, o);
+    if (lane >= o) incl = fmax(incl, y);
+  }
+  double acc = shfl_up(incl, 1);
+  if (lane == 0) acc = -1e300;
+  for (int j = lo; j < hi; ++j) {
+    acc = fmax(acc, src[j]);
+    dst[j] = acc;
+  }
+  __syncwarp();
+}
+
 // A double as an unevaluated sum hi + lo of two floats. Exponents of the gate matrix are formed
 // as (row.hi + col.hi) + (row.lo + col.lo): the large, opposite parts cancel in the first sum
 // with an error relative to the (small) result, so fp32 keeps the accuracy of the double terms.

@@ -33,6 +33,12 @@ struct Params {
   void* C_states;
   float* n_states;
   float* m_states;
+  // ---- per-chunk log-gate vectors (stage 0), fp32, chunk-aligned: gate_a, gate_b (BH, NC, L):
+  //      a_τ − max_τ a_τ (−inf past the end) and the in-chunk cumsum b_τ; gate_g, gate_amax (BH, NC)
+  float* gate_a;
+  float* gate_b;
+  float* gate_g;
+  float* gate_amax;
   // ---- backward: dh (BH, S, DV); dC_last (BH, DK, DV) fp32 or null;
   //      dC_states (BH, NC, DK, DV) compute dtype, slot c holds dC^(c+1)
   const void* dh;

@@ -6,7 +6,8 @@
 // backward (§6.2):              X = Q, Y = dH, w = s·β̄ / (N + ε).
 // Chunks are consumed kBT steps at a time from a double-buffered stream: the cp.async loads of
 // the next sub-tile (of this chunk or of the next chunk in walking order) are in flight while
-// the current one is multiplied and while the next chunk's gates are computed.
+// the current one is multiplied. The gate vectors come precomputed from stage 0
+// (chunk_gates.cuh), so the sequential path has one exp per step and no scans.
 // Grid: one CTA per (DK block, DV block, batch·head), flattened into blockIdx.x.
 #pragma once
 #include "config.cuh"
@@ -38,80 +39,96 @@ struct StateCoords {
 
 __device__ __forceinline__ int chunk_len(const Params& p, int c) { return min(p.L, p.S - c * p.L); }
 
-// Shared memory of a state pass (see StateTile::smem_bytes) and its sub-tile stream.
+// Shared memory of a state pass (see StateTile::smem_bytes) and its sub-tile stream. Each
+// sub-tile brings kBT steps of X, Y and up to kGateRows per-step gate scalars (G rows); after
+// it lands, the per-step weights w are computed from G, and the product scales A = Xᵀ by w
+// along k inside the MMA fragments (no pass over shared memory).
 template <typename Mma, typename Tile>
 struct StateStream {
   using T = typename Mma::T;
-  static constexpr int BT = Tile::kBT, ldx = smem_stride<T>(Tile::kBK), ldy = smem_stride<T>(Tile::kBV);
-  static constexpr int kXElems = BT * ldx, kYElems = BT * ldy;
-  T* Xs0;        // two X buffers, kXElems apart, and two Y buffers
+  static constexpr int BT = Tile::kBT, BK = Tile::kBK, NT = Tile::kThreads;
+  static constexpr int ldx = smem_stride<T>(BK), ldy = smem_stride<T>(Tile::kBV);
+  static constexpr int kXElems = BT * ldx, kYElems = BT * ldy, kGateRows = Tile::kGateRows;
+  static constexpr int kPairs = BK / 2, kGroups = NT / kPairs;  // n update: column pairs × row groups
+  static_assert(NT % kPairs == 0, "n update maps threads onto column pairs");
+  T* Xs0;      // two X buffers, kXElems apart, and two Y buffers
   T* Ys0;
-  double* lam;   // per-chunk gate scratch (length L)
-  double* iota;
-  float* w;      // per-step weight w_τ of the current chunk
-  float* n_s;    // n slice (forward only)
-  const T* X;    // this CTA's column block of X (row stride DX) and Y
+  float* G0;   // two gate-row buffers of kGateRows × BT floats
+  float* w;    // weights of the landed sub-tile
+  float* n_s;  // n slice (forward only)
+  float* n_part;
+  const T* X;  // this CTA's column block of X (row stride DX) and Y
   const T* Y;
   int DX, DY, x_cols, y_cols;
 
-  __device__ StateStream(const Params& p, const T* X_, int DX_, int x_cols_, const T* Y_, int DY_, int y_cols_)
+  __device__ StateStream(const T* X_, int DX_, int x_cols_, const T* Y_, int DY_, int y_cols_)
       : X(X_), Y(Y_), DX(DX_), DY(DY_), x_cols(x_cols_), y_cols(y_cols_) {
     SmemCarver sm{dynamic_smem()};
     Xs0 = sm.take<T>(2 * kXElems);
     Ys0 = sm.take<T>(2 * kYElems);
-    lam = sm.take<double>(p.L);
-    iota = sm.take<double>(p.L);
-    w = sm.take<float>(p.L);
-    n_s = sm.take<float>(Tile::kBK);
+    G0 = sm.take<float>(2 * kGateRows * BT);
+    w = sm.take<float>(BT);
+    n_s = sm.take<float>(BK);
+    n_part = sm.take<float>(kGroups * BK);
   }
-
   __device__ __forceinline__ T* Xs(int b) const { return Xs0 + b * kXElems; }
   __device__ __forceinline__ T* Ys(int b) const { return Ys0 + b * kYElems; }
+  __device__ __forceinline__ float* G(int b) const { return G0 + b * kGateRows * BT; }
 
-  // Start the copy of steps [t, t + rows) into buffer b.
-  __device__ __forceinline__ void issue(int b, i64 t, int rows) const {
-    load_tile_async<T, BT, Tile::kBK, Tile::kThreads>(Xs(b), ldx, X + t * DX, DX, rows, x_cols);
-    load_tile_async<T, BT, Tile::kBV, Tile::kThreads>(Ys(b), ldy, Y + t * DY, DY, rows, y_cols);
+  // Start the copy of steps [t, t + rows) of X and Y into buffer b; `gates(G(b), rows)` issues
+  // the gate rows. One commit group.
+  template <typename IssueGates>
+  __device__ __forceinline__ void issue(int b, i64 t, int rows, IssueGates&& gates) const {
+    load_tile_async<T, BT, BK, NT>(Xs(b), ldx, X + t * DX, DX, rows, x_cols);
+    load_tile_async<T, BT, Tile::kBV, NT>(Ys(b), ldy, Y + t * DY, DY, rows, y_cols);
+    gates(G(b), rows);
     cp_async_commit();
   }
 
-  // acc += X_subᵀ (w ⊙ Y_sub) for the landed buffer b holding `rows` steps whose weights are
-  // w[w0 ..]; with kUpdateN also n_s += Σ_τ w_τ X_τ (fp32, unrounded X). Ends synchronised.
-  template <bool kUpdateN>
-  __device__ __forceinline__ void consume(float (&acc)[Tile::kFM][Tile::kFN][4], int b, int w0, int rows,
-                                          int row0, int col0) const {
-    constexpr int NT = Tile::kThreads, BV = Tile::kBV;
+  // acc += X_subᵀ (w ⊙ Y_sub) for the landed buffer b; with kUpdateN also n_s += Σ_τ w_τ X_τ
+  // (fp32, unrounded X, fixed summation order). Ends synchronised.
+  template <bool kUpdateN, typename Weight>
+  __device__ __forceinline__ void consume(float (&acc)[Tile::kFM][Tile::kFN][4], int b, int rows, int row0,
+                                          int col0, Weight&& weight) const {
+    for (int r = threadIdx.x; r < BT; r += NT) w[r] = r < rows ? weight(G(b), r) : 0.f;
+    __syncthreads();
     if constexpr (kUpdateN) {
-      for (int d = threadIdx.x; d < Tile::kBK; d += NT) {
+      const int pair = threadIdx.x % kPairs, grp = threadIdx.x / kPairs;
+      float s0 = 0.f, s1 = 0.f;
+      for (int r = grp; r < rows; r += kGroups) {
+        s0 = fmaf(w[r], to_float(Xs(b)[r * ldx + 2 * pair]), s0);
+        s1 = fmaf(w[r], to_float(Xs(b)[r * ldx + 2 * pair + 1]), s1);
+      }
+      n_part[grp * BK + 2 * pair] = s0;
+      n_part[grp * BK + 2 * pair + 1] = s1;
+    }
+    // acc[dk][dv] += Σ_τ w_τ X[τ][dk] · Y[τ][dv]:  A = Xᵀ (stored [τ][dk]) scaled along k, B = Y
+    warp_gemm<Mma, Tile::kFM, Tile::kFN, true, true>(acc, Xs(b), ldx, row0, Ys(b), ldy, col0, BT, w);
+    __syncthreads();
+    if constexpr (kUpdateN) {
+      for (int d = threadIdx.x; d < BK; d += NT) {
         float s = 0.f;
-        for (int r = 0; r < rows; ++r) s = fmaf(w[w0 + r], to_float(Xs(b)[r * ldx + d]), s);
+        for (int j = 0; j < kGroups; ++j) s += n_part[j * BK + d];
         n_s[d] += s;
       }
     }
-    for (int idx = threadIdx.x; idx < rows * BV; idx += NT) {
-      const int r = idx / BV, d = idx % BV;
-      Ys(b)[r * ldy + d] = from_float<T>(w[w0 + r] * to_float(Ys(b)[r * ldy + d]));
-    }
-    __syncthreads();
-    // acc[dk][dv] += Σ_τ X[τ][dk] · Y[τ][dv]:  A = Xᵀ (stored [τ][dk]), B = Y (stored [τ][dv])
-    warp_gemm<Mma, Tile::kFM, Tile::kFN, true, true>(acc, Xs(b), ldx, row0, Ys(b), ldy, col0, BT);
-    __syncthreads();
   }
 
-  // Walk chunk c (whose gates are in w) sub-tile by sub-tile. `next_c` is the chunk that
-  // follows in walking order (or −1): its first sub-tile is prefetched during the last one of
-  // this chunk. On entry the first sub-tile of c is in flight in buffer `b`; returns the buffer
-  // where the next chunk's first sub-tile is in flight.
-  template <bool kUpdateN>
+  // Walk chunk c sub-tile by sub-tile. On entry its first sub-tile is in flight in buffer b;
+  // `issue_next(b, c', ts, rows)` requests a sub-tile; next_c is the chunk that follows in
+  // walking order (−1: none), whose first sub-tile is prefetched during this chunk's last one.
+  // Returns the buffer where that prefetch lands.
+  template <bool kUpdateN, typename IssueAt, typename Weight>
   __device__ __forceinline__ int walk_chunk(float (&acc)[Tile::kFM][Tile::kFN][4], const Params& p, int c,
-                                            int next_c, int b, int row0, int col0) const {
+                                            int next_c, int b, int row0, int col0, IssueAt&& issue_at,
+                                            Weight&& weight) const {
     const int Lc = chunk_len(p, c);
     for (int ts = 0; ts < Lc; ts += BT) {
       const bool more = ts + BT < Lc;
       if (more) {
-        issue(b ^ 1, i64(c) * p.L + ts + BT, min(BT, Lc - ts - BT));
+        issue_at(b ^ 1, c, ts + BT);
       } else if (next_c >= 0) {
-        issue(b ^ 1, i64(next_c) * p.L, min(BT, chunk_len(p, next_c)));
+        issue_at(b ^ 1, next_c, 0);
       }
       if (more || next_c >= 0) {
         cp_async_wait<1>();
@@ -119,12 +136,25 @@ struct StateStream {
         cp_async_wait<0>();
       }
       __syncthreads();
-      consume<kUpdateN>(acc, b, ts, min(BT, Lc - ts), row0, col0);
+      consume<kUpdateN>(acc, b, min(BT, Lc - ts), row0, col0, weight);
       b ^= 1;
     }
     return b;
   }
 };
+
+// cp.async of `rows` consecutive fp32 scalars (16-byte aligned source, zero-filled past `rows`
+// in whole 16-byte chunks; every chunk started lies inside the source chunk of length L).
+template <int BT, int NT>
+__device__ __forceinline__ void load_row_async(float* dst, const float* src, int rows) {
+  load_tile_async<float, 1, BT, NT>(dst, BT, src, 0, 1, ((rows + 3) / 4) * 4);
+}
+
+// 4-byte cp.async of `rows` fp32 scalars from an unaligned source; zero past `rows`.
+template <int BT, int NT>
+__device__ __forceinline__ void load_row_async4(float* dst, const float* src, int rows) {
+  for (int r = threadIdx.x; r < BT; r += NT) cp_async4(dst + r, r < rows ? src + r : src, r < rows);
+}
 
 template <int FM, int FN> __device__ __forceinline__ void scale_acc(float (&acc)[FM][FN][4], float s) {
 #pragma unroll

@@ -1,11 +1,13 @@
 // tfla_cupy — the single translation unit: every kernel family, instantiated by name through
 // NVRTC name expressions (see tfla_cupy/_loader.py). Stages:
+//   chunk_gates_kernel   per-chunk log-gate vectors (stage 0)     (chunk_gates.cuh)
 //   fwd_states_kernel    forward chunk-boundary states            (fwd_states.cuh)
 //   fwd_h_kernel         forward outputs h, N, M                  (fwd_outputs.cuh)
 //   bwd_dstates_kernel   backward boundary-state gradients dC     (bwd_dstates.cuh)
 //   bwd_dq/dk/dv_kernel  backward token gradients                 (bwd_chunks.cuh)
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
 //   step_kernel          one-token recurrence for inference       (step.cuh)
+#include "chunk_gates.cuh"
 #include "fwd_states.cuh"
 #include "fwd_outputs.cuh"
 #include "bwd_dstates.cuh"

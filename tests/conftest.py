@@ -114,6 +114,12 @@ def zero_state(shape):
     return np.zeros((B, NH, shape.DK, shape.DV)), np.zeros((B, NH, shape.DK)), np.zeros((B, NH))
 
 
+def ref_opts(shape, gate, normalize, *, eps=EPS, scale=None):
+    """Options of the reference functions; the scale defaults to 1/sqrt(DK) like the API."""
+    return dict(gate=gate, normalize=normalize, eps=eps,
+                scale=shape.DK ** -0.5 if scale is None else scale)
+
+
 def state_kwargs(state, names=("C0", "n0", "m0")):
     """A (C, n, m) triple as the keyword arguments of the reference functions."""
     return dict(zip(names, state))

@@ -11,17 +11,12 @@ import tfla_cupy
 from tfla_cupy import MLSTMContext, MLSTMGrads, MLSTMState, _arrays
 from tfla_cupy.reference import chunkwise, recurrent
 
-from conftest import (EPS, GATE_PARAMS, TOL_EXACT, TOL_SAME, Shape, random_inputs, random_state,
-                      rel_err, state_kwargs, zero_state)
+from conftest import (GATE_PARAMS, TOL_EXACT, TOL_SAME, Shape, random_inputs, random_state,
+                      ref_opts, rel_err, state_kwargs, zero_state)
 
 SHAPE = Shape(2, 2, 37, 16, 24)
 STATE_PARAMS = [pytest.param(False, id="nostate"), pytest.param(True, id="state")]
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _ref_opts(shape, gate, normalize, *, eps=EPS, scale=None):
-    return dict(gate=gate, normalize=normalize, eps=eps,
-                scale=shape.DK ** -0.5 if scale is None else scale)
 
 
 def _as_state(state):
@@ -65,7 +60,7 @@ def test_mlstm_matches_step_reference(rng, gate, normalize, with_state, chunk_si
     h, last = tfla_cupy.mlstm(**x, gate=gate, normalize=normalize, initial_state=_as_state(state),
                               return_state=True, chunk_size=chunk_size)
     h_ref, C, n, m = recurrent.fwd_recurrent(**x, **state_kwargs(state or zero_state(SHAPE)),
-                                             **_ref_opts(SHAPE, gate, normalize))
+                                             **ref_opts(SHAPE, gate, normalize))
     assert h.dtype == np.float64
     assert rel_err(h, h_ref) <= TOL_EXACT
     _check_state_fields(last, gate, normalize, SHAPE)
@@ -77,7 +72,7 @@ def test_eps_and_scale_are_used(rng, gate, normalize):
     x = random_inputs(rng, SHAPE)
     h = tfla_cupy.mlstm(**x, gate=gate, normalize=normalize, eps=1e-2, scale=0.7)
     h_ref, *_ = recurrent.fwd_recurrent(**x, **state_kwargs(zero_state(SHAPE)),
-                                        **_ref_opts(SHAPE, gate, normalize, eps=1e-2, scale=0.7))
+                                        **ref_opts(SHAPE, gate, normalize, eps=1e-2, scale=0.7))
     assert rel_err(h, h_ref) <= TOL_EXACT
 
 
@@ -91,7 +86,7 @@ def _bwd_case(rng, gate, with_state, with_dC_last):
 
 def _ref_grads(x, state, dh, dC_last, gate, normalize, L):
     return chunkwise.bwd(**x, **state_kwargs(state or zero_state(SHAPE)), dh=dh, dC_last=dC_last, L=L,
-                         **_ref_opts(SHAPE, gate, normalize))
+                         **ref_opts(SHAPE, gate, normalize))
 
 
 def _check_grads(grads, ref, gate, normalize, with_state):
@@ -124,7 +119,7 @@ def test_mlstm_fwd_bwd_match_reference(rng, gate, normalize, with_state, with_dC
     h, last, ctx = tfla_cupy.mlstm_fwd(**x, gate=gate, normalize=normalize, chunk_size=16,
                                        initial_state=_as_state(state))
     h_ref, *_ = chunkwise.fwd(**x, **state_kwargs(state or zero_state(SHAPE)), L=16,
-                              **_ref_opts(SHAPE, gate, normalize))
+                              **ref_opts(SHAPE, gate, normalize))
     assert rel_err(h, h_ref) <= TOL_SAME
     assert isinstance(ctx, MLSTMContext)
     d_state = None if dC_last is None else MLSTMState(dC_last)
@@ -139,7 +134,7 @@ def test_mlstm_vjp_matches_reference(rng, gate, normalize):
     x, state, dh, dC_last = _bwd_case(rng, gate, True, True)
     (h, last), vjp_fn = tfla_cupy.mlstm_vjp(**x, gate=gate, normalize=normalize, return_state=True,
                                             initial_state=_as_state(state), chunk_size=32)
-    h_ref, C, n, m = recurrent.fwd_recurrent(**x, **state_kwargs(state), **_ref_opts(SHAPE, gate, normalize))
+    h_ref, C, n, m = recurrent.fwd_recurrent(**x, **state_kwargs(state), **ref_opts(SHAPE, gate, normalize))
     assert rel_err(h, h_ref) <= TOL_EXACT
     _check_state_values(last, C, n, m)
     grads = vjp_fn(dh, (dC_last, None, None))
@@ -157,7 +152,7 @@ def test_mlstm_step_matches_reference(rng, gate, normalize, with_state):
     state = random_state(rng, shape, gate) if with_state else None
     h, new = tfla_cupy.mlstm_step(**x, state=_as_state(state), gate=gate, normalize=normalize)
     h_ref, C, n, m = recurrent.step(**x, **state_kwargs(state or zero_state(shape), "Cnm"),
-                                **_ref_opts(shape, gate, normalize))
+                                **ref_opts(shape, gate, normalize))
     assert h.dtype == np.float64 and h.shape == (shape.B, shape.NH, shape.DV)
     assert rel_err(h, h_ref) <= TOL_SAME
     _check_state_fields(new, gate, normalize, shape)
@@ -181,6 +176,23 @@ def test_step_by_step_equals_mlstm(rng, gate, normalize, with_state):
     assert rel_err(np.stack(hs, axis=2), h_seq) <= TOL_EXACT
     _check_state_values(state, last.C, last.n, last.m)
     assert (state.n is None) == (last.n is None) and (state.m is None) == (last.m is None)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["sig", "sig-nonorm"])
+def test_sig_ignores_initial_m(rng, normalize):
+    """gate="sig" has no stabilizer: an m in the initial state is accepted and ignored (§7)."""
+    x = random_inputs(rng, SHAPE)
+    C0, n0, zeros = random_state(rng, SHAPE, "sig")
+    m0 = rng.standard_normal((SHAPE.B, SHAPE.NH))
+    h, last = tfla_cupy.mlstm(**x, gate="sig", normalize=normalize,
+                              initial_state=MLSTMState(C0, n0, m0), return_state=True)
+    h_ref, C, n, m = recurrent.fwd_recurrent(**x, C0=C0, n0=n0, m0=zeros,
+                                             **ref_opts(SHAPE, "sig", normalize))
+    assert rel_err(h, h_ref) <= TOL_EXACT
+    _check_state_values(last, C, n, m)
+    x0 = {name: a[:, :, 0] for name, a in x.items()}
+    h0, _ = tfla_cupy.mlstm_step(**x0, state=MLSTMState(C0, n0, m0), gate="sig", normalize=normalize)
+    assert rel_err(h0, h_ref[:, :, 0]) <= TOL_EXACT
 
 
 def test_state_as_tuple_or_list(rng):
@@ -246,16 +258,17 @@ def test_output_dtypes_follow_inputs(rng, qkv_dtype, gate_dtype, gate, normalize
 
     h, last, ctx = tfla_cupy.mlstm_fwd(**x, gate=gate, normalize=normalize, initial_state=state_f32)
     grads = tfla_cupy.mlstm_bwd(ctx, dh)
-    h_ref, C, n, m = recurrent.fwd_recurrent(**x64, **state_kwargs(state64), **_ref_opts(SHAPE, gate, normalize))
+    opts = ref_opts(SHAPE, gate, normalize)
+    h_ref, C, n, m = recurrent.fwd_recurrent(**x64, **state_kwargs(state64), **opts)
     ref = chunkwise.bwd(**x64, **state_kwargs(state64), dh=dh.astype(np.float64), dC_last=None,
-                        L=ctx.problem.chunk_size,
-                        **_ref_opts(SHAPE, gate, normalize))
+                        L=ctx.problem.chunk_size, **opts)
 
     assert h.dtype == qkv_dtype
     assert rel_err(h, h_ref) <= _unit_roundoff(qkv_dtype)
     _check_state_fields(last, gate, normalize, SHAPE)
     _check_state_values(last, C, n, m)
-    for name, g, r, dt in zip(("dq", "dk", "dv", "di", "df"), grads, ref, (qkv_dtype,) * 3 + (gate_dtype,) * 2):
+    grad_dtypes = (qkv_dtype,) * 3 + (gate_dtype,) * 2
+    for name, g, r, dt in zip(("dq", "dk", "dv", "di", "df"), grads, ref, grad_dtypes):
         assert g.dtype == dt, name
         assert rel_err(g, r) <= _unit_roundoff(dt), name
     assert grads.d_initial_state.C.dtype == np.float64
@@ -269,7 +282,7 @@ def test_step_output_dtype(rng, dtype):
     h, new = tfla_cupy.mlstm_step(**x)
     x64 = {name: a.astype(np.float64) for name, a in x.items()}
     h_ref, C, n, m = recurrent.step(**x64, **state_kwargs(zero_state(shape), "Cnm"),
-                                    **_ref_opts(shape, "exp", True))
+                                    **ref_opts(shape, "exp", True))
     assert h.dtype == dtype
     assert rel_err(h, h_ref) <= _unit_roundoff(dtype)
     _check_state_fields(new, "exp", True, shape)
@@ -313,9 +326,9 @@ def test_nonfinite_inputs_propagate_per_head(rng, gate, normalize, name, value):
 B, NH, S, DK, DV = 2, 3, 5, 8, 4   # all different, so a wrong size is recognizable
 
 
-def _arrays_ok(dtype=np.float64):
-    z = lambda *shape: np.zeros(shape, dtype=dtype)   # noqa: E731
-    return dict(q=z(B, NH, S, DK), k=z(B, NH, S, DK), v=z(B, NH, S, DV), i=z(B, NH, S), f=z(B, NH, S))
+def _arrays_ok():
+    shapes = dict(q=(B, NH, S, DK), k=(B, NH, S, DK), v=(B, NH, S, DV), i=(B, NH, S), f=(B, NH, S))
+    return {name: np.zeros(shape) for name, shape in shapes.items()}
 
 
 def _state_ok():
@@ -399,7 +412,8 @@ SEQUENCE_ERRORS = [
     ("exp-nonorm", {}, dict(gate="exp", normalize=False), ValueError,
      r"^normalize: normalize=False is only defined for gate='sig' .*got gate='exp', normalize=False$"),
     ("normalize-str", {}, dict(normalize="yes"), TypeError, r"^normalize: expected a bool, got 'yes'$"),
-    ("scale-zero", {}, dict(scale=0.0), ValueError, r"^scale: expected None or a finite number > 0, got 0\.0$"),
+    ("scale-zero", {}, dict(scale=0.0), ValueError,
+     r"^scale: expected None or a finite number > 0, got 0\.0$"),
     ("scale-negative", {}, dict(scale=-0.5), ValueError,
      r"^scale: expected None or a finite number > 0, got -0\.5$"),
     ("scale-str", {}, dict(scale="0.5"), TypeError,
@@ -420,7 +434,7 @@ SEQUENCE_ERRORS = [
     ("state-n-missing-normalize", {}, dict(gate="sig", initial_state=MLSTMState(np.zeros((B, NH, DK, DV)))),
      ValueError, r"^initial_state\.n: required when normalize=True, got None$"),
     ("state-C-int", {}, dict(initial_state=_state_ok()._replace(C=np.zeros((B, NH, DK, DV), dtype=np.int64))),
-     TypeError, r"^initial_state\.C: expected a floating dtype, got int64$"),
+     TypeError, r"^initial_state\.C: expected a floating dtype \(float16, bfloat16, float32 or float64\), got int64$"),
     ("state-C-list", {}, dict(initial_state=_state_ok()._replace(C=[[0.0]])), TypeError,
      r"^initial_state\.C: expected a NumPy array, a CuPy array or a DLPack producer, got builtins\.list$"),
     ("state-array", {}, dict(initial_state=np.zeros((B, NH, DK, DV))), TypeError,
@@ -440,22 +454,25 @@ def test_sequence_validation_errors(entry, arrays, opts, exc, match):
         getattr(tfla_cupy, entry)(**x, **opts)
 
 
+@pytest.mark.parametrize("option", ["eps", "scale"])
+def test_huge_int_option_message_names_argument(option):
+    with pytest.raises(ValueError, match=rf"^{option}: expected "):
+        _fwd(**{option: 10 ** 400})
+
+
 def test_keep_states_must_be_bool():
     with pytest.raises(TypeError, match=r"^keep_states: expected a bool, got 'yes'$"):
         _fwd(keep_states="yes")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_validate.state_arg (line 151) reports only the type name: a (C, n) pair gives "
-    "'initial_state: expected an MLSTMState(C, n, m) or a (C, n, m) tuple, got tuple', which "
-    "does not say what was wrong (the length 2)."))
 def test_state_of_wrong_length_message_says_length():
     with pytest.raises(TypeError, match=r"^initial_state: .*length 2"):
         _fwd(initial_state=tuple(_state_ok())[:2])
 
 
 def test_state_of_wrong_length_is_rejected():
-    with pytest.raises(TypeError, match=r"^initial_state: expected an MLSTMState\(C, n, m\) or a \(C, n, m\) tuple"):
+    match = r"^initial_state: expected an MLSTMState\(C, n, m\) or a \(C, n, m\) tuple"
+    with pytest.raises(TypeError, match=match):
         _fwd(initial_state=tuple(_state_ok())[:2])
 
 
@@ -475,20 +492,22 @@ BACKWARD_ERRORS = [
     ("dh-rank", lambda: tfla_cupy.mlstm_bwd(_ctx(), np.zeros((B, NH, S))), ValueError,
      r"^dh: expected shape \(2, 3, 5, 4\) \(B, NH, S, DV\) of h, got \(2, 3, 5\)$"),
     ("dh-int", lambda: tfla_cupy.mlstm_bwd(_ctx(), np.zeros((B, NH, S, DV), dtype=np.int32)), TypeError,
-     r"^dh: expected a floating dtype, got int32$"),
+     r"^dh: expected a floating dtype \(float16, bfloat16, float32 or float64\), got int32$"),
     ("dh-list", lambda: tfla_cupy.mlstm_bwd(_ctx(), [0.0]), TypeError,
      r"^dh: expected a NumPy array, a CuPy array or a DLPack producer, got builtins\.list$"),
     ("d_state-C-shape",
      lambda: tfla_cupy.mlstm_bwd(_ctx(), np.zeros((B, NH, S, DV)), (np.zeros((B, NH, DK, 1)), None, None)),
      ValueError, r"^d_state\.C: expected shape \(2, 3, 8, 4\) \(B, NH, DK, DV\), got \(2, 3, 8, 1\)$"),
-    ("d_state-array", lambda: tfla_cupy.mlstm_bwd(_ctx(), np.zeros((B, NH, S, DV)), np.zeros((B, NH, DK, DV))),
+    ("d_state-array",
+     lambda: tfla_cupy.mlstm_bwd(_ctx(), np.zeros((B, NH, S, DV)), np.zeros((B, NH, DK, DV))),
      TypeError, r"^d_state: expected an MLSTMState\(C, n, m\) or a \(C, n, m\) tuple, got ndarray$"),
     ("vjp-dh-shape", lambda: tfla_cupy.mlstm_vjp(**_arrays_ok())[1](np.zeros((B, NH, S, DK))), ValueError,
      r"^dh: expected shape \(2, 3, 5, 4\) \(B, NH, S, DV\) of h, got \(2, 3, 5, 8\)$"),
 ]
 
 
-@pytest.mark.parametrize("call, exc, match", [pytest.param(*case[1:], id=case[0]) for case in BACKWARD_ERRORS])
+@pytest.mark.parametrize("call, exc, match",
+                         [pytest.param(*case[1:], id=case[0]) for case in BACKWARD_ERRORS])
 def test_backward_validation_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -501,13 +520,16 @@ def _step_ok():
 STEP_ERRORS = [
     ("q-rank", dict(q=np.zeros((B, NH, S, DK))), {}, ValueError,
      r"^q: expected a 3-d array \(B, NH, DK\), got shape \(2, 3, 5, 8\)$"),
-    ("v-rank", dict(v=np.zeros((B, NH))), {}, ValueError, r"^v: expected a 3-d array \(B, NH, DV\), got shape \(2, 3\)$"),
-    ("i-rank", dict(i=np.zeros((B, NH, 1))), {}, ValueError, r"^i: expected a 2-d array \(B, NH\), got shape \(2, 3, 1\)$"),
+    ("v-rank", dict(v=np.zeros((B, NH))), {}, ValueError,
+     r"^v: expected a 3-d array \(B, NH, DV\), got shape \(2, 3\)$"),
+    ("i-rank", dict(i=np.zeros((B, NH, 1))), {}, ValueError,
+     r"^i: expected a 2-d array \(B, NH\), got shape \(2, 3, 1\)$"),
     ("k-DK", dict(k=np.zeros((B, NH, DK + 1))), {}, ValueError,
      r"^k: expected shape \(2, 3, 8\) \(B, NH, DK\) to match q, got \(2, 3, 9\)$"),
     ("v-NH", dict(v=np.zeros((B, NH + 1, DV))), {}, ValueError,
      r"^v: expected shape \(2, 3, 4\) \(B, NH, DV\) to match q's B, NH, got \(2, 4, 4\)$"),
-    ("f-B", dict(f=np.zeros((1, NH))), {}, ValueError, r"^f: expected shape \(2, 3\) \(B, NH\) to match q, got \(1, 3\)$"),
+    ("f-B", dict(f=np.zeros((1, NH))), {}, ValueError,
+     r"^f: expected shape \(2, 3\) \(B, NH\) to match q, got \(1, 3\)$"),
     ("q-int", dict(q=np.zeros((B, NH, DK), dtype=np.int32)), {}, TypeError,
      r"^q: expected a floating dtype \(float16, bfloat16, float32 or float64\), got int32$"),
     ("k-dtype-mismatch", dict(k=np.zeros((B, NH, DK), dtype=np.float16)), {}, TypeError,
@@ -516,10 +538,13 @@ STEP_ERRORS = [
      r"^v: expected a NumPy array, a CuPy array or a DLPack producer, got builtins\.list$"),
     ("zero-NH", {n: a[:, :0] for n, a in _step_ok().items()}, {}, ValueError,
      r"^q: every dimension must be >= 1, got shape \(2, 0, 8\)$"),
-    ("gate-unknown", {}, dict(gate="relu"), ValueError, r"^gate: expected one of \('exp', 'sig'\), got 'relu'$"),
-    ("exp-nonorm", {}, dict(normalize=False), ValueError, r"^normalize: normalize=False is only defined for gate='sig'"),
+    ("gate-unknown", {}, dict(gate="relu"), ValueError,
+     r"^gate: expected one of \('exp', 'sig'\), got 'relu'$"),
+    ("exp-nonorm", {}, dict(normalize=False), ValueError,
+     r"^normalize: normalize=False is only defined for gate='sig'"),
     ("eps-zero", {}, dict(eps=0), ValueError, r"^eps: expected a finite number > 0, got 0$"),
-    ("scale-nan", {}, dict(scale=float("nan")), ValueError, r"^scale: expected None or a finite number > 0, got nan$"),
+    ("scale-nan", {}, dict(scale=float("nan")), ValueError,
+     r"^scale: expected None or a finite number > 0, got nan$"),
     ("state-m-missing", {}, dict(state=_state_ok()._replace(m=None)), ValueError,
      r"^state\.m: required for gate='exp', got None$"),
     ("state-C-shape", {}, dict(state=_state_ok()._replace(C=np.zeros((B, NH, DK, DK)))), ValueError,
@@ -529,7 +554,8 @@ STEP_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("arrays, opts, exc, match", [pytest.param(*case[1:], id=case[0]) for case in STEP_ERRORS])
+@pytest.mark.parametrize("arrays, opts, exc, match",
+                         [pytest.param(*case[1:], id=case[0]) for case in STEP_ERRORS])
 def test_step_validation_errors(arrays, opts, exc, match):
     x = _step_ok()
     x.update(arrays)
@@ -552,16 +578,17 @@ def fake_gpu(monkeypatch):
 def test_mixed_host_and_gpu_inputs(fake_gpu):
     x = _arrays_ok()
     x["k"] = fake_gpu(x["k"])
-    with pytest.raises(TypeError, match=(r"^q, k, v, i, f: expected all host \(NumPy\) arrays or all GPU arrays, "
-                                         r"got a mix \(q: numpy\.ndarray, k: .*FakeGPUArray, v: numpy\.ndarray")):
+    mix = r"^q, k, v, i, f: expected all host \(NumPy\) arrays or all GPU arrays, got a mix "
+    with pytest.raises(TypeError, match=mix + r"\(q: numpy\.ndarray, k: .*FakeGPUArray, v: numpy\.ndarray"):
         tfla_cupy.mlstm(**x)
-    with pytest.raises(TypeError, match=r"^q, k, v, i, f: expected all host \(NumPy\) arrays or all GPU arrays"):
+    with pytest.raises(TypeError, match=mix + r"\(q: numpy\.ndarray, .*f: .*FakeGPUArray\)$"):
         tfla_cupy.mlstm_step(**{n: fake_gpu(a) if n == "f" else a for n, a in _step_ok().items()})
 
 
 def test_gpu_state_with_host_inputs(fake_gpu):
     state = _state_ok()._replace(C=fake_gpu(np.zeros((B, NH, DK, DV))))
-    with pytest.raises(TypeError, match=r"^initial_state\.C: is a GPU array but q, k, v, i, f are NumPy \(host\) arrays$"):
+    match = r"^initial_state\.C: is a GPU array but q, k, v, i, f are NumPy \(host\) arrays$"
+    with pytest.raises(TypeError, match=match):
         _fwd(initial_state=state)
 
 
@@ -569,6 +596,23 @@ def test_gpu_dh_with_host_ctx(fake_gpu):
     with pytest.raises(TypeError, match=(r"^dh: is a GPU array but ctx comes from a forward on NumPy \(host\) "
                                          r"arrays; pass a NumPy \(host\) array$")):
         tfla_cupy.mlstm_bwd(_ctx(), fake_gpu(np.zeros((B, NH, S, DV))))
+
+
+def test_gpu_dlpack_producer_without_cupy(monkeypatch):
+    """A CUDA DLPack producer needs CuPy; without it the error says so and names the argument."""
+
+    class CudaProducer:
+        def __dlpack__(self, *args, **kwargs):
+            raise AssertionError("must not be consumed")
+
+        def __dlpack_device__(self):
+            return (2, 0)   # kDLCUDA, device 0
+
+    monkeypatch.setattr(_arrays, "cupy_module", lambda: None)
+    x = _arrays_ok()
+    x["v"] = CudaProducer()
+    with pytest.raises(RuntimeError, match=r"^v: is a GPU array, which needs CuPy: pip install"):
+        tfla_cupy.mlstm(**x)
 
 
 def _gpu_available():
@@ -580,7 +624,8 @@ def _gpu_available():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU: CuPy arrays cannot be created without one")
+@pytest.mark.skipif(not _gpu_available(),
+                    reason="needs a CUDA GPU: CuPy arrays cannot be created without one")
 def test_cupy_inputs_give_cupy_outputs(rng):
     import cupy
     x = {n: a.astype(np.float32) for n, a in random_inputs(rng, SHAPE).items()}

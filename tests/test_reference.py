@@ -15,8 +15,8 @@ from tfla_cupy.reference import chunkwise, parallel, recurrent
 from tfla_cupy.reference.gates import ROW_MAX_FLOOR, log_gates
 
 from conftest import (EPS, FD_MISMATCH_MIN, FD_SAMPLES, FD_STEP, GATE_PARAMS, TOL_EXACT, TOL_FD,
-                      TOL_FLOOR, TOL_STATE_PASSING, Shape, random_inputs, random_state, rel_err,
-                      state_kwargs, zero_state)
+                      TOL_FLOOR, TOL_STATE_PASSING, Shape, random_inputs, random_state, ref_opts,
+                      rel_err, state_kwargs, zero_state)
 
 # Every S in {1, 2, 17, 64, 127, 128, 129, 500}, chunk size in {16, 64, 128, 256} and
 # (DK, DV) in {(8, 8), (16, 48), (48, 96), (64, 128), (96, 64)} appears at least once; ragged
@@ -44,10 +44,6 @@ def _initial_state(rng, shape, gate, with_state):
     return random_state(rng, shape, gate) if with_state else zero_state(shape)
 
 
-def _opts(shape, gate, normalize, eps=EPS):
-    return dict(gate=gate, normalize=normalize, eps=eps, scale=shape.DK ** -0.5)
-
-
 # ------------------------------------------------------------------------------------------
 # Forward: step ≡ chunkwise ≡ parallel
 # ------------------------------------------------------------------------------------------
@@ -55,7 +51,7 @@ def _opts(shape, gate, normalize, eps=EPS):
 
 def _check_step_vs_chunkwise(x, state, shape, gate, normalize, L):
     """Chunkwise without the floor equals the step recurrence: h and the last C, n, m."""
-    opts = _opts(shape, gate, normalize)
+    opts = ref_opts(shape, gate, normalize)
     h_ref, C_ref, n_ref, m_ref = recurrent.fwd_recurrent(**x, **state_kwargs(state), **opts)
     h, _, _, (C, n, m) = chunkwise.fwd(**x, **state_kwargs(state), L=L, floor=None, **opts)
     assert rel_err(h, h_ref) <= TOL_EXACT
@@ -73,7 +69,7 @@ def test_step_equals_chunkwise(rng, shape, gate, normalize, with_state):
     _check_step_vs_chunkwise(x, state, shape, gate, normalize, shape.L)
 
 
-@pytest.mark.parametrize("L", [1, 4, 16, 64, 128, 256])
+@pytest.mark.parametrize("L", [1, 4, 16, 64, 128, 256], ids=lambda L: f"L{L}")
 @pytest.mark.parametrize("gate, normalize", GATE_PARAMS)
 def test_every_chunk_size_equals_step(rng, gate, normalize, L):
     """One sequence (ragged for every L > 1), with an initial state, under every chunk size."""
@@ -93,7 +89,7 @@ def test_floor_only_changes_eps_term(rng, shape, i_offset, with_state):
     With ĩ ~ −15 + N(0, 1) the stabilizer sinks below −10 and the floor is really used."""
     x = random_inputs(rng, shape, i_offset=i_offset, f_offset=0.0)
     state = _initial_state(rng, shape, "exp", with_state)
-    opts = _opts(shape, "exp", True)
+    opts = ref_opts(shape, "exp", True)
     h_ref, C_ref, n_ref, m_ref = recurrent.fwd_recurrent(**x, **state_kwargs(state), **opts)
     h, _, M, (C, n, m) = chunkwise.fwd(**x, **state_kwargs(state), L=shape.L, **opts)
     assert M.min() >= ROW_MAX_FLOOR
@@ -121,7 +117,7 @@ def test_parallel_equals_chunkwise(rng, shape, gate, normalize, eps):
     element (MLSTM_SPEC §2.3, §3). The sig variant has no stabilizer (M ≡ m^par ≡ 0): exact.
     """
     x = random_inputs(rng, shape, f_offset=0.0)
-    opts = _opts(shape, gate, normalize, eps)
+    opts = ref_opts(shape, gate, normalize, eps=eps)
     h_par = parallel.fwd_parallel(**x, **opts)
     h, _, M, _ = chunkwise.fwd(**x, **state_kwargs(zero_state(shape)), L=shape.L, **opts)
     eps_term = eps * np.exp(M)[..., None] * np.abs(h) if gate == "exp" else 0.0
@@ -140,7 +136,7 @@ def _frozen_loss(x, state, dh, dC_last, shape, gate, normalize):
     """The loss Σ h·dh (+ Σ C_last·dC_last) as a function of (q, k, v, i, f, C0), with N, M and
     the boundary stabilizers m frozen at their values for the given inputs (MLSTM_SPEC §6.4)."""
     C0, n0, m0 = state
-    opts = _opts(shape, gate, normalize)
+    opts = ref_opts(shape, gate, normalize)
     _, N, M, (_, _, m) = chunkwise.fwd(**x, C0=C0, n0=n0, m0=m0, L=shape.L, **opts)
     stabilized = gate == "exp"
 
@@ -198,7 +194,7 @@ FD_SHAPES = [Shape(1, 2, 40, 8, 8, 16), Shape(2, 1, 129, 16, 48, 64)]
 def test_backward_matches_finite_differences(rng, shape, gate, normalize, with_state, with_dC_last):
     x, state, dh, dC_last = _setup_backward(rng, shape, gate, with_state, with_dC_last)
     grads = chunkwise.bwd(**x, **state_kwargs(state), dh=dh, dC_last=dC_last,
-                          L=shape.L, **_opts(shape, gate, normalize))
+                          L=shape.L, **ref_opts(shape, gate, normalize))
     loss = _frozen_loss(x, state, dh, dC_last, shape, gate, normalize)
     args = dict(x, C0=state[0])
     errors = {name: _fd_error(rng, loss, args, name, g) for name, g in zip(GRAD_NAMES, grads)}
@@ -212,7 +208,7 @@ def test_df_needs_last_state_term(rng, gate, normalize):
     shape = FD_SHAPES[0]
     x, state, dh, dC_last = _setup_backward(rng, shape, gate, True, True)
     dq, dk, _, _, df, _ = chunkwise.bwd(**x, **state_kwargs(state), dh=dh,
-                                        dC_last=dC_last, L=shape.L, **_opts(shape, gate, normalize))
+                                        dC_last=dC_last, L=shape.L, **ref_opts(shape, gate, normalize))
     _, df_upstream = chunkwise.bwd_gates(x["q"], x["k"], dq, dk, x["i"], x["f"], gate=gate,
                                          last_state_dot=None)
     loss = _frozen_loss(x, state, dh, dC_last, shape, gate, normalize)
@@ -308,17 +304,12 @@ def test_extreme_gates_stay_finite(rng, shape, gate, normalize):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chunkwise.fwd_states/fwd_outputs use m0 for gate='sig' (gamma = exp(g + m0 - 0), "
-    "beta_bar = exp(b + m0 - 0)), scaling C0 and n0 by e^{m0}; recurrent.step ignores m for sig "
-    "and MLSTM_SPEC §7 says m_initial is accepted but ignored. The public API is not affected "
-    "(_numpy_path._initial passes m0 = 0 for sig)."))
 def test_sig_chunkwise_ignores_m0(rng):
     shape = Shape(1, 2, 40, 8, 8, 16)
     x = random_inputs(rng, shape)
     C0, n0, _ = random_state(rng, shape, "sig")
     m0 = rng.standard_normal((shape.B, shape.NH))
-    opts = _opts(shape, "sig", True)
+    opts = ref_opts(shape, "sig", True)
     h_ref, *_ = recurrent.fwd_recurrent(**x, C0=C0, n0=n0, m0=m0, **opts)
     h, *_ = chunkwise.fwd(**x, C0=C0, n0=n0, m0=m0, L=shape.L, **opts)
     assert rel_err(h, h_ref) <= TOL_EXACT

@@ -16,13 +16,14 @@ import numpy as np
 from . import _arrays, _loader
 from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
-from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, chunk_kernel, gates_kernel, pick_config, state_kernels,
-                     step_kernel)
+from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, chunk_gates_kernel, chunk_kernel, gates_kernel, pick_config,
+                     state_kernels, step_kernel)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
 _STEP_THREADS = 128   # kStepThreads in step.cuh
 _GATE_THREADS = 512   # kGateThreads in bwd_gates.cuh
+_CHUNK_GATE_THREADS = 128  # kChunkGateThreads in chunk_gates.cuh
 
 
 def _cdiv(a, b):
@@ -82,6 +83,16 @@ class _Launch:
         self.BH = problem.B * problem.NH
         self.NC = _cdiv(problem.S, problem.chunk_size)
 
+    def gate_vectors(self, i32, f32):
+        """Stage 0: the per-chunk log-gate vectors (chunk-aligned) every later stage reads."""
+        cp = _arrays.cupy_module()
+        p, L = self.p, self.p.chunk_size
+        g = dict(gate_a=cp.empty((self.BH, self.NC, L), _F32), gate_b=cp.empty((self.BH, self.NC, L), _F32),
+                 gate_g=cp.empty((self.BH, self.NC), _F32), gate_amax=cp.empty((self.BH, self.NC), _F32))
+        params = make_params(i=i32, f=f32, BH=self.BH, S=p.S, L=L, NC=self.NC, **g)
+        _loader.get_kernel(chunk_gates_kernel(self.gate))(self.NC * self.BH, _CHUNK_GATE_THREADS, params, 24 * L)
+        return g
+
     def states(self, kind, params):
         t, p = self.cfg.states, self.p
         grid = _cdiv(p.DK, t.bk) * _cdiv(p.DV, t.bv) * self.BH
@@ -134,12 +145,14 @@ def forward(problem, arrays, state):
         C_last = cp.empty(shape + (p.DK, p.DV), _F32)
         n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
         m_last = cp.empty(shape, _F32) if p.has_m else None
+        gates = run.gate_vectors(i32, f32)
         params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
                              n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
-                             BH=BH, S=p.S, DK=p.DK, DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps)
+                             BH=BH, S=p.S, DK=p.DK, DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps,
+                             **gates)
         run.states("fwd_states_kernel", params)
         run.chunk("fwd_h", params)
-    saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last,
+    saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
                  C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
                  dtypes=(i.dtype, f.dtype), mma=mma, cfg=cfg, device=device.id)
     return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
@@ -158,7 +171,7 @@ def backward(ctx, dh, dC_last):
         dC_last = None if dC_last is None else _operand(dC_last)
         common = dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"],
                       N=s["N"], M=s["M"], dh=dh, dC_last=dC_last, C_last=s["C_last"], BH=BH, S=p.S, DK=p.DK,
-                      DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps)
+                      DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps, **s["gates"])
         C_states, m_states = s["C_states"], s["m_states"]
         if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
             C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)

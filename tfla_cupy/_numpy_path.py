@@ -31,6 +31,11 @@ def _public_state(problem, C, n, m):
     return MLSTMState(C, n if problem.has_n else None, m if problem.has_m else None)
 
 
+# NaN / Inf inputs propagate to the outputs (documented); NumPy must not warn or raise on them.
+_QUIET = dict(invalid="ignore", over="ignore", divide="ignore", under="ignore")
+
+
+@np.errstate(**_QUIET)
 def forward(problem, arrays, state):
     q, k, v, i, f = (_f64(x) for x in arrays)
     C0, n0, m0 = _initial(problem, state)
@@ -44,6 +49,7 @@ def forward(problem, arrays, state):
     return h.astype(problem.dtype), last, ctx
 
 
+@np.errstate(**_QUIET)
 def backward(ctx, dh, dC_last):
     p = ctx.problem
     q, k, v, i, f = ctx.saved["inputs"]
@@ -58,6 +64,7 @@ def backward(ctx, dh, dC_last):
     return MLSTMGrads(dq, dk, dv, di, df, d_initial)
 
 
+@np.errstate(**_QUIET)
 def step(problem, arrays, state):
     q, k, v, i, f = (_f64(x) for x in arrays)
     C0, n0, m0 = _initial(problem, state)

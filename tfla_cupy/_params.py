@@ -16,6 +16,7 @@ FIELDS = (
     ("h", _PTR), ("N", _PTR), ("M", _PTR),
     ("C_last", _PTR), ("n_last", _PTR), ("m_last", _PTR),
     ("C_states", _PTR), ("n_states", _PTR), ("m_states", _PTR),
+    ("gate_a", _PTR), ("gate_b", _PTR), ("gate_g", _PTR), ("gate_amax", _PTR),
     ("dh", _PTR), ("dC_last", _PTR), ("dC_states", _PTR),
     ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("di", _PTR), ("df", _PTR), ("dC0", _PTR),
     ("qdq", _PTR), ("kdk", _PTR),

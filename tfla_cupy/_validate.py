@@ -70,24 +70,41 @@ def _check_shape(name, x, expected, dims_doc):
         raise ValueError(f"{name}: expected shape {_shape_str(expected)} {dims_doc}, got {_shape_str(x.shape)}")
 
 
+def _finite_positive(x):
+    try:
+        x = float(x)
+    except OverflowError:  # an int beyond the float range
+        return False
+    return math.isfinite(x) and x > 0
+
+
+def _short(x):
+    text = repr(x)
+    return text if len(text) <= 40 else text[:20] + "…" + text[-10:]
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
 def check_options(*, gate, normalize, eps, scale, chunk_size, precision, DK):
     if gate not in GATES:
         raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
-    if not isinstance(normalize, (bool, np.bool_)):
-        raise TypeError(f"normalize: expected a bool, got {normalize!r}")
+    _check_bool("normalize", normalize)
     if gate == "exp" and not normalize:
         raise ValueError("normalize: normalize=False is only defined for gate='sig' (the exp variant's "
                          "numerator is in stabilizer-dependent units); got gate='exp', normalize=False")
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps: expected a positive real number, got {eps!r}")
-    if not (math.isfinite(float(eps)) and float(eps) > 0):
-        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    if not _finite_positive(eps):
+        raise ValueError(f"eps: expected a finite number > 0, got {_short(eps)}")
     if scale is None:
         scale = 1.0 / math.sqrt(DK)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale: expected None or a positive real number, got {scale!r}")
-    elif not (math.isfinite(float(scale)) and float(scale) > 0):
-        raise ValueError(f"scale: expected None or a finite number > 0, got {scale!r}")
+    elif not _finite_positive(scale):
+        raise ValueError(f"scale: expected None or a finite number > 0, got {_short(scale)}")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
             raise TypeError(f"chunk_size: expected None or an int, got {chunk_size!r}")
@@ -122,8 +139,11 @@ def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_st
                             f"got {_arrays.dtype_name(x.dtype)}")
     eps, scale = check_options(gate=gate, normalize=normalize, eps=eps, scale=scale,
                                chunk_size=chunk_size, precision=precision, DK=DK)
-    if not isinstance(keep_states, (bool, np.bool_)):
-        raise TypeError(f"keep_states: expected a bool, got {keep_states!r}")
+    _check_bool("keep_states", keep_states)
+    if config is not None:
+        from .config import KernelConfig
+        if not isinstance(config, KernelConfig):
+            raise TypeError(f"config: expected None or a tfla_cupy.KernelConfig, got {type(config).__name__}")
     if chunk_size is None:
         from .config import default_chunk_size
         chunk_size = default_chunk_size(S)
@@ -143,10 +163,11 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None):
     C is always required. n is required when the problem normalizes and m for the exp
     variant; where the variant has no n or m the entry may be None (it is ignored otherwise).
     """
-    if isinstance(state, MLSTMState):
+    if isinstance(state, (tuple, list)) and len(state) == 3:
         C, n, m = state
-    elif isinstance(state, (tuple, list)) and len(state) == 3:
-        C, n, m = state
+    elif isinstance(state, (tuple, list)):
+        raise TypeError(f"{name}: expected an MLSTMState(C, n, m) or a (C, n, m) tuple, "
+                        f"got a {type(state).__name__} of length {len(state)}")
     else:
         raise TypeError(f"{name}: expected an MLSTMState(C, n, m) or a (C, n, m) tuple, got {type(state).__name__}")
     p = problem
@@ -160,20 +181,21 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None):
     state_dtype = np.dtype(np.float32) if p.kind == "cuda" else None
     for key, x, shape, doc, required in entries:
         full = f"{name}.{key}"
-        if x is None:
-            if required:
-                why = "for gate='exp'" if key == "m" else "when normalize=True"
-                raise ValueError(f"{full}: required {why}, got None")
+        if not required:  # the variant has no such state (or its gradient is not used): ignored
             out[key] = None
             continue
+        if x is None:
+            why = "for gate='exp'" if key == "m" else "when normalize=True"
+            raise ValueError(f"{full}: required {why}, got None")
         x = _arrays.to_module(full, x, p.kind)
         if not _arrays.is_floating(x.dtype):
-            raise TypeError(f"{full}: expected a floating dtype, got {_arrays.dtype_name(x.dtype)}")
+            raise TypeError(f"{full}: expected a floating dtype (float16, bfloat16, float32 or float64), "
+                            f"got {_arrays.dtype_name(x.dtype)}")
         if tuple(x.shape) != shape:
             raise ValueError(f"{full}: expected shape {_shape_str(shape)} {doc}, got {_shape_str(x.shape)}")
         if state_dtype is not None and x.dtype != state_dtype:
             raise TypeError(f"{full}: the GPU path keeps states in float32, got {_arrays.dtype_name(x.dtype)}")
-        out[key] = x if required else None
+        out[key] = x
     return MLSTMState(out["C"], out["n"], out["m"])
 
 
@@ -187,7 +209,8 @@ def backward_args(ctx, dh, d_state):
     if dh.ndim != 4 or tuple(dh.shape) != expected:
         raise ValueError(f"dh: expected shape {_shape_str(expected)} (B, NH, S, DV) of h, got {_shape_str(dh.shape)}")
     if not _arrays.is_floating(dh.dtype):
-        raise TypeError(f"dh: expected a floating dtype, got {_arrays.dtype_name(dh.dtype)}")
+        raise TypeError(f"dh: expected a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {_arrays.dtype_name(dh.dtype)}")
     dC = None
     if d_state is not None:
         st = state_arg("d_state", d_state, p, require_m=False, require_n=False)

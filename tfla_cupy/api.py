@@ -101,6 +101,7 @@ def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, retu
     >>> h.shape, state.C.shape
     ((1, 2, 10, 32), (1, 2, 16, 32))
     """
+    _validate._check_bool("return_state", return_state)
     h, state, _ = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                             chunk_size=chunk_size, eps=eps, scale=scale, precision=precision,
                             config=config)
@@ -142,6 +143,7 @@ def mlstm_vjp(q, k, v, i, f, **opts):
     ``(h, state)``.
     """
     return_state = opts.pop("return_state", False)
+    _validate._check_bool("return_state", return_state)
     h, state, ctx = mlstm_fwd(q, k, v, i, f, **opts)
 
     def vjp_fn(dh, d_state=None):

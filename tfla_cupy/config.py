@@ -50,10 +50,10 @@ class StateTile:
     per CTA, chunks consumed bt steps at a time, wm × wn warps."""
 
     bk: int = 64
-    bv: int = 64
+    bv: int = 128
     bt: int = 64
     wm: int = 4
-    wn: int = 1
+    wn: int = 2
 
     @property
     def threads(self):
@@ -63,11 +63,14 @@ class StateTile:
         return f"tfla::StateTile<{self.bk}, {self.bv}, {self.bt}, {self.wm}, {self.wn}>"
 
     def smem_bytes(self, e: int, L: int) -> int:  # mirrors StateTile::smem_bytes
-        return 2 * e * self.bt * (_pad(self.bk, e) + _pad(self.bv, e)) + 8 * 2 * L + 4 * (L + self.bk)
+        groups = self.threads // (self.bk // 2)
+        return 2 * e * self.bt * (_pad(self.bk, e) + _pad(self.bv, e)) + 4 * (2 * 3 * self.bt + self.bt + self.bk
+                                                                            + groups * self.bk)
 
     def check(self):
-        if self.bk % (16 * self.wm) or self.bv % (8 * self.wn) or self.bt % 16:
-            raise ValueError(f"config: invalid {self}: need bk % (16·wm) == 0, bv % (8·wn) == 0, bt % 16 == 0")
+        if self.bk % (16 * self.wm) or self.bv % (8 * self.wn) or self.bt % 16 or self.threads % (self.bk // 2):
+            raise ValueError(f"config: invalid {self}: need bk % (16·wm) == 0, bv % (8·wn) == 0, bt % 16 == 0, "
+                             f"32·wm·wn a multiple of bk/2")
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,11 @@ def gates_kernel(gate: str):
     return kernel_name("bwd_gates_kernel", gate)
 
 
+def chunk_gates_kernel(gate: str):
+    from ._loader import kernel_name
+    return kernel_name("chunk_gates_kernel", gate)
+
+
 def step_kernel(mma: str, gate: str):
     from ._loader import kernel_name
     return kernel_name("step_kernel", STORAGE_TYPE[mma], gate)
@@ -179,6 +187,6 @@ def all_instantiations():
             if mma != "MmaTF32":
                 names.append(step_kernel(mma, gate))
             if mma == "MmaF32":
-                names.append(gates_kernel(gate))
+                names += [gates_kernel(gate), chunk_gates_kernel(gate)]
         out[mma] = names
     return out

@@ -51,7 +51,8 @@ def fwd_states(k, v, log_i, log_f, C0, n0, m0, *, L, stabilized, m_frozen=None):
     state after step S. ``m_frozen`` (..., NC+1) replaces the computed stabilizers.
     """
     S = k.shape[-2]
-    C, n, m = C0, n0, m0
+    C, n = C0, n0
+    m = m0 if stabilized else np.zeros_like(m0)  # the sig variant has no stabilizer: m0 is ignored
     Cs, ns, ms = [C], [n], [m]
     for c, sl in enumerate(chunk_slices(S, L)):
         _, g, a = chunk_gate_vectors(log_i[..., sl], log_f[..., sl])

@@ -1,0 +1,57 @@
+// tfla_cupy — stage 0: the per-chunk log-gate vectors of MLSTM_SPEC.md §4.1, for all chunks in
+// parallel, so the sequential state passes only do one exp per step.
+//
+//   a_τ = Σ_{u>τ} λ_u + ι_τ  (reverse scan, never g − b),   g = Σ_τ λ_τ,   b_τ = Σ_{u<=τ} λ_u
+// Sums are double; stored in fp32 as gate_a = a_τ − max a (<= 0, −inf past the sequence end:
+// small where it matters), gate_b = b_τ, gate_g = g, gate_amax = max_τ a_τ.
+// Grid: one CTA per (chunk, batch·head).
+#pragma once
+#include "gates.cuh"
+#include "params.cuh"
+#include "tile.cuh"
+
+namespace tfla {
+
+constexpr int kChunkGateThreads = 128;
+
+template <typename Gate>
+__global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Params p) {
+  const int c = blockIdx.x % p.NC, bh = blockIdx.x / p.NC;
+  const int Lc = min(p.L, p.S - c * p.L);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  SmemCarver sm{dynamic_smem()};
+  double* lam = sm.take<double>(p.L);   // λ, then b
+  double* sfx = sm.take<double>(p.L);   // suffix sums of λ
+  double* iota = sm.take<double>(p.L);  // ι, then a
+  __shared__ double warp_max_s[kChunkGateThreads / 32];
+
+  load_log_gates<Gate>(p.i, p.f, i64(bh) * p.S + i64(c) * p.L, 0, p.L, Lc, lam, iota);
+  __syncthreads();
+  for (int u = threadIdx.x; u < p.L; u += kChunkGateThreads) sfx[u] = lam[u];
+  __syncthreads();
+  if (warp == 0) warp_scan_suffix(sfx, p.L);
+  if (warp == 1) warp_scan_inclusive(lam, p.L);
+  __syncthreads();
+  double amax = -1e300;
+  for (int u = threadIdx.x; u < p.L; u += kChunkGateThreads) {
+    const double a = (u + 1 < p.L ? sfx[u + 1] : 0.0) + iota[u];
+    iota[u] = a;
+    amax = fmax(amax, a);
+  }
+  amax = warp_max(amax);
+  if (lane == 0) warp_max_s[warp] = amax;
+  __syncthreads();
+  amax = warp_max_s[0];
+  for (int w = 1; w < kChunkGateThreads / 32; ++w) amax = fmax(amax, warp_max_s[w]);
+  const i64 row = (i64(bh) * p.NC + c) * p.L;
+  for (int u = threadIdx.x; u < p.L; u += kChunkGateThreads) {
+    p.gate_a[row + u] = u < Lc ? float(iota[u] - amax) : neg_inf();
+    p.gate_b[row + u] = float(lam[u]);
+  }
+  if (threadIdx.x == 0) {
+    p.gate_g[i64(bh) * p.NC + c] = float(lam[p.L - 1]);
+    p.gate_amax[i64(bh) * p.NC + c] = float(amax);
+  }
+}
+
+}  // namespace tfla
