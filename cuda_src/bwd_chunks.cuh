@@ -28,7 +28,7 @@ __device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], c
 }
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dq_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kernel(const Params p) {
   using T = typename Mma::T;
   constexpr int BM = Tile::kBM, NT = Tile::kThreads;
   const ChunkCoords<Tile> at(p, p.DK);
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dq_kernel(const Params 
       const float fac = Gate::kNormalize ? p.scale / (p.N[tok + at.r0 + r] + p.eps) : p.scale;
       const double pr = sm.row_d()[r];
       sm.row_scale()[r] = fac * expf(float(A0 + pr - M));
-      sm.row_log()[r] = split((pr - M) * double(kLog2e) + log2(double(fac)));
+      sm.row_log()[r] = split((pr - M) * double(kLog2e) + double(log2f(fac)));
     } else {
       sm.row_scale()[r] = 0.f;
       sm.row_log()[r] = make_float2(neg_inf(), 0.f);
@@ -96,13 +96,13 @@ __device__ __forceinline__ void anticausal_terms(const Params& p, const ChunkSme
   for (int u = at.r0 + threadIdx.x; u < at.Lc; u += NT) {
     const double M = Gate::kStabilized ? double(p.M[tok + u]) : 0.0;
     const float fac = Gate::kNormalize ? p.scale / (p.N[tok + u] + p.eps) : p.scale;
-    sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + log2(double(fac)));
+    sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + double(log2f(fac)));
   }
   __syncthreads();
 }
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dv_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dv_kernel(const Params p) {
   using T = typename Mma::T;
   const ChunkCoords<Tile> at(p, p.DV);
   if (at.r0 >= at.Lc) return;
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dv_kernel(const Params 
 }
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 2) bwd_dk_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dk_kernel(const Params p) {
   using T = typename Mma::T;
   constexpr int NT = Tile::kThreads;
   const ChunkCoords<Tile> at(p, p.DK);

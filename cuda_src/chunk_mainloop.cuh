@@ -63,7 +63,8 @@ struct ChunkSmem {
                        kRowLog = kWs + Tile::kBM * ldw * E, kRowD = kRowLog + 8 * Tile::kBM,
                        kRowScale = kRowD + 8 * Tile::kBM, kRowM = kRowScale + 4 * Tile::kBM,
                        kRowN = kRowM + 4 * Tile::kBM, kRowAux = kRowN + 4 * Tile::kBM,
-                       kRowPart = kRowAux + 4 * Tile::kBM, kGates = kRowPart + 4 * Tile::kWN * Tile::kBM;
+                       kRowPart = kRowAux + 4 * Tile::kBM, kNvec = kRowPart + 4 * Tile::kWN * Tile::kBM,
+                       kGates = kNvec + 4 * Tile::kBX;
   static_assert(kGates % 16 == 0, "gate vectors must stay 16-byte aligned");
   int L;
   __device__ explicit ChunkSmem(int L_) : L(L_) {}
@@ -82,6 +83,7 @@ struct ChunkSmem {
   __device__ __forceinline__ float* row_N() const { return at<float>(kRowN); }
   __device__ __forceinline__ float* row_aux() const { return at<float>(kRowAux); }
   __device__ __forceinline__ float* row_part() const { return at<float>(kRowPart); }  // kWN × kBM
+  __device__ __forceinline__ float* nvec() const { return at<float>(kNvec); }  // n^(c) block (forward)
   __device__ __forceinline__ double* lam() const { return at<double>(kGates); }       // gate scratch, length L
   __device__ __forceinline__ double* iota() const { return at<double>(kGates + 8 * L); }
   __device__ __forceinline__ double* scan() const { return at<double>(kGates + 16 * L); }
@@ -117,10 +119,11 @@ struct ChunkOperands {
   static constexpr int BM = Tile::kBM, BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN, NT = Tile::kThreads;
   const Sm& sm;
   const T *X, *Y, *Z, *D;
+  const float* nvec;  // forward: n^(c) (length DX), copied block by block beside X
   int DX, DZ, n0, r0, Lc, rows, nXb, j_lo, j_hi;
   __device__ ChunkOperands(const Sm& sm_, const T* X_, const T* Y_, const T* Z_, const T* D_, int DX_, int DZ_,
-                           int n0_, int r0_, int Lc_)
-      : sm(sm_), X(X_), Y(Y_), Z(Z_), D(D_), DX(DX_), DZ(DZ_), n0(n0_), r0(r0_), Lc(Lc_) {
+                           int n0_, int r0_, int Lc_, const float* nvec_ = nullptr)
+      : sm(sm_), X(X_), Y(Y_), Z(Z_), D(D_), nvec(nvec_), DX(DX_), DZ(DZ_), n0(n0_), r0(r0_), Lc(Lc_) {
     rows = min(BM, Lc - r0);
     nXb = cdiv(DX, BX);
     j_lo = kCausal ? 0 : r0 / BL;
@@ -143,6 +146,7 @@ struct ChunkOperands {
     } else {                      // D[z][x]: a BN × BX block, B operand stored [N][K]
       load_tile_async<T, BN, BX, NT>(sm.Ds(), Sm::ldx, D + i64(n0) * DX + x0, DX, DZ - n0, DX - x0);
     }
+    if (nvec != nullptr) load_tile_async<float, 1, BX, NT>(sm.nvec(), BX, nvec + x0, 0, 1, DX - x0);
     cp_async_commit();
   }
   // The first requests, issued before the gate preparation so that they overlap it: groups

@@ -35,6 +35,7 @@ template <int BM, int BL, int BX, int BN, int WN>
 struct ChunkTile {
   static constexpr int kBM = BM, kBL = BL, kBX = BX, kBN = BN, kWM = BM / 16, kWN = WN;
   static constexpr int kThreads = 32 * kWM * WN;
+  static constexpr int kMinBlocks = kThreads <= 256 ? 2 : 1;  // CTAs per SM the registers must allow
   static constexpr int kFNS = BL / (8 * WN);  // fragments per warp of the BM × BL score tile
   static constexpr int kFNO = BN / (8 * WN);  // fragments per warp of the BM × BN output tile
   static_assert(BM % 16 == 0 && BL % (16 * WN) == 0 && BN % (16 * WN) == 0, "tile must split over warps");
@@ -42,14 +43,15 @@ struct ChunkTile {
 
   // Tiles in element size E (rows padded by 16 bytes): X [BM][BX], Y [BL][BX], Z [BL][BN],
   // D [BX][BN] or [BN][BX], W [BM][BL]; then 4 gate vectors of length L and 2 row vectors of
-  // 8-byte entries (double or float2), 4 float row vectors and WN·BM float row partials.
+  // 8-byte entries (double or float2), 4 float row vectors, WN·BM float row partials and a BX
+  // float block of n.
   __host__ __device__ static constexpr int d_elems(int E) {
     return BX * (BN + 16 / E) > BN * (BX + 16 / E) ? BX * (BN + 16 / E) : BN * (BX + 16 / E);
   }
   __host__ __device__ static constexpr int smem_bytes(int E, int L) {
     return E * (BM * (BX + 16 / E) + BL * (BX + 16 / E) + BL * (BN + 16 / E) + d_elems(E) +
                 BM * (BL + 16 / E)) +
-           8 * (4 * L + 2 * BM) + 4 * (4 * BM + WN * BM);
+           8 * (4 * L + 2 * BM) + 4 * (4 * BM + WN * BM + BX);
   }
 };
 

@@ -13,7 +13,7 @@
 namespace tfla {
 
 template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel(const Params p) {
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
   constexpr int BM = Tile::kBM, NT = Tile::kThreads;
@@ -29,7 +29,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
   const T* K = ptr<T>(p.k) + tok * p.DK;
   const T* V = ptr<T>(p.v) + tok * p.DV;
   const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, true, false> ops(sm, Q, K, V, C, p.DK, p.DV, at.n0, at.r0, at.Lc);
+  const float* n = Gate::kNormalize ? p.n_states + slot * p.DK : nullptr;
+  const ChunkOperands<Mma, Tile, true, false> ops(sm, Q, K, V, C, p.DK, p.DV, at.n0, at.r0, at.Lc, n);
   ops.prologue();
 
   const double b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
@@ -47,7 +48,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
     }
     __syncthreads();
   }
-  const double log2_scale = log2(double(p.scale));
+  const double log2_scale = double(log2f(p.scale));
   for (int r = threadIdx.x; r < BM; r += NT) {
     if (r < rows) {
       const double pr = sm.row_d()[r];
@@ -69,16 +70,21 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
   }
   __syncthreads();
 
-  const float* n = Gate::kNormalize ? p.n_states + slot * p.DK : nullptr;
-
-  // q_τ · n^(c), accumulated per X block; kTPR consecutive lanes share a row.
-  auto q_dot_n = [&](int x0) {
+  // q_τ · n^(c), accumulated per X block from shared memory (the n block arrives with X; zero
+  // past DK like X); kTPR consecutive lanes share a row.
+  auto q_dot_n = [&](int) {
     if constexpr (Gate::kNormalize) {
       constexpr int kTPR = NT / BM;
       static_assert(NT % BM == 0 && 32 % kTPR == 0, "rows must map onto lane groups");
       const int r = threadIdx.x / kTPR, part = threadIdx.x % kTPR;
+      const T* xr = sm.Xs() + r * Sm::ldx;
+      const float* nb = sm.nvec();
       float s = 0.f;
-      for (int x = part; x < Tile::kBX && x0 + x < p.DK; x += kTPR) s = fmaf(to_float(sm.Xs()[r * Sm::ldx + x]), n[x0 + x], s);
+#pragma unroll 4
+      for (int x = 2 * part; x < Tile::kBX; x += 2 * kTPR) {
+        s = fmaf(to_float(xr[x]), nb[x], s);
+        s = fmaf(to_float(xr[x + 1]), nb[x + 1], s);
+      }
 #pragma unroll
       for (int o = kTPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       if (part == 0) sm.row_aux()[r] += s;
@@ -100,7 +106,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fwd_h_kernel(const Params p
       }
     }
     __syncthreads();
-    for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] /= sm.row_N()[wrow + r] + p.eps; });
+    const float inv0 = 1.f / (sm.row_N()[wrow + (lane >> 2)] + p.eps);  // rows g and g + 8 of the warp
+    const float inv1 = 1.f / (sm.row_N()[wrow + (lane >> 2) + 8] + p.eps);
+    for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int, int) { acc[0][fn][e] *= (e < 2 ? inv0 : inv1); });
   }
   T* H = ptr<T>(p.h) + (tok + at.r0 + wrow) * p.DV + at.n0 + wcol;
   store_acc<T>(acc, H, p.DV, rows - wrow, p.DV - at.n0 - wcol);

@@ -92,12 +92,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
   }
 }
 
-// Two 16-bit values in a register, each multiplied by its own fp32 factor, rounded back.
-template <typename T> __device__ __forceinline__ u32 scale2(u32 x, float2 f) {
-  const T lo{u16(x & 0xffffu)}, hi{u16(x >> 16)};
-  return pack2<T>(to_float(lo) * f.x, to_float(hi) * f.y);
-}
-
 // ---- TF32 -------------------------------------------------------------------------------
 __device__ __forceinline__ u32 to_tf32(float x) {
   u32 r;
@@ -126,13 +120,9 @@ __device__ __forceinline__ float b_elem(const T* s, int ld, int k, int n) {
 // ---------------------------------------------------------------------------------------------
 // acc[FM][FN] += A[row0 : row0+16FM, 0:K] · B[0:K, col0 : col0+8FN]
 // ---------------------------------------------------------------------------------------------
-//
-// With a non-null `kscale` (shared memory, length K), A is scaled along k before the product:
-// A[m][k] · kscale[k], rounded to the operand type like a scaled copy of A would be.
 template <typename Mma, int FM, int FN, bool kATrans, bool kBTrans>
 __device__ __forceinline__ void warp_gemm(float (&acc)[FM][FN][4], const typename Mma::T* A, int lda, int row0,
-                                          const typename Mma::T* B, int ldb, int col0, int K,
-                                          const float* kscale = nullptr) {
+                                          const typename Mma::T* B, int ldb, int col0, int K) {
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   if constexpr (Mma::kSimt) {
@@ -140,11 +130,10 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[FM][FN][4], const typenam
 #pragma unroll 1
     for (int k = 0; k < K; ++k) {
       float a[FM][2], b[FN][2];
-      const float ks = kscale != nullptr ? kscale[k] : 1.f;
 #pragma unroll
       for (int fm = 0; fm < FM; ++fm) {
-        a[fm][0] = ks * a_elem<kATrans>(A, lda, row0 + 16 * fm + g, k);
-        a[fm][1] = ks * a_elem<kATrans>(A, lda, row0 + 16 * fm + g + 8, k);
+        a[fm][0] = a_elem<kATrans>(A, lda, row0 + 16 * fm + g, k);
+        a[fm][1] = a_elem<kATrans>(A, lda, row0 + 16 * fm + g + 8, k);
       }
 #pragma unroll
       for (int fn = 0; fn < FN; ++fn) {
@@ -165,14 +154,13 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[FM][FN][4], const typenam
     // TF32: A frag a0=(g,t) a1=(g+8,t) a2=(g,t+4) a3=(g+8,t+4); B frag b0=(k=t,n=g) b1=(k=t+4,n=g).
     for (int k0 = 0; k0 < K; k0 += 8) {
       u32 a[FM][4];
-      const float s0 = kscale != nullptr ? kscale[k0 + t] : 1.f, s1 = kscale != nullptr ? kscale[k0 + t + 4] : 1.f;
 #pragma unroll
       for (int fm = 0; fm < FM; ++fm) {
         const int r = row0 + 16 * fm + g;
-        a[fm][0] = to_tf32(s0 * a_elem<kATrans>(A, lda, r, k0 + t));
-        a[fm][1] = to_tf32(s0 * a_elem<kATrans>(A, lda, r + 8, k0 + t));
-        a[fm][2] = to_tf32(s1 * a_elem<kATrans>(A, lda, r, k0 + t + 4));
-        a[fm][3] = to_tf32(s1 * a_elem<kATrans>(A, lda, r + 8, k0 + t + 4));
+        a[fm][0] = to_tf32(a_elem<kATrans>(A, lda, r, k0 + t));
+        a[fm][1] = to_tf32(a_elem<kATrans>(A, lda, r + 8, k0 + t));
+        a[fm][2] = to_tf32(a_elem<kATrans>(A, lda, r, k0 + t + 4));
+        a[fm][3] = to_tf32(a_elem<kATrans>(A, lda, r + 8, k0 + t + 4));
       }
 #pragma unroll
       for (int fn = 0; fn < FN; ++fn) {
@@ -185,22 +173,11 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[FM][FN][4], const typenam
     }
   } else {
     static_assert(FN % 2 == 0, "16-bit B fragments are loaded in pairs of n-blocks");
-#pragma unroll 1
+#pragma unroll 2
     for (int k0 = 0; k0 < K; k0 += 16) {
       u32 a[FM][4];
 #pragma unroll
       for (int fm = 0; fm < FM; ++fm) load_a16<kATrans>(a[fm], A, lda, row0 + 16 * fm, k0, lane);
-      if (kscale != nullptr) {  // a0,a1 hold k = 2t, 2t+1; a2,a3 hold k = 2t+8, 2t+9
-        const float2 lo = *reinterpret_cast<const float2*>(kscale + k0 + 2 * t);
-        const float2 hi = *reinterpret_cast<const float2*>(kscale + k0 + 2 * t + 8);
-#pragma unroll
-        for (int fm = 0; fm < FM; ++fm) {
-          a[fm][0] = scale2<typename Mma::T>(a[fm][0], lo);
-          a[fm][1] = scale2<typename Mma::T>(a[fm][1], lo);
-          a[fm][2] = scale2<typename Mma::T>(a[fm][2], hi);
-          a[fm][3] = scale2<typename Mma::T>(a[fm][3], hi);
-        }
-      }
 #pragma unroll
       for (int fn = 0; fn < FN; fn += 2) {
         u32 b[4];

@@ -41,8 +41,7 @@ __device__ __forceinline__ int chunk_len(const Params& p, int c) { return min(p.
 
 // Shared memory of a state pass (see StateTile::smem_bytes) and its sub-tile stream. Each
 // sub-tile brings kBT steps of X, Y and up to kGateRows per-step gate scalars (G rows); after
-// it lands, the per-step weights w are computed from G, and the product scales A = Xᵀ by w
-// along k inside the MMA fragments (no pass over shared memory).
+// it lands, the per-step weights w are computed from G and the X rows are scaled by them.
 template <typename Mma, typename Tile>
 struct StateStream {
   using T = typename Mma::T;
@@ -85,26 +84,34 @@ struct StateStream {
     cp_async_commit();
   }
 
-  // acc += X_subᵀ (w ⊙ Y_sub) for the landed buffer b; with kUpdateN also n_s += Σ_τ w_τ X_τ
-  // (fp32, unrounded X, fixed summation order). Ends synchronised.
+  // acc += (w ⊙ X_sub)ᵀ Y_sub for the landed buffer b; with kUpdateN also n_s += Σ_τ w_τ X_τ
+  // (fp32, from X before rounding w ⊙ X, fixed summation order). One pass over X does both: the
+  // thread that reads an element for n also writes it back scaled. Ends synchronised.
   template <bool kUpdateN, typename Weight>
   __device__ __forceinline__ void consume(float (&acc)[Tile::kFM][Tile::kFN][4], int b, int rows, int row0,
                                           int col0, Weight&& weight) const {
     for (int r = threadIdx.x; r < BT; r += NT) w[r] = r < rows ? weight(G(b), r) : 0.f;
     __syncthreads();
-    if constexpr (kUpdateN) {
+    {
       const int pair = threadIdx.x % kPairs, grp = threadIdx.x / kPairs;
       float s0 = 0.f, s1 = 0.f;
       for (int r = grp; r < rows; r += kGroups) {
-        s0 = fmaf(w[r], to_float(Xs(b)[r * ldx + 2 * pair]), s0);
-        s1 = fmaf(w[r], to_float(Xs(b)[r * ldx + 2 * pair + 1]), s1);
+        T* x = Xs(b) + r * ldx + 2 * pair;
+        const float x0 = to_float(x[0]), x1 = to_float(x[1]), wr = w[r];
+        if constexpr (kUpdateN) {
+          s0 = fmaf(wr, x0, s0);
+          s1 = fmaf(wr, x1, s1);
+        }
+        store2(x, wr * x0, wr * x1);
       }
-      n_part[grp * BK + 2 * pair] = s0;
-      n_part[grp * BK + 2 * pair + 1] = s1;
+      if constexpr (kUpdateN) {
+        n_part[grp * BK + 2 * pair] = s0;
+        n_part[grp * BK + 2 * pair + 1] = s1;
+      }
     }
-    // acc[dk][dv] += Σ_τ w_τ X[τ][dk] · Y[τ][dv]:  A = Xᵀ (stored [τ][dk]) scaled along k, B = Y
-    warp_gemm<Mma, Tile::kFM, Tile::kFN, true, true>(acc, Xs(b), ldx, row0, Ys(b), ldy, col0, BT, w);
     __syncthreads();
+    // acc[dk][dv] += Σ_τ (w_τ X[τ][dk]) · Y[τ][dv]:  A = (w ⊙ X)ᵀ (stored [τ][dk]), B = Y (stored [τ][dv])
+    warp_gemm<Mma, Tile::kFM, Tile::kFN, true, true>(acc, Xs(b), ldx, row0, Ys(b), ldy, col0, BT);
     if constexpr (kUpdateN) {
       for (int d = threadIdx.x; d < BK; d += NT) {
         float s = 0.f;
@@ -112,6 +119,7 @@ struct StateStream {
         n_s[d] += s;
       }
     }
+    __syncthreads();
   }
 
   // Walk chunk c sub-tile by sub-tile. On entry its first sub-tile is in flight in buffer b;

@@ -97,7 +97,7 @@ class ChunkTile:
     def smem_bytes(self, e: int, L: int) -> int:  # mirrors ChunkTile::smem_bytes
         tiles = (self.bm * _pad(self.bx, e) + self.bl * _pad(self.bx, e) + self.bl * _pad(self.bn, e)
                  + self.d_elems(e) + self.bm * _pad(self.bl, e))
-        return e * tiles + 8 * (4 * L + 2 * self.bm) + 4 * (4 * self.bm + self.wn * self.bm)
+        return e * tiles + 8 * (4 * L + 2 * self.bm) + 4 * (4 * self.bm + self.wn * self.bm + self.bx)
 
     def check(self):
         if (self.bm % 16 or self.bl % (16 * self.wn) or self.bn % (16 * self.wn) or self.bx % 16
