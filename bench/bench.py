@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -212,28 +213,36 @@ def bench_tfla(cp, timer, variant, mode, B, NH, S, DK, DV, L, check=True):
 # ------------------------------------------------------------------------------------------
 
 
-def torch_peers():
+PEERS = ("tfla_exp", "tfla_sig", "fla", "sdpa")
+
+
+def torch_peers(wanted):
+    """The importable peers among `wanted` (keys of PEERS)."""
     try:
         import torch
     except ImportError:
         return None, {}
     peers = {}
-    try:
-        from mlstm_kernels.torch.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
-        peers["mlstm_kernels TFLA"] = ("exp", mlstm_chunkwise__xl_chunk)
-    except Exception as e:  # noqa: BLE001
-        print(f"# peer mlstm_kernels TFLA exp unavailable: {type(e).__name__}: {e}")
-    try:
-        from mlstm_kernels.torch.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
-        peers["mlstm_kernels TFLA sig"] = ("sig", mlstm_siging_chunkwise__xl_chunk)
-    except Exception as e:  # noqa: BLE001
-        print(f"# peer mlstm_kernels TFLA sig unavailable: {type(e).__name__}: {e}")
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
-        peers["fla chunk_simple_gla"] = ("gla", chunk_simple_gla)
-    except Exception as e:  # noqa: BLE001
-        print(f"# peer fla unavailable: {type(e).__name__}: {e}")
-    peers["torch SDPA causal (NH32 d128)"] = ("sdpa", None)
+    if "tfla_exp" in wanted:
+        try:
+            from mlstm_kernels.torch.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
+            peers["mlstm_kernels TFLA exp"] = ("exp", mlstm_chunkwise__xl_chunk)
+        except Exception as e:  # noqa: BLE001
+            print(f"# peer mlstm_kernels TFLA exp unavailable: {type(e).__name__}: {e}")
+    if "tfla_sig" in wanted:
+        try:
+            from mlstm_kernels.torch.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
+            peers["mlstm_kernels TFLA sig"] = ("sig", mlstm_siging_chunkwise__xl_chunk)
+        except Exception as e:  # noqa: BLE001
+            print(f"# peer mlstm_kernels TFLA sig unavailable: {type(e).__name__}: {e}")
+    if "fla" in wanted:
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla
+            peers["fla chunk_simple_gla"] = ("gla", chunk_simple_gla)
+        except Exception as e:  # noqa: BLE001
+            print(f"# peer fla unavailable: {type(e).__name__}: {e}")
+    if "sdpa" in wanted:
+        peers["torch SDPA causal (NH32 d128)"] = ("sdpa", None)
     return torch, peers
 
 
@@ -310,9 +319,11 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, nargs="*", default=[128])
     ap.add_argument("--variants", default="exp,sig")
     ap.add_argument("--modes", default="fw,fwbw")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}, or ''")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--tag", default="bench", help="file name prefix of the results")
     args = ap.parse_args(argv)
 
     try:
@@ -332,7 +343,10 @@ def main(argv=None):
     shape = SHAPES[args.shape]
     S_list = args.S or ([512 * 2**j for j in range(8)] if args.sweep else [8192])
     timer = Timer(cp)
-    torch, peers = (None, {}) if args.no_peers else torch_peers()
+    wanted = set() if args.no_peers else {w for w in args.peers.split(",") if w}
+    torch, peers = torch_peers(wanted) if wanted else (None, {})
+    if os.environ.get("DISABLE_LLVM_OPT"):
+        print(f"# DISABLE_LLVM_OPT={os.environ['DISABLE_LLVM_OPT']} (Triton: the TFLA exp peer needs it under Triton 3.6)")
     rows, failures = [], 0
     for S in S_list:
         B = max(TOKENS // S, 1)
@@ -358,7 +372,7 @@ def main(argv=None):
                     if torch is not None:
                         torch.cuda.empty_cache()
                 cp.get_default_memory_pool().free_all_blocks()
-    _save(rows, Path(args.out), card)
+    _save(rows, Path(args.out), card, tag=args.tag)
     print("\n" + _table(rows))
     return 1 if failures else 0
 
@@ -385,10 +399,12 @@ def _table(rows):
     return "\n".join([head] + body)
 
 
-def _save(rows, out, card):
+def _save(rows, out, card, tag="bench"):
+    if not rows:
+        return
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    with open(out / f"bench-{stamp}.csv", "w", newline="") as fh:
+    stamp = tag
+    with open(out / f"{stamp}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[k for k in asdict(rows[0]) if k != "extra"])
         w.writeheader()
         for r in rows:
@@ -396,7 +412,7 @@ def _save(rows, out, card):
             d.pop("extra")
             w.writerow(d)
     meta = dict(card=card, date=time.strftime("%Y-%m-%d"), host=platform.node(), rows=[asdict(r) for r in rows])
-    (out / f"bench-{stamp}.json").write_text(json.dumps(meta, indent=1))
+    (out / f"{stamp}.json").write_text(json.dumps(meta, indent=1))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -414,7 +430,7 @@ def _save(rows, out, card):
         ax.set_title(f"{mode} — {card}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"bench-{stamp}.png", dpi=110)
+    fig.savefig(out / f"{stamp}.png", dpi=110)
 
 
 if __name__ == "__main__":

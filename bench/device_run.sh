@@ -12,7 +12,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/card.txt"
 python3 -m tfla_cupy.precompile --jobs 16 2>&1 | tail -3 | tee "$out/precompile.txt"
-if [[ $what == tests || $what == all || $what == dev ]]; then
+if [[ $what == tests || $what == all || $what == dev || $what == final ]]; then
   python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider --timeout=500 "$@" tests 2>&1 | tee "$out/pytest.txt" | tail -60
 fi
 if [[ $what == profile || $what == all || $what == dev ]] && command -v ncu > /dev/null; then
@@ -39,4 +39,14 @@ PY
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 bench/bench.py --no-peers --out "$out" 2>&1 | tee "$out/bench.txt" | tail -20
+fi
+if [[ $what == final ]]; then
+  # peers side by side: the TFLA exp peer needs DISABLE_LLVM_OPT=1 under Triton 3.6 (PERFORMANCE.md),
+  # the others run without it; then our S sweep. Results are packed into one archive.
+  res=/tmp/tfla_res; mkdir -p "$res"
+  DISABLE_LLVM_OPT=1 python3 bench/bench.py --variants exp --peers tfla_exp --out "$res" --tag main_exp 2>&1 | tee "$res/main_exp.txt"
+  python3 bench/bench.py --variants sig --peers tfla_sig,fla,sdpa --out "$res" --tag main_sig 2>&1 | tee "$res/main_sig.txt"
+  python3 bench/bench.py --sweep --no-peers --out "$res" --tag sweep 2>&1 | tee "$res/sweep.txt"
+  tar czf "$out/results.tgz" -C "$res" .
+  grep -h "^|" "$res"/main_exp.txt "$res"/main_sig.txt "$res"/sweep.txt > "$out/tables.txt"
 fi

@@ -4,6 +4,7 @@ float64 reference on the same rounded inputs, and the error metric and tolerance
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -62,6 +63,11 @@ def poisoned_allocations():
         cp.cuda.set_allocator(pool.malloc)
 
 
+def seed_of(*parts):
+    """A seed that depends on the case only (Python's str hash changes between processes)."""
+    return zlib.crc32(repr(parts).encode())
+
+
 def case_id(B, NH, S, DK, DV, L, mode, dt, *extra):
     return "-".join([f"B{B}", f"NH{NH}", f"S{S}", f"DK{DK}", f"DV{DV}", f"L{L}", mode, dt, *extra])
 
@@ -107,4 +113,4 @@ def reference(ref, *, gate, normalize, L, scale=None, eps=1e-6, dh=None, dC_last
 
 
 __all__ = ["cp", "HAS_GPU", "gpu", "DTYPES", "FWD_TOL", "BWD_TOL", "DF_TOL", "GATE_MODES", "rel_err",
-           "poisoned_allocations", "case_id", "make_inputs", "to_gpu", "reference", "log_gates"]
+           "poisoned_allocations", "seed_of", "case_id", "make_inputs", "to_gpu", "reference", "log_gates"]

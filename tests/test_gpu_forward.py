@@ -5,7 +5,7 @@ import pytest
 
 import tfla_cupy
 from gpu_utils import (DTYPES, FWD_TOL, GATE_MODES, case_id, cp, gpu, make_inputs, poisoned_allocations,
-                       reference, rel_err, to_gpu)
+                       reference, rel_err, seed_of, to_gpu)
 
 pytestmark = gpu
 
@@ -37,9 +37,16 @@ def _cases():
             for c in out]
 
 
+# ĩ ∈ [−30, 30] makes the normalizer ill-conditioned (one key dominates and |q·k| can be near 0):
+# evaluating the float64 reference itself in float32 is off by 4e-5 .. 2e-3 on such inputs
+# (5e-6 with ĩ ~ N(0, 1); measured on 8 seeds). The kernel's double-precision gate sums keep true
+# fp32 at 3e-5 .. 5e-5 there (H100, 2026-11-25), so that case is held to 2e-4, not 1e-5.
+EXTREME_GATE_TOL = {"f32": 2e-4}
+
+
 @pytest.mark.parametrize("B,NH,S,DK,DV,L,mode,dt,f_mean,i_range,init", _cases())
 def test_forward_matches_reference(B, NH, S, DK, DV, L, mode, dt, f_mean, i_range, init):
-    rng = np.random.default_rng(hash((B, NH, S, DK, DV, L, mode, dt)) % 2**32)
+    rng = np.random.default_rng(seed_of(B, NH, S, DK, DV, L, mode, dt, f_mean, init))
     gate, normalize = GATE_MODES[mode]
     host, ref = make_inputs(rng, B, NH, S, DK, DV, DTYPES[dt], f_mean=f_mean, i_range=i_range, init=init)
     want = reference(ref, gate=gate, normalize=normalize, L=L)
@@ -50,7 +57,7 @@ def test_forward_matches_reference(B, NH, S, DK, DV, L, mode, dt, f_mean, i_rang
                                   initial_state=state, return_state=True, chunk_size=L,
                                   precision="tf32" if dt == "tf32" else "default")
     assert h.dtype == DTYPES[dt] and last.C.dtype == np.float32
-    tol = FWD_TOL[dt]
+    tol = EXTREME_GATE_TOL.get(dt, FWD_TOL[dt]) if i_range else FWD_TOL[dt]
     errs = {"h": rel_err(h, want["h"]), "C": rel_err(last.C, want["C"])}
     if normalize:
         errs["n"] = rel_err(last.n, want["n"])
