@@ -21,10 +21,11 @@ struct StateTile {
   static_assert(kThreads % (BK / 2) == 0, "n update maps threads onto column pairs");
 
   // Two buffers of X [kBT][kBK] and Y [kBT][kBV] (element size E, rows padded by 16 bytes) and of
-  // the gate rows; floats: the weights (kBT), n (kBK) and the n partials. Independent of L.
-  __host__ __device__ static constexpr int smem_bytes(int E, int L) {
+  // the gate rows; floats: the weights (kBT), n (kBK) and the n partials. Independent of the
+  // chunk size (the argument keeps one signature for every tile).
+  __host__ __device__ static constexpr int smem_bytes(int E, int /*L*/) {
     return 2 * E * BT * ((BK + 16 / E) + (BV + 16 / E)) +
-           4 * (2 * kGateRows * BT + BT + BK + (kThreads / (BK / 2)) * BK) + 0 * L;
+           4 * (2 * kGateRows * BT + BT + BK + (kThreads / (BK / 2)) * BK);
   }
 };
 

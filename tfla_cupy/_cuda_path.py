@@ -73,6 +73,18 @@ def _state_f32(state, problem):
     return C0, n0, m0
 
 
+def _gpu_inputs(problem, arrays, state):
+    """GPU-specific checks, then the kernel operands: (mma, device, (q, k, v, i32, f32), (C0, n0, m0)).
+    q, k, v are made contiguous and aligned; gates and states are float32. Runs under `device`."""
+    q, k, v, i, f = arrays
+    mma = _mma(problem)
+    _check_head_dims(problem.DK, problem.DV)
+    device = _same_device(dict(q=q, k=k, v=v, i=i, f=f, **({} if state is None else state._asdict())))
+    with device:
+        operands = (_operand(q), _operand(k), _operand(v), _operand(i, _F32), _operand(f, _F32))
+        return mma, device, operands, _state_f32(state, problem)
+
+
 class _Launch:
     """Grids of one problem under one config."""
 
@@ -124,17 +136,11 @@ def _config(problem, mma, device):
 
 def forward(problem, arrays, state):
     cp = _arrays.cupy_module()
-    q, k, v, i, f = arrays
-    mma = _mma(problem)
-    _check_head_dims(problem.DK, problem.DV)
-    device = _same_device(dict(q=q, k=k, v=v, i=i, f=f, **({} if state is None else state._asdict())))
+    mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
     with device:
         cfg = _config(problem, mma, device)
         run = _Launch(problem, cfg, mma)
         p, BH, NC = problem, run.BH, run.NC
-        q, k, v = (_operand(x) for x in (q, k, v))
-        i32, f32 = _operand(i, _F32), _operand(f, _F32)
-        C0, n0, m0 = _state_f32(state, problem)
         shape = (p.B, p.NH)
         h = cp.empty(shape + (p.S, p.DV), p.dtype)
         N = cp.empty(shape + (p.S,), _F32) if p.has_n else None
@@ -154,7 +160,7 @@ def forward(problem, arrays, state):
         run.chunk("fwd_h", params)
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
                  C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
-                 dtypes=(i.dtype, f.dtype), mma=mma, cfg=cfg, device=device.id)
+                 dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=cfg, device=device.id)
     return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
 
 
@@ -208,16 +214,10 @@ def backward(ctx, dh, dC_last):
 
 def step(problem, arrays, state):
     cp = _arrays.cupy_module()
-    q, k, v, i, f = arrays
-    mma = _mma(problem)
-    _check_head_dims(problem.DK, problem.DV)
-    device = _same_device(dict(q=q, k=k, v=v, i=i, f=f, **({} if state is None else state._asdict())))
+    mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
     with device:
         p = problem
         BH = p.B * p.NH
-        q, k, v = (_operand(x) for x in (q, k, v))
-        i32, f32 = _operand(i, _F32), _operand(f, _F32)
-        C0, n0, m0 = _state_f32(state, problem)
         h = cp.empty((p.B, p.NH, p.DV), p.dtype)
         C = cp.empty((p.B, p.NH, p.DK, p.DV), _F32)
         n = cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None
