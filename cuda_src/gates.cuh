@@ -111,11 +111,6 @@ __device__ __forceinline__ float2 split(double x) {
 }
 __device__ __forceinline__ float add_split(float2 a, float2 b) { return (a.x + b.x) + (a.y + b.y); }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 __device__ __forceinline__ double warp_max(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from tfla_cupy.reference import chunkwise
-from tfla_cupy.reference.gates import log_gates
 
 try:
     import cupy as cp
@@ -113,4 +112,4 @@ def reference(ref, *, gate, normalize, L, scale=None, eps=1e-6, dh=None, dC_last
 
 
 __all__ = ["cp", "HAS_GPU", "gpu", "DTYPES", "FWD_TOL", "BWD_TOL", "DF_TOL", "GATE_MODES", "rel_err",
-           "poisoned_allocations", "seed_of", "case_id", "make_inputs", "to_gpu", "reference", "log_gates"]
+           "poisoned_allocations", "seed_of", "case_id", "make_inputs", "to_gpu", "reference"]

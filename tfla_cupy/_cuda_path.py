@@ -123,13 +123,9 @@ class _Launch:
 
 
 def _config(problem, mma, device):
-    cfg = problem.config
-    if cfg is None:
-        cfg = pick_config(mma, problem.DK, problem.DV, problem.chunk_size)
-    else:
-        from .config import KernelConfig
-        if not isinstance(cfg, KernelConfig):
-            raise TypeError(f"config: expected a tfla_cupy.config.KernelConfig or None, got {type(cfg).__name__}")
+    """The caller's KernelConfig (type checked at the boundary) or the heuristic's, checked
+    against this device's shared-memory limit."""
+    cfg = problem.config or pick_config(mma, problem.DK, problem.DV, problem.chunk_size)
     cfg.check(ELEMENT_BYTES[mma], problem.chunk_size, _loader.device_limits(device.id)[1])
     return cfg
 
