@@ -213,7 +213,16 @@ def bench_tfla(cp, timer, variant, mode, B, NH, S, DK, DV, L, check=True):
 # ------------------------------------------------------------------------------------------
 
 
-PEERS = ("tfla_exp", "tfla_sig", "fla", "sdpa")
+# key: (row label, kind, module, function); kind "sdpa" needs no import
+_PEER_TABLE = {
+    "tfla_exp": ("mlstm_kernels TFLA exp", "exp", "mlstm_kernels.torch.chunkwise.triton_xl_chunk",
+                 "mlstm_chunkwise__xl_chunk"),
+    "tfla_sig": ("mlstm_kernels TFLA sig", "sig", "mlstm_kernels.torch.chunkwise.triton_xl_chunk_siging",
+                 "mlstm_siging_chunkwise__xl_chunk"),
+    "fla": ("fla chunk_simple_gla", "gla", "fla.ops.simple_gla", "chunk_simple_gla"),
+    "sdpa": ("torch SDPA causal (NH32 d128)", "sdpa", None, None),
+}
+PEERS = tuple(_PEER_TABLE)
 
 
 def torch_peers(wanted):
@@ -222,27 +231,18 @@ def torch_peers(wanted):
         import torch
     except ImportError:
         return None, {}
+    import importlib
     peers = {}
-    if "tfla_exp" in wanted:
+    for key in PEERS:
+        if key not in wanted:
+            continue
+        label, kind, module, function = _PEER_TABLE[key]
         try:
-            from mlstm_kernels.torch.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
-            peers["mlstm_kernels TFLA exp"] = ("exp", mlstm_chunkwise__xl_chunk)
+            fn = getattr(importlib.import_module(module), function) if module else None
         except Exception as e:  # noqa: BLE001
-            print(f"# peer mlstm_kernels TFLA exp unavailable: {type(e).__name__}: {e}")
-    if "tfla_sig" in wanted:
-        try:
-            from mlstm_kernels.torch.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
-            peers["mlstm_kernels TFLA sig"] = ("sig", mlstm_siging_chunkwise__xl_chunk)
-        except Exception as e:  # noqa: BLE001
-            print(f"# peer mlstm_kernels TFLA sig unavailable: {type(e).__name__}: {e}")
-    if "fla" in wanted:
-        try:
-            from fla.ops.simple_gla import chunk_simple_gla
-            peers["fla chunk_simple_gla"] = ("gla", chunk_simple_gla)
-        except Exception as e:  # noqa: BLE001
-            print(f"# peer fla unavailable: {type(e).__name__}: {e}")
-    if "sdpa" in wanted:
-        peers["torch SDPA causal (NH32 d128)"] = ("sdpa", None)
+            print(f"# peer {label} unavailable: {type(e).__name__}: {e}")
+            continue
+        peers[label] = (kind, fn)
     return torch, peers
 
 
