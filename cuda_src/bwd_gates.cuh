@@ -1,7 +1,7 @@
 // tfla_cupy — backward stage 3: gate gradients, fp32 (MLSTM_SPEC.md §6.3, §6.5, §7).
 //
 //   dι_t = k_t·dk_t,            dĩ_t = dι_t (exp) or dι_t·σ(−ĩ_t) (sig)
-//   dλ_t = Σ_{u>=t} (q_u·dq_u − k_u·dk_u) + ⟨dC_last, C_last⟩,   df̃_t = dλ_t·σ(−f̃_t)
+//   dλ_t = Σ_{u>=t} (q_u·dq_u − k_u·dk_u) + ⟨dC_last, C_last⟩,   df̃_t = dλ_t·dλ/df̃ (σ(−f̃_t) above the floor)
 // The reverse sum runs over the WHOLE sequence (not per chunk). The dots arrive as partial
 // sums over DK blocks from the dq / dk kernels; every reduction has a fixed order, so two runs
 // give bit-identical gradients. The ⟨dC_last, C_last⟩ term (absent upstream) makes df exact
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kGateThreads) bwd_gates_kernel(const Params p)
     const float suffix = block_scan(d, warp_tot, &total) + carry;  // Σ_{u = t .. end−1} d_u + later segments
     if (t >= 0) {
       p.di[row + t] = kdk * Gate::d_log_input(p.i[row + t]);
-      p.df[row + t] = suffix * sigmoid(-p.f[row + t]);
+      p.df[row + t] = suffix * d_log_forget(p.f[row + t]);
     }
     carry += total;
   }

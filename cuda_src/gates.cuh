@@ -9,20 +9,36 @@
 
 namespace tfla {
 
+// Special gate values (docs/math.md §1.2). The log gates are floored, NaN kept as NaN:
+//   λ = max(logσ(f̃), −10⁴): e^{−10⁴} is exactly 0 in every floating format, so the floor
+//       changes no output; it makes f̃ = −∞ a defined reset (the state before the token is
+//       dropped) instead of −∞ − (−∞) = NaN in the in-chunk sums. dλ/df̃ = 0 where it is active.
+//   ι = max(ι, −10³⁰): ĩ = −∞ makes the token write nothing (weight exactly 0), with dι/dĩ = 0.
+// The same floors are in tfla_cupy/reference/gates.py.
+constexpr float kLogForgetFloor = -1e4f;
+constexpr float kLogInputFloor = -1e30f;
+
+// max(x, lo) that keeps NaN (fmaxf would turn a NaN gate into a silent reset).
+__device__ __forceinline__ float floor_keep_nan(float x, float lo) { return x < lo ? lo : x; }
+
+__device__ __forceinline__ float log_forget(float f) { return floor_keep_nan(logsigmoid(f), kLogForgetFloor); }
+// df̃ = dλ · dλ/df̃
+__device__ __forceinline__ float d_log_forget(float f) { return logsigmoid(f) < kLogForgetFloor ? 0.f : sigmoid(-f); }
+
 struct GateExp {
   static constexpr bool kStabilized = true;
   static constexpr bool kNormalize = true;
-  __device__ static float log_input(float i) { return i; }
+  __device__ static float log_input(float i) { return floor_keep_nan(i, kLogInputFloor); }
   // dĩ = dι · d(ι)/d(ĩ)
-  __device__ static float d_log_input(float) { return 1.f; }
+  __device__ static float d_log_input(float i) { return i < kLogInputFloor ? 0.f : 1.f; }
 };
 
 template <bool Normalize>
 struct GateSig {
   static constexpr bool kStabilized = false;
   static constexpr bool kNormalize = Normalize;
-  __device__ static float log_input(float i) { return logsigmoid(i); }
-  __device__ static float d_log_input(float i) { return sigmoid(-i); }
+  __device__ static float log_input(float i) { return floor_keep_nan(logsigmoid(i), kLogInputFloor); }
+  __device__ static float d_log_input(float i) { return logsigmoid(i) < kLogInputFloor ? 0.f : sigmoid(-i); }
 };
 
 constexpr float kRowMaxFloor = -10.f;  // MINIMUM_MAX_VAL of the exp variant
@@ -122,7 +138,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Load λ_u = logσ(f̃) and ι_u for positions u in [lo, hi) of the chunk starting at token t0 of
+// Load λ_u = log_forget(f̃) and ι_u for positions u in [lo, hi) of the chunk starting at token t0 of
 // head bh; positions at or beyond `valid` (past the sequence end) get λ = 0, ι = −inf: they
 // decay nothing and contribute nothing.
 template <typename Gate>
@@ -130,7 +146,7 @@ __device__ __forceinline__ void load_log_gates(const float* i, const float* f, i
                                                int valid, double* lam, double* iota) {
   for (int u = lo + threadIdx.x; u < hi; u += blockDim.x) {
     const bool ok = u < valid;
-    lam[u] = ok ? double(logsigmoid(f[base + u])) : 0.0;
+    lam[u] = ok ? double(log_forget(f[base + u])) : 0.0;
     iota[u] = ok ? double(Gate::log_input(i[base + u])) : double(neg_inf());
   }
 }

@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(const Params p) {
   const T* k = ptr<T>(p.k) + i64(bh) * p.DK;
   const T* v = ptr<T>(p.v) + i64(bh) * p.DV;
 
-  const float lam = logsigmoid(p.f[bh]), iota = Gate::log_input(p.i[bh]);
+  const float lam = log_forget(p.f[bh]), iota = Gate::log_input(p.i[bh]);
   const float m = (Gate::kStabilized && p.m0 != nullptr) ? p.m0[bh] : 0.f;
   const float m_new = Gate::kStabilized ? fmaxf(lam + m, iota) : 0.f;
   const float alpha = expf(lam + m - m_new), beta = expf(iota - m_new);

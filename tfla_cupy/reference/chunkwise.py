@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gates import ROW_MAX_FLOOR, chunk_gate_vectors, log_gates, sigmoid
+from .gates import ROW_MAX_FLOOR, chunk_gate_vectors, d_log_gates, log_gates
 
 
 def chunk_slices(S, L):
@@ -204,15 +204,16 @@ def bwd_gates(q, k, dq, dk, i, f, *, gate, last_state_dot=None):
 
     dι_t = k_t·dk_t; dλ_t = Σ_{u>=t} (q_u·dq_u − k_u·dk_u) over the whole sequence, plus
     ⟨dC_last, C_last⟩ (``last_state_dot``, (...)) when a gradient flows into the last state.
-    di = dι (exp) or dι·σ(−ĩ) (sig); df = dλ·σ(−f̃).
+    di = dι·dι/dĩ (1 for exp, σ(−ĩ) for sig); df = dλ·σ(−f̃); both zero where a log-gate
+    floor is active (gates.d_log_gates).
     """
     kdk = np.einsum("...tk,...tk->...t", k, dk)
     qdq = np.einsum("...tk,...tk->...t", q, dq)
     d_log_f = np.flip(np.cumsum(np.flip(qdq - kdk, -1), -1), -1)
     if last_state_dot is not None:
         d_log_f = d_log_f + last_state_dot[..., None]
-    di = kdk if gate == "exp" else kdk * sigmoid(-i)
-    return di, d_log_f * sigmoid(-f)
+    d_i, d_f = d_log_gates(i, f, gate)
+    return kdk * d_i, d_log_f * d_f
 
 
 def bwd(q, k, v, i, f, C0, n0, m0, dh, dC_last, *, gate, normalize, L, eps, scale, floor=ROW_MAX_FLOOR):

@@ -14,6 +14,17 @@ GATES = ("exp", "sig")
 #: Floor of the intra-chunk row maximum of the exp variant (upstream ``MINIMUM_MAX_VAL``).
 ROW_MAX_FLOOR = -10.0
 
+#: Floors of the log gates (docs/math.md §1.2; the kernels use the same values). e^{−10⁴} is
+#: exactly zero in every floating format, so flooring λ changes no output and makes f̃ = −∞ a
+#: defined reset; flooring ι makes ĩ = −∞ a token that writes nothing. NaN stays NaN. The
+#: derivative of a log gate is zero where its floor is active.
+LOG_FORGET_FLOOR = -1e4
+LOG_INPUT_FLOOR = -1e30
+
+
+def _floor_keep_nan(x, lo):
+    return np.where(x < lo, lo, x)
+
 
 def logsigmoid(x):
     """log σ(x) = −softplus(−x), computed stably in float64."""
@@ -26,10 +37,19 @@ def sigmoid(x):
 
 
 def log_gates(i, f, gate):
-    """Return (log_i, log_f) = (ι, λ) for the gate variant."""
-    log_f = logsigmoid(f)
+    """Return (log_i, log_f) = (ι, λ) for the gate variant, floored as the kernels do."""
+    log_f = _floor_keep_nan(logsigmoid(f), LOG_FORGET_FLOOR)
     log_i = i if gate == "exp" else logsigmoid(i)
-    return log_i, log_f
+    return _floor_keep_nan(log_i, LOG_INPUT_FLOOR), log_f
+
+
+def d_log_gates(i, f, gate):
+    """(dι/dĩ, dλ/df̃) of :func:`log_gates`: zero where a floor is active."""
+    log_f = logsigmoid(f)
+    d_f = np.where(log_f < LOG_FORGET_FLOOR, 0.0, sigmoid(-f))
+    log_i = i if gate == "exp" else logsigmoid(i)
+    d_i = np.ones_like(log_i) if gate == "exp" else sigmoid(-i)
+    return np.where(log_i < LOG_INPUT_FLOOR, 0.0, d_i), d_f
 
 
 def is_stabilized(gate):
