@@ -34,7 +34,7 @@ from tfla_cupy.reference import chunkwise  # noqa: E402
 
 SHAPES = {"main": dict(NH=16, DK=128, DV=256), "second": dict(NH=8, DK=256, DV=512)}
 TOKENS = 65536
-COPY_BW = 3.0e12        # bytes/s: measured device copy bandwidth of the H100 here (PERFORMANCE.md)
+COPY_BW = 3.0e12        # bytes/s: device copy rate; main() replaces it by the rate measured on the card it runs on
 MMA_RATE = 800e12       # FLOP/s: measured bf16 matrix rate
 CHECK_TOL = {"fw": 3e-2, "fwbw": 3e-2, "df": 1e-1}
 
@@ -311,6 +311,23 @@ def cpu_demo():
           f"|df| max {np.abs(g.df).max():.3f}; last C norm {np.linalg.norm(state.C):.3f}")
 
 
+def measure_copy_rate(cp, nbytes=1 << 30, repeat=10):
+    """Bytes read + written per second of a device-to-device copy on the current card (median)."""
+    src = cp.zeros(nbytes // 4, dtype=cp.float32)
+    dst = cp.empty_like(src)
+    times = []
+    for _ in range(repeat + 2):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        cp.copyto(dst, src)
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    del src, dst
+    cp.get_default_memory_pool().free_all_blocks()
+    return 2 * nbytes / float(np.median(times[2:]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="main")
@@ -340,6 +357,9 @@ def main(argv=None):
     card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     print(f"# card: {card}, CC {dev.compute_capability}, {props['multiProcessorCount']} SMs; "
           f"CuPy {cp.__version__}; date {time.strftime('%Y-%m-%d')}")
+    global COPY_BW
+    COPY_BW = measure_copy_rate(cp)
+    print(f"# device-to-device copy (read + write) measured now: {COPY_BW / 1e12:.2f} TB/s; floors use it")
     shape = SHAPES[args.shape]
     S_list = args.S or ([512 * 2**j for j in range(8)] if args.sweep else [8192])
     timer = Timer(cp)
@@ -420,10 +440,18 @@ def _save(rows, out, card, tag="bench"):
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # one colour per implementation and one line style per variant, the same in both panels
+    keys = sorted({(r.impl, r.variant) for r in rows})
+    impls = sorted({k[0] for k in keys})
+    colour = {impl: plt.cm.tab10(j % 10) for j, impl in enumerate(impls)}
+    style = {"exp": "-", "sig": "--"}
     for ax, mode in zip(axes, ("fw", "fwbw")):
-        for key in sorted({(r.impl, r.variant) for r in rows if r.mode == mode}):
+        for key in keys:
             pts = sorted((r.S, r.ms) for r in rows if (r.impl, r.variant) == key and r.mode == mode)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour[key[0]],
+                    linestyle=style.get(key[1], ":"), label=f"{key[0]} {key[1]}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("S (B·S = 65536)")
         ax.set_ylabel("ms")
