@@ -23,7 +23,8 @@ __device__ __forceinline__ float floor_keep_nan(float x, float lo) { return x < 
 
 __device__ __forceinline__ float log_forget(float f) { return floor_keep_nan(logsigmoid(f), kLogForgetFloor); }
 // df̃ = dλ · dλ/df̃
-__device__ __forceinline__ float d_log_forget(float f) { return logsigmoid(f) < kLogForgetFloor ? 0.f : sigmoid(-f); }
+// (logσ(f̃) = f̃ exactly in fp32 below −88, so the floor is active exactly where f̃ < −10⁴)
+__device__ __forceinline__ float d_log_forget(float f) { return f < kLogForgetFloor ? 0.f : sigmoid(-f); }
 
 struct GateExp {
   static constexpr bool kStabilized = true;
@@ -38,7 +39,7 @@ struct GateSig {
   static constexpr bool kStabilized = false;
   static constexpr bool kNormalize = Normalize;
   __device__ static float log_input(float i) { return floor_keep_nan(logsigmoid(i), kLogInputFloor); }
-  __device__ static float d_log_input(float i) { return logsigmoid(i) < kLogInputFloor ? 0.f : sigmoid(-i); }
+  __device__ static float d_log_input(float i) { return i < kLogInputFloor ? 0.f : sigmoid(-i); }
 };
 
 constexpr float kRowMaxFloor = -10.f;  // MINIMUM_MAX_VAL of the exp variant

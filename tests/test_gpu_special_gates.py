@@ -213,7 +213,16 @@ def test_fuzz_gpu_against_numpy_path(b, nh, s, dk, dv, chunk, mode, dt, p_i, p_r
         assert not np.isfinite(cp.asnumpy(last.C)[bad_head]).all()
     errs = {"h": rel_err(h[keep], want["h"][keep]), "C": rel_err(cp.asnumpy(last.C)[keep], want["C"][keep])}
     tols = {"h": FWD_TOL[dt], "C": FWD_TOL[dt]}
-    for name in ("dq", "dk", "dv", "di", "df"):
+    for name in ("dq", "dk", "dv", "di"):
         errs[name] = rel_err(cp.asnumpy(getattr(g, name))[keep], want[name][keep])
-        tols[name] = DF_TOL[dt] if name == "df" else BWD_TOL[dt]
+        tols[name] = BWD_TOL[dt]
+    # df is a reverse sum of differences q·dq − k·dk: its rounding scales with those terms, and its
+    # exact value can be ~0 (S = 1 without an initial state: no pair of tokens straddles the gate),
+    # so its error is measured against max(|df|, |q·dq|, |k·dk|) of the reference
+    terms = [np.abs(np.einsum("...tk,...tk->...t", ref[a], want[b]))[keep] for a, b in (("q", "dq"), ("k", "dk"))]
+    df_ref = want["df"][keep]
+    df_scale = max(np.max(np.abs(df_ref), initial=0.0), *(np.max(t, initial=0.0) for t in terms), 1e-30)
+    df_out = cp.asnumpy(g.df).astype(np.float64)[keep]
+    errs["df"] = np.inf if not np.isfinite(df_out).all() else float(np.max(np.abs(df_out - df_ref), initial=0.0) / df_scale)
+    tols["df"] = DF_TOL[dt]
     _check(errs, tols)
