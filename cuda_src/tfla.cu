@@ -7,6 +7,7 @@
 //   bwd_dq/dk/dv_kernel  backward token gradients                 (bwd_chunks.cuh)
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
 //   step_kernel          one-token recurrence for inference       (step.cuh)
+//   wgmma_probe_kernel   sm_90a warpgroup-MMA primitives, checked by a GPU test (wgmma.cuh)
 #include "chunk_gates.cuh"
 #include "fwd_states.cuh"
 #include "fwd_outputs.cuh"
@@ -14,3 +15,4 @@
 #include "bwd_chunks.cuh"
 #include "bwd_gates.cuh"
 #include "step.cuh"
+#include "wgmma.cuh"

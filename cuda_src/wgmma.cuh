@@ -1,0 +1,208 @@
+// tfla_cupy — Hopper (sm_90a) warpgroup MMA primitives: shared-memory matrix descriptors for the
+// 128-byte swizzled K-major layout, wgmma.mma_async m64n64k16 bf16 with A from shared memory or
+// from registers, and the fences around it. Groundwork of the Hopper kernel family; checked on the
+// GPU by wgmma_probe_kernel (tests/test_gpu_wgmma.py) against NumPy.
+//
+// Everything here compiles only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the probe
+// kernel is an empty trap so that one translation unit still builds for sm_80 and sm_90.
+//
+// Layout (one "swizzle atom" = 8 rows × 128 bytes, 1024-byte aligned): row r of a K-major tile with
+// 64 16-bit elements per row lives at byte 128·r; its 16-byte chunk j is stored at chunk j ^ (r % 8).
+// A descriptor addresses a 64-row (or N-row) tile of such rows: start address >> 4 (bits 0–13),
+// leading byte offset (unused for swizzled K-major, 1), stride byte offset 1024 >> 4 between 8-row
+// groups (bits 32–45), swizzle mode 1 = 128 B (bits 62–63). A k-step of 16 elements advances the
+// start address by 32 bytes; the hardware applies the swizzle to the final address bits.
+#pragma once
+#include "common.cuh"
+#include "params.cuh"
+
+namespace tfla {
+
+using u64 = unsigned long long;
+
+// Byte offset of element (r, c) of a 128B-swizzled K-major tile of 16-bit elements.
+__host__ __device__ constexpr int sw128_offset(int r, int c) {
+  return r * 128 + ((((c * 2) >> 4) ^ (r & 7)) << 4) + ((c * 2) & 15);
+}
+
+__device__ __forceinline__ u64 sw128_desc(const void* smem_tile) {
+  const u64 addr = smem_addr(smem_tile);
+  return ((addr & 0x3FFFF) >> 4) | (u64(1) << 16) | (u64(1024 >> 4) << 32) | (u64(1) << 62);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy writes to shared memory (st.shared, cp.async) made visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+#define TFLA_WGMMA_D32                                                                                     \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define TFLA_WGMMA_D32_OPS(d)                                                                              \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),           \
+      "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),           \
+      "+f"(d[30]), "+f"(d[31])
+
+// D[64 × 64] (+)= A[64 × 16] · B[64 × 16]ᵀ, bf16 in, fp32 accumulate; A and B K-major in shared memory.
+// scale_d = 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], u64 desc_a, u64 desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : TFLA_WGMMA_D32_OPS(d)
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// The same with A from registers: four 32-bit registers of bf16 pairs in the mma.sync m16k16
+// A-fragment layout, warp w of the warpgroup holding rows 16w .. 16w + 15.
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const u32 (&a)[4], u64 desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : TFLA_WGMMA_D32_OPS(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+#undef TFLA_WGMMA_D32
+#undef TFLA_WGMMA_D32_OPS
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// Probe: D = A · Bᵀ for A (64 × 64) = q, B (64 × 64) = k (bf16, row-major, K contiguous), D (64 × 64)
+// fp32 = h. One warpgroup. kRegA = true takes A through registers (the P-tile path of the output
+// kernel), false through a shared-memory descriptor.
+template <bool kRegA>
+__global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ __align__(1024) unsigned char sA[64 * 128];
+  __shared__ __align__(1024) unsigned char sB[64 * 128];
+  const u16* A = ptr<u16>(p.q);
+  const u16* B = ptr<u16>(p.k);
+  for (int e = threadIdx.x; e < 64 * 64; e += 128) {
+    const int r = e / 64, c = e % 64;
+    *reinterpret_cast<u16*>(sA + sw128_offset(r, c)) = A[e];
+    *reinterpret_cast<u16*>(sB + sw128_offset(r, c)) = B[e];
+  }
+  fence_async_smem();
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  float d[32];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) d[j] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const u64 db = sw128_desc(sB + 32 * kk);
+    if constexpr (kRegA) {
+      u32 a[4];
+      const int r = 16 * warp + g, c = 16 * kk + 2 * t;
+      a[0] = *reinterpret_cast<const u32*>(sA + sw128_offset(r, c));
+      a[1] = *reinterpret_cast<const u32*>(sA + sw128_offset(r + 8, c));
+      a[2] = *reinterpret_cast<const u32*>(sA + sw128_offset(r, c + 8));
+      a[3] = *reinterpret_cast<const u32*>(sA + sw128_offset(r + 8, c + 8));
+      wgmma_m64n64k16_rs(d, a, db, kk > 0);
+    } else {
+      wgmma_m64n64k16_ss(d, sw128_desc(sA + 32 * kk), db, kk > 0);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  float* D = ptr<float>(p.h);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int r = 16 * warp + g, c = 8 * j + 2 * t;
+    D[r * 64 + c] = d[4 * j];
+    D[r * 64 + c + 1] = d[4 * j + 1];
+    D[(r + 8) * 64 + c] = d[4 * j + 2];
+    D[(r + 8) * 64 + c + 1] = d[4 * j + 3];
+  }
+#else
+  __trap();
+#endif
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Bulk tensor copies (TMA) completing on an mbarrier. The tensor map (CUtensorMap, 128 bytes,
+// encoded on the host by cuTensorMapEncodeTiled) lives in device memory.
+// ---------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void tensormap_acquire(const void* tmap) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmap) : "memory");
+}
+__device__ __forceinline__ void mbar_init(u64* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Copy the box at (x = column, y = row) of a 2-D tensor map into shared memory.
+__device__ __forceinline__ void tma_load_2d(void* smem, const void* tmap, int x, int y, u64* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_addr(smem)),
+      "l"(tmap), "r"(x), "r"(y), "r"(smem_addr(bar))
+      : "memory");
+}
+#endif
+
+// Probe: as wgmma_probe_kernel<false>, but A and B arrive by TMA (64 × 64 boxes, 128-byte swizzle)
+// through tensor maps at p.C0 (A) and p.n0 (B).
+template <int kUnused>
+__global__ void __launch_bounds__(128) tma_probe_kernel(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ __align__(1024) unsigned char sA[64 * 128];
+  __shared__ __align__(1024) unsigned char sB[64 * 128];
+  __shared__ __align__(8) u64 bar;
+  if (threadIdx.x == 0) {
+    tensormap_acquire(p.C0);
+    tensormap_acquire(p.n0);
+    mbar_init(&bar, 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    mbar_expect_tx(&bar, 2 * 64 * 128);
+    tma_load_2d(sA, p.C0, 0, 0, &bar);
+    tma_load_2d(sB, p.n0, 0, 0, &bar);
+  }
+  mbar_wait(&bar, 0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  float d[32];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) d[j] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16_ss(d, sw128_desc(sA + 32 * kk), sw128_desc(sB + 32 * kk), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  float* D = ptr<float>(p.h);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int r = 16 * warp + g, c = 8 * j + 2 * t;
+    D[r * 64 + c] = d[4 * j];
+    D[r * 64 + c + 1] = d[4 * j + 1];
+    D[(r + 8) * 64 + c] = d[4 * j + 2];
+    D[(r + 8) * 64 + c + 1] = d[4 * j + 3];
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace tfla
