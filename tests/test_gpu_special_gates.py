@@ -211,6 +211,8 @@ def test_fuzz_gpu_against_numpy_path(b, nh, s, dk, dv, chunk, mode, dt, p_i, p_r
     if bad_head is not None:
         keep[bad_head] = False
         assert not np.isfinite(cp.asnumpy(last.C)[bad_head]).all()
+    if not keep.any():  # the only head holds the undefined value: its non-finite pattern is all there is
+        return
     errs = {"h": rel_err(h[keep], want["h"][keep]), "C": rel_err(cp.asnumpy(last.C)[keep], want["C"][keep])}
     tols = {"h": FWD_TOL[dt], "C": FWD_TOL[dt]}
     for name in ("dq", "dk", "dv", "di"):
