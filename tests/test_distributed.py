@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from conftest import GATE_PARAMS, TOL_STATE_PASSING, Shape, random_inputs, rel_e
 
 SHAPE = Shape(2, 2, 203, 8, 12)
 #: Slice lengths: ragged, shorter and longer than a chunk, one of length 1, not chunk-aligned.
-LENGTHS = {"P1": [203], "P2": [101, 102], "P4-ragged": [50, 17, 100, 36], "P5-tiny": [1, 64, 3, 128, 7]}
+LENGTHS = {"P1": [203], "P2": [101, 102], "P4-ragged": [50, 17, 100, 36], "P5-tiny": [1, 64, 3, 128, 7],
+           "P8-ones": [1] * 7 + [196]}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -89,6 +91,82 @@ def test_output_dtypes_follow_the_inputs(rng):
     g = dist.virtual_mlstm_bwd(ctx, np.ones_like(h))
     assert h.dtype == np.float32 and last.C.dtype == np.float64
     assert [a.dtype for a in g[:5]] == [np.float32] * 5
+
+
+class _ThreadComm:
+    """A communicator of P threads over host arrays: the per-process driver (the one NCCL runs)
+    exercised on CPUs, each thread one rank."""
+
+    def __init__(self, shared, rank):
+        self.shared, self.rank, self.size = shared, rank, len(shared["slots"])
+
+    def all_gather(self, x):
+        sh = self.shared
+        sh["slots"][self.rank] = np.array(x, copy=True)
+        sh["barrier"].wait()
+        out = np.stack(sh["slots"])
+        sh["barrier"].wait()  # every rank has read before the next gather writes
+        return out
+
+
+def _run_ranks(P, fn):
+    shared = {"slots": [None] * P, "barrier": threading.Barrier(P, timeout=120)}
+    results, errors = [None] * P, []
+
+    def body(r):
+        try:
+            results[r] = fn(_ThreadComm(shared, r))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(P)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("gate,normalize", GATE_PARAMS)
+def test_per_process_driver_with_a_thread_communicator(rng, gate, normalize):
+    """dist.mlstm_fwd / mlstm_bwd as each NCCL process calls them, with ranks as threads."""
+    lengths = LENGTHS["P4-ragged"]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    x, state = _inputs(rng, SHAPE, gate, init=True)
+    opts = dict(gate=gate, normalize=normalize, chunk_size=16)
+    h, last, ctx = tfla_cupy.mlstm_fwd(*x.values(), initial_state=state, **opts)
+    dh = rng.standard_normal(h.shape)
+    d_last = MLSTMState(rng.standard_normal(last.C.shape))
+    g = tfla_cupy.mlstm_bwd(ctx, dh, d_last)
+
+    def rank(comm):
+        sl = slice(bounds[comm.rank], bounds[comm.rank + 1])
+        hr, st, c = dist.mlstm_fwd(*(a[:, :, sl] for a in x.values()), comm=comm,
+                                   initial_state=state if comm.rank == 0 else None, **opts)
+        gr = dist.mlstm_bwd(c, dh[:, :, sl], d_last if comm.rank == comm.size - 1 else None)
+        return hr, st, gr
+
+    out = _run_ranks(len(lengths), rank)
+    assert rel_err(np.concatenate([o[0] for o in out], axis=2), h) <= TOL_STATE_PASSING
+    _compare_states(out[-1][1], last, TOL_STATE_PASSING)
+    for j, name in enumerate(("dq", "dk", "dv", "di", "df")):
+        assert rel_err(np.concatenate([o[2][j] for o in out], axis=2), g[j]) <= TOL_STATE_PASSING, name
+    _compare_states(out[0][2].d_initial_state, g.d_initial_state, TOL_STATE_PASSING)
+    assert all(o[2].d_initial_state is None for o in out[1:])
+
+
+def test_per_process_driver_rejects_an_initial_state_off_rank_0(rng):
+    x, state = _inputs(rng, Shape(1, 1, 10, 8, 8), "exp", init=True)
+
+    def rank(comm):
+        return dist.mlstm_fwd(*(a[:, :, 5 * comm.rank:5 * comm.rank + 5] for a in x.values()), comm=comm,
+                              initial_state=state)
+
+    with pytest.raises(ValueError, match="initial_state: only rank 0 takes the initial state; rank 1 got one"):
+        _run_ranks(2, rank)
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,7 +276,7 @@ def test_bad_backward_arguments_are_rejected(rng):
 
 def test_nccl_driver_rejects_host_arrays_and_other_ranks_initial_state(rng):
     x, _ = _inputs(rng, Shape(1, 1, 10, 8, 8), "exp", init=False)
-    with pytest.raises(TypeError, match="comm: expected a tfla_cupy.distributed.NcclComm"):
+    with pytest.raises(TypeError, match="comm: expected a communicator with rank, size and all_gather"):
         dist.mlstm_fwd(*x.values(), comm=object())
     with pytest.raises(TypeError, match="the NCCL path needs GPU arrays"):
         dist.mlstm_fwd(*x.values(), comm=dist.NcclComm(None, 0, 1, 0))

@@ -18,6 +18,8 @@ a list (through the same byte packing NCCL sends); the NCCL driver runs one rank
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import _arrays, _validate, api
@@ -164,18 +166,28 @@ def _backward_local(ctx, a, dh, dC_last):
 
 
 def _check_comm(comm):
-    from ._comm import NcclComm
-    if not isinstance(comm, NcclComm):
-        raise TypeError(f"comm: expected a tfla_cupy.distributed.NcclComm (from init()), got {type(comm).__name__}")
+    """A communicator: ``rank``, ``size`` and ``all_gather(x) -> (size,) + x.shape`` (an
+    :class:`NcclComm`, or any object with these, e.g. one that gathers host arrays)."""
+    if not all(hasattr(comm, a) for a in ("rank", "size", "all_gather")):
+        raise TypeError("comm: expected a communicator with rank, size and all_gather (a "
+                        f"tfla_cupy.distributed.NcclComm from init()), got {type(comm).__name__}")
+
+
+def _device(comm, kind):
+    """The device context of a rank: its GPU on the GPU path, nothing on NumPy."""
+    if kind != "cuda":
+        return contextlib.nullcontext()
+    import cupy
+    return cupy.cuda.Device(getattr(comm, "device", None))
 
 
 def mlstm_fwd(q, k, v, i, f, *, comm, gate="exp", normalize=True, initial_state=None, chunk_size=None,
               eps=1e-6, scale=None, precision="default", config=None, keep_states=False):
     """Sequence-parallel forward of this rank's slice (one process per GPU).
 
-    Every rank of ``comm`` calls it with its contiguous slice of the sequence, ranks in
-    sequence order (rank 0 first); slice lengths may differ. Options as
-    :func:`tfla_cupy.mlstm_fwd`; ``initial_state`` only on rank 0.
+    Every rank of ``comm`` (an :class:`NcclComm` from :func:`init`) calls it with its
+    contiguous slice of the sequence, ranks in sequence order (rank 0 first); slice lengths may
+    differ. Options as :func:`tfla_cupy.mlstm_fwd`; ``initial_state`` only on rank 0.
 
     Returns ``(h, state, ctx)``: h of the slice, the state at the slice end (on rank
     ``comm.size − 1`` the last state of the whole sequence), and a context for :func:`mlstm_bwd`.
@@ -183,16 +195,16 @@ def mlstm_fwd(q, k, v, i, f, *, comm, gate="exp", normalize=True, initial_state=
     _check_comm(comm)
     opts = _fwd_opts(gate, normalize, chunk_size, eps, scale, precision, config, keep_states)
     problem, arrays, state = _validate_slice((q, k, v, i, f), opts, initial_state)
-    if problem.kind != "cuda":
+    from ._comm import NcclComm
+    if problem.kind != "cuda" and isinstance(comm, NcclComm):
         raise TypeError("q: the NCCL path needs GPU arrays (CuPy or a CUDA DLPack producer), got host arrays; "
                         "use virtual_mlstm_fwd for NumPy")
     if state is not None and comm.rank != 0:
         raise ValueError(f"initial_state: only rank 0 takes the initial state; rank {comm.rank} got one")
     layout = _summary_layout(problem)
-    import cupy as cp
-    with cp.cuda.Device(comm.device):
+    with _device(comm, problem.kind):
         s = _forward_summary(comm.rank, comm.size, problem, arrays, state)
-        gathered = comm.all_gather(_pack(s, layout, cp))
+        gathered = comm.all_gather(_pack(s, layout, _xp(problem.kind)))
         summaries = [_unpack(gathered[j], layout) for j in range(comm.size)]
         summaries[-1] = None
         return _forward_local(comm.rank, comm.size, summaries, problem, arrays, state, opts, comm)
@@ -203,13 +215,11 @@ def mlstm_bwd(ctx, dh, d_state=None):
     ``d_initial_state`` on rank 0 when the forward had an initial state (None elsewhere).
     ``d_state`` (the gradient of the last state) only on the last rank."""
     dh, dC_last = _backward_args(ctx, dh, d_state)
-    comm = ctx.comm
-    import cupy as cp
-    with cp.cuda.Device(comm.device):
+    comm, p = ctx.comm, ctx.local.problem
+    with _device(comm, p.kind):
         a_r = _backward_summary(ctx, dh, dC_last)
-        p = ctx.local.problem
-        if a_r is None:
-            a_r = cp.zeros((p.B, p.NH, p.DK, p.DV), _F32)
+        if a_r is None:  # rank 0 sends a placeholder
+            a_r = _xp(p.kind).zeros((p.B, p.NH, p.DK, p.DV), _F32 if p.kind == "cuda" else np.float64)
         a = list(comm.all_gather(a_r))
         return _backward_local(ctx, a, dh, dC_last)
 
