@@ -381,3 +381,17 @@ def test_topology_from_the_environment(monkeypatch):
     monkeypatch.setenv("TFLA_RANK", "two")
     with pytest.raises(ValueError, match="TFLA_RANK: expected an integer"):
         _comm._topology()
+
+
+@pytest.mark.parametrize("empty_m,exact", [(dist.EMPTY_M, True), (0.0, False)], ids=["minus-inf", "zero"])
+def test_weak_input_gates_need_the_empty_stabilizer_end_to_end(rng, monkeypatch, empty_m, exact):
+    """Input gates far below the forget decay (ĩ ~ −8) and a large ε make the ε·e^M term
+    visible in h: with m = −∞ for the empty state the ranks reproduce one call; with m = 0
+    the incoming stabilizers, hence M and h, are off."""
+    monkeypatch.setattr(_local, "EMPTY_M", empty_m)
+    shape = Shape(1, 2, 160, 8, 8)
+    x = random_inputs(rng, shape, i_offset=-8.0)
+    opts = dict(chunk_size=16, eps=0.5)
+    h, last = tfla_cupy.mlstm(*x.values(), return_state=True, **opts)
+    hd, last_d, _ = dist.virtual_mlstm_fwd(*x.values(), lengths=[40, 40, 80], **opts)
+    assert (rel_err(hd, h) <= TOL_STATE_PASSING and rel_err(last_d.m, last.m) <= TOL_STATE_PASSING) == exact

@@ -195,15 +195,17 @@ def _launch_worker(nproc, *extra):
 
 
 @pytest.mark.skipif(not _nccl_available(), reason="needs NCCL (cupy.cuda.nccl)")
-def test_nccl_world_size_1_through_the_launcher():
-    out = _launch_worker(1)
+@pytest.mark.parametrize("rendezvous", ["tcp", "env"])
+def test_nccl_world_size_1_through_the_launcher(rendezvous):
+    """The launcher's environment, one rank; with "env" the id comes from the launcher process."""
+    out = _launch_worker(1, "--rendezvous", rendezvous)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "rank 0/1 ok" in out.stdout
 
 
 @pytest.mark.multigpu
 @pytest.mark.skipif(_gpu_count() < 2 or not _nccl_available(), reason="needs 2 or more GPUs and NCCL")
-@pytest.mark.parametrize("rendezvous", ["tcp", "file"])
+@pytest.mark.parametrize("rendezvous", ["tcp", "file", "env"])
 def test_nccl_ranks_match_reference(rendezvous):
     """One process per GPU (up to 8) over NCCL, ragged slices, every gate, fp32 and bf16."""
     nproc = min(_gpu_count(), 8)
