@@ -187,7 +187,8 @@ def mlstm_fwd(q, k, v, i, f, *, comm, gate="exp", normalize=True, initial_state=
 
     Every rank of ``comm`` (an :class:`NcclComm` from :func:`init`) calls it with its
     contiguous slice of the sequence, ranks in sequence order (rank 0 first); slice lengths may
-    differ. Options as :func:`tfla_cupy.mlstm_fwd`; ``initial_state`` only on rank 0.
+    differ (at least one token each). Options, the same on every rank, as
+    :func:`tfla_cupy.mlstm_fwd`; ``initial_state`` only on rank 0.
 
     Returns ``(h, state, ctx)``: h of the slice, the state at the slice end (on rank
     ``comm.size − 1`` the last state of the whole sequence), and a context for :func:`mlstm_bwd`.
