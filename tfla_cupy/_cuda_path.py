@@ -223,3 +223,53 @@ def step(problem, arrays, state):
         gate = GATE_POLICY[(p.gate, p.normalize)]
         _loader.get_kernel(step_kernel(mma, gate))(_cdiv(p.DV, _STEP_THREADS) * BH, _STEP_THREADS, params)
     return h, MLSTMState(C, n, m)
+
+
+def segment_summary(problem, arrays, state, *, empty_m=None):
+    """States-only forward for sequence parallelism (docs/distributed.md §1): stage 0 and the
+    state pass with no outputs, no boundary states written. Returns (last state, G) with G
+    (B, NH) float64 the sum of the slice's floored λ, from stage 0's per-chunk sums (the λ the
+    state pass used). ``empty_m`` starts from the empty state C = 0, n = 0, m = empty_m
+    instead of ``state``."""
+    cp = _arrays.cupy_module()
+    mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
+    with device:
+        p = problem
+        run = _Launch(p, _config(p, mma, device), mma)
+        shape = (p.B, p.NH)
+        if empty_m is not None:
+            C0, n0 = None, None
+            m0 = cp.full(shape, empty_m, _F32) if p.has_m else None
+        C_last = cp.empty(shape + (p.DK, p.DV), _F32)
+        n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
+        m_last = cp.empty(shape, _F32) if p.has_m else None
+        gates = run.gate_vectors(i32, f32)
+        run.states("fwd_states_kernel", make_params(k=k, v=v, C0=C0, n0=n0, m0=m0, C_last=C_last, n_last=n_last,
+                                                    m_last=m_last, BH=run.BH, S=p.S, DK=p.DK, DV=p.DV,
+                                                    L=p.chunk_size, NC=run.NC, **gates))
+        G = gates["gate_g"].sum(axis=1, dtype=cp.float64).reshape(shape)
+    return MLSTMState(C_last, n_last, m_last), G
+
+
+def initial_state_grad(ctx, dh, dC_last):
+    """d(initial C) alone (docs/distributed.md §2): the reverse dC pass of :func:`backward`
+    without the token gradients, after recomputing the boundary stabilizers (a state pass,
+    exp only) unless the forward kept them. Returns (B, NH, DK, DV) float32."""
+    cp = _arrays.cupy_module()
+    p, s = ctx.problem, ctx.saved
+    with cp.cuda.Device(s["device"]):
+        run = _Launch(p, s["cfg"], s["mma"])
+        BH, NC = run.BH, run.NC
+        common = dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"],
+                      N=s["N"], M=s["M"], BH=BH, S=p.S, DK=p.DK, DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale,
+                      eps=p.eps, **s["gates"])
+        m_states = s["m_states"]
+        if p.has_m and m_states is None:
+            m_states = cp.empty((BH, NC + 1), _F32)
+            run.states("fwd_states_kernel", make_params(**common, m_states=m_states))
+        dC0 = cp.empty((p.B, p.NH, p.DK, p.DV), _F32)
+        scratch = cp.empty((BH, NC, p.DK, p.DV), p.dtype)  # the kernel also writes every dC^(c)
+        run.states("bwd_dstates_kernel", make_params(**common, dh=_operand(dh, p.dtype),
+                                                     dC_last=None if dC_last is None else _operand(dC_last),
+                                                     m_states=m_states, dC_states=scratch, dC0=dC0))
+    return dC0
