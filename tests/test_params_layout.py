@@ -6,41 +6,49 @@ import re
 import numpy as np
 
 from tfla_cupy import _loader
-from tfla_cupy._params import PARAMS_DTYPE, make_params
+import pytest
+
+from tfla_cupy._params import PARAMS_DTYPE, STEP_PARAMS_DTYPE, make_params
 
 _C_TYPES = {"const void*": ("ptr", 8), "void*": ("ptr", 8), "const float*": ("ptr", 8), "float*": ("ptr", 8),
-            "int": ("int", 4), "float": ("float", 4)}
+            "const int*": ("ptr", 8), "int": ("int", 4), "float": ("float", 4)}
+
+#: (C++ struct, header, NumPy twin)
+STRUCTS = [pytest.param("Params", "params.cuh", PARAMS_DTYPE, id="Params"),
+           pytest.param("StepParams", "step.cuh", STEP_PARAMS_DTYPE, id="StepParams")]
 
 
-def _parse_struct():
-    text = (_loader.source_dir() / "params.cuh").read_text()
-    body = re.search(r"struct Params \{(.*?)\n\};", text, re.S).group(1)
+def _parse_struct(struct, header):
+    text = (_loader.source_dir() / header).read_text()
+    body = re.search(r"struct " + struct + r" \{(.*?)\n\};", text, re.S).group(1)
     fields = []
     for line in body.splitlines():
         line = line.split("//")[0].strip()
         if not line:
             continue
-        m = re.fullmatch(r"(const void\*|void\*|const float\*|float\*|int|float)\s+(\w+);", line)
-        assert m, f"unparsed Params line: {line!r}"
+        m = re.fullmatch(r"(const void\*|void\*|const float\*|float\*|const int\*|int|float)\s+(\w+);", line)
+        assert m, f"unparsed {struct} line: {line!r}"
         fields.append((m.group(2), _C_TYPES[m.group(1)]))
     return fields
 
 
-def test_fields_and_offsets_match_the_header():
-    fields = _parse_struct()
-    assert [n for n, _ in fields] == list(PARAMS_DTYPE.names)
+@pytest.mark.parametrize("struct, header, dtype", STRUCTS)
+def test_fields_and_offsets_match_the_header(struct, header, dtype):
+    fields = _parse_struct(struct, header)
+    assert [n for n, _ in fields] == list(dtype.names)
     offset = 0
     for name, (kind, size) in fields:
         offset = -(-offset // size) * size  # natural alignment
-        dt, got = PARAMS_DTYPE.fields[name]
+        dt, got = dtype.fields[name]
         assert got == offset, f"{name}: numpy offset {got}, C offset {offset}"
         assert dt.itemsize == size and dt.kind == {"ptr": "u", "int": "i", "float": "f"}[kind], name
         offset += size
-    assert PARAMS_DTYPE.itemsize == -(-offset // 8) * 8
+    assert dtype.itemsize == -(-offset // 8) * 8
 
 
-def test_nvrtc_agrees_on_the_size():
-    check = f"\nstatic_assert(sizeof(tfla::Params) == {PARAMS_DTYPE.itemsize}, \"Params size mismatch\");\n"
+@pytest.mark.parametrize("struct, header, dtype", STRUCTS)
+def test_nvrtc_agrees_on_the_size(struct, header, dtype):
+    check = f"\nstatic_assert(sizeof(tfla::{struct}) == {dtype.itemsize}, \"{struct} size mismatch\");\n"
     _loader.compile_for_arch([], "sm_80", extra_source=check, verbose_ptxas=False)
 
 

@@ -208,18 +208,25 @@ def backward(ctx, dh, dC_last):
     return MLSTMGrads(dq, dk, dv, di, df, d_initial)
 
 
-def step(problem, arrays, state):
-    cp = _arrays.cupy_module()
+def step(problem, arrays, state, out=None, indices=None):
+    """One token: out-of-place (new buffers), into ``out`` (may be the input state) or, with
+    ``indices``, in place on the rows of the pool ``state``."""
+    from ._step_plan import StepLaunch, check_state_buffers
+    if indices is not None:
+        check_state_buffers("state", state, problem)   # updated in place: never copied
+    if out is not None:
+        check_state_buffers("out_state", out, problem)
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
+    cp = _arrays.cupy_module()
     with device:
         p = problem
-        BH = p.B * p.NH
+        if indices is not None and indices.device.id != device.id:
+            raise ValueError(f"state_indices: expected an array on GPU {device.id}, got one on GPU {indices.device.id}")
         h = cp.empty((p.B, p.NH, p.DV), p.dtype)
-        C = cp.empty((p.B, p.NH, p.DK, p.DV), _F32)
-        n = cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None
-        m = cp.empty((p.B, p.NH), _F32) if p.has_m else None
-        params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, C_last=C, n_last=n, m_last=m,
-                             BH=BH, S=1, DK=p.DK, DV=p.DV, L=1, NC=1, scale=p.scale, eps=p.eps)
-        gate = GATE_POLICY[(p.gate, p.normalize)]
-        _loader.get_kernel(step_kernel(mma, gate))(_cdiv(p.DV, _STEP_THREADS) * BH, _STEP_THREADS, params)
-    return h, MLSTMState(C, n, m)
+        if out is None:
+            out = MLSTMState(cp.empty((p.B, p.NH, p.DK, p.DV), _F32),
+                             cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None,
+                             cp.empty((p.B, p.NH), _F32) if p.has_m else None)
+        run = StepLaunch(problem, mma, device.id, pool_size=0 if indices is None else state.C.shape[0])
+        run(q, k, v, i32, f32, (C0, n0, m0), out, h, indices)
+    return h, out
