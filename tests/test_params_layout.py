@@ -61,3 +61,16 @@ def test_make_params_fills_scalars_and_rejects_unknown_fields():
         assert "nope" in str(e)
     else:
         raise AssertionError("unknown field accepted")
+
+
+def test_step_pointer_slots_address_the_pointer_fields():
+    """StepPlan writes pointers through a uint64 view of the StepParams record."""
+    from tfla_cupy._params import STEP_POINTER_SLOT
+    record = np.zeros(1, STEP_PARAMS_DTYPE)
+    record["DK"], record["eps"] = 256, 1e-6
+    view = record.view(np.uint64)
+    for j, name in enumerate(STEP_POINTER_SLOT):
+        view[STEP_POINTER_SLOT[name]] = 1000 + j
+    for j, name in enumerate(STEP_POINTER_SLOT):
+        assert record[name][0] == 1000 + j
+    assert record["DK"][0] == 256 and record["eps"][0] == np.float32(1e-6)

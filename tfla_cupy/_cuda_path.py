@@ -211,7 +211,7 @@ def backward(ctx, dh, dC_last):
 def step(problem, arrays, state, out=None, indices=None):
     """One token: out-of-place (new buffers), into ``out`` (may be the input state) or, with
     ``indices``, in place on the rows of the pool ``state``."""
-    from ._step_plan import StepLaunch, check_state_buffers
+    from ._step_plan import check_state_buffers, step_launch
     if indices is not None:
         check_state_buffers("state", state, problem)   # updated in place: never copied
     if out is not None:
@@ -227,6 +227,6 @@ def step(problem, arrays, state, out=None, indices=None):
             out = MLSTMState(cp.empty((p.B, p.NH, p.DK, p.DV), _F32),
                              cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None,
                              cp.empty((p.B, p.NH), _F32) if p.has_m else None)
-        run = StepLaunch(problem, mma, device.id, pool_size=0 if indices is None else state.C.shape[0])
-        run(q, k, v, i32, f32, (C0, n0, m0), out, h, indices)
+        run = step_launch(problem, mma, device.id, 0 if indices is None else state.C.shape[0])
+        run(q, k, v, i32, f32, (C0, n0, m0), out, h, indices, record=run.record.copy())
     return h, out

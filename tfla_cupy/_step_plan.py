@@ -64,7 +64,7 @@ def _functions(device_id, mma, gate):
 class StepLaunch:
     """Grid, kernels and a reusable StepParams record of one step problem on one device."""
 
-    __slots__ = ("record", "u64", "k1", "k2", "grid1", "grid2", "has_nm", "BH")
+    __slots__ = ("record", "k1", "k2", "grid1", "grid2", "has_nm", "BH")
 
     def __init__(self, problem, mma, device_id, *, pool_size=0):
         p = problem
@@ -75,27 +75,35 @@ class StepLaunch:
         for name, value in dict(BH=self.BH, NH=p.NH, DK=p.DK, DV=p.DV, P=pool_size, lanes=lanes,
                                 scale=p.scale, eps=p.eps).items():
             self.record[name] = value
-        self.u64 = self.record.view(np.uint64)
         self.k1, self.k2 = _functions(device_id, mma, GATE_POLICY[(p.gate, p.normalize)])
         self.grid1 = ((self.BH * -(-(p.DV // 4) // lanes)),)
         self.grid2 = (self.BH,)
         self.has_nm = p.has_n or p.has_m
 
-    def __call__(self, q, k, v, i, f, state, out, h, indices):
+    def __call__(self, q, k, v, i, f, state, out, h, indices, record=None):
         """Launch on the current stream. ``state`` is (C0, n0, m0) (entries may be None), ``out``
-        the buffers of the new state (may be those of ``state``)."""
+        the buffers of the new state (may be those of ``state``). ``record``: a copy of
+        ``self.record`` to fill instead (callers that may share this object between threads)."""
         C0, n0, m0 = state
         nm_in_place = _aliasing("n", n0, out.n) | _aliasing("m", m0, out.m)
         _aliasing("C", C0, out.C)
-        u, slot = self.u64, STEP_POINTER_SLOT
+        record = self.record if record is None else record
+        u, slot = record.view(np.uint64), STEP_POINTER_SLOT
         for name, x in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f), ("C0", C0), ("n0", n0), ("m0", m0),
                         ("h", h), ("C_last", out.C), ("n_last", out.n), ("m_last", out.m),
                         ("state_indices", indices)):
             u[slot[name]] = 0 if x is None else x.data.ptr
-        self.record["nm_here"] = 0 if nm_in_place else 1
-        self.k1(self.grid1, (STEP_THREADS,), (self.record,))
+        record["nm_here"] = 0 if nm_in_place else 1
+        self.k1(self.grid1, (STEP_THREADS,), (record,))
         if nm_in_place and self.has_nm:
-            self.k2(self.grid2, (STEP_NM_THREADS,), (self.record,))
+            self.k2(self.grid2, (STEP_NM_THREADS,), (record,))
+
+
+@functools.lru_cache(maxsize=256)
+def step_launch(problem, mma, device_id, pool_size):
+    """The StepLaunch of a problem (memoised: eager steps of one shape share it; they fill a copy
+    of its record)."""
+    return StepLaunch(problem, mma, device_id, pool_size=pool_size)
 
 
 def _check(name, x, shape, dtype):
