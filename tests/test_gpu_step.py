@@ -236,3 +236,20 @@ def test_generate_example_graph_decode_agrees_with_the_sequence_model():
     res = generate.generate(cp, batch=3, prompt=20, new_tokens=12, verbose=True)
     assert res["graph"], "the decode step was not captured in a CUDA graph"
     assert res["max_rel_diff"] <= 1e-3
+
+
+def test_forward_out_state_on_the_gpu():
+    B, NH, S, DK, DV = 2, 2, 70, 32, 64
+    rng = np.random.default_rng(5)
+    host, _ = make_inputs(rng, B, NH, S, DK, DV, DTYPES["bf16"], init=True)
+    x = {k: cp.asarray(a) for k, a in host.items()}
+    init = MLSTMState(x["C0"], x["n0"], x["m0"])
+    h, last = tfla_cupy.mlstm(*(x[k] for k in "qkvif"), initial_state=init, return_state=True)
+    bufs = MLSTMState(cp.full((B, NH, DK, DV), np.nan, np.float32), cp.full((B, NH, DK), np.nan, np.float32),
+                      cp.full((B, NH), np.nan, np.float32))
+    h2, got = tfla_cupy.mlstm(*(x[k] for k in "qkvif"), initial_state=init, return_state=True, out_state=bufs)
+    assert got.C is bufs.C and bool(cp.all(h2 == h))
+    for a, b in zip(got, last):
+        assert bool(cp.all(a == b))
+    with pytest.raises(ValueError, match=r"^out_state\.C: overlaps initial_state\.C"):
+        tfla_cupy.mlstm(*(x[k] for k in "qkvif"), initial_state=init, out_state=init)

@@ -174,3 +174,32 @@ def test_read_only_out_state_is_an_error(rng):
     C.flags.writeable = False
     with pytest.raises(ValueError, match=r"^out_state\.C: expected a writeable array, got a read-only one$"):
         tfla_cupy.mlstm_step(**x, out_state=MLSTMState(C, n, m))
+
+
+@pytest.mark.parametrize("gate, normalize", GATE_PARAMS)
+def test_forward_out_state_receives_the_last_state(rng, gate, normalize):
+    shape = Shape(2, 2, 20, 16, 24)
+    x = random_inputs(rng, shape)
+    _, last = tfla_cupy.mlstm(**x, gate=gate, normalize=normalize, return_state=True)
+    bufs = MLSTMState(np.full((2, 2, 16, 24), np.nan), np.full((2, 2, 16), np.nan), np.full((2, 2), np.nan))
+    _, got = tfla_cupy.mlstm(**x, gate=gate, normalize=normalize, return_state=True, out_state=bufs)
+    assert got.C is bufs.C and np.array_equal(bufs.C, last.C)
+    assert (got.n is None) == (last.n is None) and (got.m is None) == (last.m is None)
+    if normalize:
+        assert got.n is bufs.n and np.array_equal(bufs.n, last.n)
+    if gate == "exp":
+        assert got.m is bufs.m and np.array_equal(bufs.m, last.m)
+    with pytest.raises(ValueError, match=r"^out_state\.C: expected shape \(2, 2, 16, 24\) \(B, NH, DK, DV\)"):
+        tfla_cupy.mlstm(**x, out_state=bufs._replace(C=np.zeros((2, 2, 16, 16))))
+
+
+@pytest.mark.parametrize("B, lanes", [(1, 2), (8, 8), (64, 32), (256, 32)])
+def test_step_slab_width_fills_the_gpu(B, lanes):
+    """The decode shape (NH 8, DV 512) on 132 SMs: the widest slab that launches >= 4 CTAs per
+    SM (B = 1 cannot reach it: it gets the narrowest), never wider than DV needs."""
+    from tfla_cupy.config import step_lanes
+    got = step_lanes(B * 8, 512, 132)
+    assert got == lanes
+    ctas = B * 8 * -(-128 // got)
+    assert ctas >= 4 * 132 or got == 2
+    assert step_lanes(1, 8, 132) == 2 and step_lanes(4096, 16, 132) == 4

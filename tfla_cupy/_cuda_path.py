@@ -130,8 +130,13 @@ def _config(problem, mma, device):
     return cfg
 
 
-def forward(problem, arrays, state):
+def forward(problem, arrays, state, out=None):
+    """``out``: validated buffers for the last state (written by the kernels, never copied)."""
     cp = _arrays.cupy_module()
+    if out is not None:
+        from ._step_plan import check_disjoint, check_state_buffers
+        check_state_buffers("out_state", out, problem)
+        check_disjoint(out, state)
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
     with device:
         cfg = _config(problem, mma, device)
@@ -144,9 +149,12 @@ def forward(problem, arrays, state):
         C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
         n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n else None
         m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
-        C_last = cp.empty(shape + (p.DK, p.DV), _F32)
-        n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
-        m_last = cp.empty(shape, _F32) if p.has_m else None
+        if out is None:
+            C_last = cp.empty(shape + (p.DK, p.DV), _F32)
+            n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
+            m_last = cp.empty(shape, _F32) if p.has_m else None
+        else:
+            C_last, n_last, m_last = out
         gates = run.gate_vectors(i32, f32)
         params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
                              n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,

@@ -36,7 +36,7 @@ _QUIET = dict(invalid="ignore", over="ignore", divide="ignore", under="ignore")
 
 
 @np.errstate(**_QUIET)
-def forward(problem, arrays, state):
+def forward(problem, arrays, state, out=None):
     q, k, v, i, f = (_f64(x) for x in arrays)
     C0, n0, m0 = _initial(problem, state)
     h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
@@ -46,6 +46,11 @@ def forward(problem, arrays, state):
     dtypes = tuple(x.dtype for x in arrays)
     ctx = MLSTMContext("numpy", problem, dict(inputs=(q, k, v, i, f), initial=(C0, n0, m0),
                                                dtypes=dtypes))
+    if out is not None:
+        for dst, src in zip(out, last):
+            if dst is not None:
+                dst[...] = src
+        last = _public_state(problem, out.C, out.n, out.m)
     return h.astype(problem.dtype), last, ctx
 
 

@@ -40,6 +40,20 @@ def _aliasing(name, a, b):
     return False
 
 
+def check_disjoint(out, state):
+    """The forward's out_state must not overlap its initial state (the backward reads it)."""
+    if state is None:
+        return
+    for key, a in zip("Cnm", out):
+        for key0, b in zip("Cnm", state):
+            if a is None or b is None:
+                continue
+            (a0, a1), (b0, b1) = _span(a), _span(b)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"out_state.{key}: overlaps initial_state.{key0}; the forward's last state needs "
+                                 f"buffers of its own (the backward reads the initial state)")
+
+
 def check_state_buffers(name, st, problem):
     """Buffers written by the kernels: float32 (validated before), C-contiguous, C 16-byte aligned
     (float4 stores). They are never copied, so anything else is an error."""

@@ -265,6 +265,11 @@ def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale, out_state=
     return problem, (q, k, v, i, f), st, st, _state_indices(state_indices, B, st.C.shape[0], kind)
 
 
+def forward_out_state(out_state, problem):
+    """out_state of mlstm / mlstm_fwd: like mlstm_step's."""
+    return _out_state(out_state, problem)
+
+
 def _out_state(out_state, problem):
     """out_state: buffers of the state's shapes that receive the new state (GPU: float32)."""
     out = state_arg("out_state", out_state, problem)

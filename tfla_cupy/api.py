@@ -44,6 +44,10 @@ _COMMON_DOC = """
         the NumPy path.
     config : KernelConfig, optional
         GPU launch parameters; None uses :func:`tfla_cupy.config.pick_config`.
+    out_state : MLSTMState, optional
+        Buffers of the last state's shapes (float32, C-contiguous on the GPU) that receive it
+        (returned as the state), e.g. a decode state or views of preallocated memory; they must
+        not overlap ``initial_state``.
 """
 
 
@@ -55,25 +59,32 @@ def _dispatch(kind):
 
 
 def mlstm_fwd(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, chunk_size=None,
-              eps=1e-6, scale=None, precision="default", config=None, keep_states=False):
+              eps=1e-6, scale=None, precision="default", config=None, keep_states=False, out_state=None):
     """Forward pass that also returns what the backward needs.
 
     Returns ``(h, state, ctx)``: h (B, NH, S, DV) in the dtype of q, the last state
     (:class:`MLSTMState`), and an opaque context for :func:`mlstm_bwd`.
     ``keep_states=True`` (GPU path) keeps the chunk-boundary states for the backward instead
     of recomputing them: faster backward, (NC·DK·DV) more memory per head.
+    ``out_state``: buffers (C (B, NH, DK, DV), n, m; float32 and C-contiguous on the GPU) that
+    receive the last state, e.g. the decode state of :func:`mlstm_step`; they must not overlap
+    ``initial_state`` (the backward reads it), and the backward reads C from them too: update
+    them (decode in place) only after :func:`mlstm_bwd`.
     """
     problem, arrays, state = _validate.inputs(
         q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
         initial_state=initial_state, precision=precision, config=config, keep_states=keep_states)
-    return _dispatch(problem.kind).forward(problem, arrays, state)
+    out = None if out_state is None else _validate.forward_out_state(out_state, problem)
+    if out is None:
+        return _dispatch(problem.kind).forward(problem, arrays, state)
+    return _dispatch(problem.kind).forward(problem, arrays, state, out)
 
 
 mlstm_fwd.__doc__ += _COMMON_DOC
 
 
 def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, return_state=False,
-          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None):
+          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None, out_state=None):
     """The mLSTM over a sequence.
 
     Returns h (B, NH, S, DV) in the dtype of q, or ``(h, state)`` with ``return_state=True``.
@@ -104,7 +115,7 @@ def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, retu
     _validate._check_bool("return_state", return_state)
     h, state, _ = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                             chunk_size=chunk_size, eps=eps, scale=scale, precision=precision,
-                            config=config)
+                            config=config, out_state=out_state)
     return (h, state) if return_state else h
 
 
