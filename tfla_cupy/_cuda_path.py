@@ -236,5 +236,5 @@ def step(problem, arrays, state, out=None, indices=None):
                              cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None,
                              cp.empty((p.B, p.NH), _F32) if p.has_m else None)
         run = step_launch(problem, mma, device.id, 0 if indices is None else state.C.shape[0])
-        run(q, k, v, i32, f32, (C0, n0, m0), out, h, indices, record=run.record.copy())
+        run(q, k, v, i32, f32, (C0, n0, m0), out, h, indices, private=True)
     return h, out

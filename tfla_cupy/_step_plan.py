@@ -11,6 +11,7 @@ at launch, so the record can be reused at once, also while a graph is captured).
 from __future__ import annotations
 
 import functools
+import struct
 
 import numpy as np
 
@@ -78,14 +79,15 @@ def _functions(device_id, mma, gate):
 class StepLaunch:
     """Grid, kernels and a reusable StepParams record of one step problem on one device."""
 
-    __slots__ = ("record", "k1", "k2", "grid1", "grid2", "has_nm", "BH")
+    __slots__ = ("buf", "record", "k1", "k2", "grid1", "grid2", "has_nm", "BH")
 
     def __init__(self, problem, mma, device_id, *, pool_size=0):
         p = problem
         self.BH = p.B * p.NH
         sms = _loader.device_limits(device_id)[0]
         lanes = step_lanes(self.BH, p.DV, sms)
-        self.record = np.zeros(1, STEP_PARAMS_DTYPE)
+        self.buf = bytearray(STEP_PARAMS_DTYPE.itemsize)   # the record's memory: pointers packed by struct
+        self.record = np.frombuffer(self.buf, STEP_PARAMS_DTYPE)
         for name, value in dict(BH=self.BH, NH=p.NH, DK=p.DK, DV=p.DV, P=pool_size, lanes=lanes,
                                 scale=p.scale, eps=p.eps).items():
             self.record[name] = value
@@ -94,29 +96,34 @@ class StepLaunch:
         self.grid2 = (self.BH,)
         self.has_nm = p.has_n or p.has_m
 
-    def __call__(self, q, k, v, i, f, state, out, h, indices, record=None):
+    def __call__(self, q, k, v, i, f, state, out, h, indices, private=False):
         """Launch on the current stream. ``state`` is (C0, n0, m0) (entries may be None), ``out``
-        the buffers of the new state (may be those of ``state``). ``record``: a copy of
-        ``self.record`` to fill instead (callers that may share this object between threads)."""
+        the buffers of the new state (may be those of ``state``). ``private``: fill a copy of the
+        record (callers that may share this object between threads)."""
         C0, n0, m0 = state
         nm_in_place = _aliasing("n", n0, out.n) | _aliasing("m", m0, out.m)
         _aliasing("C", C0, out.C)
-        record = self.record if record is None else record
-        u, slot = record.view(np.uint64), STEP_POINTER_SLOT
-        for name, x in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f), ("C0", C0), ("n0", n0), ("m0", m0),
-                        ("h", h), ("C_last", out.C), ("n_last", out.n), ("m_last", out.m),
-                        ("state_indices", indices)):
-            u[slot[name]] = 0 if x is None else x.data.ptr
-        record["nm_here"] = 0 if nm_in_place else 1
+        buf = bytearray(self.buf) if private else self.buf
+        struct.pack_into(_POINTERS, buf, 0, *(0 if x is None else x.data.ptr for x in (
+            q, k, v, i, f, C0, n0, m0, h, out.C, out.n, out.m, indices)))
+        struct.pack_into("<i", buf, _NM_HERE, 0 if nm_in_place else 1)
+        record = np.frombuffer(buf, STEP_PARAMS_DTYPE) if private else self.record
         self.k1(self.grid1, (STEP_THREADS,), (record,))
         if nm_in_place and self.has_nm:
             self.k2(self.grid2, (STEP_NM_THREADS,), (record,))
 
 
+#: The pointer fields of StepParams in order (q … state_indices), packed as little-endian uint64.
+_POINTER_ORDER = ("q", "k", "v", "i", "f", "C0", "n0", "m0", "h", "C_last", "n_last", "m_last", "state_indices")
+assert tuple(STEP_POINTER_SLOT) == _POINTER_ORDER and list(STEP_POINTER_SLOT.values()) == list(range(13))
+_POINTERS = "<13Q"
+_NM_HERE = STEP_PARAMS_DTYPE.fields["nm_here"][1]
+
+
 @functools.lru_cache(maxsize=256)
 def step_launch(problem, mma, device_id, pool_size):
-    """The StepLaunch of a problem (memoised: eager steps of one shape share it; they fill a copy
-    of its record)."""
+    """The StepLaunch of a problem (memoised: eager steps of one shape share it, each filling a
+    private copy of its record)."""
     return StepLaunch(problem, mma, device_id, pool_size=pool_size)
 
 
