@@ -69,9 +69,10 @@ def test_step_matches_reference_and_one_token_mlstm(dt, mode, shape, init):
     _assert_state(new, C, n, m, gate, normalize, FWD_TOL["f32"])
     h1, last = tfla_cupy.mlstm(*(x[k][:, :, None] for k in "qkvif"), gate=gate, normalize=normalize,
                                initial_state=state, return_state=True)
-    assert rel_err(h, cp.asnumpy(h1[:, :, 0]).astype(np.float64)) <= FWD_TOL[dt]
+    # two GPU results, each within FWD_TOL of the float64 reference
+    assert rel_err(h, cp.asnumpy(h1[:, :, 0]).astype(np.float64)) <= 2 * FWD_TOL[dt]
     _assert_state(new, *(None if a is None else cp.asnumpy(a).astype(np.float64) for a in last), gate, normalize,
-                  FWD_TOL["f32"])
+                  2 * FWD_TOL["f32"])
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "B{}-NH{}-DK{}-DV{}".format(*s))
@@ -188,7 +189,8 @@ def test_prefill_then_decode_equals_one_call(mode):
         for k in "qkvif":
             tok[k][...] = x[k][:, :, t]
         h, _ = plan(*(tok[k] for k in "qkvif"), st)
-        assert rel_err(h, cp.asnumpy(h_all[:, :, t]).astype(np.float64)) <= FWD_TOL["f32"]
+        # the chunkwise forward and the step, each within FWD_TOL of the float64 reference
+        assert rel_err(h, cp.asnumpy(h_all[:, :, t]).astype(np.float64)) <= 2 * FWD_TOL["f32"]
         h_pool, _ = pool_plan(*(tok[k] for k in "qkvif"), pool, state_indices=slots)
         assert bool(cp.all(h_pool == h))
 
