@@ -17,11 +17,10 @@ from . import _arrays, _loader
 from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, chunk_gates_kernel, chunk_kernel, gates_kernel, pick_config,
-                     state_kernels, step_kernel)
+                     state_kernels)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
-_STEP_THREADS = 128   # kStepThreads in step.cuh
 _GATE_THREADS = 512   # kGateThreads in bwd_gates.cuh
 _CHUNK_GATE_THREADS = 128  # kChunkGateThreads in chunk_gates.cuh
 
