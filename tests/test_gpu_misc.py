@@ -123,6 +123,10 @@ _SANITIZED = textwrap.dedent("""
         g = tfla_cupy.mlstm_bwd(ctx, cp.ones_like(h), last)
         tfla_cupy.mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], last,
                              gate=mode[0], normalize=mode[1])
+        tfla_cupy.mlstm_step(q[:, :, 1], k[:, :, 1], v[:, :, 1], i[:, :, 1], f[:, :, 1], last,
+                             gate=mode[0], normalize=mode[1], out_state=last)       # in place
+        tfla_cupy.mlstm_step(q[:, :, 2], k[:, :, 2], v[:, :, 2], i[:, :, 2], f[:, :, 2], last,
+                             gate=mode[0], normalize=mode[1], state_indices=cp.zeros(1, np.int32))
     cp.cuda.Device().synchronize()
     print("SANITIZED-RUN-OK")
 """)

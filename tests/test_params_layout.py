@@ -6,41 +6,49 @@ import re
 import numpy as np
 
 from tfla_cupy import _loader
-from tfla_cupy._params import PARAMS_DTYPE, make_params
+import pytest
+
+from tfla_cupy._params import PARAMS_DTYPE, STEP_PARAMS_DTYPE, make_params
 
 _C_TYPES = {"const void*": ("ptr", 8), "void*": ("ptr", 8), "const float*": ("ptr", 8), "float*": ("ptr", 8),
-            "int": ("int", 4), "float": ("float", 4)}
+            "const int*": ("ptr", 8), "int": ("int", 4), "float": ("float", 4)}
+
+#: (C++ struct, header, NumPy twin)
+STRUCTS = [pytest.param("Params", "params.cuh", PARAMS_DTYPE, id="Params"),
+           pytest.param("StepParams", "step.cuh", STEP_PARAMS_DTYPE, id="StepParams")]
 
 
-def _parse_struct():
-    text = (_loader.source_dir() / "params.cuh").read_text()
-    body = re.search(r"struct Params \{(.*?)\n\};", text, re.S).group(1)
+def _parse_struct(struct, header):
+    text = (_loader.source_dir() / header).read_text()
+    body = re.search(r"struct " + struct + r" \{(.*?)\n\};", text, re.S).group(1)
     fields = []
     for line in body.splitlines():
         line = line.split("//")[0].strip()
         if not line:
             continue
-        m = re.fullmatch(r"(const void\*|void\*|const float\*|float\*|int|float)\s+(\w+);", line)
-        assert m, f"unparsed Params line: {line!r}"
+        m = re.fullmatch(r"(const void\*|void\*|const float\*|float\*|const int\*|int|float)\s+(\w+);", line)
+        assert m, f"unparsed {struct} line: {line!r}"
         fields.append((m.group(2), _C_TYPES[m.group(1)]))
     return fields
 
 
-def test_fields_and_offsets_match_the_header():
-    fields = _parse_struct()
-    assert [n for n, _ in fields] == list(PARAMS_DTYPE.names)
+@pytest.mark.parametrize("struct, header, dtype", STRUCTS)
+def test_fields_and_offsets_match_the_header(struct, header, dtype):
+    fields = _parse_struct(struct, header)
+    assert [n for n, _ in fields] == list(dtype.names)
     offset = 0
     for name, (kind, size) in fields:
         offset = -(-offset // size) * size  # natural alignment
-        dt, got = PARAMS_DTYPE.fields[name]
+        dt, got = dtype.fields[name]
         assert got == offset, f"{name}: numpy offset {got}, C offset {offset}"
         assert dt.itemsize == size and dt.kind == {"ptr": "u", "int": "i", "float": "f"}[kind], name
         offset += size
-    assert PARAMS_DTYPE.itemsize == -(-offset // 8) * 8
+    assert dtype.itemsize == -(-offset // 8) * 8
 
 
-def test_nvrtc_agrees_on_the_size():
-    check = f"\nstatic_assert(sizeof(tfla::Params) == {PARAMS_DTYPE.itemsize}, \"Params size mismatch\");\n"
+@pytest.mark.parametrize("struct, header, dtype", STRUCTS)
+def test_nvrtc_agrees_on_the_size(struct, header, dtype):
+    check = f"\nstatic_assert(sizeof(tfla::{struct}) == {dtype.itemsize}, \"{struct} size mismatch\");\n"
     _loader.compile_for_arch([], "sm_80", extra_source=check, verbose_ptxas=False)
 
 
@@ -53,3 +61,16 @@ def test_make_params_fills_scalars_and_rejects_unknown_fields():
         assert "nope" in str(e)
     else:
         raise AssertionError("unknown field accepted")
+
+
+def test_step_pointer_slots_address_the_pointer_fields():
+    """StepPlan writes pointers through a uint64 view of the StepParams record."""
+    from tfla_cupy._params import STEP_POINTER_SLOT
+    record = np.zeros(1, STEP_PARAMS_DTYPE)
+    record["DK"], record["eps"] = 256, 1e-6
+    view = record.view(np.uint64)
+    for j, name in enumerate(STEP_POINTER_SLOT):
+        view[STEP_POINTER_SLOT[name]] = 1000 + j
+    for j, name in enumerate(STEP_POINTER_SLOT):
+        assert record[name][0] == 1000 + j
+    assert record["DK"][0] == 256 and record["eps"][0] == np.float32(1e-6)

@@ -17,11 +17,10 @@ from . import _arrays, _loader
 from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, chunk_gates_kernel, chunk_kernel, gates_kernel, pick_config,
-                     state_kernels, step_kernel)
+                     state_kernels)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
-_STEP_THREADS = 128   # kStepThreads in step.cuh
 _GATE_THREADS = 512   # kGateThreads in bwd_gates.cuh
 _CHUNK_GATE_THREADS = 128  # kChunkGateThreads in chunk_gates.cuh
 
@@ -130,8 +129,13 @@ def _config(problem, mma, device):
     return cfg
 
 
-def forward(problem, arrays, state):
+def forward(problem, arrays, state, out=None):
+    """``out``: validated buffers for the last state (written by the kernels, never copied)."""
     cp = _arrays.cupy_module()
+    if out is not None:
+        from ._step_plan import check_disjoint, check_state_buffers
+        check_state_buffers("out_state", out, problem)
+        check_disjoint(out, state)
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
     with device:
         cfg = _config(problem, mma, device)
@@ -144,9 +148,12 @@ def forward(problem, arrays, state):
         C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
         n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n else None
         m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
-        C_last = cp.empty(shape + (p.DK, p.DV), _F32)
-        n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
-        m_last = cp.empty(shape, _F32) if p.has_m else None
+        if out is None:
+            C_last = cp.empty(shape + (p.DK, p.DV), _F32)
+            n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
+            m_last = cp.empty(shape, _F32) if p.has_m else None
+        else:
+            C_last, n_last, m_last = out
         gates = run.gate_vectors(i32, f32)
         params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
                              n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
@@ -208,21 +215,28 @@ def backward(ctx, dh, dC_last):
     return MLSTMGrads(dq, dk, dv, di, df, d_initial)
 
 
-def step(problem, arrays, state):
-    cp = _arrays.cupy_module()
+def step(problem, arrays, state, out=None, indices=None):
+    """One token: out-of-place (new buffers), into ``out`` (may be the input state) or, with
+    ``indices``, in place on the rows of the pool ``state``."""
+    from ._step_plan import check_state_buffers, step_launch
+    if indices is not None:
+        check_state_buffers("state", state, problem)   # updated in place: never copied
+    if out is not None:
+        check_state_buffers("out_state", out, problem)
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
+    cp = _arrays.cupy_module()
     with device:
         p = problem
-        BH = p.B * p.NH
+        if indices is not None and indices.device.id != device.id:
+            raise ValueError(f"state_indices: expected an array on GPU {device.id}, got one on GPU {indices.device.id}")
         h = cp.empty((p.B, p.NH, p.DV), p.dtype)
-        C = cp.empty((p.B, p.NH, p.DK, p.DV), _F32)
-        n = cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None
-        m = cp.empty((p.B, p.NH), _F32) if p.has_m else None
-        params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, C_last=C, n_last=n, m_last=m,
-                             BH=BH, S=1, DK=p.DK, DV=p.DV, L=1, NC=1, scale=p.scale, eps=p.eps)
-        gate = GATE_POLICY[(p.gate, p.normalize)]
-        _loader.get_kernel(step_kernel(mma, gate))(_cdiv(p.DV, _STEP_THREADS) * BH, _STEP_THREADS, params)
-    return h, MLSTMState(C, n, m)
+        if out is None:
+            out = MLSTMState(cp.empty((p.B, p.NH, p.DK, p.DV), _F32),
+                             cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None,
+                             cp.empty((p.B, p.NH), _F32) if p.has_m else None)
+        run = step_launch(problem, mma, device.id, 0 if indices is None else state.C.shape[0])
+        run(q, k, v, i32, f32, (C0, n0, m0), out, h, indices, private=True)
+    return h, out
 
 
 def segment_summary(problem, arrays, state, *, empty_m=None):

@@ -36,7 +36,7 @@ _QUIET = dict(invalid="ignore", over="ignore", divide="ignore", under="ignore")
 
 
 @np.errstate(**_QUIET)
-def forward(problem, arrays, state):
+def forward(problem, arrays, state, out=None):
     q, k, v, i, f = (_f64(x) for x in arrays)
     C0, n0, m0 = _initial(problem, state)
     h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
@@ -46,6 +46,11 @@ def forward(problem, arrays, state):
     dtypes = tuple(x.dtype for x in arrays)
     ctx = MLSTMContext("numpy", problem, dict(inputs=(q, k, v, i, f), initial=(C0, n0, m0),
                                                dtypes=dtypes))
+    if out is not None:
+        for dst, src in zip(out, last):
+            if dst is not None:
+                dst[...] = src
+        last = _public_state(problem, out.C, out.n, out.m)
     return h.astype(problem.dtype), last, ctx
 
 
@@ -65,9 +70,34 @@ def backward(ctx, dh, dC_last):
 
 
 @np.errstate(**_QUIET)
-def step(problem, arrays, state):
+def step(problem, arrays, state, out=None, indices=None):
+    """One token. With ``indices`` the state is a pool: rows ``indices[b]`` are gathered, stepped
+    and written back in place (cast to the pool's dtypes); −1 rows are skipped with h = 0. With
+    ``out`` the new state is written into its arrays (any of them may be the input's)."""
     q, k, v, i, f = (_f64(x) for x in arrays)
-    C0, n0, m0 = _initial(problem, state)
-    h, C, n, m = recurrent.step(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
-                                normalize=problem.normalize, eps=problem.eps, scale=problem.scale)
-    return h.astype(problem.dtype), _public_state(problem, C, n, m)
+    p = problem
+    if indices is None:
+        C0, n0, m0 = _initial(p, state)
+        h, C, n, m = recurrent.step(q, k, v, i, f, C0, n0, m0, gate=p.gate, normalize=p.normalize,
+                                    eps=p.eps, scale=p.scale)
+        if out is None:
+            return h.astype(p.dtype), _public_state(p, C, n, m)
+        for dst, src in zip(out, (C, n, m)):
+            if dst is not None:
+                dst[...] = src
+        return h.astype(p.dtype), _public_state(p, out.C, out.n, out.m)
+    rows = np.flatnonzero(indices >= 0)
+    slots = indices[rows]
+    h = np.zeros((p.B, p.NH, p.DV))
+    if len(rows):
+        C0 = _f64(state.C[slots])
+        n0 = _f64(state.n[slots]) if state.n is not None else np.zeros(C0.shape[:-1])
+        m0 = _f64(state.m[slots]) if (state.m is not None and p.stabilized) else np.zeros(C0.shape[:-2])
+        h[rows], C, n, m = recurrent.step(q[rows], k[rows], v[rows], i[rows], f[rows], C0, n0, m0, gate=p.gate,
+                                          normalize=p.normalize, eps=p.eps, scale=p.scale)
+        state.C[slots] = C
+        if state.n is not None:
+            state.n[slots] = n
+        if state.m is not None:
+            state.m[slots] = m
+    return h.astype(p.dtype), state

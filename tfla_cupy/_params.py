@@ -42,3 +42,19 @@ def make_params(**values):
         else:
             p[name] = value
     return p
+
+
+#: Twin of ``tfla::StepParams`` (cuda_src/step.cuh), the argument of the step kernels.
+STEP_FIELDS = (
+    ("q", _PTR), ("k", _PTR), ("v", _PTR), ("i", _PTR), ("f", _PTR),
+    ("C0", _PTR), ("n0", _PTR), ("m0", _PTR),
+    ("h", _PTR), ("C_last", _PTR), ("n_last", _PTR), ("m_last", _PTR),
+    ("state_indices", _PTR),
+    ("BH", _INT), ("NH", _INT), ("DK", _INT), ("DV", _INT), ("P", _INT), ("lanes", _INT), ("nm_here", _INT),
+    ("scale", _FLOAT), ("eps", _FLOAT),
+)
+
+STEP_PARAMS_DTYPE = np.dtype([(n, t) for n, t in STEP_FIELDS], align=True)
+#: Index of each pointer field in a uint64 view of a StepParams record (pointers come first).
+STEP_POINTER_SLOT = {n: j for j, (n, t) in enumerate(STEP_FIELDS) if t is _PTR}
+assert all(STEP_PARAMS_DTYPE.fields[n][1] == 8 * j for n, j in STEP_POINTER_SLOT.items())

@@ -157,11 +157,12 @@ def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_st
     return problem, (q, k, v, i, f), state
 
 
-def state_arg(name, state, problem, *, require_m=None, require_n=None):
+def state_arg(name, state, problem, *, require_m=None, require_n=None, pool=False):
     """Validate an MLSTMState (or (C, n, m) tuple) against the problem sizes.
 
     C is always required. n is required when the problem normalizes and m for the exp
     variant; where the variant has no n or m the entry may be None (it is ignored otherwise).
+    ``pool=True``: a state pool, leading dimension P (any P >= 1, taken from C) instead of B.
     """
     if isinstance(state, (tuple, list)) and len(state) == 3:
         C, n, m = state
@@ -174,9 +175,16 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None):
     require_n = p.has_n if require_n is None else require_n
     require_m = p.has_m if require_m is None else require_m
     B, NH, DK, DV = p.B, p.NH, p.DK, p.DV
-    entries = [("C", C, (B, NH, DK, DV), "(B, NH, DK, DV)", True),
-               ("n", n, (B, NH, DK), "(B, NH, DK)", require_n),
-               ("m", m, (B, NH), "(B, NH)", require_m)]
+    lead = "B"
+    if pool:
+        C = _arrays.to_module(f"{name}.C", C, p.kind)
+        if C.ndim != 4 or C.shape[0] < 1:
+            raise ValueError(f"{name}.C: expected a state pool of shape (P, NH, DK, DV) = (P, {NH}, {DK}, {DV}) "
+                             f"with P >= 1, got {_shape_str(C.shape)}")
+        B, lead = C.shape[0], "P"
+    entries = [("C", C, (B, NH, DK, DV), f"({lead}, NH, DK, DV)", True),
+               ("n", n, (B, NH, DK), f"({lead}, NH, DK)", require_n),
+               ("m", m, (B, NH), f"({lead}, NH)", require_m)]
     out = {}
     state_dtype = np.dtype(np.float32) if p.kind == "cuda" else None
     for key, x, shape, doc, required in entries:
@@ -218,8 +226,9 @@ def backward_args(ctx, dh, d_state):
     return dh, dC
 
 
-def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale):
-    """Validate mlstm_step. Returns (Problem with S=1, arrays, state or None)."""
+def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale, out_state=None, state_indices=None):
+    """Validate mlstm_step. Returns (Problem with S=1, arrays, state or None, out_state or None,
+    state_indices or None); with state_indices the state is a pool (P, NH, ...)."""
     arrays = _arrays.to_common_module(dict(q=q, k=k, v=v, i=i, f=f))
     kind = arrays.pop("_kind")
     q, k, v, i, f = (arrays[n] for n in "qkvif")
@@ -242,5 +251,58 @@ def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale):
     problem = Problem(kind=kind, B=B, NH=NH, S=1, DK=DK, DV=DV, dtype=q.dtype, gate=gate,
                       normalize=bool(normalize), eps=eps, scale=scale, chunk_size=MIN_CHUNK,
                       has_initial_state=state is not None)
-    st = None if state is None else state_arg("state", state, problem)
-    return problem, (q, k, v, i, f), st
+    if state_indices is None:
+        st = None if state is None else state_arg("state", state, problem)
+        out = None if out_state is None else _out_state(out_state, problem)
+        return problem, (q, k, v, i, f), st, out, None
+    if state is None:
+        raise ValueError("state: required with state_indices (the state pool (P, NH, DK, DV), (P, NH, DK), "
+                         "(P, NH) that the selected rows are read from and written to), got None")
+    if out_state is not None:
+        raise ValueError("out_state: must be None with state_indices (the selected rows of the state pool are "
+                         "updated in place)")
+    st = state_arg("state", state, problem, pool=True)
+    return problem, (q, k, v, i, f), st, st, _state_indices(state_indices, B, st.C.shape[0], kind)
+
+
+def forward_out_state(out_state, problem):
+    """out_state of mlstm / mlstm_fwd: like mlstm_step's."""
+    return _out_state(out_state, problem)
+
+
+def _out_state(out_state, problem):
+    """out_state: buffers of the state's shapes that receive the new state (GPU: float32)."""
+    out = state_arg("out_state", out_state, problem)
+    for key, x in zip("Cnm", out):
+        if x is not None and problem.kind == "numpy" and not x.flags.writeable:
+            raise ValueError(f"out_state.{key}: expected a writeable array, got a read-only one")
+    return out
+
+
+def _state_indices(idx, B, P, kind):
+    """(B,) int32 rows of the pool, −1 = skip. NumPy indices are range-checked here (also on the
+    GPU path, before the upload); GPU indices are trusted: the kernel skips out-of-range rows
+    and writes NaN to their h (checking them here would need a host synchronisation)."""
+    k = _arrays.kind_of(idx)
+    if k is None:
+        raise TypeError(f"state_indices: expected a (B,) int32 NumPy or CuPy array, got {type(idx).__name__}")
+    idx, k = _arrays._convert("state_indices", idx, k)
+    if k == "cuda" and kind == "numpy":
+        raise TypeError("state_indices: is a GPU array but q, k, v, i, f are NumPy (host) arrays")
+    if np.dtype(idx.dtype) != np.int32:
+        raise TypeError(f"state_indices: expected dtype int32, got {_arrays.dtype_name(idx.dtype)}")
+    if tuple(idx.shape) != (B,):
+        raise ValueError(f"state_indices: expected shape ({B},) (B,) to match q, got {_shape_str(idx.shape)}")
+    if k == "numpy":
+        bad = (idx < -1) | (idx >= P)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"state_indices: expected values in [-1, {P}) (rows of the state pool, -1 = skip), "
+                             f"got state_indices[{j}] = {int(idx[j])}")
+        used = idx[idx >= 0]
+        if len(np.unique(used)) != len(used):
+            raise ValueError(f"state_indices: a pool row may be selected once per step, got duplicates in "
+                             f"{idx.tolist()}")
+        if kind == "cuda":
+            idx = _arrays.cupy_module().asarray(idx)
+    return idx

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import _numpy_path, _validate
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 
-__all__ = ["mlstm", "mlstm_fwd", "mlstm_bwd", "mlstm_vjp", "mlstm_step",
+__all__ = ["mlstm", "mlstm_fwd", "mlstm_bwd", "mlstm_vjp", "mlstm_step", "mlstm_step_plan",
            "MLSTMState", "MLSTMGrads", "MLSTMContext"]
 
 _COMMON_DOC = """
@@ -44,6 +44,10 @@ _COMMON_DOC = """
         the NumPy path.
     config : KernelConfig, optional
         GPU launch parameters; None uses :func:`tfla_cupy.config.pick_config`.
+    out_state : MLSTMState, optional
+        Buffers of the last state's shapes (float32, C-contiguous on the GPU) that receive it
+        (returned as the state), e.g. a decode state or views of preallocated memory; they must
+        not overlap ``initial_state``.
 """
 
 
@@ -55,25 +59,32 @@ def _dispatch(kind):
 
 
 def mlstm_fwd(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, chunk_size=None,
-              eps=1e-6, scale=None, precision="default", config=None, keep_states=False):
+              eps=1e-6, scale=None, precision="default", config=None, keep_states=False, out_state=None):
     """Forward pass that also returns what the backward needs.
 
     Returns ``(h, state, ctx)``: h (B, NH, S, DV) in the dtype of q, the last state
     (:class:`MLSTMState`), and an opaque context for :func:`mlstm_bwd`.
     ``keep_states=True`` (GPU path) keeps the chunk-boundary states for the backward instead
     of recomputing them: faster backward, (NC·DK·DV) more memory per head.
+    ``out_state``: buffers (C (B, NH, DK, DV), n, m; float32 and C-contiguous on the GPU) that
+    receive the last state, e.g. the decode state of :func:`mlstm_step`; they must not overlap
+    ``initial_state`` (the backward reads it), and the backward reads C from them too: update
+    them (decode in place) only after :func:`mlstm_bwd`.
     """
     problem, arrays, state = _validate.inputs(
         q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
         initial_state=initial_state, precision=precision, config=config, keep_states=keep_states)
-    return _dispatch(problem.kind).forward(problem, arrays, state)
+    out = None if out_state is None else _validate.forward_out_state(out_state, problem)
+    if out is None:
+        return _dispatch(problem.kind).forward(problem, arrays, state)
+    return _dispatch(problem.kind).forward(problem, arrays, state, out)
 
 
 mlstm_fwd.__doc__ += _COMMON_DOC
 
 
 def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, return_state=False,
-          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None):
+          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None, out_state=None):
     """The mLSTM over a sequence.
 
     Returns h (B, NH, S, DV) in the dtype of q, or ``(h, state)`` with ``return_state=True``.
@@ -104,7 +115,7 @@ def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, retu
     _validate._check_bool("return_state", return_state)
     h, state, _ = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                             chunk_size=chunk_size, eps=eps, scale=scale, precision=precision,
-                            config=config)
+                            config=config, out_state=out_state)
     return (h, state) if return_state else h
 
 
@@ -152,12 +163,70 @@ def mlstm_vjp(q, k, v, i, f, **opts):
     return ((h, state) if return_state else h), vjp_fn
 
 
-def mlstm_step(q, k, v, i, f, state=None, *, gate="exp", normalize=True, eps=1e-6, scale=None):
-    """One token of the recurrence (MLSTM_SPEC.md §2.1): ``(h, new_state)``.
+def mlstm_step(q, k, v, i, f, state=None, *, gate="exp", normalize=True, eps=1e-6, scale=None,
+               out_state=None, state_indices=None):
+    """One token of the recurrence (docs/math.md §2.1): ``(h, new_state)``.
 
-    q, k: (B, NH, DK); v: (B, NH, DV); i, f: (B, NH); ``state=None`` means zeros.
-    h (B, NH, DV) has the dtype of q; the new state is float32 on the GPU path.
+    Parameters
+    ----------
+    q, k : array (B, NH, DK)
+    v : array (B, NH, DV)
+        One token per batch row; one floating dtype.
+    i, f : array (B, NH)
+        Gate pre-activations.
+    state : MLSTMState or (C, n, m), optional
+        The state before the token (None: zeros). float32 on the GPU path. The state returned
+        by ``mlstm(..., return_state=True)`` (a prefill) feeds in directly. With
+        ``state_indices`` it is a state pool C (P, NH, DK, DV), n (P, NH, DK), m (P, NH).
+    gate, normalize, eps, scale
+        As for :func:`mlstm`.
+    out_state : MLSTMState, optional
+        Buffers that receive the new state (shapes of ``state``; on the GPU float32,
+        C-contiguous, 16-byte aligned), so no state is allocated per token. Passing ``state``
+        itself updates it in place (safe: every element is read before it is written).
+        A buffer must either be the input's or not overlap it.
+    state_indices : (B,) int32 array, optional
+        Continuous batching: batch row b reads and updates row ``state_indices[b]`` of the
+        pool ``state`` in place (out_state must be None); rows not selected are untouched.
+        ``-1`` skips the row: the pool is untouched and h of that row is 0. Selected rows must
+        be distinct. NumPy indices are checked on the host (values in [-1, P), no duplicates);
+        CuPy indices are trusted: the kernel skips rows whose index lies outside [-1, P) and
+        writes NaN into their h (a range check would need a host synchronisation).
+
+    Returns
+    -------
+    h : (B, NH, DV), dtype of q
+    new_state : MLSTMState
+        A new state (float32 on the GPU, float64 on NumPy), or ``out_state``'s arrays, or the
+        pool. n is None for normalize=False, m for gate="sig".
+
+    For loops of equal shapes, :func:`mlstm_step_plan` validates once and launches with a few
+    microseconds of host time (and can be captured in a CUDA graph).
     """
-    problem, arrays, st = _validate.step_inputs(q, k, v, i, f, state, gate=gate, normalize=normalize,
-                                                eps=eps, scale=scale)
-    return _dispatch(problem.kind).step(problem, arrays, st)
+    problem, arrays, st, out, idx = _validate.step_inputs(
+        q, k, v, i, f, state, gate=gate, normalize=normalize, eps=eps, scale=scale, out_state=out_state,
+        state_indices=state_indices)
+    return _dispatch(problem.kind).step(problem, arrays, st, out, idx)
+
+
+def mlstm_step_plan(q, k, v, i, f, state, *, gate="exp", normalize=True, eps=1e-6, scale=None,
+                    state_indices=None):
+    """A pre-validated :func:`mlstm_step` for a decode loop: a :class:`StepPlan`.
+
+    The arguments are validated as by :func:`mlstm_step` (they are examples: the plan is
+    fixed to their shapes, dtypes, device and options; with ``state_indices`` to a pool of
+    ``state``'s size P). On the GPU the gates must be float32 and every array C-contiguous
+    (nothing is converted or copied per call). Then ``plan(q, k, v, i, f, state,
+    out_state=None, state_indices=None, h=None)`` runs one token with no allocation and no
+    host synchronisation: it checks shapes and dtypes, packs pointers and launches, so a
+    loop of calls can be captured in a CUDA graph. Unlike :func:`mlstm_step`, the plan
+    updates ``state`` in place unless ``out_state`` is given, and it writes h into one buffer
+    that it owns (overwritten by the next call) unless ``h=`` is given.
+    """
+    problem, arrays, st, _, idx = _validate.step_inputs(
+        q, k, v, i, f, state, gate=gate, normalize=normalize, eps=eps, scale=scale, state_indices=state_indices)
+    if st is None:
+        raise ValueError("state: mlstm_step_plan needs the state it will update (zeros for a fresh sequence), "
+                         "got None")
+    from ._step_plan import StepPlan
+    return StepPlan(problem, arrays, st, idx)

@@ -173,6 +173,31 @@ def step_kernel(mma: str, gate: str):
     return kernel_name("step_kernel", STORAGE_TYPE[mma], gate)
 
 
+def step_nm_kernel(mma: str, gate: str):
+    from ._loader import kernel_name
+    return kernel_name("step_nm_kernel", STORAGE_TYPE[mma], gate)
+
+
+#: float4 columns per DV slab of the step kernel (``lanes``), widest first.
+STEP_LANES = (32, 16, 8, 4, 2)
+STEP_THREADS = 256      # kStepThreads in step.cuh
+STEP_NM_THREADS = 128   # kStepNmThreads in step.cuh
+
+
+def step_lanes(BH: int, DV: int, sms: int) -> int:
+    """Width of the step kernel's DV slabs (in float4 columns): the widest slab (128 columns:
+    512-byte rows per warp, the copy-kernel access pattern) that still launches >= 4 CTAs per SM,
+    so that B = 1 and 8 fill the GPU too; never wider than DV needs. The decode step streams C
+    once (docs/performance.md §2a): CTAs in flight matter, tiles do not."""
+    need = 4 * sms
+    DV4 = DV // 4
+    fit = [w for w in STEP_LANES if w // 2 < DV4] or [STEP_LANES[-1]]
+    for lanes in fit:
+        if BH * -(-DV4 // lanes) >= need:
+            return lanes
+    return fit[-1]
+
+
 def all_instantiations():
     """Every kernel the heuristic can launch, grouped by compute policy: {mma: [names]}."""
     out = {}
@@ -185,7 +210,7 @@ def all_instantiations():
                                                 ("fwd_h_kernel", "bwd_dq_kernel", "bwd_dk_kernel", "bwd_dv_kernel")):
                 names.append(chunk_kernel(kind, mma, gate, tile))
             if mma != "MmaTF32":
-                names.append(step_kernel(mma, gate))
+                names += [step_kernel(mma, gate), step_nm_kernel(mma, gate)]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate)]
         out[mma] = names

@@ -1,0 +1,246 @@
+"""Decode benchmark: one token of the mLSTM at the xLSTM-7B head shape (docs/performance.md §2a).
+
+    python bench/bench_decode.py                    # B = 1, 8, 64, 256; peer step kernel if importable
+    python bench/bench_decode.py --B 64 --no-peers
+
+NH 8, DK 256, DV 512, bf16 q/k/v, fp32 state, mLSTMexp. A step must read and write the state
+C, n, m once: floor = 2 · state bytes / the device-to-device copy rate, measured in the same run
+(cudaMemcpy of 1 GiB, read + write counted). Rows per B:
+
+* ``mlstm_step``            the plain call: validation, new state buffers, launch
+* ``mlstm_step in place``   ``out_state=state`` (no state allocation)
+* ``StepPlan``              the pre-validated plan, state in place
+* ``StepPlan, CUDA graph``  the plan's step captured once, replayed
+* mlstm_kernels ``mlstm_recurrent_step__triton`` (the fused Triton step kernel), when importable
+
+GPU time: CUDA events around one call after a 256 MB L2 flush, 10 warm-ups, median of 30 (the
+protocol of bench/bench.py). Host time: 1000 back-to-back calls without synchronising, divided
+by 1000 (B = 1 shows the launch path's cost). Every tfla_cupy row's h and C are checked against
+the float64 reference step on batch row 0, heads 0–1, before timing; the peer's h too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tfla_cupy  # noqa: E402
+from tfla_cupy import MLSTMState  # noqa: E402
+from tfla_cupy.reference import recurrent  # noqa: E402
+
+NH, DK, DV = 8, 256, 512
+H_TOL, C_TOL = 3e-2, 1e-5     # bf16 h (rounded output); fp32 state
+
+
+def state_bytes(B):
+    return 4 * B * NH * (DK * DV + DK + 1)
+
+
+def copy_rate(cp, timer, nbytes=2**30):
+    src, dst = cp.empty(nbytes, cp.uint8), cp.empty(nbytes, cp.uint8)
+    src.fill(1)
+    ms = timer(lambda: dst.data.copy_from_device_async(src.data, nbytes))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def host_us(cp, fn, calls=1000):
+    fn()
+    cp.cuda.Device().synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls * 1e6
+    cp.cuda.Device().synchronize()
+    return host
+
+
+def inputs(cp, B, seed=0):
+    import ml_dtypes
+    rng = cp.random.default_rng(seed)
+    tok = dict(q=rng.standard_normal((B, NH, DK), dtype=cp.float32).astype(ml_dtypes.bfloat16),
+               k=rng.standard_normal((B, NH, DK), dtype=cp.float32).astype(ml_dtypes.bfloat16),
+               v=rng.standard_normal((B, NH, DV), dtype=cp.float32).astype(ml_dtypes.bfloat16),
+               i=rng.standard_normal((B, NH), dtype=cp.float32),
+               f=3.0 + rng.standard_normal((B, NH), dtype=cp.float32))
+    state = MLSTMState(0.1 * rng.standard_normal((B, NH, DK, DV), dtype=cp.float32),
+                       rng.standard_normal((B, NH, DK), dtype=cp.float32),
+                       rng.standard_normal((B, NH), dtype=cp.float32))
+    return tok, state
+
+
+def reference(cp, tok, state, heads=2):
+    """The float64 step on batch row 0, heads [0, heads): (h, C)."""
+    f64 = lambda a: cp.asnumpy(a[:1, :heads]).astype(np.float64)  # noqa: E731
+    h, C, _, _ = recurrent.step(*(f64(tok[n]) for n in "qkvif"), f64(state.C), f64(state.n), f64(state.m),
+                                gate="exp", normalize=True, eps=1e-6, scale=DK ** -0.5)
+    return h, C
+
+
+def rel(cp, a, ref, heads=2):
+    a = (cp.asnumpy(a[:1, :heads]) if not isinstance(a, np.ndarray) else a).astype(np.float64)
+    return float(np.abs(a - ref).max() / np.abs(ref).max()) if np.all(np.isfinite(a)) else float("inf")
+
+
+def check(cp, tok, state, run):
+    """run(state) -> (h, new C); checked against the reference on a copy of the state."""
+    st = MLSTMState(*(a.copy() for a in state))
+    h_ref, C_ref = reference(cp, tok, st)
+    h, C = run(st)
+    eh, eC = rel(cp, h, h_ref), rel(cp, C, C_ref)
+    ok = eh <= H_TOL and eC <= C_TOL
+    return ok, f"{'ok' if ok else 'FAIL'} h {eh:.1e} C {eC:.1e}"
+
+
+def tfla_rows(cp, timer, B):
+    tok, state = inputs(cp, B)
+    args = [tok[n] for n in "qkvif"]
+    rows = []
+
+    def plain():
+        return tfla_cupy.mlstm_step(*args, state)
+
+    def in_place():
+        return tfla_cupy.mlstm_step(*args, state, out_state=state)
+
+    plan = tfla_cupy.mlstm_step_plan(*args, state)
+
+    def planned():
+        return plan(*args, state)
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        planned()
+        stream.synchronize()
+        stream.begin_capture()
+        planned()
+        graph = stream.end_capture()
+
+    def graphed():
+        graph.launch(stream)
+
+    checks = {
+        "mlstm_step": lambda st: (lambda h, s: (h, s.C))(*tfla_cupy.mlstm_step(*args, st)),
+        "mlstm_step in place": lambda st: (lambda h, s: (h, s.C))(*tfla_cupy.mlstm_step(*args, st, out_state=st)),
+        "StepPlan": lambda st: (lambda h, s: (h, s.C))(*plan(*args, st)),
+    }
+    for name, fn in (("mlstm_step", plain), ("mlstm_step in place", in_place), ("StepPlan", planned)):
+        ok, note = check(cp, tok, state, checks[name])
+        rows.append(dict(impl=name, ms=timer(fn), host_us=host_us(cp, fn), check=note, ok=ok))
+    # the graph replays the plan on `state` in place: check one replay against the reference
+    before = MLSTMState(*(a.copy() for a in state))
+    h_ref, C_ref = reference(cp, tok, before)
+    with stream:
+        graph.launch(stream)
+    stream.synchronize()
+    eh, eC = rel(cp, plan._h, h_ref), rel(cp, state.C, C_ref)
+    ok = eh <= H_TOL and eC <= C_TOL
+    with stream:
+        ms = timer(graphed)
+    rows.append(dict(impl="StepPlan, CUDA graph", ms=ms, host_us=host_us(cp, graphed),
+                     check=f"{'ok' if ok else 'FAIL'} h {eh:.1e} C {eC:.1e}", ok=ok))
+    return rows
+
+
+def peer_step():
+    try:
+        import torch  # noqa: F401
+        from mlstm_kernels.torch.recurrent.triton_step import mlstm_recurrent_step__triton
+    except Exception as e:  # noqa: BLE001
+        print(f"# peer mlstm_kernels Triton step unavailable: {type(e).__name__}: {e}")
+        return None
+    return mlstm_recurrent_step__triton
+
+
+def peer_row(cp, timer, B, fn):
+    import torch
+    tok, state = inputs(cp, B)
+    t = {n: torch.from_dlpack(a) for n, a in tok.items()}
+    i, f = t["i"][..., None], t["f"][..., None]
+    C, n, m = torch.from_dlpack(state.C), torch.from_dlpack(state.n), torch.from_dlpack(state.m)[..., None]
+
+    def run():
+        with torch.no_grad():
+            return fn(t["q"], t["k"], t["v"], i, f, C, n, m, eps=1e-6)
+
+    h_ref, C_ref = reference(cp, tok, state)
+    h, (C_new, _, _) = run()
+    torch.cuda.synchronize()
+    eh = rel(cp, cp.from_dlpack(h.float()), h_ref)
+    eC = rel(cp, cp.from_dlpack(C_new.float()), C_ref)
+    ok = eh <= H_TOL and eC <= C_TOL
+    row = dict(impl="mlstm_kernels Triton step", ms=timer(run), host_us=host_us(cp, run),
+               check=f"{'ok' if ok else 'FAIL'} h {eh:.1e} C {eC:.1e}", ok=ok)
+    del t, C, n, m
+    torch.cuda.empty_cache()
+    return row
+
+
+def table(rows, rate):
+    head = ("| B | impl | ms | GB/s (state) | % of copy rate | floor ms | ÷ floor | host µs/call | check |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    body = []
+    for r in rows:
+        by = 2 * state_bytes(r["B"])
+        floor = by / rate * 1e3
+        gbps = by / (r["ms"] * 1e-3) / 1e9
+        body.append(f"| {r['B']} | {r['impl']} | {r['ms']:.4f} | {gbps:,.0f} | {100 * gbps * 1e9 / rate:.0f} % | "
+                    f"{floor:.4f} | {r['ms'] / floor:.2f} | {r['host_us']:.1f} | {r['check']} |")
+    return "\n".join([head] + body)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--B", type=int, nargs="*", default=[1, 8, 64, 256])
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    try:
+        import cupy as cp
+        has_gpu = cp.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    if not has_gpu:
+        print("# no CUDA GPU found: the decode benchmark needs one (the NumPy path is the float64 reference; "
+              "examples/generate.py runs it)")
+        return 0
+    from bench import Timer
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    timer = Timer(cp)
+    rate = copy_rate(cp, timer)
+    print(f"# card: {card}, CC {dev.compute_capability}, {props['multiProcessorCount']} SMs; CuPy {cp.__version__}; "
+          f"date {time.strftime('%Y-%m-%d')}")
+    print(f"# decode step NH {NH} DK {DK} DV {DV}, bf16 q/k/v, fp32 state, exp gate; "
+          f"D2D copy rate {rate / 1e12:.2f} TB/s (read + write)")
+    peer = None if args.no_peers else peer_step()
+    rows, failures = [], 0
+    for B in args.B:
+        for r in tfla_rows(cp, timer, B):
+            rows.append(dict(B=B, **r))
+            print(rows[-1], flush=True)
+        if peer is not None:
+            try:
+                rows.append(dict(B=B, **peer_row(cp, timer, B, peer)))
+                print(rows[-1], flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"# peer B={B}: failed: {type(e).__name__}: {str(e)[:200]}")
+        failures += sum(not r["ok"] for r in rows if r["B"] == B and not r["impl"].startswith("mlstm_kernels"))
+        cp.get_default_memory_pool().free_all_blocks()
+    print("\n" + table(rows, rate))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(card=card, copy_rate=rate, rows=rows), indent=1))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
