@@ -7,8 +7,13 @@ arrays. Inputs are validated once, here.
 
 from __future__ import annotations
 
-from . import _numpy_path, _validate
+from typing import Any, Callable, Optional, Tuple, Union
+
+from . import _normgrad, _numpy_path, _validate
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
+
+Array = Any   # a NumPy or CuPy array, or a DLPack producer (PyTorch, JAX, ...)
+StateLike = Union[MLSTMState, Tuple[Any, Any, Any]]
 
 __all__ = ["mlstm", "mlstm_fwd", "mlstm_bwd", "mlstm_vjp", "mlstm_step",
            "MLSTMState", "MLSTMGrads", "MLSTMContext"]
@@ -44,6 +49,13 @@ _COMMON_DOC = """
         the NumPy path.
     config : KernelConfig, optional
         GPU launch parameters; None uses :func:`tfla_cupy.config.pick_config`.
+    normalizer_grad : bool
+        False (default): the custom backward of docs/math.md §6, which holds the normalizer N
+        constant (exact when a per-head norm follows the cell). True: the exact gradient of h as
+        computed, through |n·q| where it is the max (§6.6, an augmented value column: the
+        forward runs with DV + 1 columns on NumPy, DV + 8 on the GPU, so DV <= 1016 there);
+        ``d_initial_state.n`` is then a real gradient and an incoming ``d_state.n`` is used.
+        Ignored with normalize=False (no normalizer).
 """
 
 
@@ -54,26 +66,48 @@ def _dispatch(kind):
     return _cuda_path
 
 
-def mlstm_fwd(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, chunk_size=None,
-              eps=1e-6, scale=None, precision="default", config=None, keep_states=False):
+def _forward(q, k, v, i, f, *, gate, normalize, initial_state, chunk_size, eps, scale, precision, config,
+             keep_states, normalizer_grad, for_backward):
+    problem, arrays, state = _validate.inputs(
+        q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
+        initial_state=initial_state, precision=precision, config=config, keep_states=keep_states,
+        normalizer_grad=normalizer_grad)
+    path = _dispatch(problem.kind)
+    kw = {} if problem.kind == "numpy" else dict(copy_saved=for_backward)
+    if problem.normalizer_grad:
+        return _normgrad.forward(problem, arrays, state, path, **kw)
+    return path.forward(problem, arrays, state, **kw)
+
+
+def mlstm_fwd(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
+              initial_state: Optional[StateLike] = None, chunk_size: Optional[int] = None, eps: float = 1e-6,
+              scale: Optional[float] = None, precision: str = "default", config: Any = None,
+              keep_states: bool = False, normalizer_grad: bool = False) -> Tuple[Array, MLSTMState, MLSTMContext]:
     """Forward pass that also returns what the backward needs.
 
     Returns ``(h, state, ctx)``: h (B, NH, S, DV) in the dtype of q, the last state
     (:class:`MLSTMState`), and an opaque context for :func:`mlstm_bwd`.
     ``keep_states=True`` (GPU path) keeps the chunk-boundary states for the backward instead
     of recomputing them: faster backward, (NC·DK·DV) more memory per head.
+
+    The context holds private copies of the inputs that the call did not already copy (a
+    float64 NumPy input, a contiguous GPU input of a kernel dtype, float32 gates and states):
+    editing an input in place after the forward does not change the gradients. On the GPU
+    that costs one device copy of q, k, v, i, f and the initial state; :func:`mlstm` (no
+    backward) makes none.
     """
-    problem, arrays, state = _validate.inputs(
-        q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
-        initial_state=initial_state, precision=precision, config=config, keep_states=keep_states)
-    return _dispatch(problem.kind).forward(problem, arrays, state)
+    return _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
+                    chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
+                    keep_states=keep_states, normalizer_grad=normalizer_grad, for_backward=True)
 
 
 mlstm_fwd.__doc__ += _COMMON_DOC
 
 
-def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, return_state=False,
-          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None):
+def mlstm(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
+          initial_state: Optional[StateLike] = None, return_state: bool = False, chunk_size: Optional[int] = None,
+          eps: float = 1e-6, scale: Optional[float] = None, precision: str = "default",
+          config: Any = None, normalizer_grad: bool = False) -> Union[Array, Tuple[Array, MLSTMState]]:
     """The mLSTM over a sequence.
 
     Returns h (B, NH, S, DV) in the dtype of q, or ``(h, state)`` with ``return_state=True``.
@@ -102,16 +136,17 @@ def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, retu
     ((1, 2, 10, 32), (1, 2, 16, 32))
     """
     _validate._check_bool("return_state", return_state)
-    h, state, _ = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
-                            chunk_size=chunk_size, eps=eps, scale=scale, precision=precision,
-                            config=config)
+    _validate._check_bool("normalizer_grad", normalizer_grad)   # forward values do not depend on it
+    h, state, _ = _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
+                           chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
+                           keep_states=False, normalizer_grad=False, for_backward=False)
     return (h, state) if return_state else h
 
 
 mlstm.__doc__ += _COMMON_DOC
 
 
-def mlstm_bwd(ctx, dh, d_state=None):
+def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None) -> MLSTMGrads:
     """Manual backward of :func:`mlstm_fwd` (MLSTM_SPEC.md §6).
 
     Parameters
@@ -121,10 +156,11 @@ def mlstm_bwd(ctx, dh, d_state=None):
     dh : array (B, NH, S, DV)
         Gradient of the loss with respect to h (same array module as the forward).
     d_state : MLSTMState or (dC, dn, dm), optional
-        Gradient with respect to the returned last state. Only dC (B, NH, DK, DV) is used:
-        the custom backward treats the normalizer and the stabilizers as constants, so the
-        gradients of n and m do not propagate (they are zero when d_state comes from the
-        ``d_initial_state`` of a later call's backward). dn and dm may be None.
+        Gradient with respect to the returned last state. By default only dC (B, NH, DK, DV)
+        is used: the custom backward treats the normalizer and the stabilizers as constants,
+        so the gradients of n and m do not propagate (they are zero when d_state comes from
+        the ``d_initial_state`` of a later call's backward). With ``normalizer_grad=True`` in
+        the forward dn (B, NH, DK) is used too. dn and dm may be None; dm is never used.
 
     Returns
     -------
@@ -132,27 +168,36 @@ def mlstm_bwd(ctx, dh, d_state=None):
         Token gradients in the dtypes of q, k, v, i, f. The gate gradients include the
         ⟨dC_last, C_last⟩ term of §6.5, so gradients are exact under state passing.
     """
-    dh, dC_last = _validate.backward_args(ctx, dh, d_state)
+    dh, dC_last, dn_last = _validate.backward_args(ctx, dh, d_state)
+    if ctx.problem.normalizer_grad:
+        return _normgrad.backward(ctx, dh, dC_last, dn_last, _dispatch(ctx.kind))
     return _dispatch(ctx.kind).backward(ctx, dh, dC_last)
 
 
-def mlstm_vjp(q, k, v, i, f, **opts):
+def mlstm_vjp(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
+              initial_state: Optional[StateLike] = None, return_state: bool = False,
+              chunk_size: Optional[int] = None, eps: float = 1e-6, scale: Optional[float] = None,
+              precision: str = "default", config: Any = None, keep_states: bool = False,
+              normalizer_grad: bool = False) -> Tuple[Any, Callable[..., MLSTMGrads]]:
     """Forward pass returning ``(h, vjp_fn)`` with ``vjp_fn(dh, d_state=None) -> MLSTMGrads``.
 
-    ``opts`` are those of :func:`mlstm`; with ``return_state=True`` the first element is
-    ``(h, state)``.
+    The options are those of :func:`mlstm_fwd`; with ``return_state=True`` the first element is
+    ``(h, state)``. ``vjp_fn`` may be called more than once.
     """
-    return_state = opts.pop("return_state", False)
     _validate._check_bool("return_state", return_state)
-    h, state, ctx = mlstm_fwd(q, k, v, i, f, **opts)
+    h, state, ctx = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
+                              chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
+                              keep_states=keep_states, normalizer_grad=normalizer_grad)
 
-    def vjp_fn(dh, d_state=None):
+    def vjp_fn(dh: Array, d_state: Optional[StateLike] = None) -> MLSTMGrads:
         return mlstm_bwd(ctx, dh, d_state)
 
     return ((h, state) if return_state else h), vjp_fn
 
 
-def mlstm_step(q, k, v, i, f, state=None, *, gate="exp", normalize=True, eps=1e-6, scale=None):
+def mlstm_step(q: Array, k: Array, v: Array, i: Array, f: Array, state: Optional[StateLike] = None, *,
+               gate: str = "exp", normalize: bool = True, eps: float = 1e-6,
+               scale: Optional[float] = None) -> Tuple[Array, MLSTMState]:
     """One token of the recurrence (MLSTM_SPEC.md §2.1): ``(h, new_state)``.
 
     q, k: (B, NH, DK); v: (B, NH, DV); i, f: (B, NH); ``state=None`` means zeros.
