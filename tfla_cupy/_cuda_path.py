@@ -229,16 +229,17 @@ def backward(ctx, dh, dC_last, *, out=None):
     return MLSTMGrads(dq, dk, dv, di, df, d_initial)
 
 
-def step(problem, arrays, state):
+def step(problem, arrays, state, *, out=None):
+    """``out``: optional preallocated outputs h, C, n, m, as for :func:`forward`."""
     cp = _arrays.cupy_module()
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
     with device:
         p = problem
         BH = p.B * p.NH
-        h = cp.empty((p.B, p.NH, p.DV), p.dtype)
-        C = cp.empty((p.B, p.NH, p.DK, p.DV), _F32)
-        n = cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None
-        m = cp.empty((p.B, p.NH), _F32) if p.has_m else None
+        h = _out(out, "h", lambda: cp.empty((p.B, p.NH, p.DV), p.dtype))
+        C = _out(out, "C", lambda: cp.empty((p.B, p.NH, p.DK, p.DV), _F32))
+        n = _out(out, "n", lambda: cp.empty((p.B, p.NH, p.DK), _F32)) if p.has_n else None
+        m = _out(out, "m", lambda: cp.empty((p.B, p.NH), _F32)) if p.has_m else None
         params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, C_last=C, n_last=n, m_last=m,
                              BH=BH, S=1, DK=p.DK, DV=p.DV, L=1, NC=1, scale=p.scale, eps=p.eps)
         gate = GATE_POLICY[(p.gate, p.normalize)]

@@ -43,6 +43,20 @@ def _augment(xp, x, first, pad):
     return xp.concatenate([x, col], axis=-1)
 
 
+#: On the GPU the branch of N = max(|den|, e^{-M}) is read from the stored fp32 N: the kernels' N equals
+#: expf(-M) on the lower branch; a margin of a few ulps absorbs a different exp implementation.
+_BRANCH_MARGIN = 1e-6
+
+
+def upper_branch_sign(xp, h_den, N, M, *, exact):
+    """dN/dden: sign(den) where |den| > e^{-M} (M ≡ 0 without a stabilizer), else 0. The branch is
+    read from N itself (N > bound), whose precision is fp32 or better: den from the augmented
+    output column (in the dtype of h) only gives the sign."""
+    bound = 1.0 if M is None else xp.exp(-M)
+    upper = N > bound if exact else N > bound * (1 + _BRANCH_MARGIN)
+    return xp.where(upper, xp.sign(h_den.astype(N.dtype)), 0).astype(N.dtype)
+
+
 def forward(problem, arrays, state, path, **kw):
     """The forward of ``path`` on the augmented problem; returns (h, state, ctx) like it."""
     kind, DV = problem.kind, problem.DV
@@ -64,9 +78,8 @@ def forward(problem, arrays, state, path, **kw):
         N, M = inner.saved["N"], inner.saved["M"]
         ct = np.float64 if kind == "numpy" else np.float32
         hN = N.astype(ct) + problem.eps
-        den = h_aug[..., DV].astype(ct) * hN
-        bound = 1.0 if M is None else xp.exp(-M.astype(ct))
-        sign = xp.where(xp.abs(den) > bound, xp.sign(den), 0).astype(ct)   # d den / d N, 0 on the lower branch
+        sign = upper_branch_sign(xp, h_aug[..., DV], N.astype(ct), None if M is None else M.astype(ct),
+                                 exact=kind == "numpy")
         h = xp.ascontiguousarray(h_aug[..., :DV])
         last = MLSTMState(xp.ascontiguousarray(last.C[..., :DV]), last.n, last.m)
     saved = dict(inner=inner, h=h_aug, hN=hN, sign=sign, pad=pad)
