@@ -6,6 +6,7 @@ float64 NumPy path, against tfla_cupy's NumPy API."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def fake_gpu(monkeypatch):
     for name, fn in (("forward", forward), ("context", context), ("backward", backward), ("step", step)):
         monkeypatch.setattr(_cuda_path, name, fn)
     monkeypatch.setattr(tj, "_view", lambda b: None if b is None else np.asarray(b))
-    monkeypatch.setattr(tj, "_run", lambda ctx, anchor, fn: fn())
+    monkeypatch.setattr(tj, "_on_xla_stream", lambda ctx, buf: contextlib.nullcontext())
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
         yield jax, tj, cpu

@@ -21,6 +21,7 @@ operations, so their gradients flow back in the input dtypes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Optional, Tuple
@@ -61,11 +62,15 @@ def _view(buf):
     return x
 
 
-def _run(ctx, anchor, fn):
-    """Run fn() with CuPy on XLA's stream and anchor's device."""
-    with anchor.device:
-        with _interop.cupy_stream(ctx.stream, anchor.device.id):
-            fn()
+def _on_xla_stream(ctx, buf):
+    """CuPy on XLA's stream and on the device of ``buf``; buffers are viewed inside it, so that
+    DLPack's stream handshake sees one stream on both sides."""
+    cp = _cupy()
+    device = int(buf.__dlpack_device__()[1])
+    stack = contextlib.ExitStack()
+    stack.enter_context(cp.cuda.Device(device))
+    stack.enter_context(_interop.cupy_stream(ctx.stream, device))
+    return stack
 
 
 # ------------------------------------------------------------------------------------------
@@ -88,10 +93,11 @@ def _fwd_call(p, q, k, v, i, f, C0, n0, m0):
         shapes.update(M=_sd(lead + (p.S,), _F32), m_last=_sd(lead, _F32))
 
     def callback(ctx, out, q, k, v, i, f, C0, n0, m0):
-        arrays = tuple(_view(x) for x in (q, k, v, i, f))
-        state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
-        outs = {name: _view(b) for name, b in out.items()}
-        _run(ctx, arrays[0], lambda: _cuda_path.forward(p, arrays, state, out=outs, copy_saved=False))
+        with _on_xla_stream(ctx, q):
+            arrays = tuple(_view(x) for x in (q, k, v, i, f))
+            state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
+            outs = {name: _view(b) for name, b in out.items()}
+            _cuda_path.forward(p, arrays, state, out=outs, copy_saved=False)
 
     return buffer_callback(callback, shapes)(q, k, v, i, f, C0, n0, m0)
 
@@ -106,16 +112,12 @@ def _bwd_call(p, res, dh, dC_last):
         shapes["dC0"] = _sd(C0.shape, _F32)
 
     def callback(ctx, out, q, k, v, i, f, C0, n0, m0, N, M, C_last, dh, dC_last):
-        arrays = tuple(_view(x) for x in (q, k, v, i, f))
-        state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
-        outs = {name: _view(b) for name, b in out.items()}
-        dh_, dC_ = _view(dh), _view(dC_last)
-
-        def launch():
+        with _on_xla_stream(ctx, q):
+            arrays = tuple(_view(x) for x in (q, k, v, i, f))
+            state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
+            outs = {name: _view(b) for name, b in out.items()}
             mctx = _cuda_path.context(p, arrays, state, _view(N), _view(M), _view(C_last))
-            _cuda_path.backward(mctx, dh_, dC_, out=outs)
-
-        _run(ctx, arrays[0], launch)
+            _cuda_path.backward(mctx, _view(dh), _view(dC_last), out=outs)
 
     return buffer_callback(callback, shapes)(q, k, v, i, f, C0, n0, m0, N, M, C_last, dh, dC_last)
 
@@ -269,11 +271,11 @@ def _step_call(p, q, k, v, i, f, C0, n0, m0):
     step_problem = dataclasses.replace(p, S=1)
 
     def callback(ctx, out, q, k, v, i, f, C0, n0, m0):
-        arrays = tuple(_view(x) for x in (q, k, v, i, f))
-        state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
-        outs = {name: _view(b) for name, b in out.items()}
-
-        _run(ctx, arrays[0], lambda: _cuda_path.step(step_problem, arrays, state, out=outs))
+        with _on_xla_stream(ctx, q):
+            arrays = tuple(_view(x) for x in (q, k, v, i, f))
+            state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
+            outs = {name: _view(b) for name, b in out.items()}
+            _cuda_path.step(step_problem, arrays, state, out=outs)
 
     o = buffer_callback(callback, shapes)(q, k, v, i, f, C0, n0, m0)
     return o["h"], (o["C"], o.get("n"), o.get("m"))
