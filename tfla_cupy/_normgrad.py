@@ -37,10 +37,11 @@ def _device(kind, x):
 
 
 def _augment(xp, x, first, pad):
-    """[x, first, 0…] along the last axis (``first`` broadcast to x's leading shape), x's dtype."""
-    col = xp.zeros(x.shape[:-1] + (pad,), x.dtype)
+    """[x, first, 0…] along the last axis (``first`` broadcast to x's leading shape), x's dtype.
+    The column is built in float32 / float64 and cast once (no scalar stores into 16-bit arrays)."""
+    col = xp.zeros(x.shape[:-1] + (pad,), np.float64 if xp is np else np.float32)
     col[..., 0] = first
-    return xp.concatenate([x, col], axis=-1)
+    return xp.concatenate([x, col.astype(x.dtype)], axis=-1)
 
 
 #: On the GPU the branch of N = max(|den|, e^{-M}) is read from the stored fp32 N: the kernels' N equals
@@ -69,6 +70,13 @@ def forward(problem, arrays, state, path, **kw):
                              f"value column, padded to a multiple of 8), got DV={DV}")
     q, k, v, i, f = arrays
     with _device(kind, v):
+        if kind == "cuda" and kw.get("copy_saved", True):
+            # private copies for the context (mlstm_fwd's promise), made here: v' and C0' are new
+            # arrays already, which the inner forward would copy once more
+            q, k, i, f = (x.copy() for x in (q, k, i, f))
+            if state is not None:
+                state = MLSTMState(state.C, *(None if x is None else x.copy() for x in state[1:]))
+            kw = {**kw, "copy_saved": False}
         v_aug = _augment(xp, v, 1, pad)
         state_aug = None
         if state is not None:
@@ -95,8 +103,7 @@ def backward(ctx, dh, dC_last, dn_last, path):
         dh_ct = dh.astype(ct)
         # dh'[DV] = dden·(N+ε) = −(dh·h)·sign(den), with h the output as returned
         col = -(dh_ct * s["h"][..., :DV].astype(ct)).sum(-1) * s["sign"]
-        dh_aug = _augment(xp, dh.astype(p.dtype if kind == "cuda" else np.float64), 0, pad)
-        dh_aug[..., DV] = col
+        dh_aug = _augment(xp, dh.astype(p.dtype if kind == "cuda" else np.float64), col, pad)
         dC_aug = None
         if dC_last is not None or dn_last is not None:
             sd = np.float32 if kind == "cuda" else np.float64

@@ -34,7 +34,6 @@ except ImportError as exc:  # pragma: no cover - exercised where JAX is absent
     raise ImportError("tfla_cupy.jax needs JAX (with its CUDA plugin): pip install 'tfla-cupy[jax]' "
                       f"and a CUDA build of jax; the import failed with: {exc}") from exc
 
-import numpy as np
 
 from . import _arrays, _interop, _normgrad
 from ._types import MLSTMState
