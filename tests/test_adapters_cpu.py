@@ -178,3 +178,49 @@ def test_jax_validation(fake_gpu, rng):
         tj.mlstm(q, k, v[..., :5], i, f)
     with pytest.raises(ValueError, match=r"initial_state.n: required"):
         tj.mlstm(q, k, v, i, f, initial_state=(np.zeros((B, NH, DK, DV), np.float32), None, np.zeros((B, NH))))
+
+
+# ------------------------------------------------------------------------------------------
+# tfla_cupy.torch on CPU tensors (the float64 NumPy path), where PyTorch is installed
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalizer_grad", [False, True], ids=["custom", "normalizer-grad"])
+@pytest.mark.parametrize("gate, normalize", [("exp", True), ("sig", True), ("sig", False)])
+def test_torch_autograd_on_cpu(rng, gate, normalize, normalizer_grad):
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch as tt
+    x = [a.astype(np.float64) for a in _inputs(rng)]
+    st = tfla_cupy.MLSTMState(*(a.astype(np.float64) for a in _state(rng)))
+    dh = rng.standard_normal((B, NH, S, DV))
+    dC, dn = rng.standard_normal((B, NH, DK, DV)), rng.standard_normal((B, NH, DK))
+    opts = dict(gate=gate, normalize=normalize, chunk_size=16, normalizer_grad=normalizer_grad)
+    h_ref, last_ref, ctx = tfla_cupy.mlstm_fwd(*x, initial_state=st, **opts)
+    want = tfla_cupy.mlstm_bwd(ctx, dh, (dC, dn if normalize else None, None))
+
+    xt = [torch.tensor(a, requires_grad=True) for a in x]
+    stt = tfla_cupy.MLSTMState(*(torch.tensor(a, requires_grad=True) for a in st))
+    h, last = tt.mlstm(*xt, initial_state=stt, return_state=True, **opts)
+    assert rel_err(h.detach().numpy(), h_ref) < 1e-14
+    assert (last.n is None) == (not normalize) and (last.m is None) == (gate != "exp")
+    loss = (h * torch.tensor(dh)).sum() + (last.C * torch.tensor(dC)).sum()
+    if normalize:
+        loss = loss + (last.n * torch.tensor(dn)).sum()
+    loss.backward()
+    for t, w, name in zip(xt, want[:5], "qkvif"):
+        assert rel_err(t.grad.numpy(), w) < 1e-12, name
+    assert rel_err(stt.C.grad.numpy(), want.d_initial_state.C) < 1e-12
+    if normalize:
+        assert rel_err(stt.n.grad.numpy(), want.d_initial_state.n) < 1e-12
+        assert bool(torch.any(stt.n.grad != 0)) == normalizer_grad
+
+
+def test_torch_in_place_edit_is_reported_on_cpu(rng):
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch as tt
+    q, k, v, i, f = (torch.tensor(a.astype(np.float64), requires_grad=True) for a in _inputs(rng))
+    h = tt.mlstm(q, k, v, i, f, chunk_size=16)
+    with torch.no_grad():
+        k.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()

@@ -24,12 +24,17 @@ class _RawStream:
 def cupy_stream(ptr, device_id):
     """A CuPy stream object for the foreign stream ``ptr`` of device ``device_id`` (not owned)."""
     cp = _arrays.cupy_module()
+    ptr = int(ptr)
+    if ptr == 0:   # the legacy default stream (PyTorch's default current stream)
+        return cp.cuda.Stream.null
+    if ptr == 2:   # cudaStreamPerThread
+        return cp.cuda.Stream.ptds
     try:
         return cp.cuda.Stream.from_external(_RawStream(ptr))
-    except (AttributeError, TypeError):   # CuPy < 14: ExternalStream (deprecated from 14 on)
+    except Exception:   # CuPy < 14 has no from_external: ExternalStream (deprecated from 14 on)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cp.cuda.ExternalStream(int(ptr), int(device_id))
+            return cp.cuda.ExternalStream(ptr, int(device_id))
 
 
 def _dims(x):

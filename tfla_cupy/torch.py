@@ -92,20 +92,19 @@ class _MLSTMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, *d_last):
         q, k, v, i, f, C0, n0, m0 = ctx.saved_tensors   # raises if an input was edited in place
-        mctx = ctx.mctx
+        p = ctx.mctx.problem
         if dh is None:
-            dh = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-        d_state = None
+            dh = torch.zeros(p.B, p.NH, p.S, p.DV, dtype=q.dtype, device=q.device)
+        dC = dn = None
         if ctx.with_state:
             it = iter(d_last)
             dC, dn, _ = (next(it) if present else None for present in ctx.state_layout)
-            if dC is not None or dn is not None:
-                if dC is None:
-                    dC = torch.zeros(mctx.problem.B, mctx.problem.NH, mctx.problem.DK, mctx.problem.DV,
-                                     dtype=torch.float32, device=q.device)
-                d_state = (_export(dC), _export(dn), None)
+            if dC is None and dn is not None:
+                dC = torch.zeros(p.B, p.NH, p.DK, p.DV, dtype=dn.dtype, device=q.device)
         with _on_stream(q):
-            g = api.mlstm_bwd(mctx, _export(dh), d_state)
+            d_state = None if dC is None else (_export(dC.contiguous()),
+                                               None if dn is None else _export(dn.contiguous()), None)
+            g = api.mlstm_bwd(ctx.mctx, _export(dh.contiguous()), d_state)
             grads = [_import(x) for x in g[:5]]
             dC0 = dn0 = None
             if g.d_initial_state is not None:
