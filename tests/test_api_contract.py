@@ -21,6 +21,7 @@ def test_vjp_signature_is_explicit():
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     fwd = inspect.signature(tfla_cupy.mlstm_fwd).parameters
     assert set(fwd) | {"return_state"} == set(params)
+    assert {"normalizer_grad", "copy_inputs", "keep_states"} <= set(params)
 
 
 def test_mistyped_vjp_keyword_is_an_error_of_mlstm_vjp(rng):
@@ -67,3 +68,16 @@ def test_in_place_edit_after_forward_does_not_change_gradients(rng, gate, normal
     assert rel_err(got.d_initial_state.C, want.d_initial_state.C) == 0
     assert rel_err(got.d_initial_state.n, want.d_initial_state.n) == 0
     assert np.max(np.abs(want.dq)) > 0
+
+
+def test_copy_inputs_false_aliases_and_gives_the_same_gradients(rng):
+    x = random_inputs(rng, SHAPE)
+    dh = rng.standard_normal((SHAPE.B, SHAPE.NH, SHAPE.S, SHAPE.DV))
+    _, _, ctx = tfla_cupy.mlstm_fwd(**x, chunk_size=SHAPE.L)
+    _, _, ctx_alias = tfla_cupy.mlstm_fwd(**x, chunk_size=SHAPE.L, copy_inputs=False)
+    assert not np.shares_memory(ctx.saved["inputs"][0], x["q"])
+    assert np.shares_memory(ctx_alias.saved["inputs"][0], x["q"])     # no copy, as documented
+    for a, b in zip(tfla_cupy.mlstm_bwd(ctx, dh)[:5], tfla_cupy.mlstm_bwd(ctx_alias, dh)[:5]):
+        assert rel_err(b, a) == 0
+    with pytest.raises(TypeError, match="copy_inputs: expected a bool"):
+        tfla_cupy.mlstm_fwd(**x, copy_inputs="no")

@@ -42,9 +42,10 @@ _QUIET = dict(invalid="ignore", over="ignore", divide="ignore", under="ignore")
 
 
 @np.errstate(**_QUIET)
-def forward(problem, arrays, state):
-    q, k, v, i, f = (_f64_copy(x) for x in arrays)
-    C0, n0, m0 = _initial(problem, state, _f64_copy)
+def forward(problem, arrays, state, *, copy_saved=True):
+    convert = _f64_copy if copy_saved else _f64
+    q, k, v, i, f = (convert(x) for x in arrays)
+    C0, n0, m0 = _initial(problem, state, convert)
     h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
                                        normalize=problem.normalize, L=problem.chunk_size,
                                        eps=problem.eps, scale=problem.scale)

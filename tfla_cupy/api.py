@@ -67,13 +67,14 @@ def _dispatch(kind):
 
 
 def _forward(q, k, v, i, f, *, gate, normalize, initial_state, chunk_size, eps, scale, precision, config,
-             keep_states, normalizer_grad, for_backward):
+             keep_states, normalizer_grad, copy_inputs):
     problem, arrays, state = _validate.inputs(
         q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
         initial_state=initial_state, precision=precision, config=config, keep_states=keep_states,
         normalizer_grad=normalizer_grad)
+    _validate._check_bool("copy_inputs", copy_inputs)
     path = _dispatch(problem.kind)
-    kw = {} if problem.kind == "numpy" else dict(copy_saved=for_backward)
+    kw = dict(copy_saved=bool(copy_inputs))
     if problem.normalizer_grad:
         return _normgrad.forward(problem, arrays, state, path, **kw)
     return path.forward(problem, arrays, state, **kw)
@@ -82,7 +83,8 @@ def _forward(q, k, v, i, f, *, gate, normalize, initial_state, chunk_size, eps, 
 def mlstm_fwd(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
               initial_state: Optional[StateLike] = None, chunk_size: Optional[int] = None, eps: float = 1e-6,
               scale: Optional[float] = None, precision: str = "default", config: Any = None,
-              keep_states: bool = False, normalizer_grad: bool = False) -> Tuple[Array, MLSTMState, MLSTMContext]:
+              keep_states: bool = False, normalizer_grad: bool = False,
+              copy_inputs: bool = True) -> Tuple[Array, MLSTMState, MLSTMContext]:
     """Forward pass that also returns what the backward needs.
 
     Returns ``(h, state, ctx)``: h (B, NH, S, DV) in the dtype of q, the last state
@@ -90,15 +92,18 @@ def mlstm_fwd(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "
     ``keep_states=True`` (GPU path) keeps the chunk-boundary states for the backward instead
     of recomputing them: faster backward, (NC·DK·DV) more memory per head.
 
-    The context holds private copies of the inputs that the call did not already copy (a
-    float64 NumPy input, a contiguous GPU input of a kernel dtype, float32 gates and states):
-    editing an input in place after the forward does not change the gradients. On the GPU
-    that costs one device copy of q, k, v, i, f and the initial state; :func:`mlstm` (no
-    backward) makes none.
+    ``copy_inputs=True`` (default): the context holds private copies of the inputs that the
+    call did not already copy (a float64 NumPy input; a contiguous GPU input of a kernel dtype,
+    float32 gates and states), so editing an input in place after the forward does not change
+    the gradients. On the GPU that costs one device copy of q, k, v, i, f and the initial
+    state (B·NH·S·(2·DK + DV) elements of q's dtype, plus the float32 rest). ``copy_inputs=False``
+    makes no copy: the context then aliases those inputs, and they must stay unchanged until
+    the last :func:`mlstm_bwd` of this context (the JAX and PyTorch adapters rely on immutable
+    arrays and on PyTorch's in-place check instead). :func:`mlstm` (no backward) never copies.
     """
     return _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                     chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
-                    keep_states=keep_states, normalizer_grad=normalizer_grad, for_backward=True)
+                    keep_states=keep_states, normalizer_grad=normalizer_grad, copy_inputs=copy_inputs)
 
 
 mlstm_fwd.__doc__ += _COMMON_DOC
@@ -139,7 +144,7 @@ def mlstm(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp"
     _validate._check_bool("normalizer_grad", normalizer_grad)   # forward values do not depend on it
     h, state, _ = _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                            chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
-                           keep_states=False, normalizer_grad=False, for_backward=False)
+                           keep_states=False, normalizer_grad=False, copy_inputs=False)
     return (h, state) if return_state else h
 
 
@@ -178,7 +183,7 @@ def mlstm_vjp(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "
               initial_state: Optional[StateLike] = None, return_state: bool = False,
               chunk_size: Optional[int] = None, eps: float = 1e-6, scale: Optional[float] = None,
               precision: str = "default", config: Any = None, keep_states: bool = False,
-              normalizer_grad: bool = False) -> Tuple[Any, Callable[..., MLSTMGrads]]:
+              normalizer_grad: bool = False, copy_inputs: bool = True) -> Tuple[Any, Callable[..., MLSTMGrads]]:
     """Forward pass returning ``(h, vjp_fn)`` with ``vjp_fn(dh, d_state=None) -> MLSTMGrads``.
 
     The options are those of :func:`mlstm_fwd`; with ``return_state=True`` the first element is
@@ -187,7 +192,7 @@ def mlstm_vjp(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "
     _validate._check_bool("return_state", return_state)
     h, state, ctx = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                               chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
-                              keep_states=keep_states, normalizer_grad=normalizer_grad)
+                              keep_states=keep_states, normalizer_grad=normalizer_grad, copy_inputs=copy_inputs)
 
     def vjp_fn(dh: Array, d_state: Optional[StateLike] = None) -> MLSTMGrads:
         return mlstm_bwd(ctx, dh, d_state)

@@ -77,7 +77,7 @@ class _MLSTMFunction(torch.autograd.Function):
         with _on_stream(q):
             state = None if C0 is None else MLSTMState(_export(C0), _export(n0), _export(m0))
             h, last, mctx = api._forward(*(_export(x) for x in (q, k, v, i, f)), initial_state=state,
-                                         keep_states=False, for_backward=False, **opts)
+                                         keep_states=False, copy_inputs=False, **opts)
             outs = [_import(h)]
             if with_state:
                 outs += [_import(x) for x in last if x is not None]
