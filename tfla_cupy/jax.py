@@ -14,6 +14,10 @@ Scratch memory of the kernels (chunk states, their gradients, gate vectors: smal
 inputs, docs/performance.md §2) comes from CuPy's memory pool, outside XLA's preallocation: if
 XLA preallocates most of the GPU (its default), lower ``XLA_PYTHON_CLIENT_MEM_FRACTION``.
 
+With ``normalizer_grad=True`` the augmented value column of docs/math.md §6.6 is added and
+removed by XLA operations (a padded copy of v, and h sliced out of the augmented output).
+Not supported: ``jax.vmap`` (batch over B instead), ``keep_states``, CPU devices.
+
 Needs JAX with CUDA (``pip install 'tfla-cupy[jax]'`` plus JAX's CUDA plugin) and CuPy.
 Inputs must be on one CUDA device; gates and states are computed in float32 (the casts are JAX
 operations, so their gradients flow back in the input dtypes).
