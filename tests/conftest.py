@@ -4,6 +4,7 @@ and test ids. Every comparison is against a float64 reference on fresh random in
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -11,6 +12,9 @@ import numpy as np
 import pytest
 
 from tfla_cupy.reference.gates import ROW_MAX_FLOOR
+
+# JAX (where installed) must not take 75 % of the GPU at its first use: CuPy's tests share the device.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # ------------------------------------------------------------------------------------------
 # Tolerances: relative errors max|out - ref| / max|ref| (see rel_err) unless noted.

@@ -129,8 +129,22 @@ def _config(problem, mma, device):
     return cfg
 
 
-def forward(problem, arrays, state, out=None):
-    """``out``: validated buffers for the last state (written by the kernels, never copied)."""
+def _private(x, user):
+    """``x`` when the conversion already copied it, else a copy: the saved context must not alias
+    an input that the caller may later edit in place (that would change the gradients)."""
+    return x.copy() if x is not None and x is user else x
+
+
+def _out(out, name, empty):
+    """The caller's preallocated ``out[name]`` (the JAX / PyTorch adapters write straight into
+    their framework's buffers), else a new array from ``empty()``."""
+    return out[name] if out is not None and name in out else empty()
+
+
+def forward(problem, arrays, state, *, out=None, copy_saved=True):
+    """``out``: optional preallocated outputs h, N, M, C_last, n_last, m_last (C-contiguous, of the
+    shapes and dtypes below). ``copy_saved=False`` lets the context alias the inputs (for callers
+    that never run the backward, or whose inputs are immutable)."""
     cp = _arrays.cupy_module()
     if out is not None:
         from ._step_plan import check_disjoint, check_state_buffers
@@ -138,22 +152,23 @@ def forward(problem, arrays, state, out=None):
         check_disjoint(out, state)
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
     with device:
+        if copy_saved:
+            q, k, v, i32, f32 = (_private(x, u) for x, u in zip((q, k, v, i32, f32), arrays))
+            if state is not None:
+                C0, n0, m0 = (_private(x, u) for x, u in zip((C0, n0, m0), state))
         cfg = _config(problem, mma, device)
         run = _Launch(problem, cfg, mma)
         p, BH, NC = problem, run.BH, run.NC
         shape = (p.B, p.NH)
-        h = cp.empty(shape + (p.S, p.DV), p.dtype)
-        N = cp.empty(shape + (p.S,), _F32) if p.has_n else None
-        M = cp.empty(shape + (p.S,), _F32) if p.has_m else None
+        h = _out(out, "h", lambda: cp.empty(shape + (p.S, p.DV), p.dtype))
+        N = _out(out, "N", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_n else None
+        M = _out(out, "M", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_m else None
         C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
         n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n else None
         m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
-        if out is None:
-            C_last = cp.empty(shape + (p.DK, p.DV), _F32)
-            n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
-            m_last = cp.empty(shape, _F32) if p.has_m else None
-        else:
-            C_last, n_last, m_last = out
+        C_last = _out(out, "C_last", lambda: cp.empty(shape + (p.DK, p.DV), _F32))
+        n_last = _out(out, "n_last", lambda: cp.empty(shape + (p.DK,), _F32)) if p.has_n else None
+        m_last = _out(out, "m_last", lambda: cp.empty(shape, _F32)) if p.has_m else None
         gates = run.gate_vectors(i32, f32)
         params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
                              n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
@@ -167,7 +182,9 @@ def forward(problem, arrays, state, out=None):
     return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
 
 
-def backward(ctx, dh, dC_last):
+def backward(ctx, dh, dC_last, *, out=None):
+    """``out``: optional preallocated outputs dq, dk, dv (dtypes of q, k, v), di, df (float32),
+    dC0 (float32), as for :func:`forward`."""
     cp = _arrays.cupy_module()
     p, s = ctx.problem, ctx.saved
     device = cp.cuda.Device(s["device"])
@@ -187,23 +204,23 @@ def backward(ctx, dh, dC_last):
             m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
             recompute = make_params(**{**common, "C_last": None}, C_states=C_states, m_states=m_states)
             run.states("fwd_states_kernel", recompute)
-        dq = cp.empty_like(s["q"])
+        dq = _out(out, "dq", lambda: cp.empty_like(s["q"]))
         qdq = cp.empty((run.parts("bwd_dq"), BH, p.S), _F32)
         run.chunk("bwd_dq", make_params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
         del C_states  # dq was its last reader (unless the forward keeps it)
 
         dC_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
-        dC0 = cp.empty((p.B, p.NH, p.DK, p.DV), _F32) if p.has_initial_state else None
+        dC0 = _out(out, "dC0", lambda: cp.empty((p.B, p.NH, p.DK, p.DV), _F32)) if p.has_initial_state else None
         run.states("bwd_dstates_kernel", make_params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0))
-        dk, dv = cp.empty_like(s["k"]), cp.empty_like(s["v"])
+        dk, dv = _out(out, "dk", lambda: cp.empty_like(s["k"])), _out(out, "dv", lambda: cp.empty_like(s["v"]))
         kdk = cp.empty((run.parts("bwd_dk"), BH, p.S), _F32)
         params = make_params(**common, m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=kdk)
         run.chunk("bwd_dk", params)
         run.chunk("bwd_dv", params)
         del dC_states
 
-        di = cp.empty((p.B, p.NH, p.S), _F32)
-        df = cp.empty((p.B, p.NH, p.S), _F32)
+        di = _out(out, "di", lambda: cp.empty((p.B, p.NH, p.S), _F32))
+        df = _out(out, "df", lambda: cp.empty((p.B, p.NH, p.S), _F32))
         gp = make_params(**common, qdq=qdq, kdk=kdk, di=di, df=df, qdq_parts=qdq.shape[0], kdk_parts=kdk.shape[0])
         _loader.get_kernel(gates_kernel(run.gate))(BH, _GATE_THREADS, gp)
         di_dtype, df_dtype = s["dtypes"]
@@ -215,9 +232,10 @@ def backward(ctx, dh, dC_last):
     return MLSTMGrads(dq, dk, dv, di, df, d_initial)
 
 
-def step(problem, arrays, state, out=None, indices=None):
+def step(problem, arrays, state, out=None, indices=None, *, h_out=None):
     """One token: out-of-place (new buffers), into ``out`` (may be the input state) or, with
-    ``indices``, in place on the rows of the pool ``state``."""
+    ``indices``, in place on the rows of the pool ``state``. ``h_out``: a preallocated h (the
+    JAX adapter writes into XLA's buffer)."""
     from ._step_plan import check_state_buffers, step_launch
     if indices is not None:
         check_state_buffers("state", state, problem)   # updated in place: never copied
@@ -229,7 +247,7 @@ def step(problem, arrays, state, out=None, indices=None):
         p = problem
         if indices is not None and indices.device.id != device.id:
             raise ValueError(f"state_indices: expected an array on GPU {device.id}, got one on GPU {indices.device.id}")
-        h = cp.empty((p.B, p.NH, p.DV), p.dtype)
+        h = h_out if h_out is not None else cp.empty((p.B, p.NH, p.DV), p.dtype)
         if out is None:
             out = MLSTMState(cp.empty((p.B, p.NH, p.DK, p.DV), _F32),
                              cp.empty((p.B, p.NH, p.DK), _F32) if p.has_n else None,
@@ -287,3 +305,16 @@ def initial_state_grad(ctx, dh, dC_last):
                                                      dC_last=None if dC_last is None else _operand(dC_last),
                                                      m_states=m_states, dC_states=scratch, dC0=dC0))
     return dC0
+
+
+def context(problem, arrays, state, N, M, C_last):
+    """The backward context of a forward whose outputs N, M, C_last were kept elsewhere (the JAX
+    adapter keeps them as residuals of XLA): nothing is copied, the gate vectors are recomputed
+    (stage 0, B·NH·S work). ``arrays`` are (q, k, v, i, f) with float32 gates."""
+    mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
+    with device:
+        cfg = _config(problem, mma, device)
+        gates = _Launch(problem, cfg, mma).gate_vectors(i32, f32)
+    saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
+                 C_states=None, m_states=None, dtypes=(_F32, _F32), mma=mma, cfg=cfg, device=device.id)
+    return MLSTMContext("cuda", problem, saved)

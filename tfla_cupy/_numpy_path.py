@@ -12,18 +12,24 @@ def _f64(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def _initial(problem, state):
+def _f64_copy(x):
+    """A float64 copy: np.asarray would alias a float64 input into the saved context, and a later
+    in-place edit of that input would change the gradients."""
+    return np.array(x, dtype=np.float64, copy=True)
+
+
+def _initial(problem, state, convert=_f64):
     """Initial states in float64; zeros where absent (m_0 = 0, MLSTM_SPEC.md §1.1)."""
     B, NH, DK, DV = problem.B, problem.NH, problem.DK, problem.DV
     C0 = np.zeros((B, NH, DK, DV))
     n0 = np.zeros((B, NH, DK))
     m0 = np.zeros((B, NH))
     if state is not None:
-        C0 = _f64(state.C)
+        C0 = convert(state.C)
         if state.n is not None:
-            n0 = _f64(state.n)
+            n0 = convert(state.n)
         if state.m is not None and problem.stabilized:
-            m0 = _f64(state.m)
+            m0 = convert(state.m)
     return C0, n0, m0
 
 
@@ -36,21 +42,22 @@ _QUIET = dict(invalid="ignore", over="ignore", divide="ignore", under="ignore")
 
 
 @np.errstate(**_QUIET)
-def forward(problem, arrays, state, out=None):
-    q, k, v, i, f = (_f64(x) for x in arrays)
-    C0, n0, m0 = _initial(problem, state)
+def forward(problem, arrays, state, *, out=None, copy_saved=True):
+    convert = _f64_copy if copy_saved else _f64
+    q, k, v, i, f = (convert(x) for x in arrays)
+    C0, n0, m0 = _initial(problem, state, convert)
     h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
                                        normalize=problem.normalize, L=problem.chunk_size,
                                        eps=problem.eps, scale=problem.scale)
     last = _public_state(problem, C[..., -1, :, :], n[..., -1, :], m[..., -1])
     dtypes = tuple(x.dtype for x in arrays)
     ctx = MLSTMContext("numpy", problem, dict(inputs=(q, k, v, i, f), initial=(C0, n0, m0),
-                                               dtypes=dtypes))
-    if out is not None:
-        for dst, src in zip(out, last):
+                                               dtypes=dtypes, N=N, M=M))
+    if out is not None:  # the caller's buffers receive the last state
+        for dst, src in zip((out["C_last"], out["n_last"], out["m_last"]), last):
             if dst is not None:
                 dst[...] = src
-        last = _public_state(problem, out.C, out.n, out.m)
+        last = _public_state(problem, out["C_last"], out["n_last"], out["m_last"])
     return h.astype(problem.dtype), last, ctx
 
 

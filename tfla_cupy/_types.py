@@ -27,7 +27,9 @@ class MLSTMGrads(NamedTuple):
     None when the forward had no initial state; otherwise an :class:`MLSTMState` whose C is
     the gradient of the initial C and whose n and m are zeros (the custom backward treats
     the normalizer and the stabilizers as constants, so these gradients are zero by
-    construction, MLSTM_SPEC.md §6.4), or None where the state has no n / m.
+    construction, docs/math.md §6.4), or None where the state has no n / m. With
+    ``normalizer_grad=True`` in the forward, n is the gradient of the initial n (§6.6);
+    m stays zero (the stabilizer is stop-gradient).
     """
 
     dq: Any

@@ -37,6 +37,7 @@ class Problem:
     precision: str = "default"
     config: Any = None      # a KernelConfig override, or None for the heuristic
     keep_states: bool = False
+    normalizer_grad: bool = False   # the exact gradient through N (docs/math.md §6.6); only with normalize
 
     @property
     def stabilized(self):
@@ -117,7 +118,7 @@ def check_options(*, gate, normalize, eps, scale, chunk_size, precision, DK):
 
 
 def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_state,
-           precision="default", config=None, keep_states=False):
+           precision="default", config=None, keep_states=False, normalizer_grad=False):
     """Validate a sequence call. Returns (Problem, (q, k, v, i, f), initial_state) with the
     arrays converted to the call's array module (DLPack producers become CuPy or NumPy arrays)."""
     arrays = _arrays.to_common_module(dict(q=q, k=k, v=v, i=i, f=f))
@@ -140,6 +141,7 @@ def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_st
     eps, scale = check_options(gate=gate, normalize=normalize, eps=eps, scale=scale,
                                chunk_size=chunk_size, precision=precision, DK=DK)
     _check_bool("keep_states", keep_states)
+    _check_bool("normalizer_grad", normalizer_grad)
     if config is not None:
         from .config import KernelConfig
         if not isinstance(config, KernelConfig):
@@ -150,7 +152,8 @@ def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_st
     problem = Problem(kind=kind, B=B, NH=NH, S=S, DK=DK, DV=DV, dtype=q.dtype, gate=gate,
                       normalize=bool(normalize), eps=eps, scale=scale, chunk_size=int(chunk_size),
                       has_initial_state=initial_state is not None, precision=precision,
-                      config=config, keep_states=bool(keep_states))
+                      config=config, keep_states=bool(keep_states),
+                      normalizer_grad=bool(normalizer_grad) and bool(normalize))
     state = None
     if initial_state is not None:
         state = state_arg("initial_state", initial_state, problem)
@@ -208,7 +211,8 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None, pool=Fals
 
 
 def backward_args(ctx, dh, d_state):
-    """Validate the arguments of mlstm_bwd. Returns (dh, dC_last or None)."""
+    """Validate the arguments of mlstm_bwd. Returns (dh, dC_last or None, dn_last or None); dn_last
+    is only read with normalizer_grad=True (the custom backward holds n constant)."""
     if not isinstance(ctx, MLSTMContext):
         raise TypeError(f"ctx: expected the context returned by mlstm_fwd, got {type(ctx).__name__}")
     p = ctx.problem
@@ -219,11 +223,13 @@ def backward_args(ctx, dh, d_state):
     if not _arrays.is_floating(dh.dtype):
         raise TypeError(f"dh: expected a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {_arrays.dtype_name(dh.dtype)}")
-    dC = None
+    dC = dn = None
     if d_state is not None:
-        st = state_arg("d_state", d_state, p, require_m=False, require_n=False)
-        dC = st.C
-    return dh, dC
+        use_n = p.normalizer_grad and isinstance(d_state, (tuple, list)) and len(d_state) == 3 \
+            and d_state[1] is not None
+        st = state_arg("d_state", d_state, p, require_m=False, require_n=use_n)
+        dC, dn = st.C, st.n
+    return dh, dC, dn
 
 
 def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale, out_state=None, state_indices=None):

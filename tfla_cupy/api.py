@@ -7,8 +7,13 @@ arrays. Inputs are validated once, here.
 
 from __future__ import annotations
 
-from . import _numpy_path, _validate
+from typing import Any, Callable, Optional, Tuple, Union
+
+from . import _normgrad, _numpy_path, _validate
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
+
+Array = Any   # a NumPy or CuPy array, or a DLPack producer (PyTorch, JAX, ...)
+StateLike = Union[MLSTMState, Tuple[Any, Any, Any]]
 
 __all__ = ["mlstm", "mlstm_fwd", "mlstm_bwd", "mlstm_vjp", "mlstm_step", "mlstm_step_plan",
            "MLSTMState", "MLSTMGrads", "MLSTMContext"]
@@ -48,6 +53,13 @@ _COMMON_DOC = """
         Buffers of the last state's shapes (float32, C-contiguous on the GPU) that receive it
         (returned as the state), e.g. a decode state or views of preallocated memory; they must
         not overlap ``initial_state``.
+    normalizer_grad : bool
+        False (default): the custom backward of docs/math.md §6, which holds the normalizer N
+        constant (exact when a per-head norm follows the cell). True: the exact gradient of h as
+        computed, through |n·q| where it is the max (§6.6, an augmented value column: the
+        forward runs with DV + 1 columns on NumPy, DV + 8 on the GPU, so DV <= 1016 there);
+        ``d_initial_state.n`` is then a real gradient and an incoming ``d_state.n`` is used.
+        Ignored with normalize=False (no normalizer).
 """
 
 
@@ -58,8 +70,31 @@ def _dispatch(kind):
     return _cuda_path
 
 
-def mlstm_fwd(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, chunk_size=None,
-              eps=1e-6, scale=None, precision="default", config=None, keep_states=False, out_state=None):
+def _forward(q, k, v, i, f, *, gate, normalize, initial_state, chunk_size, eps, scale, precision, config,
+             keep_states, normalizer_grad, copy_inputs, out_state=None):
+    problem, arrays, state = _validate.inputs(
+        q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
+        initial_state=initial_state, precision=precision, config=config, keep_states=keep_states,
+        normalizer_grad=normalizer_grad)
+    _validate._check_bool("copy_inputs", copy_inputs)
+    path = _dispatch(problem.kind)
+    kw = dict(copy_saved=bool(copy_inputs))
+    if out_state is not None:
+        if problem.normalizer_grad:
+            raise ValueError("out_state: not supported with normalizer_grad=True (the last state comes from an "
+                             "augmented forward); got both")
+        out = _validate.forward_out_state(out_state, problem)
+        kw["out"] = dict(C_last=out.C, n_last=out.n, m_last=out.m)
+    if problem.normalizer_grad:
+        return _normgrad.forward(problem, arrays, state, path, **kw)
+    return path.forward(problem, arrays, state, **kw)
+
+
+def mlstm_fwd(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
+              initial_state: Optional[StateLike] = None, chunk_size: Optional[int] = None, eps: float = 1e-6,
+              scale: Optional[float] = None, precision: str = "default", config: Any = None,
+              keep_states: bool = False, normalizer_grad: bool = False,
+              copy_inputs: bool = True, out_state: Optional[StateLike] = None) -> Tuple[Array, MLSTMState, MLSTMContext]:
     """Forward pass that also returns what the backward needs.
 
     Returns ``(h, state, ctx)``: h (B, NH, S, DV) in the dtype of q, the last state
@@ -70,21 +105,30 @@ def mlstm_fwd(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, 
     receive the last state, e.g. the decode state of :func:`mlstm_step`; they must not overlap
     ``initial_state`` (the backward reads it), and the backward reads C from them too: update
     them (decode in place) only after :func:`mlstm_bwd`.
+
+    ``copy_inputs=True`` (default): the context holds private copies of the inputs that the
+    call did not already copy (a float64 NumPy input; a contiguous GPU input of a kernel dtype,
+    float32 gates and states), so editing an input in place after the forward does not change
+    the gradients. On the GPU that costs one device copy of q, k, v, i, f and the initial
+    state (B·NH·S·(2·DK + DV) elements of q's dtype, plus the float32 rest). ``copy_inputs=False``
+    makes no copy: the context then aliases those inputs, and they must stay unchanged until
+    the last :func:`mlstm_bwd` of this context (the JAX and PyTorch adapters rely on immutable
+    arrays and on PyTorch's in-place check instead). :func:`mlstm` (no backward) never copies.
     """
-    problem, arrays, state = _validate.inputs(
-        q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
-        initial_state=initial_state, precision=precision, config=config, keep_states=keep_states)
-    out = None if out_state is None else _validate.forward_out_state(out_state, problem)
-    if out is None:
-        return _dispatch(problem.kind).forward(problem, arrays, state)
-    return _dispatch(problem.kind).forward(problem, arrays, state, out)
+    return _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
+                    chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
+                    keep_states=keep_states, normalizer_grad=normalizer_grad, copy_inputs=copy_inputs,
+                    out_state=out_state)
 
 
 mlstm_fwd.__doc__ += _COMMON_DOC
 
 
-def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, return_state=False,
-          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None, out_state=None):
+def mlstm(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
+          initial_state: Optional[StateLike] = None, return_state: bool = False, chunk_size: Optional[int] = None,
+          eps: float = 1e-6, scale: Optional[float] = None, precision: str = "default",
+          config: Any = None, normalizer_grad: bool = False,
+          out_state: Optional[StateLike] = None) -> Union[Array, Tuple[Array, MLSTMState]]:
     """The mLSTM over a sequence.
 
     Returns h (B, NH, S, DV) in the dtype of q, or ``(h, state)`` with ``return_state=True``.
@@ -113,16 +157,18 @@ def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, retu
     ((1, 2, 10, 32), (1, 2, 16, 32))
     """
     _validate._check_bool("return_state", return_state)
-    h, state, _ = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
-                            chunk_size=chunk_size, eps=eps, scale=scale, precision=precision,
-                            config=config, out_state=out_state)
+    _validate._check_bool("normalizer_grad", normalizer_grad)   # forward values do not depend on it
+    h, state, _ = _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
+                           chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
+                           keep_states=False, normalizer_grad=False, copy_inputs=False,
+                           out_state=out_state)
     return (h, state) if return_state else h
 
 
 mlstm.__doc__ += _COMMON_DOC
 
 
-def mlstm_bwd(ctx, dh, d_state=None):
+def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None) -> MLSTMGrads:
     """Manual backward of :func:`mlstm_fwd` (MLSTM_SPEC.md §6).
 
     Parameters
@@ -132,10 +178,11 @@ def mlstm_bwd(ctx, dh, d_state=None):
     dh : array (B, NH, S, DV)
         Gradient of the loss with respect to h (same array module as the forward).
     d_state : MLSTMState or (dC, dn, dm), optional
-        Gradient with respect to the returned last state. Only dC (B, NH, DK, DV) is used:
-        the custom backward treats the normalizer and the stabilizers as constants, so the
-        gradients of n and m do not propagate (they are zero when d_state comes from the
-        ``d_initial_state`` of a later call's backward). dn and dm may be None.
+        Gradient with respect to the returned last state. By default only dC (B, NH, DK, DV)
+        is used: the custom backward treats the normalizer and the stabilizers as constants,
+        so the gradients of n and m do not propagate (they are zero when d_state comes from
+        the ``d_initial_state`` of a later call's backward). With ``normalizer_grad=True`` in
+        the forward dn (B, NH, DK) is used too. dn and dm may be None; dm is never used.
 
     Returns
     -------
@@ -143,28 +190,39 @@ def mlstm_bwd(ctx, dh, d_state=None):
         Token gradients in the dtypes of q, k, v, i, f. The gate gradients include the
         ⟨dC_last, C_last⟩ term of §6.5, so gradients are exact under state passing.
     """
-    dh, dC_last = _validate.backward_args(ctx, dh, d_state)
+    dh, dC_last, dn_last = _validate.backward_args(ctx, dh, d_state)
+    if ctx.problem.normalizer_grad:
+        return _normgrad.backward(ctx, dh, dC_last, dn_last, _dispatch(ctx.kind))
     return _dispatch(ctx.kind).backward(ctx, dh, dC_last)
 
 
-def mlstm_vjp(q, k, v, i, f, **opts):
+def mlstm_vjp(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
+              initial_state: Optional[StateLike] = None, return_state: bool = False,
+              chunk_size: Optional[int] = None, eps: float = 1e-6, scale: Optional[float] = None,
+              precision: str = "default", config: Any = None, keep_states: bool = False,
+              normalizer_grad: bool = False, copy_inputs: bool = True,
+              out_state: Optional[StateLike] = None) -> Tuple[Any, Callable[..., MLSTMGrads]]:
     """Forward pass returning ``(h, vjp_fn)`` with ``vjp_fn(dh, d_state=None) -> MLSTMGrads``.
 
-    ``opts`` are those of :func:`mlstm`; with ``return_state=True`` the first element is
-    ``(h, state)``.
+    The options are those of :func:`mlstm_fwd`; with ``return_state=True`` the first element is
+    ``(h, state)``. ``vjp_fn`` may be called more than once.
     """
-    return_state = opts.pop("return_state", False)
     _validate._check_bool("return_state", return_state)
-    h, state, ctx = mlstm_fwd(q, k, v, i, f, **opts)
+    h, state, ctx = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
+                              chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
+                              keep_states=keep_states, normalizer_grad=normalizer_grad, copy_inputs=copy_inputs,
+                              out_state=out_state)
 
-    def vjp_fn(dh, d_state=None):
+    def vjp_fn(dh: Array, d_state: Optional[StateLike] = None) -> MLSTMGrads:
         return mlstm_bwd(ctx, dh, d_state)
 
     return ((h, state) if return_state else h), vjp_fn
 
 
-def mlstm_step(q, k, v, i, f, state=None, *, gate="exp", normalize=True, eps=1e-6, scale=None,
-               out_state=None, state_indices=None):
+def mlstm_step(q: Array, k: Array, v: Array, i: Array, f: Array, state: Optional[StateLike] = None, *,
+               gate: str = "exp", normalize: bool = True, eps: float = 1e-6,
+               scale: Optional[float] = None, out_state: Optional[StateLike] = None,
+               state_indices: Any = None) -> Tuple[Array, MLSTMState]:
     """One token of the recurrence (docs/math.md §2.1): ``(h, new_state)``.
 
     Parameters
