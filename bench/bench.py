@@ -1,4 +1,4 @@
-"""The tfla_cupy benchmark (../shared/spec/PERFORMANCE.md): constant tokens B·S = 65,536.
+"""The tfla_cupy benchmark (docs/performance.md): constant tokens B·S = 65,536.
 
     python bench/bench.py                 # main shape, S = 8192, fw + fwbw, exp + sig, peers if present
     python bench/bench.py --sweep         # S = 512 … 65536 (B = 65536 / S)
@@ -36,7 +36,7 @@ from tfla_cupy.reference import chunkwise  # noqa: E402
 
 SHAPES = {"main": dict(NH=16, DK=128, DV=256), "second": dict(NH=8, DK=256, DV=512)}
 TOKENS = 65536
-COPY_BW = 3.0e12        # bytes/s: measured device copy bandwidth of the H100 here (PERFORMANCE.md)
+COPY_BW = 3.0e12        # bytes/s: measured device copy bandwidth of the H100 here (docs/performance.md)
 MMA_RATE = 800e12       # FLOP/s: measured bf16 matrix rate
 CHECK_TOL = {"fw": 3e-2, "fwbw": 3e-2, "df": 1e-1}
 
@@ -64,7 +64,7 @@ class Row:
 
 
 # ------------------------------------------------------------------------------------------
-# Models: FLOPs (MLSTM_SPEC.md §11.2) and the IO floor (PERFORMANCE.md §3)
+# Models: FLOPs (docs/math.md §11.2) and the IO floor (docs/performance.md §3)
 # ------------------------------------------------------------------------------------------
 
 

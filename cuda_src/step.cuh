@@ -1,4 +1,4 @@
-// tfla_cupy — one token of the recurrence for inference (MLSTM_SPEC.md §2.1, §8), fp32 states.
+// tfla_cupy — one token of the recurrence for inference (docs/math.md §2.1, §8), fp32 states.
 //
 //   m' = max(λ + m, ι) (exp; 0 for sig),  α = e^{λ + m − m'},  β = e^{ι − m'}
 //   C' = α C + β k vᵀ,  n' = α n + β k,  h = C'ᵀ(s q) / (max(|n'·(s q)|, e^{−m'}) + ε)

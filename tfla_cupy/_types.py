@@ -6,7 +6,7 @@ from typing import Any, NamedTuple, Optional
 
 
 class MLSTMState(NamedTuple):
-    """The recurrent state of the mLSTM, stabilized (MLSTM_SPEC.md §2.2).
+    """The recurrent state of the mLSTM, stabilized (docs/math.md §2.2).
 
     C : (B, NH, DK, DV) matrix memory.
     n : (B, NH, DK) normalizer state; None for ``gate="sig", normalize=False``.
@@ -27,7 +27,7 @@ class MLSTMGrads(NamedTuple):
     None when the forward had no initial state; otherwise an :class:`MLSTMState` whose C is
     the gradient of the initial C and whose n and m are zeros (the custom backward treats
     the normalizer and the stabilizers as constants, so these gradients are zero by
-    construction, MLSTM_SPEC.md §6.4), or None where the state has no n / m.
+    construction, docs/math.md §6.4), or None where the state has no n / m.
     """
 
     dq: Any

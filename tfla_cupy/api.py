@@ -87,7 +87,7 @@ def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, retu
         n_t = e^{λ_t + m_{t−1} − m_t} n_{t−1} + e^{ι_t − m_t} k_t
         h_t = C_tᵀ (s q_t) / (max(|n_tᵀ (s q_t)|, e^{−m_t}) + ε)
 
-    computed chunkwise (TFLA, MLSTM_SPEC.md §4). NaN or Inf in the inputs propagate to the
+    computed chunkwise (TFLA, docs/math.md §4). NaN or Inf in the inputs propagate to the
     outputs of the affected heads; they never crash or hang.
 
     Examples
@@ -112,7 +112,7 @@ mlstm.__doc__ += _COMMON_DOC
 
 
 def mlstm_bwd(ctx, dh, d_state=None):
-    """Manual backward of :func:`mlstm_fwd` (MLSTM_SPEC.md §6).
+    """Manual backward of :func:`mlstm_fwd` (docs/math.md §6).
 
     Parameters
     ----------
@@ -153,7 +153,7 @@ def mlstm_vjp(q, k, v, i, f, **opts):
 
 
 def mlstm_step(q, k, v, i, f, state=None, *, gate="exp", normalize=True, eps=1e-6, scale=None):
-    """One token of the recurrence (MLSTM_SPEC.md §2.1): ``(h, new_state)``.
+    """One token of the recurrence (docs/math.md §2.1): ``(h, new_state)``.
 
     q, k: (B, NH, DK); v: (B, NH, DV); i, f: (B, NH); ``state=None`` means zeros.
     h (B, NH, DV) has the dtype of q; the new state is float32 on the GPU path.
