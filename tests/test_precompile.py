@@ -30,6 +30,12 @@ def test_without_a_gpu_one_line_and_nonzero_exit():
     assert lines[0].startswith("tfla_cupy.precompile: ") and "nothing was compiled" in lines[0]
 
 
+def test_bad_dtype_is_an_argparse_error_in_a_subprocess():
+    r = _run("--dtype", "bf17")
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "argument --dtype: expected a comma-separated subset" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("args, match", [
     pytest.param(["--dtype", "bf17"], "argument --dtype: expected a comma-separated subset", id="dtype-unknown"),
     pytest.param(["--dtype", "bf16,"], "argument --dtype", id="dtype-trailing-comma"),
@@ -37,11 +43,12 @@ def test_without_a_gpu_one_line_and_nonzero_exit():
     pytest.param(["--jobs", "x"], "argument --jobs", id="jobs-text"),
     pytest.param(["--no-such-flag"], "unrecognized arguments", id="unknown-flag"),
 ])
-def test_bad_options_are_argparse_errors(args, match):
-    r = _run(*args)
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert match in r.stderr
-    assert "Traceback" not in r.stderr
+def test_bad_options_are_argparse_errors(capsys, monkeypatch, args, match):
+    monkeypatch.setattr(precompile, "precompile", lambda *a, **k: pytest.fail("must not compile"))
+    with pytest.raises(SystemExit) as e:
+        precompile.main(args)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
 
 
 def test_dtype_option_parses_subsets():
