@@ -18,7 +18,7 @@ FORMER = ("MLSTM" + "_SPEC", "PERFORMANCE" + ".md", "CUPY" + "_NOTES")
 _HEADING = re.compile(r"^#{2,4} (\d+[a-z]?(?:\.\d+)*)\.? ", re.M)
 _SECTION = r"§\d+[a-z]?(?:\.\d+)*(?:[-–]\d+[a-z]?(?:\.\d+)*)?"
 _REF = re.compile(rf"docs/([\w-]+\.md)((?:(?:,\s*|\s+and\s+|\s+)(?:{_SECTION}))*)")
-_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+_LINK = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
 
 
 def tracked_text_files():
@@ -90,12 +90,26 @@ def test_reference_parser_sees_lists_and_ranges():
         ("math.md", ["2", "4", "6.4", "7"]), ("performance.md", ["3b"])]
 
 
-def test_relative_links_inside_docs_resolve():
+def anchors(path):
+    """GitHub's heading anchors of a Markdown file."""
+    out = set()
+    for line in path.read_text().splitlines():
+        m = re.match(r"#{1,6} (.*)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            out.add(slug)
+    return out
+
+
+def test_relative_links_and_anchors_inside_docs_resolve():
     bad = []
     for page in DOCS.glob("*.md"):
-        for target in _LINK.findall(page.read_text()):
+        for target, anchor in _LINK.findall(page.read_text()):
             if "://" in target:
                 continue
-            if not (page.parent / target).resolve().exists():
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists():
                 bad.append(f"{page.name}: {target}")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                bad.append(f"{page.name}: {target}#{anchor}")
     assert not bad, bad
