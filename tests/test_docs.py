@@ -113,3 +113,19 @@ def test_relative_links_and_anchors_inside_docs_resolve():
             elif anchor and path.suffix == ".md" and anchor not in anchors(path):
                 bad.append(f"{page.name}: {target}#{anchor}")
     assert not bad, bad
+
+
+def test_rewrite_script_is_a_fixed_point_of_the_tree():
+    """tools/rewrite_doc_refs.py (re-run after merges) changes nothing in the tree as it stands,
+    itself and this file included, and rewrites the forms it exists for."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rewrite_doc_refs", REPO / "tools" / "rewrite_doc_refs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    changed = [rel for rel, text in tracked_text_files().items()
+               if not rel.startswith("docs/") and mod.rewrite(text) != text]
+    assert not changed, changed
+    spec_name, perf, notes = FORMER
+    assert mod.rewrite(f"(../shared/spec/{spec_name}.md §6.6)") == "(docs/math.md §6.6)"
+    assert mod.rewrite(f"{spec_name} §2.2, {perf} §3b, ../spec/{notes}.md") == \
+        "docs/math.md §2.2, docs/performance.md §3b, docs/architecture.md"
