@@ -1,4 +1,4 @@
-"""The tfla_cupy benchmark (../shared/spec/PERFORMANCE.md): constant tokens B·S = 65,536.
+"""The tfla_cupy benchmark (docs/performance.md): constant tokens B·S = 65,536.
 
     python bench/bench.py                 # main shape, S = 8192, fw + fwbw, exp + sig, peers if present
     python bench/bench.py --sweep         # S = 512 … 65536 (B = 65536 / S)
@@ -10,7 +10,9 @@ same inputs (the reference on all 128 heads would take minutes on a CPU). Peers 
 TFLA, flash-linear-attention chunk_simple_gla, PyTorch SDPA as the attention baseline) run when
 importable. Results go to bench/results/*.csv and .json (and a PNG if matplotlib is present).
 
-On a machine without a GPU this runs the NumPy reference on a small shape and says so.
+On a machine without a GPU this runs the NumPy reference on a small shape and says so; it
+honours --variants, --modes, --chunk, --out and --tag there (results as cpu-demo.csv / .json)
+and rejects the flags that need a GPU (--shape, --sweep, --S, --peers) with an argparse error.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Row:
 
 
 # ------------------------------------------------------------------------------------------
-# Models: FLOPs (MLSTM_SPEC.md §11.2) and the IO floor (PERFORMANCE.md §3)
+# Models: FLOPs (docs/math.md §11.2) and the IO floor (docs/performance.md §3)
 # ------------------------------------------------------------------------------------------
 
 
@@ -294,21 +296,40 @@ def bench_peer(torch, timer, name, kind, fn, mode, B, NH, S, DK, DV, L):
 # ------------------------------------------------------------------------------------------
 
 
-def cpu_demo():
-    """No GPU: the NumPy reference on a small shape."""
+CPU_SHAPE = dict(B=1, NH=2, S=256, DK=32, DV=64)
+
+
+def cpu_demo(variants, modes, chunks, out=None, tag="bench"):
+    """No GPU: the NumPy reference on a small shape, for each requested variant, mode and chunk
+    size (wall-clock ms of the float64 reference: a smoke run, not a benchmark)."""
     rng = np.random.default_rng(0)
-    B, NH, S, DK, DV = 1, 2, 256, 32, 64
+    B, NH, S, DK, DV = (CPU_SHAPE[k] for k in ("B", "NH", "S", "DK", "DV"))
     q, k = rng.standard_normal((2, B, NH, S, DK))
     v = rng.standard_normal((B, NH, S, DV))
     i, f = rng.standard_normal((2, B, NH, S))
     print(f"# no CUDA GPU found: running the float64 NumPy reference on a small shape "
           f"(B={B}, NH={NH}, S={S}, DK={DK}, DV={DV}) instead of the CUDA kernels")
-    t = time.perf_counter()
-    h, state, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=64)
-    g = tfla_cupy.mlstm_bwd(ctx, np.ones_like(h))
-    dt = time.perf_counter() - t
-    print(f"reference fw+bw: {dt * 1e3:.1f} ms; |h| max {np.abs(h).max():.3f}; "
-          f"|df| max {np.abs(g.df).max():.3f}; last C norm {np.linalg.norm(state.C):.3f}")
+    rows = []
+    for L in chunks:
+        for mode in modes:
+            for variant in variants:
+                gate, normalize = {"exp": ("exp", True), "sig": ("sig", False)}[variant]
+                opts = dict(gate=gate, normalize=normalize, chunk_size=L)
+                t = time.perf_counter()
+                h, state, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, **opts)
+                text = f"|h| max {np.abs(h).max():.3f}; last C norm {np.linalg.norm(state.C):.3f}"
+                if mode == "fwbw":
+                    g = tfla_cupy.mlstm_bwd(ctx, np.ones_like(h))
+                    text += f"; |df| max {np.abs(g.df).max():.3f}"
+                ms = (time.perf_counter() - t) * 1e3
+                label = "fw+bw" if mode == "fwbw" else "fw"
+                print(f"reference {label} {variant} L={L}: {ms:.1f} ms; {text}")
+                nan = float("nan")
+                rows.append(Row("numpy-reference", variant, mode, B, S, NH, DK, DV, L, ms, nan, nan, nan, nan, 0.0,
+                                "", "float64 NumPy reference on the CPU (no CUDA GPU): wall-clock, no floor"))
+    if out is not None:
+        _save(rows, Path(out), "CPU (no CUDA GPU)", tag=tag)
+    return rows
 
 
 def measure_copy_rate(cp, nbytes=1 << 30, repeat=10):
@@ -330,18 +351,31 @@ def measure_copy_rate(cp, nbytes=1 << 30, repeat=10):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="main")
-    ap.add_argument("--sweep", action="store_true", help="S = 512 … 65536 at B·S = 65536")
-    ap.add_argument("--S", type=int, nargs="*", help="sequence lengths (default 8192, or the sweep)")
-    ap.add_argument("--chunk", type=int, nargs="*", default=[128])
-    ap.add_argument("--variants", default="exp,sig")
-    ap.add_argument("--modes", default="fw,fwbw")
-    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}, or ''")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="main (default) or second; needs a GPU")
+    ap.add_argument("--sweep", action="store_true", help="S = 512 … 65536 at B·S = 65536; needs a GPU")
+    ap.add_argument("--S", type=int, nargs="+", help="sequence lengths (default 8192, or the sweep); needs a GPU")
+    ap.add_argument("--chunk", type=int, nargs="+", default=[128], help="chunk sizes: powers of two 16 … 1024")
+    ap.add_argument("--variants", default="exp,sig", help="comma-separated subset of exp,sig")
+    ap.add_argument("--modes", default="fw,fwbw", help="comma-separated subset of fw,fwbw")
+    ap.add_argument("--peers", default=None,
+                    help=f"comma-separated subset of {','.join(PEERS)}, or '' (default: all importable; needs a GPU)")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="skip the check against the float64 reference")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--tag", default="bench", help="file name prefix of the results")
+    ap.add_argument("--tag", default=None, help="file name prefix of the results (default: bench; cpu-demo without a GPU)")
     args = ap.parse_args(argv)
+    variants = _subset(ap, "--variants", args.variants, ("exp", "sig"))
+    modes = _subset(ap, "--modes", args.modes, ("fw", "fwbw"))
+    peers_given = args.peers is not None
+    wanted = set() if args.no_peers else set(_subset(ap, "--peers", args.peers, PEERS, empty_ok=True)
+                                              if peers_given else PEERS)
+    bad = [L for L in args.chunk if L < 16 or L > 1024 or L & (L - 1)]
+    if bad:
+        ap.error(f"argument --chunk: expected powers of two 16 … 1024, got {bad}")
+    if args.S and min(args.S) < 1:
+        ap.error(f"argument --S: expected sequence lengths >= 1, got {args.S}")
+    if args.sweep and args.S:
+        ap.error("argument --sweep: not allowed with --S (the sweep is its own list of S)")
 
     try:
         import cupy as cp
@@ -349,7 +383,14 @@ def main(argv=None):
     except Exception:  # noqa: BLE001
         has_gpu = False
     if not has_gpu:
-        cpu_demo()
+        gpu_only = [flag for flag, given in (("--shape", args.shape is not None), ("--sweep", args.sweep),
+                                             ("--S", bool(args.S)), ("--peers", peers_given and bool(wanted)))
+                    if given]
+        if gpu_only:
+            ap.error(f"{', '.join(gpu_only)}: needs a CUDA GPU; without one the benchmark only runs the NumPy "
+                     f"reference on a small shape ({', '.join(f'{k}={v}' for k, v in CPU_SHAPE.items())}), "
+                     f"honouring --variants, --modes, --chunk, --out and --tag")
+        cpu_demo(variants, modes, args.chunk, out=args.out, tag=args.tag or "cpu-demo")
         return 0
 
     dev = cp.cuda.Device()
@@ -360,10 +401,9 @@ def main(argv=None):
     global COPY_BW
     COPY_BW = measure_copy_rate(cp)
     print(f"# device-to-device copy (read + write) measured now: {COPY_BW / 1e12:.2f} TB/s; floors use it")
-    shape = SHAPES[args.shape]
+    shape = SHAPES[args.shape or "main"]
     S_list = args.S or ([512 * 2**j for j in range(8)] if args.sweep else [8192])
     timer = Timer(cp)
-    wanted = set() if args.no_peers else {w for w in args.peers.split(",") if w}
     torch, peers = torch_peers(wanted) if wanted else (None, {})
     if os.environ.get("DISABLE_LLVM_OPT"):
         print(f"# DISABLE_LLVM_OPT={os.environ['DISABLE_LLVM_OPT']} (Triton: the TFLA exp peer needs it under Triton 3.6)")
@@ -371,8 +411,8 @@ def main(argv=None):
     for S in S_list:
         B = max(TOKENS // S, 1)
         for L in args.chunk:
-            for mode in args.modes.split(","):
-                for variant in args.variants.split(","):
+            for mode in modes:
+                for variant in variants:
                     ms, peak, checked, ok = bench_tfla(cp, timer, variant, mode, B, shape["NH"], S, shape["DK"],
                                                        shape["DV"], L, check=not args.no_check)
                     failures += not ok
@@ -392,9 +432,19 @@ def main(argv=None):
                     if torch is not None:
                         torch.cuda.empty_cache()
                 cp.get_default_memory_pool().free_all_blocks()
-    _save(rows, Path(args.out), card, tag=args.tag)
+    _save(rows, Path(args.out), card, tag=args.tag or "bench")
     print("\n" + _table(rows))
     return 1 if failures else 0
+
+
+def _subset(ap, flag, text, allowed, empty_ok=False):
+    """The comma-separated list ``text`` as a list, or an argparse error naming ``flag``."""
+    items = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in items if w not in allowed]
+    if bad or (not items and not empty_ok):
+        ap.error(f"argument {flag}: expected a comma-separated {'' if empty_ok else 'non-empty '}subset of "
+                 f"{','.join(allowed)}, got {text!r}")
+    return items
 
 
 def _row(impl, variant, mode, B, S, shape, L, ms, peak, checked, notes=""):

@@ -41,7 +41,7 @@ if [[ $what == bench || $what == all ]]; then
   python3 bench/bench.py --no-peers --out "$out" 2>&1 | tee "$out/bench.txt" | tail -20
 fi
 if [[ $what == final ]]; then
-  # peers side by side: the TFLA exp peer needs DISABLE_LLVM_OPT=1 under Triton 3.6 (PERFORMANCE.md),
+  # peers side by side: the TFLA exp peer needs DISABLE_LLVM_OPT=1 under Triton 3.6 (docs/performance.md),
   # the others run without it; then our S sweep. Results are packed into one archive.
   res=/tmp/tfla_res; mkdir -p "$res"
   DISABLE_LLVM_OPT=1 python3 bench/bench.py --variants exp --peers tfla_exp --out "$res" --tag main_exp 2>&1 | tee "$res/main_exp.txt"

@@ -1,4 +1,4 @@
-// tfla_cupy — backward stage 2: dq, dk, dv per chunk (MLSTM_SPEC.md §6.3, §7).
+// tfla_cupy — backward stage 2: dq, dk, dv per chunk (docs/math.md §6.3, §7).
 //
 //   dq_τ = Σ_{u<=τ} dS[τ][u] k_u + s β̄_τ C^(c) Ĝ_τ                  (causal rows τ)
 //   dk_σ = Σ_{τ>=σ} dS[τ][σ] q_τ + ā_σ dC^(c+1) v_σ                 (anti-causal rows σ)

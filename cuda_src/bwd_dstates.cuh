@@ -1,4 +1,4 @@
-// tfla_cupy — backward stage 1: chunk-boundary state gradients (MLSTM_SPEC.md §6.2, §7).
+// tfla_cupy — backward stage 1: chunk-boundary state gradients (docs/math.md §6.2, §7).
 //
 //     dC^(NC) = dC_last (or 0);   for c = NC−1 … 0:
 //     dC^(c) = γ_c dC^(c+1) + Σ_τ (s β̄_τ / (N_τ + ε)) q_τ dh_τᵀ,

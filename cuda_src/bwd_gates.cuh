@@ -1,4 +1,4 @@
-// tfla_cupy — backward stage 3: gate gradients, fp32 (MLSTM_SPEC.md §6.3, §6.5, §7).
+// tfla_cupy — backward stage 3: gate gradients, fp32 (docs/math.md §6.3, §6.5, §7).
 //
 //   dι_t = k_t·dk_t,            dĩ_t = dι_t (exp) or dι_t·σ(−ĩ_t) (sig)
 //   dλ_t = Σ_{u>=t} (q_u·dq_u − k_u·dk_u) + ⟨dC_last, C_last⟩,   df̃_t = dλ_t·dλ/df̃ (σ(−f̃_t) above the floor)

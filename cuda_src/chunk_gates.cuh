@@ -1,4 +1,4 @@
-// tfla_cupy — stage 0: the per-chunk log-gate vectors of MLSTM_SPEC.md §4.1, for all chunks in
+// tfla_cupy — stage 0: the per-chunk log-gate vectors of docs/math.md §4.1, for all chunks in
 // parallel, so the sequential state passes only do one exp per step.
 //
 //   a_τ = Σ_{u>τ} λ_u + ι_τ  (reverse scan, never g − b),   g = Σ_τ λ_τ,   b_τ = Σ_{u<=τ} λ_u

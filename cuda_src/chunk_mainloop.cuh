@@ -1,5 +1,5 @@
 // tfla_cupy — the tiled chunk-parallel main loop shared by the forward output pass and the
-// backward dq / dk / dv passes (MLSTM_SPEC.md §4.3, §5.3, §5.5, §6.3).
+// backward dq / dk / dv passes (docs/math.md §4.3, §5.3, §5.5, §6.3).
 //
 // One CTA owns kBM rows (positions r0 .. r0+kBM of chunk c) and kBN output columns n0 .. n0+kBN
 // of the "Z" head dimension. It computes

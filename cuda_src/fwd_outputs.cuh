@@ -1,4 +1,4 @@
-// tfla_cupy — forward stage 2: outputs h and the per-step N, M (MLSTM_SPEC.md §4.3, §7).
+// tfla_cupy — forward stage 2: outputs h and the per-step N, M (docs/math.md §4.3, §7).
 //
 // For query τ of chunk c (anchored at the CTA's first row r0, see prepare_causal):
 //     μ_τ = max(−10, max_{u<=τ} D̃[τ][u]),   M_τ = max(b_τ + m^(c), μ_τ)     (exp; M ≡ 0 for sig)

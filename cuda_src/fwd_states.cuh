@@ -1,4 +1,4 @@
-// tfla_cupy — forward stage 1: chunk-boundary states (MLSTM_SPEC.md §4.2, §7).
+// tfla_cupy — forward stage 1: chunk-boundary states (docs/math.md §4.2, §7).
 //
 // For c = 0 .. NC−1 (chunk c = tokens [cL, min(cL + L, S)), the last one possibly ragged):
 //     m^(c+1) = max(g + m^(c), max_τ a_τ)        (exp; m ≡ 0 for sig)

@@ -1,4 +1,4 @@
-// tfla_cupy — gate policies and the in-chunk scans of the log gates (MLSTM_SPEC.md §1.2, §4.1, §7).
+// tfla_cupy — gate policies and the in-chunk scans of the log gates (docs/math.md §1.2, §4.1, §7).
 //
 // GateExp (mLSTMexp): ι = ĩ, max-stabilized (m, M, the −10 row-max floor).
 // GateSig<kNormalize> (mLSTMsig): ι = logσ(ĩ) <= 0, so no stabilizer: m ≡ 0, M ≡ 0, no floor;

@@ -2,7 +2,7 @@
 //
 // Both kernels keep a kBK × kBV tile of a DK × DV state in registers (fp32) and, per chunk,
 //     acc ← γ · acc + Σ_τ X_τᵀ (w_τ · Y_τ)
-// forward (MLSTM_SPEC.md §4.2): X = K, Y = V, w = ā (and n ← γ n + Σ ā_τ k_τ);
+// forward (docs/math.md §4.2): X = K, Y = V, w = ā (and n ← γ n + Σ ā_τ k_τ);
 // backward (§6.2):              X = Q, Y = dH, w = s·β̄ / (N + ε).
 // Chunks are consumed kBT steps at a time from a double-buffered stream: the cp.async loads of
 // the next sub-tile (of this chunk or of the next chunk in walking order) are in flight while

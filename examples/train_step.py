@@ -4,7 +4,7 @@
 
 The model is one mLSTM layer on an input x (B, S, E): per-head projections to q, k, v and the gate
 pre-activations, the mLSTM, a per-(token, head) RMS norm (the scale-invariant consumer under which
-the mLSTM's custom backward is the true gradient, MLSTM_SPEC.md §6.4), and a linear read-out
+the mLSTM's custom backward is the true gradient, docs/math.md §6.4), and a linear read-out
 trained to a random target with a squared error. Every gradient is written out by hand.
 """
 

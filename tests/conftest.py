@@ -38,7 +38,7 @@ FD_MISMATCH_MIN = 1e-2
 EPS = 1e-6
 #: Largest per-element relative change of h caused by the −10 row-max floor: where it is
 #: active it only replaces ε·e^{m} by ε·e^{−10} next to a normalizer >= 1 (unstabilized units,
-#: MLSTM_SPEC §2.2, §4.3), so |h_floor − h_step| <= ε·e^{−10}·|h| ≈ 4.5e-11 (plus rounding).
+#: docs/math.md §2.2, §4.3), so |h_floor − h_step| <= ε·e^{−10}·|h| ≈ 4.5e-11 (plus rounding).
 TOL_FLOOR = EPS * math.exp(ROW_MAX_FLOOR)
 
 #: (gate, normalize) variants of the mLSTM and their id suffixes.
@@ -85,7 +85,7 @@ class Shape:
 
 
 def random_inputs(rng, shape, *, i_range=None, f_range=None, i_offset=0.0, f_offset=3.0):
-    """q, k, v ~ N(0, 1); ĩ ~ i_offset + N(0, 1), f̃ ~ f_offset + N(0, 1) (MLSTM_SPEC §12),
+    """q, k, v ~ N(0, 1); ĩ ~ i_offset + N(0, 1), f̃ ~ f_offset + N(0, 1) (docs/math.md §12),
     or uniform in i_range / f_range when given. Returns a dict q, k, v, i, f (float64)."""
     B, NH, S = shape.B, shape.NH, shape.S
 
@@ -113,7 +113,7 @@ def random_state(rng, shape, gate):
 
 
 def zero_state(shape):
-    """The absent initial state: zeros, with m_0 = 0 (MLSTM_SPEC §1.1)."""
+    """The absent initial state: zeros, with m_0 = 0 (docs/math.md §1.1)."""
     B, NH = shape.B, shape.NH
     return np.zeros((B, NH, shape.DK, shape.DV)), np.zeros((B, NH, shape.DK)), np.zeros((B, NH))
 

@@ -25,7 +25,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"f32": np.dtype(np.float32), "tf32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": BF16}
 
 # Tolerances on max|out − ref| / max|ref| against the float64 reference evaluated on the same
-# rounded inputs (MLSTM_SPEC.md §12: ~3× the measured upstream errors).
+# rounded inputs (docs/math.md §12: ~3× the measured upstream errors).
 FWD_TOL = {"f32": 1e-5, "tf32": 2e-2, "f16": 5e-3, "bf16": 3e-2}
 BWD_TOL = {"f32": 1e-5, "tf32": 2e-2, "f16": 5e-3, "bf16": 3e-2}
 DF_TOL = {"f32": 3e-5, "tf32": 3e-2, "f16": 2e-2, "bf16": 1e-1}

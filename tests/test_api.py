@@ -631,4 +631,4 @@ def test_cupy_inputs_give_cupy_outputs(rng):
     x = {n: a.astype(np.float32) for n, a in random_inputs(rng, SHAPE).items()}
     h = tfla_cupy.mlstm(**{n: cupy.asarray(a) for n, a in x.items()})
     assert isinstance(h, cupy.ndarray) and h.dtype == np.float32
-    assert rel_err(cupy.asnumpy(h), tfla_cupy.mlstm(**x)) <= 1e-5   # true fp32 (MLSTM_SPEC §12)
+    assert rel_err(cupy.asnumpy(h), tfla_cupy.mlstm(**x)) <= 1e-5   # true fp32 (docs/math.md §12)

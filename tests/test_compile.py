@@ -1,6 +1,10 @@
-"""Every CUDA kernel instantiation compiles through NVRTC for sm_80, sm_90 and sm_90a without a
-GPU, and ptxas reports no register spills (tfla_cupy.config.all_instantiations is the list the
-launch heuristic can ask for)."""
+"""CUDA kernels compile through NVRTC without a GPU, and ptxas reports no register spills.
+
+The default run compiles one instantiation of every kernel family (the template before ``<``)
+for sm_80 and sm_90a; the full matrix — every instantiation the launch heuristic can ask for
+(tfla_cupy.config.all_instantiations) for sm_80, sm_90 and sm_90a — carries the marker
+``nvrtc_matrix``, which the default run deselects and .ci/run runs explicitly
+(``pytest -m nvrtc_matrix tests``)."""
 
 import re
 
@@ -11,6 +15,34 @@ from tfla_cupy import _loader, config
 ARCHS = ("sm_80", "sm_90", "sm_90a")
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _family(name):
+    """The kernel template of an instantiation: ``tfla::fwd_h_kernel<...>`` -> ``tfla::fwd_h_kernel``."""
+    return name.split("<", 1)[0]
+
+
+def one_per_family():
+    """One instantiation of every kernel family: the main path first (16-bit policies, the tiles
+    the heuristic picks at the default chunk size), any other instantiation for a family the
+    main path does not have."""
+    groups = config.all_instantiations()
+    order = sorted(groups, key=lambda mma: (config.ELEMENT_BYTES[mma], mma))
+    out = {}
+    for mma in order:
+        main = config.pick_config(mma, 128, 256, config.DEFAULT_CHUNK_SIZE).fwd_h.cpp()
+        for name in sorted(groups[mma], key=lambda n: main not in n and "ChunkTile" in n):
+            out.setdefault(_family(name), name)
+    return out
+
+
+def _check_compiles_without_spills(names, arch):
+    log, lowered = _loader.compile_for_arch(names, arch)
+    assert set(lowered) == set(names)
+    spills = _spills(log)
+    assert len(spills) == len(names), f"ptxas reported {len(spills)} entry functions for {len(names)} names"
+    spilling = {k: v for k, v in spills.items() if v}
+    assert not spilling, f"register spills on {arch}: {spilling}"
 
 
 def _spills(log):
@@ -28,16 +60,23 @@ def _spills(log):
     return out
 
 
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90a"))
+def test_one_instantiation_of_every_family_compiles_without_spills(arch):
+    names = list(one_per_family().values())
+    _check_compiles_without_spills(names, arch)
+
+
+def test_one_per_family_covers_every_family():
+    families = {_family(n) for group in config.all_instantiations().values() for n in group}
+    assert set(one_per_family()) == families
+    assert len(families) >= 9, sorted(families)
+
+
+@pytest.mark.nvrtc_matrix
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mma", sorted(config.all_instantiations()))
 def test_every_instantiation_compiles_without_spills(mma, arch):
-    names = config.all_instantiations()[mma]
-    log, lowered = _loader.compile_for_arch(names, arch)
-    assert set(lowered) == set(names)
-    spills = _spills(log)
-    assert len(spills) == len(names), f"ptxas reported {len(spills)} entry functions for {len(names)} names"
-    spilling = {k: v for k, v in spills.items() if v}
-    assert not spilling, f"register spills on {arch}: {spilling}"
+    _check_compiles_without_spills(config.all_instantiations()[mma], arch)
 
 
 def test_source_inlines_every_header():

@@ -318,6 +318,7 @@ def _launch(tmp_path, *args):
                           env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tcp", "file"])
 def test_launcher_shares_one_id_with_every_rank(tmp_path, method):
     out = _launch(tmp_path, "--nproc", "3", "--rendezvous", method, "--timeout", "30")
@@ -331,6 +332,7 @@ def test_launcher_shares_one_id_with_every_rank(tmp_path, method):
         assert (rank, size, local, nvls, rest) == (str(r), "3", str(r), "0", ["x", "--y"])
 
 
+@pytest.mark.slow
 def test_launcher_stops_everything_when_a_rank_fails(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
@@ -340,6 +342,7 @@ def test_launcher_stops_everything_when_a_rank_fails(tmp_path):
     assert out.returncode == 3
 
 
+@pytest.mark.slow
 def test_launcher_rejects_bad_arguments(tmp_path):
     for args, msg in ((["--nproc", "0"], "--nproc: expected >= 1"),
                       (["--nproc", "2", "--nnodes", "2"], "--master-port: required"),

@@ -18,7 +18,7 @@ def test_training_reduces_the_loss():
 
 def test_manual_gradients_match_finite_differences():
     """Behind a per-(token, head) RMS norm the mLSTM's custom backward is the true gradient up
-    to O(ε) terms (MLSTM_SPEC.md §6.4), so the whole step's gradients match finite differences
+    to O(ε) terms (docs/math.md §6.4), so the whole step's gradients match finite differences
     (measured: ≤ 4.3e-5 of the largest entry, for the forget-gate bias; ≤ 1e-8 for W_v)."""
     rng = np.random.default_rng(1)
     p = train_step.init_params(np, rng, np.float64)

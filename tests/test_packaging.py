@@ -31,14 +31,14 @@ def test_installed_wheel_ships_cuda_sources():
     assert _loader.source_dir() == installed / "cuda_src"
 
 
-def test_benchmark_without_gpu_runs_the_reference_and_says_so():
+def test_benchmark_without_gpu_runs_the_reference_and_says_so(tmp_path):
     try:
         import cupy
         if cupy.cuda.is_available():
             pytest.skip("a GPU is present: the benchmark would run the CUDA kernels")
     except ImportError:
         pass
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "no CUDA GPU found: running the float64 NumPy reference" in r.stdout
     assert "reference fw+bw" in r.stdout

@@ -1,4 +1,4 @@
-"""The float64 references against each other (MLSTM_SPEC.md §2-4, §6, §7), the manual backward
+"""The float64 references against each other (docs/math.md §2-4, §6, §7), the manual backward
 against finite differences, and state passing through the public NumPy path.
 
 Ids read "B2-NH1-S129-DK16-DV48-L64-exp[-state]": sizes, chunk size L, gate variant ("exp",
@@ -114,7 +114,7 @@ def test_parallel_equals_chunkwise(rng, shape, gate, normalize, eps):
     stabilizer differs: parallel uses the plain row max m^par_t, chunkwise
     M_t = max(m^par_t, Σλ (the m_0 = 0 term), −10) >= m^par_t. So with ε = 0 they agree
     exactly, and otherwise |h − h^par| <= ε·|e^{M_t} − e^{m^par_t}|·|h| <= ε·e^{M_t}·|h| per
-    element (MLSTM_SPEC §2.3, §3). The sig variant has no stabilizer (M ≡ m^par ≡ 0): exact.
+    element (docs/math.md §2.3, §3). The sig variant has no stabilizer (M ≡ m^par ≡ 0): exact.
     """
     x = random_inputs(rng, shape, f_offset=0.0)
     opts = ref_opts(shape, gate, normalize, eps=eps)
@@ -134,7 +134,7 @@ GRAD_NAMES = ("q", "k", "v", "i", "f", "C0")
 
 def _frozen_loss(x, state, dh, dC_last, shape, gate, normalize):
     """The loss Σ h·dh (+ Σ C_last·dC_last) as a function of (q, k, v, i, f, C0), with N, M and
-    the boundary stabilizers m frozen at their values for the given inputs (MLSTM_SPEC §6.4)."""
+    the boundary stabilizers m frozen at their values for the given inputs (docs/math.md §6.4)."""
     C0, n0, m0 = state
     opts = ref_opts(shape, gate, normalize)
     _, N, M, (_, _, m) = chunkwise.fwd(**x, C0=C0, n0=n0, m0=m0, L=shape.L, **opts)
@@ -203,7 +203,7 @@ def test_backward_matches_finite_differences(rng, shape, gate, normalize, with_s
 
 @pytest.mark.parametrize("gate, normalize", GATE_PARAMS)
 def test_df_needs_last_state_term(rng, gate, normalize):
-    """Upstream's defect (MLSTM_SPEC §6.5): without ⟨dC_last, C_last⟩ in every dλ_t, df misses
+    """Upstream's defect (docs/math.md §6.5): without ⟨dC_last, C_last⟩ in every dλ_t, df misses
     the finite differences by O(1) when a gradient flows into the last state. Our bwd adds it."""
     shape = FD_SHAPES[0]
     x, state, dh, dC_last = _setup_backward(rng, shape, gate, True, True)

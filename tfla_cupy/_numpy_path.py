@@ -19,7 +19,7 @@ def _f64_copy(x):
 
 
 def _initial(problem, state, convert=_f64):
-    """Initial states in float64; zeros where absent (m_0 = 0, MLSTM_SPEC.md §1.1)."""
+    """Initial states in float64; zeros where absent (m_0 = 0, docs/math.md §1.1)."""
     B, NH, DK, DV = problem.B, problem.NH, problem.DK, problem.DV
     C0 = np.zeros((B, NH, DK, DV))
     n0 = np.zeros((B, NH, DK))

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple, Optional
 
 
 class MLSTMState(NamedTuple):
-    """The recurrent state of the mLSTM, stabilized (MLSTM_SPEC.md §2.2).
+    """The recurrent state of the mLSTM, stabilized (docs/math.md §2.2).
 
     C : (B, NH, DK, DV) matrix memory.
     n : (B, NH, DK) normalizer state; None for ``gate="sig", normalize=False``.

@@ -142,7 +142,7 @@ def mlstm(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp"
         n_t = e^{λ_t + m_{t−1} − m_t} n_{t−1} + e^{ι_t − m_t} k_t
         h_t = C_tᵀ (s q_t) / (max(|n_tᵀ (s q_t)|, e^{−m_t}) + ε)
 
-    computed chunkwise (TFLA, MLSTM_SPEC.md §4). NaN or Inf in the inputs propagate to the
+    computed chunkwise (TFLA, docs/math.md §4). NaN or Inf in the inputs propagate to the
     outputs of the affected heads; they never crash or hang.
 
     Examples
@@ -169,7 +169,7 @@ mlstm.__doc__ += _COMMON_DOC
 
 
 def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None) -> MLSTMGrads:
-    """Manual backward of :func:`mlstm_fwd` (MLSTM_SPEC.md §6).
+    """Manual backward of :func:`mlstm_fwd` (docs/math.md §6).
 
     Parameters
     ----------

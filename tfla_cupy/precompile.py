@@ -3,7 +3,9 @@
     python -m tfla_cupy.precompile [--jobs N] [--dtype bf16,f16,f32,tf32]
 
 Useful once per machine (first calls then skip NVRTC) and on test machines. Needs a GPU: the
-cache is keyed by the device architecture. The cache directory is CuPy's (CUPY_CACHE_DIR).
+cache is keyed by the device architecture; without one it says so in one line and exits with
+status 1 (to check that the kernels compile without a GPU, run ``pytest -m nvrtc_matrix tests``).
+The cache directory is CuPy's (CUPY_CACHE_DIR).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -38,16 +41,57 @@ def precompile(names=None, jobs=None):
     return time.perf_counter() - start
 
 
+def _dtypes(text):
+    """argparse type of --dtype: a comma-separated, non-empty subset of _SHORT."""
+    parts = [d.strip() for d in text.split(",")]
+    bad = [d for d in parts if d not in _SHORT]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(_SHORT)}, got {text!r}")
+    return parts
+
+
+def _positive(text):
+    """argparse type of --jobs: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
+def gpu_problem():
+    """Why this machine cannot fill the kernel cache (None when it can)."""
+    from . import _arrays
+    cp = _arrays.cupy_module()
+    if cp is None:
+        return "CuPy is not installed (pip install \".[cuda12]\")"
+    try:
+        if not cp.cuda.is_available():
+            return "no CUDA GPU found"
+    except Exception as e:   # a broken driver or runtime: report it in one line
+        return f"CUDA is not usable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=None)
-    ap.add_argument("--dtype", default="bf16,f16,f32,tf32", help="comma-separated subset of bf16,f16,f32,tf32")
+    ap = argparse.ArgumentParser(prog="python -m tfla_cupy.precompile", description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=_positive, default=None, help="compiler processes (default: one per CPU)")
+    ap.add_argument("--dtype", type=_dtypes, default="bf16,f16,f32,tf32",
+                    help="comma-separated subset of bf16,f16,f32,tf32 (default: all)")
     args = ap.parse_args(argv)
+    problem = gpu_problem()
+    if problem is not None:
+        print(f"tfla_cupy.precompile: {problem}; the kernel cache is per GPU architecture, nothing was compiled "
+              f"(to compile without a GPU: pytest -m nvrtc_matrix tests)", file=sys.stderr)
+        return 1
     groups = config.all_instantiations()
-    names = [n for d in args.dtype.split(",") for n in groups[_SHORT[d.strip()]]]
+    names = [n for d in args.dtype for n in groups[_SHORT[d]]]
     seconds = precompile(names, args.jobs)
     print(f"tfla_cupy: compiled {len(set(names))} kernels in {seconds:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -144,7 +144,8 @@ def _backward_args(ctx, dh, d_state):
     if d_state is not None and ctx.rank != ctx.size - 1:
         raise ValueError(f"d_state: only the last rank ({ctx.size - 1}) holds the last state; rank {ctx.rank} "
                          "got a d_state (pass None)")
-    return _validate.backward_args(ctx.local, dh, d_state)
+    dh, dC_last, _ = _validate.backward_args(ctx.local, dh, d_state)  # dn of the last state: see below
+    return dh, dC_last
 
 
 def _backward_summary(ctx, dh, dC_last):

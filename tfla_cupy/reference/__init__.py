@@ -1,4 +1,4 @@
-"""Float64 NumPy references of the mLSTM, written to be read (MLSTM_SPEC.md §13).
+"""Float64 NumPy references of the mLSTM, written to be read (docs/math.md §13).
 
 ``recurrent``  the step recurrence (§2), the ground truth;
 ``parallel``   the quadratic stabilized form (§3), an independent cross-check;

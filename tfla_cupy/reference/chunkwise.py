@@ -1,6 +1,6 @@
 """The chunkwise form and its manual backward, split into the stages the CUDA kernels have.
 
-MLSTM_SPEC.md §4 (forward), §6 (backward), §7 (mLSTMsig). Float64 throughout; every array is
+docs/math.md §4 (forward), §6 (backward), §7 (mLSTMsig). Float64 throughout; every array is
 batched over leading axes (B, NH). Shapes: q, k (..., S, DK); v, h, dh (..., S, DV);
 i, f, N, M (..., S); boundary states C (..., NC+1, DK, DV), n (..., NC+1, DK), m (..., NC+1).
 

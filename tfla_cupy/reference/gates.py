@@ -1,4 +1,4 @@
-"""Gate transforms shared by every float64 reference (MLSTM_SPEC.md §1.2, §4.1, §7).
+"""Gate transforms shared by every float64 reference (docs/math.md §1.2, §4.1, §7).
 
 ``gate="exp"`` (mLSTMexp): log input gate ι = ĩ, log forget gate λ = logσ(f̃), max-stabilized.
 ``gate="sig"`` (mLSTMsig): ι = logσ(ĩ), λ = logσ(f̃); all log gates are <= 0, so no stabilizer

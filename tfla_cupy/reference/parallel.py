@@ -1,4 +1,4 @@
-"""The parallel (quadratic) stabilized form, no initial state (MLSTM_SPEC.md §3, §7).
+"""The parallel (quadratic) stabilized form, no initial state (docs/math.md §3, §7).
 
 An independent cross-check of the chunkwise form. Its stabilizer is the plain row maximum
 (no m_0 = 0 term, no −10 floor), so it agrees with the chunkwise and step forms exactly when

@@ -1,4 +1,4 @@
-"""The step recurrence, the ground truth of the mLSTM (MLSTM_SPEC.md §2.1, §7).
+"""The step recurrence, the ground truth of the mLSTM (docs/math.md §2.1, §7).
 
 Arrays are batched over leading axes (B, NH): q, k (..., DK), v (..., DV), i, f (...),
 states C (..., DK, DV), n (..., DK), m (...). Everything is float64.
