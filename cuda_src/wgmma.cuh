@@ -70,6 +70,20 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const u32 (&a
 }
 #undef TFLA_WGMMA_D32
 #undef TFLA_WGMMA_D32_OPS
+
+// Store a warpgroup's m64n64 fp32 accumulator to a row-major 64 × 64 array: warp w holds rows
+// 16w .. 16w + 15 in the mma.sync C-fragment layout, repeated over the 8 column blocks.
+__device__ __forceinline__ void store_m64n64(const float (&d)[32], float* D) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r = 16 * warp + (lane >> 2), c0 = 2 * (lane & 3);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    D[r * 64 + 8 * j + c0] = d[4 * j];
+    D[r * 64 + 8 * j + c0 + 1] = d[4 * j + 1];
+    D[(r + 8) * 64 + 8 * j + c0] = d[4 * j + 2];
+    D[(r + 8) * 64 + 8 * j + c0 + 1] = d[4 * j + 3];
+  }
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // Probe: D = A · Bᵀ for A (64 × 64) = q, B (64 × 64) = k (bf16, row-major, K contiguous), D (64 × 64)
@@ -91,9 +105,7 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  float d[32];
-#pragma unroll
-  for (int j = 0; j < 32; ++j) d[j] = 0.f;
+  float d[32] = {};
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -112,15 +124,7 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
   }
   wgmma_commit();
   wgmma_wait<0>();
-  float* D = ptr<float>(p.h);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int r = 16 * warp + g, c = 8 * j + 2 * t;
-    D[r * 64 + c] = d[4 * j];
-    D[r * 64 + c + 1] = d[4 * j + 1];
-    D[(r + 8) * 64 + c] = d[4 * j + 2];
-    D[(r + 8) * 64 + c + 1] = d[4 * j + 3];
-  }
+  store_m64n64(d, ptr<float>(p.h));
 #else
   __trap();
 #endif
@@ -181,25 +185,13 @@ __global__ void __launch_bounds__(128) tma_probe_kernel(const Params p) {
     tma_load_2d(sB, p.n0, 0, 0, &bar);
   }
   mbar_wait(&bar, 0);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  float d[32];
-#pragma unroll
-  for (int j = 0; j < 32; ++j) d[j] = 0.f;
+  float d[32] = {};
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16_ss(d, sw128_desc(sA + 32 * kk), sw128_desc(sB + 32 * kk), kk > 0);
   wgmma_commit();
   wgmma_wait<0>();
-  float* D = ptr<float>(p.h);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int r = 16 * warp + g, c = 8 * j + 2 * t;
-    D[r * 64 + c] = d[4 * j];
-    D[r * 64 + c + 1] = d[4 * j + 1];
-    D[(r + 8) * 64 + c] = d[4 * j + 2];
-    D[(r + 8) * 64 + c + 1] = d[4 * j + 3];
-  }
+  store_m64n64(d, ptr<float>(p.h));
 #else
   __trap();
 #endif
