@@ -195,7 +195,8 @@ def bench_tfla(cp, timer, variant, mode, B, NH, S, DK, DV, L, check=True):
         return tfla_cupy.mlstm(*x, **opts)
 
     def fwbw():
-        h, _, ctx = tfla_cupy.mlstm_fwd(*x, **opts)
+        # inputs stay unchanged until the backward, as with the peers' autograd: no private copies
+        h, _, ctx = tfla_cupy.mlstm_fwd(*x, copy_inputs=False, **opts)
         return h, tfla_cupy.mlstm_bwd(ctx, dh)
 
     fn = fw if mode == "fw" else fwbw

@@ -80,7 +80,7 @@ def _one_gpu(cp, timer, S):
         return tfla_cupy.mlstm_fwd(*x, chunk_size=L)
 
     def fwbw():
-        _, _, ctx = tfla_cupy.mlstm_fwd(*x, chunk_size=L)
+        _, _, ctx = tfla_cupy.mlstm_fwd(*x, chunk_size=L, copy_inputs=False)
         return tfla_cupy.mlstm_bwd(ctx, dh)
 
     return {"fw": timer(fw), "fwbw": timer(fwbw)}
