@@ -1,4 +1,5 @@
-"""The public functions. Layout (B, NH, S, D); NumPy-like, keyword-only options.
+"""The public functions. Layout (B, NH, S, D) or (B, S, NH, D); packed variable-length
+sequences through ``cu_seqlens``; NumPy-like, keyword-only options.
 
 NumPy inputs run the float64 reference (results in the input dtype); CuPy inputs, and any
 CUDA DLPack producer (PyTorch, JAX: zero-copy), run the CUDA TFLA kernels and return CuPy
@@ -16,19 +17,31 @@ __all__ = ["mlstm", "mlstm_fwd", "mlstm_bwd", "mlstm_vjp", "mlstm_step",
 _COMMON_DOC = """
     Parameters
     ----------
-    q, k : array (B, NH, S, DK)
+    q, k : array (B, NH, S, DK), or (B, S, NH, DK) with layout="bshd"
         Queries and keys; one floating dtype (float16, bfloat16, float32; float64 on NumPy).
-    v : array (B, NH, S, DV)
+    v : array (B, NH, S, DV), or (B, S, NH, DV)
         Values, dtype of q.
-    i, f : array (B, NH, S)
+    i, f : array (B, NH, S), or (B, S, NH)
         Input- and forget-gate pre-activations ĩ, f̃ (any floating dtype).
+    layout : {"bhsd", "bshd"}
+        Axis order of the sequence tensors; h and the gradients come back in the same layout
+        (states keep theirs). On the GPU path neither layout copies q, k, v: strided views are
+        read in place when the feature dimension is contiguous and every other stride and the
+        data pointer are 16-byte aligned.
+    cu_seqlens : 1-d int32 / int64 array (NumPy or CuPy), optional
+        Packed variable-length sequences (B = 1): N + 1 offsets, cu_seqlens[0] == 0, strictly
+        increasing, cu_seqlens[-1] == S; sequence j is tokens cu_seqlens[j]:cu_seqlens[j+1].
+        No state crosses a boundary; states (initial, last, their gradients) have N in place
+        of B. A CuPy cu_seqlens is not read by the host (no synchronisation, graph-capturable),
+        so only its shape and dtype are checked there.
     gate : {"exp", "sig"}
         "exp" is mLSTMexp (input gate exp(ĩ), max-stabilized); "sig" is mLSTMsig
         (input gate σ(ĩ), no stabilizer).
     normalize : bool
         Divide by the normalizer (default). False is only defined for gate="sig".
     initial_state : MLSTMState or (C, n, m), optional
-        C (B, NH, DK, DV), n (B, NH, DK), m (B, NH); float32 on the GPU path. Absent means
+        C (B, NH, DK, DV), n (B, NH, DK), m (B, NH) (N for B with cu_seqlens); float32 on
+        the GPU path. Absent means
         zeros (with m_0 = 0). m may be None for gate="sig", n for normalize=False.
     chunk_size : int, optional
         Chunk length L, a power of two in [16, 1024]; None picks one from S. The result does
@@ -55,17 +68,19 @@ def _dispatch(kind):
 
 
 def mlstm_fwd(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, chunk_size=None,
-              eps=1e-6, scale=None, precision="default", config=None, keep_states=False):
+              eps=1e-6, scale=None, precision="default", config=None, keep_states=False, layout="bhsd",
+              cu_seqlens=None):
     """Forward pass that also returns what the backward needs.
 
-    Returns ``(h, state, ctx)``: h (B, NH, S, DV) in the dtype of q, the last state
+    Returns ``(h, state, ctx)``: h (B, NH, S, DV) (or (B, S, NH, DV)) in the dtype of q, the last state
     (:class:`MLSTMState`), and an opaque context for :func:`mlstm_bwd`.
     ``keep_states=True`` (GPU path) keeps the chunk-boundary states for the backward instead
     of recomputing them: faster backward, (NC·DK·DV) more memory per head.
     """
     problem, arrays, state = _validate.inputs(
         q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
-        initial_state=initial_state, precision=precision, config=config, keep_states=keep_states)
+        initial_state=initial_state, precision=precision, config=config, keep_states=keep_states,
+        layout=layout, cu_seqlens=cu_seqlens)
     return _dispatch(problem.kind).forward(problem, arrays, state)
 
 
@@ -73,10 +88,12 @@ mlstm_fwd.__doc__ += _COMMON_DOC
 
 
 def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, return_state=False,
-          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None):
+          chunk_size=None, eps=1e-6, scale=None, precision="default", config=None, layout="bhsd",
+          cu_seqlens=None):
     """The mLSTM over a sequence.
 
-    Returns h (B, NH, S, DV) in the dtype of q, or ``(h, state)`` with ``return_state=True``.
+    Returns h (B, NH, S, DV) (or (B, S, NH, DV) with layout="bshd") in the dtype of q, or
+    ``(h, state)`` with ``return_state=True``.
 
     Notes
     -----
@@ -104,7 +121,7 @@ def mlstm(q, k, v, i, f, *, gate="exp", normalize=True, initial_state=None, retu
     _validate._check_bool("return_state", return_state)
     h, state, _ = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                             chunk_size=chunk_size, eps=eps, scale=scale, precision=precision,
-                            config=config)
+                            config=config, layout=layout, cu_seqlens=cu_seqlens)
     return (h, state) if return_state else h
 
 
@@ -118,10 +135,11 @@ def mlstm_bwd(ctx, dh, d_state=None):
     ----------
     ctx : MLSTMContext
         From :func:`mlstm_fwd`; it may be used more than once.
-    dh : array (B, NH, S, DV)
+    dh : array (B, NH, S, DV), or (B, S, NH, DV) for a layout="bshd" forward
         Gradient of the loss with respect to h (same array module as the forward).
     d_state : MLSTMState or (dC, dn, dm), optional
-        Gradient with respect to the returned last state. Only dC (B, NH, DK, DV) is used:
+        Gradient with respect to the returned last state. Only dC (B, NH, DK, DV) (N for B
+        with cu_seqlens) is used:
         the custom backward treats the normalizer and the stabilizers as constants, so the
         gradients of n and m do not propagate (they are zero when d_state comes from the
         ``d_initial_state`` of a later call's backward). dn and dm may be None.
@@ -129,7 +147,7 @@ def mlstm_bwd(ctx, dh, d_state=None):
     Returns
     -------
     MLSTMGrads(dq, dk, dv, di, df, d_initial_state)
-        Token gradients in the dtypes of q, k, v, i, f. The gate gradients include the
+        Token gradients in the dtypes and the layout of q, k, v, i, f. The gate gradients include the
         ⟨dC_last, C_last⟩ term of §6.5, so gradients are exact under state passing.
     """
     dh, dC_last = _validate.backward_args(ctx, dh, d_state)

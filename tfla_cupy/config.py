@@ -168,6 +168,12 @@ def chunk_gates_kernel(gate: str):
     return kernel_name("chunk_gates_kernel", gate)
 
 
+def seq_table_kernel(index_dtype) -> str:
+    """The kernel that builds the chunk table of packed sequences from int32 / int64 cu_seqlens."""
+    from ._loader import kernel_name
+    return kernel_name("seq_table_kernel", {4: "int", 8: "long long"}[np.dtype(index_dtype).itemsize])
+
+
 def step_kernel(mma: str, gate: str):
     from ._loader import kernel_name
     return kernel_name("step_kernel", STORAGE_TYPE[mma], gate)
@@ -188,5 +194,7 @@ def all_instantiations():
                 names.append(step_kernel(mma, gate))
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate)]
+        if mma == "MmaF32":
+            names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
         out[mma] = names
     return out
