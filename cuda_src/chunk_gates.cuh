@@ -13,6 +13,8 @@
 namespace tfla {
 
 constexpr int kChunkGateThreads = 128;
+// dynamic shared memory: λ, suffix sums and ι, L doubles each (the carve below)
+__host__ __device__ constexpr int chunk_gates_smem_bytes(int L) { return 3 * 8 * L; }
 
 template <typename Gate>
 __global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Params p) {

@@ -61,6 +61,9 @@ struct ChunkSmem {
                        kRowPart = kRowAux + 4 * Tile::kBM, kNvec = kRowPart + 4 * Tile::kWN * Tile::kBM,
                        kGates = kNvec + 4 * Tile::kBX;
   static_assert(kGates % 16 == 0, "gate vectors must stay 16-byte aligned");
+  // the carve is the size: fixed part, then 4 gate vectors of L 8-byte entries
+  static_assert(kGates + 32 == Tile::smem_bytes(E, 1) && kGates + 32 * 1024 == Tile::smem_bytes(E, 1024),
+                "ChunkSmem carve and ChunkTile::smem_bytes disagree");
   int L;
   __device__ explicit ChunkSmem(int L_) : L(L_) {}
   template <typename U> __device__ __forceinline__ U* at(int off) const {

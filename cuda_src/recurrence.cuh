@@ -55,6 +55,12 @@ struct StateStream {
   static constexpr int kXElems = BT * ldx, kYElems = BT * ldy, kGateRows = Tile::kGateRows;
   static constexpr int kPairs = BK / 2, kGroups = NT / kPairs;  // n update: column pairs × row groups
   static_assert(NT % kPairs == 0, "n update maps threads onto column pairs");
+  // the carve (every take a multiple of 16 bytes) is the size
+  static constexpr int kCarveBytes =
+      int(sizeof(T)) * (2 * kXElems + 2 * kYElems) + 4 * (2 * kGateRows * BT + BT + BK + kGroups * BK);
+  static_assert((int(sizeof(T)) * kXElems) % 16 == 0 && (int(sizeof(T)) * kYElems) % 16 == 0 && BT % 4 == 0 &&
+                    BK % 4 == 0 && kCarveBytes == Tile::smem_bytes(int(sizeof(T)), 0),
+                "StateStream carve and StateTile::smem_bytes disagree");
   T* Xs0;      // two X buffers, kXElems apart, and two Y buffers
   T* Ys0;
   float* G0;   // two gate-row buffers of kGateRows × BT floats

@@ -7,6 +7,30 @@ from tfla_cupy import _loader, config
 from tfla_cupy.config import ChunkTile, KernelConfig, StateTile
 
 
+_ALL_L = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def test_geometry_of_every_instantiation_matches_the_cuda_side():
+    """Shared-memory bytes and threads of every tile the heuristic can launch (every compute
+    policy, every chunk size, every kernel role), the fixed thread counts and the stage-0
+    shared memory: each Python value is a static_assert against its C++ definition (whose carve
+    is itself asserted equal to its size, in ChunkSmem and StateStream)."""
+    asserts = [f"static_assert({name} == {n}, \"{name}\");" for name, n in config.THREADS.items()]
+    asserts += [f"static_assert(tfla::chunk_gates_smem_bytes({L}) == {config.chunk_gates_smem_bytes(L)}, \"cg\");"
+                for L in _ALL_L]
+    seen = set()
+    for mma, e in config.ELEMENT_BYTES.items():
+        for L in _ALL_L:
+            cfg = config.pick_config(mma, 128, 256, L)
+            for tile in (cfg.states, cfg.fwd_h, cfg.bwd_dq, cfg.bwd_dk, cfg.bwd_dv):
+                if (tile, e, L) in seen:
+                    continue
+                seen.add((tile, e, L))
+                asserts.append(f"static_assert({tile.cpp()}::smem_bytes({e}, {L}) == {tile.smem_bytes(e, L)}, \"smem\");")
+                asserts.append(f"static_assert({tile.cpp()}::kThreads == {tile.threads}, \"threads\");")
+    _loader.compile_for_arch([], "sm_80", extra_source="\n" + "\n".join(asserts) + "\n", verbose_ptxas=False)
+
+
 def test_smem_formulas_match_the_cuda_side():
     asserts = []
     for mma, e in config.ELEMENT_BYTES.items():

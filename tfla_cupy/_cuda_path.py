@@ -21,15 +21,15 @@ import numpy as np
 from . import _arrays, _loader
 from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
-from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, chunk_gates_kernel, chunk_kernel, gates_kernel, pick_config,
-                     seq_table_kernel, state_kernels, step_kernel)
+from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
+                     gates_kernel, pick_config, seq_table_kernel, state_kernels, step_kernel)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
-_STEP_THREADS = 128   # kStepThreads in step.cuh
-_GATE_THREADS = 512   # kGateThreads in bwd_gates.cuh
-_CHUNK_GATE_THREADS = 128  # kChunkGateThreads in chunk_gates.cuh
-_SEQ_TABLE_THREADS = 1024  # kSeqTableThreads in coords.cuh
+_STEP_THREADS = THREADS["tfla::kStepThreads"]
+_GATE_THREADS = THREADS["tfla::kGateThreads"]
+_CHUNK_GATE_THREADS = THREADS["tfla::kChunkGateThreads"]
+_SEQ_TABLE_THREADS = THREADS["tfla::kSeqTableThreads"]
 _INT31 = 2 ** 31 - 1
 
 
@@ -194,7 +194,8 @@ class _Launch:
         g = dict(gate_a=cp.empty((self.BH, self.NC, L), _F32), gate_b=cp.empty((self.BH, self.NC, L), _F32),
                  gate_g=cp.empty((self.BH, self.NC), _F32), gate_amax=cp.empty((self.BH, self.NC), _F32))
         params = self.params(i=i32, f=f32, **g)
-        _loader.get_kernel(chunk_gates_kernel(self.gate))(self.NC * self.BH, _CHUNK_GATE_THREADS, params, 24 * L)
+        _loader.get_kernel(chunk_gates_kernel(self.gate))(self.NC * self.BH, _CHUNK_GATE_THREADS, params,
+                                                          chunk_gates_smem_bytes(L))
         return g
 
     def states(self, kind, params):

@@ -27,6 +27,16 @@ MMA = {
 ELEMENT_BYTES = {"MmaBF16": 2, "MmaF16": 2, "MmaF32": 4, "MmaTF32": 4}
 STORAGE_TYPE = {"MmaBF16": "tfla::bf16", "MmaF16": "tfla::f16", "MmaF32": "float", "MmaTF32": "float"}
 
+#: Threads per CTA of the fixed-size kernels (C++ constants; tests/test_config.py compiles
+#: static_asserts that the two sides agree).
+THREADS = {"tfla::kStepThreads": 128, "tfla::kGateThreads": 512, "tfla::kChunkGateThreads": 128,
+           "tfla::kSeqTableThreads": 1024}
+
+
+def chunk_gates_smem_bytes(L: int) -> int:  # mirrors tfla::chunk_gates_smem_bytes
+    return 3 * 8 * L
+
+
 #: The gate policy (C++ ``tfla::Gate*``) per (gate, normalize).
 GATE_POLICY = {("exp", True): "tfla::GateExp", ("sig", True): "tfla::GateSig<true>",
                ("sig", False): "tfla::GateSig<false>"}
