@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
   const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
   const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
   const T* C = ptr<T>(p.C_states) + at.slot(p) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, true, true> ops(sm, dH, p.st_dh.t, V, p.st_v.t, K, p.st_k.t, C, p.DV, p.DK, at.n0,
+  const ChunkOperands<Mma, Tile, RoleDQ> ops(sm, dH, p.st_dh.t, V, p.st_v.t, K, p.st_k.t, C, p.DV, p.DK, at.n0,
                                                  at.r0, at.Lc);
   ops.prologue();
 
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
   __syncthreads();
 
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, true, true, false>(acc, rowsum, ops, [](int) {});
+  chunk_mainloop<Mma, Tile, RoleDQ, false>(acc, rowsum, ops, [](int) {});
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   store_acc<T>(acc, ptr<T>(p.dq) + at.tok(p.st_dq, at.r0 + wrow) + at.n0 + wcol, p.st_dq.t, rows - wrow,
@@ -112,12 +112,12 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dv_kerne
   const T* Q = ptr<T>(p.q) + at.tok(p.st_q, 0);
   const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
   const T* dC = ptr<T>(p.dC_states) + at.slot(p) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, false, false> ops(sm, K, p.st_k.t, Q, p.st_q.t, dH, p.st_dh.t, dC, p.DK, p.DV,
+  const ChunkOperands<Mma, Tile, RoleDV> ops(sm, K, p.st_k.t, Q, p.st_q.t, dH, p.st_dh.t, dC, p.DK, p.DV,
                                                    at.n0, at.r0, at.Lc);
   ops.prologue();
   anticausal_terms<Gate>(p, sm, at);
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, false, false, false>(acc, rowsum, ops, [](int) {});
+  chunk_mainloop<Mma, Tile, RoleDV, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   T* out = ptr<T>(p.dv) + at.tok(p.st_dv, at.r0 + wrow) + at.n0 + wcol;
   store_acc<T>(acc, out, p.st_dv.t, rows - wrow, p.DV - at.n0 - wcol);
@@ -136,12 +136,12 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dk_kerne
   const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
   const T* Q = ptr<T>(p.q) + at.tok(p.st_q, 0);
   const T* dC = ptr<T>(p.dC_states) + at.slot(p) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, false, true> ops(sm, V, p.st_v.t, dH, p.st_dh.t, Q, p.st_q.t, dC, p.DV, p.DK,
+  const ChunkOperands<Mma, Tile, RoleDK> ops(sm, V, p.st_v.t, dH, p.st_dh.t, Q, p.st_q.t, dC, p.DV, p.DK,
                                                   at.n0, at.r0, at.Lc);
   ops.prologue();
   anticausal_terms<Gate>(p, sm, at);
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, false, true, false>(acc, rowsum, ops, [](int) {});
+  chunk_mainloop<Mma, Tile, RoleDK, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   store_acc<T>(acc, ptr<T>(p.dk) + at.tok(p.st_dk, at.r0 + wrow) + at.n0 + wcol, p.st_dk.t, rows - wrow,
                p.DK - at.n0 - wcol);

@@ -109,11 +109,27 @@ __device__ __forceinline__ void reduce_rows(float (&part)[2], float* row_part) {
   __syncthreads();
 }
 
+// The four roles of the main loop (the table above): the direction of the intra-chunk triangle
+// and how the boundary state D is stored relative to (X, Z) columns.
+struct RoleH {   // fwd h:  X = q,  Y = k,  Z = v,  D = C^(c)   [DK][DV]
+  static constexpr bool kCausal = true, kDStoredZX = false;
+};
+struct RoleDQ {  // bwd dq: X = dh, Y = v,  Z = k,  D = C^(c)   [DK][DV] read as [Z][X]
+  static constexpr bool kCausal = true, kDStoredZX = true;
+};
+struct RoleDV {  // bwd dv: X = k,  Y = q,  Z = dh, D = dC^(c+1) [DK][DV]
+  static constexpr bool kCausal = false, kDStoredZX = false;
+};
+struct RoleDK {  // bwd dk: X = v,  Y = dh, Z = q,  D = dC^(c+1) [DK][DV] read as [Z][X]
+  static constexpr bool kCausal = false, kDStoredZX = true;
+};
+
 // Operands of one chunk CTA and the cp.async requests of its tiles. X, Y, Z point at the
 // chunk's first token, with token strides ldX, ldY, ldZ (elements; X and Y have DX columns, Z
 // has DZ); D is a packed DX × DZ state.
-template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX>
+template <typename Mma, typename Tile, typename Role>
 struct ChunkOperands {
+  static constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
   static constexpr int BM = Tile::kBM, BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN, NT = Tile::kThreads;
@@ -165,10 +181,10 @@ struct ChunkOperands {
 };
 
 // Expects ops.prologue() to have been issued.
-template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX, bool kRowSum, typename OnXBlock>
+template <typename Mma, typename Tile, typename Role, bool kRowSum, typename OnXBlock>
 __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2],
-                                               const ChunkOperands<Mma, Tile, kCausal, kDStoredZX>& ops,
-                                               OnXBlock&& on_x_block) {
+                                               const ChunkOperands<Mma, Tile, Role>& ops, OnXBlock&& on_x_block) {
+  constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
   constexpr int BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN;

@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel
   const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
   const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
   const float* n = Gate::kNormalize ? p.n_states + slot * p.DK : nullptr;
-  const ChunkOperands<Mma, Tile, true, false> ops(sm, Q, p.st_q.t, K, p.st_k.t, V, p.st_v.t, C, p.DK, p.DV, at.n0,
+  const ChunkOperands<Mma, Tile, RoleH> ops(sm, Q, p.st_q.t, K, p.st_k.t, V, p.st_v.t, C, p.DK, p.DV, at.n0,
                                                   at.r0, at.Lc, n);
   ops.prologue();
 
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel
     }
   };
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, true, false, Gate::kNormalize>(acc, rowsum, ops, q_dot_n);
+  chunk_mainloop<Mma, Tile, RoleH, Gate::kNormalize>(acc, rowsum, ops, q_dot_n);
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   if constexpr (Gate::kNormalize) {
