@@ -105,7 +105,7 @@ def _varlen_cases():
         out.append(("one", 64, 1, 64, 128, "exp", dt, True, True))
         out.append(("many", 16, 1, 32, 32, "exp", dt, True, True))
         out.append(("mixed", 16, 2, 48, 96, "sig", dt, True, False))
-    out.append(("main", 128, 2, 128, 256, "exp", "bf16", True, True))
+    out.append(("main", 128, 1, 128, 256, "exp", "bf16", True, True))
     out.append(("mixed", 128, 1, 256, 512, "exp", "f32", False, True))  # DK > 128: contraction in blocks
     return [pytest.param(*c, id="-".join([c[0], f"L{c[1]}", f"NH{c[2]}", f"DK{c[3]}", f"DV{c[4]}", c[5], c[6],
                                           "init" if c[7] else "noinit", "dlast" if c[8] else "nodlast"]))
