@@ -21,6 +21,12 @@ pytestmark = gpu
 GRADS = ("dq", "dk", "dv", "di", "df")
 
 
+def _same_bits(a, b):
+    """Bit-identical arrays (any dtype, bfloat16 included; views compared by value)."""
+    a, b = (np.ascontiguousarray(cp.asnumpy(x)) for x in (a, b))
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
 def _lengths(rng, kind, L):
     if kind == "mixed":  # length 1, below / at / above the chunk size, several chunks
         return [1, L - 1, L, L + 1, 3, 2 * L + 5, 1, 4 * L]
@@ -164,10 +170,10 @@ def test_bshd_matches_reference_and_equals_bhsd(mode, dt):
     plain, _ = _run(host, ref, gate=gate, normalize=normalize, L=64, dt=dt, cu=None, init=True, d_last=True,
                     layout="bhsd", seed=5)
     (h, last, g), (h0, last0, g0) = got, plain
-    assert bool(cp.all(h == h0.swapaxes(1, 2))), "h"
-    assert bool(cp.all(last.C == last0.C)), "C"
+    assert _same_bits(h, h0.swapaxes(1, 2)), "h"
+    assert _same_bits(last.C, last0.C), "C"
     for name, a, b in zip(GRADS, g[:5], g0[:5]):
-        assert bool(cp.all(a == b.swapaxes(1, 2))), name
+        assert _same_bits(a, b.swapaxes(1, 2)), name
 
 
 def test_fused_bshd_views_are_read_in_place():
@@ -190,9 +196,9 @@ def test_fused_bshd_views_are_read_in_place():
     contiguous = [cp.ascontiguousarray(a) for a in (q, k, v, i, f)]
     h2, _, ctx2 = tfla_cupy.mlstm_fwd(*contiguous, chunk_size=64, layout="bshd")
     g2 = tfla_cupy.mlstm_bwd(ctx2, dh)
-    assert bool(cp.all(h == h2))
+    assert _same_bits(h, h2)
     for name, a, b in zip(GRADS, g[:5], g2[:5]):
-        assert a.flags.c_contiguous and a.shape == b.shape and bool(cp.all(a == b)), name
+        assert a.flags.c_contiguous and _same_bits(a, b), name
     ref = tfla_cupy.mlstm(*(cp.asnumpy(a).astype(np.float64) for a in contiguous), chunk_size=64, layout="bshd")
     assert rel_err(h, ref) <= FWD_TOL["bf16"]
 
@@ -233,7 +239,7 @@ def test_varlen_with_cupy_offsets_captures_in_a_cuda_graph():
         graph = stream.end_capture()
         graph.launch(stream)
         stream.synchronize()
-    assert bool(cp.all(h_graph == h_eager)) and bool(cp.all(g_graph.df == g_eager.df))
+    assert _same_bits(h_graph, h_eager) and _same_bits(g_graph.df, g_eager.df)
 
 
 def test_gpu_varlen_validation_errors():
