@@ -83,7 +83,7 @@ def forward(problem, arrays, state):
     last = _public_state(p, C, n, m)
     dtypes = tuple(x.dtype for x in arrays)
     ctx = MLSTMContext("numpy", p, dict(inputs=(q, k, v, i, f), initial=(C0, n0, m0), dtypes=dtypes))
-    return _bhsd(p, h).astype(p.dtype), last, ctx
+    return _bhsd(p, h).astype(p.dtype, order="C"), last, ctx
 
 
 @np.errstate(**_QUIET)
@@ -106,7 +106,7 @@ def backward(ctx, dh, dC_last):
         grads = out
     dq, dk, dv, di, df = (_bhsd(p, g) for g in grads[:5])
     dC0 = grads[5]
-    dq, dk, dv, di, df, dC0 = (g.astype(dt) for g, dt in zip((dq, dk, dv, di, df, dC0),
+    dq, dk, dv, di, df, dC0 = (g.astype(dt, order="C") for g, dt in zip((dq, dk, dv, di, df, dC0),
                                                              ctx.saved["dtypes"] + (np.float64,)))
     d_initial = None
     if p.has_initial_state:
