@@ -73,3 +73,26 @@ def test_every_heuristic_choice_is_in_the_compiled_list():
                 for kind in ("fwd_h", "bwd_dq", "bwd_dk", "bwd_dv"):
                     assert config.chunk_kernel(f"{kind}_kernel", mma, gate, getattr(cfg, kind)) in names
                 assert set(config.state_kernels(mma, gate, cfg.states).values()) <= names
+
+
+def test_one_gate_specification_drives_validation_references_and_launches():
+    import numpy as np
+
+    import tfla_cupy
+    from tfla_cupy import _validate
+    from tfla_cupy.reference import gates
+
+    assert _validate.GATES == tuple(gates.GATE_SPECS) == gates.GATES
+    assert set(config.GATE_POLICY) == {(g, n) for g, s in gates.GATE_SPECS.items() for n in s.normalize_values}
+    x = np.linspace(-5, 5, 11)
+    for name, spec in gates.GATE_SPECS.items():
+        assert gates.is_stabilized(name) == spec.stabilized
+        log_i, _ = gates.log_gates(x, x, name)
+        assert np.allclose(log_i, spec.log_input(x))
+        for normalize in (True, False):
+            args = [np.zeros((1, 1, 4, 8))] * 3 + [np.zeros((1, 1, 4))] * 2
+            if normalize in spec.normalize_values:
+                tfla_cupy.mlstm(*args, gate=name, normalize=normalize)
+            else:
+                with pytest.raises(ValueError, match=rf"^normalize: normalize={normalize} is only defined for"):
+                    tfla_cupy.mlstm(*args, gate=name, normalize=normalize)

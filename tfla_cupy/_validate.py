@@ -11,8 +11,8 @@ import numpy as np
 
 from . import _arrays
 from ._types import MLSTMContext, MLSTMState
+from .reference.gates import GATE_SPECS, GATES  # the one gate specification
 
-GATES = ("exp", "sig")
 PRECISIONS = ("default", "tf32")
 LAYOUTS = ("bhsd", "bshd")
 MIN_CHUNK, MAX_CHUNK = 16, 1024
@@ -53,7 +53,7 @@ class Problem:
 
     @property
     def stabilized(self):
-        return self.gate == "exp"
+        return GATE_SPECS[self.gate].stabilized
 
     @property
     def has_n(self):
@@ -61,7 +61,7 @@ class Problem:
 
     @property
     def has_m(self):
-        return self.gate == "exp"
+        return GATE_SPECS[self.gate].stabilized
 
 
 def _shape_str(shape):
@@ -105,9 +105,10 @@ def check_options(*, gate, normalize, eps, scale, chunk_size, precision, DK):
     if gate not in GATES:
         raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
     _check_bool("normalize", normalize)
-    if gate == "exp" and not normalize:
-        raise ValueError("normalize: normalize=False is only defined for gate='sig' (the exp variant's "
-                         "numerator is in stabilizer-dependent units); got gate='exp', normalize=False")
+    if bool(normalize) not in GATE_SPECS[gate].normalize_values:
+        where = " or ".join(f"gate={g!r}" for g, sp in GATE_SPECS.items() if bool(normalize) in sp.normalize_values)
+        raise ValueError(f"normalize: normalize={bool(normalize)} is only defined for {where} (the exp variant's "
+                         f"numerator is in stabilizer-dependent units); got gate={gate!r}, normalize={bool(normalize)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps: expected a positive real number, got {eps!r}")
     if not _finite_positive(eps):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._arrays import BFLOAT16
+from .reference.gates import GATE_SPECS
 
 DEFAULT_CHUNK_SIZE = 128
 SMEM_LIMIT_BYTES = 232_448   # H100/H200 opt-in per block; smaller devices are checked at launch
@@ -38,8 +39,8 @@ def chunk_gates_smem_bytes(L: int) -> int:  # mirrors tfla::chunk_gates_smem_byt
 
 
 #: The gate policy (C++ ``tfla::Gate*``) per (gate, normalize).
-GATE_POLICY = {("exp", True): "tfla::GateExp", ("sig", True): "tfla::GateSig<true>",
-               ("sig", False): "tfla::GateSig<false>"}
+GATE_POLICY = {(name, normalize): cpp for name, spec in GATE_SPECS.items()
+               for normalize, cpp in spec.cpp_policy.items()}
 
 
 def default_chunk_size(S: int) -> int:
