@@ -3,6 +3,7 @@
     python bench/bench.py                 # main shape, S = 8192, fw + fwbw, exp + sig, peers if present
     python bench/bench.py --sweep         # S = 512 … 65536 (B = 65536 / S)
     python bench/bench.py --shape second  # NH = 8, DK = 256, DV = 512
+    python bench/bench.py --varlen        # 64 packed random-length sequences and (B, S, NH, D) vs B = 8
 
 Timing: CUDA events, a 256 MB buffer zeroed before every call (L2 flush), 10 warm-ups, median of
 30 calls. Each tfla_cupy row is first checked against the float64 reference on two heads of the
@@ -211,6 +212,40 @@ def bench_tfla(cp, timer, variant, mode, B, NH, S, DK, DV, L, check=True):
     return ms, peak, checked, ok
 
 
+def bench_layouts(cp, timer, variant, mode, NH, DK, DV, L, n_seqs=64, seed=0):
+    """The addressing-layer cases at B·S = 65,536: the equal-length B = 8 call (bhsd), the same
+    tokens as `n_seqs` packed random-length sequences (cu_seqlens, B = 1), and the B = 8 call in
+    the (B, S, NH, D) layout. Returns [(label, B, S, ms, peak bytes)]."""
+    import ml_dtypes
+    gate, normalize = {"exp": ("exp", True), "sig": ("sig", False)}[variant]
+    bf = ml_dtypes.bfloat16
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, TOKENS), n_seqs - 1, replace=False))
+    cu = cp.asarray(np.concatenate([[0], cuts, [TOKENS]]), dtype=cp.int32)
+    B, S = 8, TOKENS // 8
+    cases = [("bhsd B=8", B, S, make_inputs(cp, B, NH, S, DK, DV, bf, seed), {}, (B, NH, S, DV)),
+             (f"varlen {n_seqs} seqs", 1, TOKENS, make_inputs(cp, 1, NH, TOKENS, DK, DV, bf, seed),
+              dict(cu_seqlens=cu), (1, NH, TOKENS, DV))]
+    bshd = tuple(cp.ascontiguousarray(t.swapaxes(1, 2)) for t in cases[0][3])
+    cases.append(("bshd B=8", B, S, bshd, dict(layout="bshd"), (B, S, NH, DV)))
+    out = []
+    for label, B_, S_, x, extra, h_shape in cases:
+        opts = dict(gate=gate, normalize=normalize, chunk_size=L, **extra)
+        dh = cp.ones(h_shape, dtype=bf)
+
+        def fw():
+            return tfla_cupy.mlstm(*x, **opts)
+
+        def fwbw():
+            h, _, ctx = tfla_cupy.mlstm_fwd(*x, **opts)
+            return h, tfla_cupy.mlstm_bwd(ctx, dh)
+
+        fn = fw if mode == "fw" else fwbw
+        ms = timer(fn)
+        out.append((label, B_, S_, ms, cupy_peak_bytes(cp, fn)))
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # Peers (PyTorch / Triton), only if importable
 # ------------------------------------------------------------------------------------------
@@ -364,6 +399,9 @@ def main(argv=None):
     ap.add_argument("--no-check", action="store_true", help="skip the check against the float64 reference")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default=None, help="file name prefix of the results (default: bench; cpu-demo without a GPU)")
+    ap.add_argument("--varlen", action="store_true",
+                    help="only the layout cases: 64 packed random-length sequences (cu_seqlens) and bshd vs "
+                         "the equal-length B = 8 bhsd call, main chunk size")
     args = ap.parse_args(argv)
     variants = _subset(ap, "--variants", args.variants, ("exp", "sig"))
     modes = _subset(ap, "--modes", args.modes, ("fw", "fwbw"))
@@ -409,6 +447,20 @@ def main(argv=None):
     if os.environ.get("DISABLE_LLVM_OPT"):
         print(f"# DISABLE_LLVM_OPT={os.environ['DISABLE_LLVM_OPT']} (Triton: the TFLA exp peer needs it under Triton 3.6)")
     rows, failures = [], 0
+    if args.varlen:
+        for mode in args.modes.split(","):
+            for variant in args.variants.split(","):
+                res = bench_layouts(cp, timer, variant, mode, shape["NH"], shape["DK"], shape["DV"], args.chunk[0])
+                base = res[0][3]
+                for label, B, S, ms, peak in res:
+                    rows.append(_row("tfla_cupy", variant, mode, B, S, shape, args.chunk[0], ms, peak, "",
+                                     f"{label}, {ms / base:.3f}x bhsd B=8"))
+                    _print(rows[-1])
+                    print(f"#   {label}: {ms / base:.3f}x the bhsd B=8 call", flush=True)
+                cp.get_default_memory_pool().free_all_blocks()
+        _save(rows, Path(args.out), card, tag=args.tag + "-varlen")
+        print("\n" + _table(rows))
+        return 0
     for S in S_list:
         B = max(TOKENS // S, 1)
         for L in args.chunk:

@@ -7,7 +7,7 @@
 // ā_σ = exp(a_σ − m^(c+1)), β̄_τ = exp(b_τ + m^(c) − M_τ). The 1/(N + ε) of Ĝ is folded into the
 // gate weights, so Ĝ is never materialised. dq and dk also write their per-token partial dots
 // q·dq and k·dk (one part per DK block) for the gate gradients.
-// Grids: (output blocks × row tiles × chunks × B·NH), flattened.
+// Grids: (output blocks × row tiles × chunk slots × B·NH), flattened (ChunkCoords).
 #pragma once
 #include "chunk_mainloop.cuh"
 
@@ -16,13 +16,13 @@ namespace tfla {
 // Σ over this CTA's output columns of acc[r][z] · src[row r][z], reduced per row into
 // row_part[r] (deterministic), for the gate-gradient dots.
 template <typename Tile, typename T>
-__device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], const T* src, int ld, int rows,
+__device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], const T* src, i64 ld, int rows,
                                          int cols, float* row_part) {
   const int warp = threadIdx.x >> 5;
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   float part[2] = {0.f, 0.f};
   for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int r, int c) {
-    if (wrow + r < rows && wcol + c < cols) part[e >> 1] += acc[0][fn][e] * to_float(src[(wrow + r) * i64(ld) + wcol + c]);
+    if (wrow + r < rows && wcol + c < cols) part[e >> 1] += acc[0][fn][e] * to_float(src[(wrow + r) * ld + wcol + c]);
   });
   reduce_rows<Tile>(part, row_part);
 }
@@ -35,24 +35,23 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
   if (at.r0 >= at.Lc) return;
   const ChunkSmem<T, Tile> sm(p.L);
   const int warp = threadIdx.x >> 5;
-  const i64 tok = i64(at.bh) * p.S + at.t0;
   const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
-  const i64 slot = i64(at.bh) * p.NC + at.c;
 
-  const T* dH = ptr<T>(p.dh) + tok * p.DV;
-  const T* V = ptr<T>(p.v) + tok * p.DV;
-  const T* K = ptr<T>(p.k) + tok * p.DK;
-  const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, true, true> ops(sm, dH, V, K, C, p.DV, p.DK, at.n0, at.r0, at.Lc);
+  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
+  const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
+  const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
+  const T* C = ptr<T>(p.C_states) + at.slot(p) * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, RoleDQ> ops(sm, dH, p.st_dh.t, V, p.st_v.t, K, p.st_k.t, C, p.DV, p.DK, at.n0,
+                                                 at.r0, at.Lc);
   ops.prologue();
 
-  const double b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
-  const double m_c = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c]) : 0.0;
+  const double b_r0 = prepare_causal<Gate>(p, sm, at, at.r0, Tend, at.Lc);
+  const double m_c = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 0)]) : 0.0;
   const double A0 = b_r0 + m_c;
   for (int r = threadIdx.x; r < BM; r += NT) {
     if (r < rows) {
-      const double M = Gate::kStabilized ? double(p.M[tok + at.r0 + r]) : 0.0;
-      const float fac = Gate::kNormalize ? p.scale / (p.N[tok + at.r0 + r] + p.eps) : p.scale;
+      const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, at.r0 + r)]) : 0.0;
+      const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, at.r0 + r)] + p.eps) : p.scale;
       const double pr = sm.row_d()[r];
       sm.row_scale()[r] = fac * expf(float(A0 + pr - M));
       sm.row_log()[r] = split((pr - M) * double(kLog2e) + double(log2f(fac)));
@@ -64,14 +63,14 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
   __syncthreads();
 
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, true, true, false>(acc, rowsum, ops, [](int) {});
+  chunk_mainloop<Mma, Tile, RoleDQ, false>(acc, rowsum, ops, [](int) {});
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
-  const i64 out = (tok + at.r0) * p.DK + at.n0;
-  store_acc<T>(acc, ptr<T>(p.dq) + out + wrow * i64(p.DK) + wcol, p.DK, rows - wrow, p.DK - at.n0 - wcol);
-  row_dots<Tile>(acc, ptr<T>(p.q) + out, p.DK, rows, p.DK - at.n0, sm.row_part());
+  store_acc<T>(acc, ptr<T>(p.dq) + at.tok(p.st_dq, at.r0 + wrow) + at.n0 + wcol, p.st_dq.t, rows - wrow,
+               p.DK - at.n0 - wcol);
+  row_dots<Tile>(acc, ptr<T>(p.q) + at.tok(p.st_q, at.r0) + at.n0, p.st_q.t, rows, p.DK - at.n0, sm.row_part());
   for (int r = threadIdx.x; r < rows; r += NT)
-    p.qdq[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part()[r];
+    p.qdq[i64(at.jn) * p.BH * p.S + at.scratch_tok(p, at.r0 + r)] = sm.row_part()[r];
 }
 
 // Row and column gate terms of the anti-causal roles:
@@ -79,10 +78,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
 //   col_log[u] = (P_u − M_u)·log2e + log2(s / (N_u + ε))      (log terms split hi/lo).
 template <typename Gate, typename Tile, typename T>
 __device__ __forceinline__ void anticausal_terms(const Params& p, const ChunkSmem<T, Tile>& sm,
-                                                 const ChunkCoords<Tile>& at, i64 tok) {
+                                                 const ChunkCoords<Tile>& at) {
   constexpr int BM = Tile::kBM, NT = Tile::kThreads;
-  prepare_anticausal<Gate>(p, sm, tok, at.r0, at.Lc);
-  const double m_next = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c + 1]) : 0.0;
+  prepare_anticausal<Gate>(p, sm, at, at.r0, at.Lc);
+  const double m_next = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 1)]) : 0.0;
   for (int r = threadIdx.x; r < BM; r += NT) {
     const int s = at.r0 + r;
     if (s < at.Lc) {
@@ -94,8 +93,8 @@ __device__ __forceinline__ void anticausal_terms(const Params& p, const ChunkSme
     }
   }
   for (int u = at.r0 + threadIdx.x; u < at.Lc; u += NT) {
-    const double M = Gate::kStabilized ? double(p.M[tok + u]) : 0.0;
-    const float fac = Gate::kNormalize ? p.scale / (p.N[tok + u] + p.eps) : p.scale;
+    const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, u)]) : 0.0;
+    const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, u)] + p.eps) : p.scale;
     sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + double(log2f(fac)));
   }
   __syncthreads();
@@ -108,20 +107,20 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dv_kerne
   if (at.r0 >= at.Lc) return;
   const ChunkSmem<T, Tile> sm(p.L);
   const int warp = threadIdx.x >> 5;
-  const i64 tok = i64(at.bh) * p.S + at.t0;
   const int rows = min(Tile::kBM, at.Lc - at.r0);
-  const T* K = ptr<T>(p.k) + tok * p.DK;
-  const T* Q = ptr<T>(p.q) + tok * p.DK;
-  const T* dH = ptr<T>(p.dh) + tok * p.DV;
-  const T* dC = ptr<T>(p.dC_states) + (i64(at.bh) * p.NC + at.c) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, false, false> ops(sm, K, Q, dH, dC, p.DK, p.DV, at.n0, at.r0, at.Lc);
+  const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
+  const T* Q = ptr<T>(p.q) + at.tok(p.st_q, 0);
+  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
+  const T* dC = ptr<T>(p.dC_states) + at.slot(p) * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, RoleDV> ops(sm, K, p.st_k.t, Q, p.st_q.t, dH, p.st_dh.t, dC, p.DK, p.DV,
+                                                   at.n0, at.r0, at.Lc);
   ops.prologue();
-  anticausal_terms<Gate>(p, sm, at, tok);
+  anticausal_terms<Gate>(p, sm, at);
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, false, false, false>(acc, rowsum, ops, [](int) {});
+  chunk_mainloop<Mma, Tile, RoleDV, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
-  T* out = ptr<T>(p.dv) + (tok + at.r0 + wrow) * p.DV + at.n0 + wcol;
-  store_acc<T>(acc, out, p.DV, rows - wrow, p.DV - at.n0 - wcol);
+  T* out = ptr<T>(p.dv) + at.tok(p.st_dv, at.r0 + wrow) + at.n0 + wcol;
+  store_acc<T>(acc, out, p.st_dv.t, rows - wrow, p.DV - at.n0 - wcol);
 }
 
 template <typename Mma, typename Gate, typename Tile>
@@ -132,23 +131,23 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dk_kerne
   if (at.r0 >= at.Lc) return;
   const ChunkSmem<T, Tile> sm(p.L);
   const int warp = threadIdx.x >> 5;
-  const i64 tok = i64(at.bh) * p.S + at.t0;
   const int rows = min(Tile::kBM, at.Lc - at.r0);
-  const T* V = ptr<T>(p.v) + tok * p.DV;
-  const T* dH = ptr<T>(p.dh) + tok * p.DV;
-  const T* Q = ptr<T>(p.q) + tok * p.DK;
-  const T* dC = ptr<T>(p.dC_states) + (i64(at.bh) * p.NC + at.c) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, false, true> ops(sm, V, dH, Q, dC, p.DV, p.DK, at.n0, at.r0, at.Lc);
+  const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
+  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
+  const T* Q = ptr<T>(p.q) + at.tok(p.st_q, 0);
+  const T* dC = ptr<T>(p.dC_states) + at.slot(p) * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, RoleDK> ops(sm, V, p.st_v.t, dH, p.st_dh.t, Q, p.st_q.t, dC, p.DV, p.DK,
+                                                  at.n0, at.r0, at.Lc);
   ops.prologue();
-  anticausal_terms<Gate>(p, sm, at, tok);
+  anticausal_terms<Gate>(p, sm, at);
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, false, true, false>(acc, rowsum, ops, [](int) {});
+  chunk_mainloop<Mma, Tile, RoleDK, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
-  const i64 out = (tok + at.r0) * p.DK + at.n0;
-  store_acc<T>(acc, ptr<T>(p.dk) + out + wrow * i64(p.DK) + wcol, p.DK, rows - wrow, p.DK - at.n0 - wcol);
-  row_dots<Tile>(acc, ptr<T>(p.k) + out, p.DK, rows, p.DK - at.n0, sm.row_part());
+  store_acc<T>(acc, ptr<T>(p.dk) + at.tok(p.st_dk, at.r0 + wrow) + at.n0 + wcol, p.st_dk.t, rows - wrow,
+               p.DK - at.n0 - wcol);
+  row_dots<Tile>(acc, ptr<T>(p.k) + at.tok(p.st_k, at.r0) + at.n0, p.st_k.t, rows, p.DK - at.n0, sm.row_part());
   for (int r = threadIdx.x; r < rows; r += NT)
-    p.kdk[(i64(at.jn) * p.BH + at.bh) * p.S + at.t0 + at.r0 + r] = sm.row_part()[r];
+    p.kdk[i64(at.jn) * p.BH * p.S + at.scratch_tok(p, at.r0 + r)] = sm.row_part()[r];
 }
 
 }  // namespace tfla

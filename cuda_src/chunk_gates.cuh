@@ -4,20 +4,23 @@
 //   a_τ = Σ_{u>τ} λ_u + ι_τ  (reverse scan, never g − b),   g = Σ_τ λ_τ,   b_τ = Σ_{u<=τ} λ_u
 // Sums are double; stored in fp32 as gate_a = a_τ − max a (<= 0, −inf past the sequence end:
 // small where it matters), gate_b = b_τ, gate_g = g, gate_amax = max_τ a_τ.
-// Grid: one CTA per (chunk, batch·head).
+// Grid: one CTA per (chunk slot, batch·head); surplus slots of packed input exit.
 #pragma once
+#include "coords.cuh"
 #include "gates.cuh"
-#include "params.cuh"
 #include "tile.cuh"
 
 namespace tfla {
 
 constexpr int kChunkGateThreads = 128;
+// dynamic shared memory: λ, suffix sums and ι, L doubles each (the carve below)
+__host__ __device__ constexpr int chunk_gates_smem_bytes(int L) { return 3 * 8 * L; }
 
 template <typename Gate>
 __global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Params p) {
-  const int c = blockIdx.x % p.NC, bh = blockIdx.x / p.NC;
-  const int Lc = min(p.L, p.S - c * p.L);
+  const ChunkAt at(p, blockIdx.x % p.NC, blockIdx.x / p.NC);
+  const int Lc = at.Lc;
+  if (Lc <= 0) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   SmemCarver sm{dynamic_smem()};
   double* lam = sm.take<double>(p.L);   // λ, then b
@@ -25,7 +28,7 @@ __global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Pa
   double* iota = sm.take<double>(p.L);  // ι, then a
   __shared__ double warp_max_s[kChunkGateThreads / 32];
 
-  load_log_gates<Gate>(p.i, p.f, i64(bh) * p.S + i64(c) * p.L, 0, p.L, Lc, lam, iota);
+  load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, 0, p.L, Lc, lam, iota);
   __syncthreads();
   for (int u = threadIdx.x; u < p.L; u += kChunkGateThreads) sfx[u] = lam[u];
   __syncthreads();
@@ -43,14 +46,14 @@ __global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Pa
   __syncthreads();
   amax = warp_max_s[0];
   for (int w = 1; w < kChunkGateThreads / 32; ++w) amax = fmax(amax, warp_max_s[w]);
-  const i64 row = (i64(bh) * p.NC + c) * p.L;
+  const i64 slot = at.slot(p), row = slot * p.L;
   for (int u = threadIdx.x; u < p.L; u += kChunkGateThreads) {
     p.gate_a[row + u] = u < Lc ? float(iota[u] - amax) : neg_inf();
     p.gate_b[row + u] = float(lam[u]);
   }
   if (threadIdx.x == 0) {
-    p.gate_g[i64(bh) * p.NC + c] = float(lam[p.L - 1]);
-    p.gate_amax[i64(bh) * p.NC + c] = float(amax);
+    p.gate_g[slot] = float(lam[p.L - 1]);
+    p.gate_amax[slot] = float(amax);
   }
 }
 

@@ -23,30 +23,25 @@
 // flight while the score tile of step j is computed.
 #pragma once
 #include "config.cuh"
+#include "coords.cuh"
 #include "gates.cuh"
-#include "params.cuh"
 #include "tile.cuh"
 
 namespace tfla {
 
+// Grid (output-column blocks × row tiles × chunk slots × batch·head), flattened: this CTA's
+// output block n0, first row r0 (position inside the chunk) and chunk (ChunkAt: sequence,
+// chunk index, valid positions Lc; Lc = 0 for a surplus slot of packed input).
 template <typename Tile>
-struct ChunkCoords {
-  int jn, rt, c, bh;  // output-column block, row tile, chunk, batch·head
-  int n0, r0;         // first output column; first row (position inside the chunk)
-  int t0, Lc;         // first token of the chunk; valid positions in the chunk
-  __device__ ChunkCoords(const Params& p, int DZ) {
-    const int nN = cdiv(DZ, Tile::kBN), nR = cdiv(p.L, Tile::kBM);
-    int blk = blockIdx.x;
-    jn = blk % nN;
-    blk /= nN;
-    rt = blk % nR;
-    blk /= nR;
-    c = blk % p.NC;
-    bh = blk / p.NC;
+struct ChunkCoords : ChunkAt {
+  int jn, n0, r0;
+  __device__ ChunkCoords(const Params& p, int DZ)
+      : ChunkAt(p, (blockIdx.x / (cdiv(DZ, Tile::kBN) * cdiv(p.L, Tile::kBM))) % p.NC,
+                blockIdx.x / (cdiv(DZ, Tile::kBN) * cdiv(p.L, Tile::kBM) * p.NC)) {
+    const int nN = cdiv(DZ, Tile::kBN);
+    jn = blockIdx.x % nN;
     n0 = jn * Tile::kBN;
-    r0 = rt * Tile::kBM;
-    t0 = c * p.L;
-    Lc = min(p.L, p.S - t0);
+    r0 = ((blockIdx.x / nN) % cdiv(p.L, Tile::kBM)) * Tile::kBM;
   }
 };
 
@@ -66,6 +61,9 @@ struct ChunkSmem {
                        kRowPart = kRowAux + 4 * Tile::kBM, kNvec = kRowPart + 4 * Tile::kWN * Tile::kBM,
                        kGates = kNvec + 4 * Tile::kBX;
   static_assert(kGates % 16 == 0, "gate vectors must stay 16-byte aligned");
+  // the carve is the size: fixed part, then 4 gate vectors of L 8-byte entries
+  static_assert(kGates + 32 == Tile::smem_bytes(E, 1) && kGates + 32 * 1024 == Tile::smem_bytes(E, 1024),
+                "ChunkSmem carve and ChunkTile::smem_bytes disagree");
   int L;
   __device__ explicit ChunkSmem(int L_) : L(L_) {}
   template <typename U> __device__ __forceinline__ U* at(int off) const {
@@ -111,19 +109,39 @@ __device__ __forceinline__ void reduce_rows(float (&part)[2], float* row_part) {
   __syncthreads();
 }
 
-// Operands of one chunk CTA and the cp.async requests of its tiles.
-template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX>
+// The four roles of the main loop (the table above): the direction of the intra-chunk triangle
+// and how the boundary state D is stored relative to (X, Z) columns.
+struct RoleH {   // fwd h:  X = q,  Y = k,  Z = v,  D = C^(c)   [DK][DV]
+  static constexpr bool kCausal = true, kDStoredZX = false;
+};
+struct RoleDQ {  // bwd dq: X = dh, Y = v,  Z = k,  D = C^(c)   [DK][DV] read as [Z][X]
+  static constexpr bool kCausal = true, kDStoredZX = true;
+};
+struct RoleDV {  // bwd dv: X = k,  Y = q,  Z = dh, D = dC^(c+1) [DK][DV]
+  static constexpr bool kCausal = false, kDStoredZX = false;
+};
+struct RoleDK {  // bwd dk: X = v,  Y = dh, Z = q,  D = dC^(c+1) [DK][DV] read as [Z][X]
+  static constexpr bool kCausal = false, kDStoredZX = true;
+};
+
+// Operands of one chunk CTA and the cp.async requests of its tiles. X, Y, Z point at the
+// chunk's first token, with token strides ldX, ldY, ldZ (elements; X and Y have DX columns, Z
+// has DZ); D is a packed DX × DZ state.
+template <typename Mma, typename Tile, typename Role>
 struct ChunkOperands {
+  static constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
   static constexpr int BM = Tile::kBM, BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN, NT = Tile::kThreads;
   const Sm& sm;
   const T *X, *Y, *Z, *D;
   const float* nvec;  // forward: n^(c) (length DX), copied block by block beside X
+  i64 ldX, ldY, ldZ;
   int DX, DZ, n0, r0, Lc, rows, nXb, j_lo, j_hi;
-  __device__ ChunkOperands(const Sm& sm_, const T* X_, const T* Y_, const T* Z_, const T* D_, int DX_, int DZ_,
-                           int n0_, int r0_, int Lc_, const float* nvec_ = nullptr)
-      : sm(sm_), X(X_), Y(Y_), Z(Z_), D(D_), nvec(nvec_), DX(DX_), DZ(DZ_), n0(n0_), r0(r0_), Lc(Lc_) {
+  __device__ ChunkOperands(const Sm& sm_, const T* X_, i64 ldX_, const T* Y_, i64 ldY_, const T* Z_, i64 ldZ_,
+                           const T* D_, int DX_, int DZ_, int n0_, int r0_, int Lc_, const float* nvec_ = nullptr)
+      : sm(sm_), X(X_), Y(Y_), Z(Z_), D(D_), nvec(nvec_), ldX(ldX_), ldY(ldY_), ldZ(ldZ_), DX(DX_), DZ(DZ_),
+        n0(n0_), r0(r0_), Lc(Lc_) {
     rows = min(BM, Lc - r0);
     nXb = cdiv(DX, BX);
     j_lo = kCausal ? 0 : r0 / BL;
@@ -131,13 +149,13 @@ struct ChunkOperands {
   }
   __device__ __forceinline__ bool resident() const { return nXb == 1; }  // X stays in shared memory
   __device__ __forceinline__ void issue_X(int x0) const {
-    load_tile_async<T, BM, BX, NT>(sm.Xs(), Sm::ldx, X + i64(r0) * DX + x0, DX, rows, DX - x0);
+    load_tile_async<T, BM, BX, NT>(sm.Xs(), Sm::ldx, X + r0 * ldX + x0, ldX, rows, DX - x0);
   }
   __device__ __forceinline__ void issue_Y(int j, int x0) const {
-    load_tile_async<T, BL, BX, NT>(sm.Ys(), Sm::ldx, Y + i64(j * BL) * DX + x0, DX, min(BL, Lc - j * BL), DX - x0);
+    load_tile_async<T, BL, BX, NT>(sm.Ys(), Sm::ldx, Y + (j * BL) * ldY + x0, ldY, min(BL, Lc - j * BL), DX - x0);
   }
   __device__ __forceinline__ void issue_Z(int j) const {
-    load_tile_async<T, BL, BN, NT>(sm.Zs(), Sm::ldz, Z + i64(j * BL) * DZ + n0, DZ, min(BL, Lc - j * BL), DZ - n0);
+    load_tile_async<T, BL, BN, NT>(sm.Zs(), Sm::ldz, Z + (j * BL) * ldZ + n0, ldZ, min(BL, Lc - j * BL), DZ - n0);
   }
   __device__ __forceinline__ void issue_XD(int x0) const {
     issue_X(x0);
@@ -163,10 +181,10 @@ struct ChunkOperands {
 };
 
 // Expects ops.prologue() to have been issued.
-template <typename Mma, typename Tile, bool kCausal, bool kDStoredZX, bool kRowSum, typename OnXBlock>
+template <typename Mma, typename Tile, typename Role, bool kRowSum, typename OnXBlock>
 __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2],
-                                               const ChunkOperands<Mma, Tile, kCausal, kDStoredZX>& ops,
-                                               OnXBlock&& on_x_block) {
+                                               const ChunkOperands<Mma, Tile, Role>& ops, OnXBlock&& on_x_block) {
+  constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
   constexpr int BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN;
@@ -275,10 +293,11 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
 // and col_log[u] = κ_u·log2e (split). Returns b_{r0} = Σ_{w<=r0} λ_w. Then
 //   D̃[τ][u] = b_τ − b_u + ι_u = p_{τ−r0} + κ_u.
 template <typename Gate, typename Tile, typename T>
-__device__ __forceinline__ double prepare_causal(const Params& p, const ChunkSmem<T, Tile>& sm, i64 tok, int r0,
-                                                 int Tend, int Lc) {
+__device__ __forceinline__ double prepare_causal(const Params& p, const ChunkSmem<T, Tile>& sm, const ChunkAt& at,
+                                                 int r0, int Tend, int Lc) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_log_gates<Gate>(p.i, p.f, tok, 0, Tend, Lc, sm.lam(), sm.iota());
+  load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, 0, Tend, Lc, sm.lam(),
+                       sm.iota());
   __syncthreads();
   __shared__ double b_r0;
   if (warp == 0) {
@@ -306,10 +325,11 @@ __device__ __forceinline__ double prepare_causal(const Params& p, const ChunkSme
 //   row_d[r] = R_σ = Σ_{w=σ+1..Lc−1} λ_w (by its own suffix scan, not P_end − P_σ).
 // Then D̃[u][σ] = P_u − P_σ + ι_σ.
 template <typename Gate, typename Tile, typename T>
-__device__ __forceinline__ void prepare_anticausal(const Params& p, const ChunkSmem<T, Tile>& sm, i64 tok, int r0,
-                                                   int Lc) {
+__device__ __forceinline__ void prepare_anticausal(const Params& p, const ChunkSmem<T, Tile>& sm, const ChunkAt& at,
+                                                   int r0, int Lc) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_log_gates<Gate>(p.i, p.f, tok, r0, Lc, Lc, sm.lam(), sm.iota());
+  load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, r0, Lc, Lc, sm.lam(),
+                       sm.iota());
   __syncthreads();
   if (warp == 0) {
     for (int u = r0 + lane; u < Lc; u += 32) sm.scan()[u] = u == r0 ? 0.0 : sm.lam()[u];

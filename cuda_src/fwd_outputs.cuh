@@ -6,7 +6,7 @@
 //     den_τ = s·β̄_τ q_τ·n^(c) + Σ_{u<=τ} s·exp(D̃[τ][u] − M_τ) (q_τ·k_u)
 //     N_τ = max(|den_τ|, e^{−M_τ}),  h_τ = num_τ / (N_τ + ε)          (h = num without normalizer)
 // μ depends on the gates only (a prefix max of κ), so M is final before the first product.
-// Grid: (DV blocks × row tiles × chunks × B·NH), flattened.
+// Grid: (DV blocks × row tiles × chunk slots × B·NH), flattened (ChunkCoords).
 #pragma once
 #include "chunk_mainloop.cuh"
 
@@ -21,20 +21,20 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel
   if (at.r0 >= at.Lc) return;  // row tile past the ragged end of the last chunk
   const Sm sm(p.L);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const i64 tok = i64(at.bh) * p.S + at.t0;
   const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
-  const i64 slot = i64(at.bh) * p.NC + at.c;
+  const i64 slot = at.slot(p);
 
-  const T* Q = ptr<T>(p.q) + tok * p.DK;
-  const T* K = ptr<T>(p.k) + tok * p.DK;
-  const T* V = ptr<T>(p.v) + tok * p.DV;
+  const T* Q = ptr<T>(p.q) + at.tok(p.st_q, 0);
+  const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
+  const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
   const T* C = ptr<T>(p.C_states) + slot * p.DK * p.DV;
   const float* n = Gate::kNormalize ? p.n_states + slot * p.DK : nullptr;
-  const ChunkOperands<Mma, Tile, true, false> ops(sm, Q, K, V, C, p.DK, p.DV, at.n0, at.r0, at.Lc, n);
+  const ChunkOperands<Mma, Tile, RoleH> ops(sm, Q, p.st_q.t, K, p.st_k.t, V, p.st_v.t, C, p.DK, p.DV, at.n0,
+                                                  at.r0, at.Lc, n);
   ops.prologue();
 
-  const double b_r0 = prepare_causal<Gate>(p, sm, tok, at.r0, Tend, at.Lc);
-  const double m_c = Gate::kStabilized ? double(p.m_states[i64(at.bh) * (p.NC + 1) + at.c]) : 0.0;
+  const double b_r0 = prepare_causal<Gate>(p, sm, at, at.r0, Tend, at.Lc);
+  const double m_c = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 0)]) : 0.0;
   const double A0 = b_r0 + m_c;  // log weight of the incoming state at row r0
   __shared__ double kappa_max;   // max_{u<=r0} κ_u
   if constexpr (Gate::kStabilized) {
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel
     }
   };
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, true, false, Gate::kNormalize>(acc, rowsum, ops, q_dot_n);
+  chunk_mainloop<Mma, Tile, RoleH, Gate::kNormalize>(acc, rowsum, ops, q_dot_n);
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   if constexpr (Gate::kNormalize) {
@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel
       const float N = fmaxf(fabsf(den), expf(-sm.row_M()[r]));
       sm.row_N()[r] = N;
       if (at.jn == 0 && r < rows) {
-        p.N[tok + at.r0 + r] = N;
-        if (Gate::kStabilized) p.M[tok + at.r0 + r] = sm.row_M()[r];
+        p.N[at.tok(p.st_N, at.r0 + r)] = N;
+        if (Gate::kStabilized) p.M[at.tok(p.st_M, at.r0 + r)] = sm.row_M()[r];
       }
     }
     __syncthreads();
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel
     const float inv1 = 1.f / (sm.row_N()[wrow + (lane >> 2) + 8] + p.eps);
     for_each_acc<1, Tile::kFNO>([&](int, int fn, int e, int, int) { acc[0][fn][e] *= (e < 2 ? inv0 : inv1); });
   }
-  T* H = ptr<T>(p.h) + (tok + at.r0 + wrow) * p.DV + at.n0 + wcol;
-  store_acc<T>(acc, H, p.DV, rows - wrow, p.DV - at.n0 - wcol);
+  T* H = ptr<T>(p.h) + at.tok(p.st_h, at.r0 + wrow) + at.n0 + wcol;
+  store_acc<T>(acc, H, p.st_h.t, rows - wrow, p.DV - at.n0 - wcol);
 }
 
 }  // namespace tfla

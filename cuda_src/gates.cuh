@@ -139,16 +139,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Load λ_u = log_forget(f̃) and ι_u for positions u in [lo, hi) of the chunk starting at token t0 of
-// head bh; positions at or beyond `valid` (past the sequence end) get λ = 0, ι = −inf: they
-// decay nothing and contribute nothing.
+// Load λ_u = log_forget(f̃) and ι_u for positions u in [lo, hi) of a chunk: the gates of position u
+// are i[u·si], f[u·sf] (element strides of the token axis); positions at or beyond `valid` (past
+// the sequence end) get λ = 0, ι = −inf: they decay nothing and contribute nothing.
 template <typename Gate>
-__device__ __forceinline__ void load_log_gates(const float* i, const float* f, i64 base, int lo, int hi,
+__device__ __forceinline__ void load_log_gates(const float* i, i64 si, const float* f, i64 sf, int lo, int hi,
                                                int valid, double* lam, double* iota) {
   for (int u = lo + threadIdx.x; u < hi; u += blockDim.x) {
     const bool ok = u < valid;
-    lam[u] = ok ? double(log_forget(f[base + u])) : 0.0;
-    iota[u] = ok ? double(Gate::log_input(i[base + u])) : double(neg_inf());
+    lam[u] = ok ? double(log_forget(f[u * sf])) : 0.0;
+    iota[u] = ok ? double(Gate::log_input(i[u * si])) : double(neg_inf());
   }
 }
 

@@ -1,35 +1,50 @@
 // tfla_cupy — the one by-value argument of every kernel.
 //
 // Mirrored field for field by tfla_cupy/_params.py (a NumPy structured dtype); a CPU test parses
-// this struct and checks the two layouts agree, and NVRTC checks sizeof. Arrays are contiguous,
-// batch and heads flattened: row-major (BH, S, D) for tokens, (BH, S) for per-step scalars.
+// this struct and checks the two layouts agree, and NVRTC checks sizeof.
+//
+// Sequence tensors (q, k, v, i, f, h, dh, dq, dk, dv, di, df, N, M) are addressed through their
+// own Strides (batch, head, token; in elements; the feature dimension contiguous), so any
+// layout, (B, NH, S, D), (B, S, NH, D) or a strided view, is read and written in place. Kernels
+// never form a token offset themselves: coords.cuh maps (sequence, head, token) to an offset.
+// Internal scratch (chunk states, gate vectors, q·dq / k·dk partials) is packed, indexed by
+// (batch·head, chunk slot) as described per field below.
 // A null pointer means "not present" (no initial state) or "not wanted" (no last state).
 #pragma once
 #include "common.cuh"
 
 namespace tfla {
 
+// Element strides of one sequence tensor: offset of (batch b, head h, token t) = b·b + h·h + t·t.
+struct Strides {
+  i64 b;
+  i64 h;
+  i64 t;
+};
+
 struct Params {
-  // ---- token inputs: q, k (BH, S, DK), v (BH, S, DV) in the compute dtype; gates fp32 (BH, S)
+  // ---- token inputs: q, k (.., DK), v (.., DV) in the compute dtype; gates fp32
   const void* q;
   const void* k;
   const void* v;
   const float* i;
   const float* f;
-  // ---- initial state, fp32: C0 (BH, DK, DV), n0 (BH, DK), m0 (BH); null = zeros
+  // ---- initial state, fp32, one per (sequence, head): C0 (NSEQ·NH, DK, DV), n0 (NSEQ·NH, DK),
+  //      m0 (NSEQ·NH); null = zeros
   const float* C0;
   const float* n0;
   const float* m0;
-  // ---- forward outputs: h (BH, S, DV) compute dtype; N, M (BH, S) fp32
+  // ---- forward outputs: h (.., DV) compute dtype; N, M fp32 (per step)
   void* h;
   float* N;
   float* M;
-  // ---- last state, fp32: C_last (BH, DK, DV), n_last (BH, DK), m_last (BH)
+  // ---- last state, fp32, per (sequence, head): C_last (NSEQ·NH, DK, DV), n_last, m_last
   float* C_last;
   float* n_last;
   float* m_last;
-  // ---- chunk-boundary states: C_states (BH, NC, DK, DV) compute dtype (slot c enters chunk c),
-  //      n_states (BH, NC, DK) fp32, m_states (BH, NC + 1) fp32 (slot NC = last)
+  // ---- chunk-boundary states: C_states (BH, NC, DK, DV) compute dtype (chunk slot fc + c holds
+  //      the state entering chunk c of a sequence), n_states (BH, NC, DK) fp32, m_states (BH, NM)
+  //      fp32 (m slot fm + c enters chunk c, fm + nc is the sequence's last; see SeqCoords)
   void* C_states;
   float* n_states;
   float* m_states;
@@ -51,17 +66,41 @@ struct Params {
   float* di;
   float* df;
   float* dC0;
-  // ---- per-token partial dots of the gate gradients: (parts, BH, S) fp32, one part per
+  // ---- per-token partial dots of the gate gradients: (parts, BH, S) fp32 packed, one part per
   //      DK block of the dq / dk kernels
   float* qdq;
   float* kdk;
+  // ---- packed variable-length sequences (null: NSEQ = B sequences of length S). cu_seqlens
+  //      (NSEQ + 1 offsets, int32 or int64) is read by seq_table_kernel only, which writes
+  //      seq_table = [token offsets (NSEQ + 1) | first chunk slots (NSEQ + 1) | sequence of each
+  //      chunk slot (NC), −1 = surplus] (int32); every other kernel reads seq_table.
+  const void* cu_seqlens;
+  int* seq_table;
+  // ---- element strides of the sequence tensors
+  Strides st_q;
+  Strides st_k;
+  Strides st_v;
+  Strides st_i;
+  Strides st_f;
+  Strides st_h;
+  Strides st_dh;
+  Strides st_dq;
+  Strides st_dk;
+  Strides st_dv;
+  Strides st_di;
+  Strides st_df;
+  Strides st_N;
+  Strides st_M;
   // ---- sizes and scalars
   int BH;       // B * NH
-  int S;        // sequence length
+  int S;        // tokens per batch entry (the packed total with cu_seqlens)
   int DK;       // head dim of q, k
   int DV;       // head dim of v
   int L;        // chunk size
-  int NC;       // number of chunks, ceil(S / L)
+  int NC;       // chunk slots per batch·head: ceil(S / L), or floor(S / L) + NSEQ with cu_seqlens
+  int NH;       // heads
+  int NSEQ;     // sequences: B, or the number of cu_seqlens intervals
+  int NM;       // m-state slots per batch·head: NC + sequences per batch entry
   int qdq_parts;
   int kdk_parts;
   float scale;  // query scale s

@@ -8,27 +8,30 @@
 // the next sub-tile (of this chunk or of the next chunk in walking order) are in flight while
 // the current one is multiplied. The gate vectors come precomputed from stage 0
 // (chunk_gates.cuh), so the sequential path has one exp per step and no scans.
-// Grid: one CTA per (DK block, DV block, batch·head), flattened into blockIdx.x.
+// Grid: one CTA per (DK block, DV block, sequence·head), flattened into blockIdx.x.
 #pragma once
 #include "config.cuh"
+#include "coords.cuh"
 #include "gates.cuh"
-#include "params.cuh"
 #include "tile.cuh"
 
 namespace tfla {
 
 template <typename Tile>
 struct StateCoords {
-  int kb, vb, bh;   // DK block, DV block, batch·head
+  int kb, vb;       // DK block, DV block
   int k0, v0;       // tile origin in (DK, DV)
   int row0, col0;   // this warp's origin inside the tile
-  __device__ StateCoords(int DK, int DV) {
-    const int nKb = cdiv(DK, Tile::kBK), nVb = cdiv(DV, Tile::kBV);
-    int blk = blockIdx.x;
-    kb = blk % nKb;
-    blk /= nKb;
-    vb = blk % nVb;
-    bh = blk / nVb;
+  SeqCoords seq;    // the sequence and head this CTA walks
+  // seq.state, recomputed from the block index where it is used (saves a register in the loop)
+  __device__ __forceinline__ int state(const Params& p) const {
+    return blockIdx.x / (cdiv(p.DK, Tile::kBK) * cdiv(p.DV, Tile::kBV));
+  }
+  __device__ StateCoords(const Params& p)
+      : kb(blockIdx.x % cdiv(p.DK, Tile::kBK)),
+        vb((blockIdx.x / cdiv(p.DK, Tile::kBK)) % cdiv(p.DV, Tile::kBV)),
+        seq(p, (blockIdx.x / (cdiv(p.DK, Tile::kBK) * cdiv(p.DV, Tile::kBV))) / p.NH,
+            (blockIdx.x / (cdiv(p.DK, Tile::kBK) * cdiv(p.DV, Tile::kBV))) % p.NH) {
     k0 = kb * Tile::kBK;
     v0 = vb * Tile::kBV;
     const int warp = threadIdx.x >> 5;
@@ -37,7 +40,9 @@ struct StateCoords {
   }
 };
 
-__device__ __forceinline__ int chunk_len(const Params& p, int c) { return min(p.L, p.S - c * p.L); }
+// The two source pointers of the stream live in shared memory, not in registers: the sequential
+// kernels run at the register limit and read them once per sub-tile.
+__shared__ const void* state_stream_src[2];
 
 // Shared memory of a state pass (see StateTile::smem_bytes) and its sub-tile stream. Each
 // sub-tile brings kBT steps of X, Y and up to kGateRows per-step gate scalars (G rows); after
@@ -50,18 +55,32 @@ struct StateStream {
   static constexpr int kXElems = BT * ldx, kYElems = BT * ldy, kGateRows = Tile::kGateRows;
   static constexpr int kPairs = BK / 2, kGroups = NT / kPairs;  // n update: column pairs × row groups
   static_assert(NT % kPairs == 0, "n update maps threads onto column pairs");
+  // the carve (every take a multiple of 16 bytes) is the size
+  static constexpr int kCarveBytes =
+      int(sizeof(T)) * (2 * kXElems + 2 * kYElems) + 4 * (2 * kGateRows * BT + BT + BK + kGroups * BK);
+  static_assert((int(sizeof(T)) * kXElems) % 16 == 0 && (int(sizeof(T)) * kYElems) % 16 == 0 && BT % 4 == 0 &&
+                    BK % 4 == 0 && kCarveBytes == Tile::smem_bytes(int(sizeof(T)), 0),
+                "StateStream carve and StateTile::smem_bytes disagree");
   T* Xs0;      // two X buffers, kXElems apart, and two Y buffers
   T* Ys0;
   float* G0;   // two gate-row buffers of kGateRows × BT floats
   float* w;    // weights of the landed sub-tile
   float* n_s;  // n slice (forward only)
   float* n_part;
-  const T* X;  // this CTA's column block of X (row stride DX) and Y
-  const T* Y;
-  int DX, DY, x_cols, y_cols;
+  int ldX, ldY;  // token strides (elements; the host keeps them below 2^31)
+  int x_cols, y_cols;
+  // this CTA's column block of X and Y at the sequence's first token
+  __device__ __forceinline__ const T* X() const { return static_cast<const T*>(state_stream_src[0]); }
+  __device__ __forceinline__ const T* Y() const { return static_cast<const T*>(state_stream_src[1]); }
 
-  __device__ StateStream(const T* X_, int DX_, int x_cols_, const T* Y_, int DY_, int y_cols_)
-      : X(X_), Y(Y_), DX(DX_), DY(DY_), x_cols(x_cols_), y_cols(y_cols_) {
+  // Call with every thread (synchronises).
+  __device__ StateStream(const T* X_, int ldX_, int x_cols_, const T* Y_, int ldY_, int y_cols_)
+      : ldX(ldX_), ldY(ldY_), x_cols(x_cols_), y_cols(y_cols_) {
+    if (threadIdx.x == 0) {
+      state_stream_src[0] = X_;
+      state_stream_src[1] = Y_;
+    }
+    __syncthreads();
     SmemCarver sm{dynamic_smem()};
     Xs0 = sm.take<T>(2 * kXElems);
     Ys0 = sm.take<T>(2 * kYElems);
@@ -74,12 +93,12 @@ struct StateStream {
   __device__ __forceinline__ T* Ys(int b) const { return Ys0 + b * kYElems; }
   __device__ __forceinline__ float* G(int b) const { return G0 + b * kGateRows * BT; }
 
-  // Start the copy of steps [t, t + rows) of X and Y into buffer b; `gates(G(b), rows)` issues
-  // the gate rows. One commit group.
+  // Start the copy of steps [t, t + rows) of X and Y (t relative to the sequence start) into
+  // buffer b; `gates(G(b), rows)` issues the gate rows. One commit group.
   template <typename IssueGates>
-  __device__ __forceinline__ void issue(int b, i64 t, int rows, IssueGates&& gates) const {
-    load_tile_async<T, BT, BK, NT>(Xs(b), ldx, X + t * DX, DX, rows, x_cols);
-    load_tile_async<T, BT, Tile::kBV, NT>(Ys(b), ldy, Y + t * DY, DY, rows, y_cols);
+  __device__ __forceinline__ void issue(int b, int t, int rows, IssueGates&& gates) const {
+    load_tile_async<T, BT, BK, NT>(Xs(b), ldx, X() + i64(t) * ldX, ldX, rows, x_cols);
+    load_tile_async<T, BT, Tile::kBV, NT>(Ys(b), ldy, Y() + i64(t) * ldY, ldY, rows, y_cols);
     gates(G(b), rows);
     cp_async_commit();
   }
@@ -122,15 +141,14 @@ struct StateStream {
     __syncthreads();
   }
 
-  // Walk chunk c sub-tile by sub-tile. On entry its first sub-tile is in flight in buffer b;
+  // Walk chunk c (Lc steps) sub-tile by sub-tile. On entry its first sub-tile is in flight in buffer b;
   // `issue_next(b, c', ts, rows)` requests a sub-tile; next_c is the chunk that follows in
   // walking order (−1: none), whose first sub-tile is prefetched during this chunk's last one.
   // Returns the buffer where that prefetch lands.
   template <bool kUpdateN, typename IssueAt, typename Weight>
-  __device__ __forceinline__ int walk_chunk(float (&acc)[Tile::kFM][Tile::kFN][4], const Params& p, int c,
+  __device__ __forceinline__ int walk_chunk(float (&acc)[Tile::kFM][Tile::kFN][4], int c, int Lc,
                                             int next_c, int b, int row0, int col0, IssueAt&& issue_at,
                                             Weight&& weight) const {
-    const int Lc = chunk_len(p, c);
     for (int ts = 0; ts < Lc; ts += BT) {
       const bool more = ts + BT < Lc;
       if (more) {
@@ -158,10 +176,10 @@ __device__ __forceinline__ void load_row_async(float* dst, const float* src, int
   load_tile_async<float, 1, BT, NT>(dst, BT, src, 0, 1, ((rows + 3) / 4) * 4);
 }
 
-// 4-byte cp.async of `rows` fp32 scalars from an unaligned source; zero past `rows`.
+// 4-byte cp.async of `rows` fp32 scalars src[(t + r)·stride] (any alignment, any stride); zero past `rows`.
 template <int BT, int NT>
-__device__ __forceinline__ void load_row_async4(float* dst, const float* src, int rows) {
-  for (int r = threadIdx.x; r < BT; r += NT) cp_async4(dst + r, r < rows ? src + r : src, r < rows);
+__device__ __forceinline__ void load_row_async4(float* dst, const float* src, int t, int stride, int rows) {
+  for (int r = threadIdx.x; r < BT; r += NT) cp_async4(dst + r, src + i64(r < rows ? t + r : t) * stride, r < rows);
 }
 
 template <int FM, int FN> __device__ __forceinline__ void scale_acc(float (&acc)[FM][FN][4], float s) {
@@ -173,13 +191,16 @@ template <int FM, int FN> __device__ __forceinline__ void scale_acc(float (&acc)
       for (int e = 0; e < 4; ++e) acc[fm][fn][e] *= s;
 }
 
-// Load a DK × DV fp32 state tile into the accumulator (zeros where src is null or out of range).
+// Load the DK × DV fp32 state of this CTA's (sequence, head) into the accumulator (zeros where
+// src is null or out of range).
 template <typename Tile>
 __device__ __forceinline__ void load_state_acc(float (&acc)[Tile::kFM][Tile::kFN][4], const float* src,
-                                               const StateCoords<Tile>& at, int DK, int DV) {
+                                               const StateCoords<Tile>& at, const Params& p) {
+  const int DK = p.DK, DV = p.DV;
   for_each_acc<Tile::kFM, Tile::kFN>([&](int fm, int fn, int e, int r, int c) {
     const int dk = at.k0 + at.row0 + r, dv = at.v0 + at.col0 + c;
-    acc[fm][fn][e] = (src != nullptr && dk < DK && dv < DV) ? src[i64(at.bh) * DK * DV + i64(dk) * DV + dv] : 0.f;
+    acc[fm][fn][e] =
+        (src != nullptr && dk < DK && dv < DV) ? src[i64(at.state(p)) * DK * DV + i64(dk) * DV + dv] : 0.f;
   });
 }
 

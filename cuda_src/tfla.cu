@@ -1,5 +1,6 @@
 // tfla_cupy — the single translation unit: every kernel family, instantiated by name through
 // NVRTC name expressions (see tfla_cupy/_loader.py). Stages:
+//   seq_table_kernel     chunk table of packed sequences          (coords.cuh)
 //   chunk_gates_kernel   per-chunk log-gate vectors (stage 0)     (chunk_gates.cuh)
 //   fwd_states_kernel    forward chunk-boundary states            (fwd_states.cuh)
 //   fwd_h_kernel         forward outputs h, N, M                  (fwd_outputs.cuh)
@@ -8,6 +9,7 @@
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
 //   step_kernel          one-token recurrence for inference       (step.cuh)
 //   wgmma_probe_kernel   sm_90a warpgroup-MMA primitives, checked by a GPU test (wgmma.cuh)
+#include "coords.cuh"
 #include "chunk_gates.cuh"
 #include "fwd_states.cuh"
 #include "fwd_outputs.cuh"

@@ -7,6 +7,30 @@ from tfla_cupy import _loader, config
 from tfla_cupy.config import ChunkTile, KernelConfig, StateTile
 
 
+_ALL_L = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def test_geometry_of_every_instantiation_matches_the_cuda_side():
+    """Shared-memory bytes and threads of every tile the heuristic can launch (every compute
+    policy, every chunk size, every kernel role), the fixed thread counts and the stage-0
+    shared memory: each Python value is a static_assert against its C++ definition (whose carve
+    is itself asserted equal to its size, in ChunkSmem and StateStream)."""
+    asserts = [f"static_assert({name} == {n}, \"{name}\");" for name, n in config.THREADS.items()]
+    asserts += [f"static_assert(tfla::chunk_gates_smem_bytes({L}) == {config.chunk_gates_smem_bytes(L)}, \"cg\");"
+                for L in _ALL_L]
+    seen = set()
+    for mma, e in config.ELEMENT_BYTES.items():
+        for L in _ALL_L:
+            cfg = config.pick_config(mma, 128, 256, L)
+            for tile in (cfg.states, cfg.fwd_h, cfg.bwd_dq, cfg.bwd_dk, cfg.bwd_dv):
+                if (tile, e, L) in seen:
+                    continue
+                seen.add((tile, e, L))
+                asserts.append(f"static_assert({tile.cpp()}::smem_bytes({e}, {L}) == {tile.smem_bytes(e, L)}, \"smem\");")
+                asserts.append(f"static_assert({tile.cpp()}::kThreads == {tile.threads}, \"threads\");")
+    _loader.compile_for_arch([], "sm_80", extra_source="\n" + "\n".join(asserts) + "\n", verbose_ptxas=False)
+
+
 def test_smem_formulas_match_the_cuda_side():
     asserts = []
     for mma, e in config.ELEMENT_BYTES.items():
@@ -49,3 +73,26 @@ def test_every_heuristic_choice_is_in_the_compiled_list():
                 for kind in ("fwd_h", "bwd_dq", "bwd_dk", "bwd_dv"):
                     assert config.chunk_kernel(f"{kind}_kernel", mma, gate, getattr(cfg, kind)) in names
                 assert set(config.state_kernels(mma, gate, cfg.states).values()) <= names
+
+
+def test_one_gate_specification_drives_validation_references_and_launches():
+    import numpy as np
+
+    import tfla_cupy
+    from tfla_cupy import _validate
+    from tfla_cupy.reference import gates
+
+    assert _validate.GATES == tuple(gates.GATE_SPECS) == gates.GATES
+    assert set(config.GATE_POLICY) == {(g, n) for g, s in gates.GATE_SPECS.items() for n in s.normalize_values}
+    x = np.linspace(-5, 5, 11)
+    for name, spec in gates.GATE_SPECS.items():
+        assert gates.is_stabilized(name) == spec.stabilized
+        log_i, _ = gates.log_gates(x, x, name)
+        assert np.allclose(log_i, spec.log_input(x))
+        for normalize in (True, False):
+            args = [np.zeros((1, 1, 4, 8))] * 3 + [np.zeros((1, 1, 4))] * 2
+            if normalize in spec.normalize_values:
+                tfla_cupy.mlstm(*args, gate=name, normalize=normalize)
+            else:
+                with pytest.raises(ValueError, match=rf"^normalize: normalize={normalize} is only defined for"):
+                    tfla_cupy.mlstm(*args, gate=name, normalize=normalize)

@@ -88,7 +88,8 @@ def test_kept_states_and_normalizer_match_reference():
 
 
 def test_bfloat16_gates_and_noncontiguous_inputs():
-    """Gates in bf16 are read as fp32 (one conversion); a non-contiguous q is copied once."""
+    """Gates in bf16 are read as fp32 (one conversion); a transposed (non-contiguous) q view is
+    read through its strides."""
     rng = np.random.default_rng(3)
     host, ref = make_inputs(rng, 1, 2, 200, 64, 64, DTYPES["bf16"])
     i_bf, f_bf = host["i"].astype(DTYPES["bf16"]), host["f"].astype(DTYPES["bf16"])

@@ -71,7 +71,7 @@ def test_in_place_edit_after_forward_does_not_change_gradients(dt, normalizer_gr
         x = {n: cp.asarray(host[n]) for n in names}   # fresh device arrays, C-contiguous, kernel dtypes
         st = tfla_cupy.MLSTMState(x["C0"], x["n0"], x["m0"])
         _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), initial_state=st, chunk_size=64,
-                                        normalizer_grad=normalizer_grad)
+                                        normalizer_grad=normalizer_grad, copy_inputs=True)
         if edit:   # overwrite every input's bytes (0x3F..: finite in every dtype), stream-ordered
             for a in x.values():
                 cp.cuda.runtime.memsetAsync(a.data.ptr, 0x3F, a.nbytes, cp.cuda.get_current_stream().ptr)

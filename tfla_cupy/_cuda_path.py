@@ -5,8 +5,13 @@ Backward: [fwd_states again, unless the forward kept its states] -> bwd_dq -> bw
 bwd_dk, bwd_dv -> bwd_gates. Everything is launched on CuPy's current stream with no host
 synchronisation, so a warmed-up call can be captured in a CUDA graph.
 
-Inputs that are not C-contiguous (or not 16-byte aligned) are copied once; gates are read as
-float32 (other dtypes are converted, a copy of B·NH·S values).
+Sequence tensors are passed with their strides (tfla::Strides: batch, head, token, in
+elements), so both layouts and strided views are read in place: q, k, v and dh need a
+contiguous feature dimension and 16-byte aligned strides and data pointer, and are copied once
+otherwise; gates are read as float32 with any strides (other dtypes are converted, a copy of
+B·NH·S values). Outputs are allocated C-contiguous in the call's layout. Packed sequences
+(cu_seqlens) get their chunk table from seq_table_kernel on the device: nothing reads
+cu_seqlens on the host, and grids are sized by the host-known bound floor(S / L) + N chunks.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import numpy as np
 from . import _arrays, _loader
 from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
-from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, chunk_gates_kernel, chunk_kernel, gates_kernel, pick_config,
-                     state_kernels)
+from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
+                     gates_kernel, pick_config, seq_table_kernel, state_kernels)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
-_GATE_THREADS = 512   # kGateThreads in bwd_gates.cuh
-_CHUNK_GATE_THREADS = 128  # kChunkGateThreads in chunk_gates.cuh
+_GATE_THREADS = THREADS["tfla::kGateThreads"]
+_CHUNK_GATE_THREADS = THREADS["tfla::kChunkGateThreads"]
+_SEQ_TABLE_THREADS = THREADS["tfla::kSeqTableThreads"]
+_INT31 = 2 ** 31 - 1
 
 
 def _cdiv(a, b):
@@ -72,41 +79,127 @@ def _state_f32(state, problem):
     return C0, n0, m0
 
 
-def _gpu_inputs(problem, arrays, state):
+def _token_axes(layout):
+    """(batch, head, token) axes of a sequence tensor in ``layout``."""
+    return (0, 1, 2) if layout == "bhsd" else (0, 2, 1)
+
+
+def _strides(x, layout):
+    """Element strides (batch, head, token) of a sequence tensor of ``layout``."""
+    e = x.itemsize
+    return tuple(x.strides[a] // e for a in _token_axes(layout))
+
+
+def _readable_in_place(x, layout):
+    """Whether the kernels can read the token rows of x where they are: contiguous feature
+    dimension, every other stride and the data pointer 16-byte aligned, token stride < 2^31."""
+    e = x.itemsize
+    tok = x.strides[_token_axes(layout)[2]] // e
+    return (x.strides[3] == e and all(st % 16 == 0 for st in x.strides[:3]) and x.data.ptr % 16 == 0
+            and abs(tok) <= _INT31)
+
+
+def _sequence_operand(x, layout, dtype=None):
+    """A q / k / v / dh operand: the array itself when the kernels can read it in place,
+    otherwise one C-contiguous copy (of ``dtype``)."""
+    cp = _arrays.cupy_module()
+    if dtype is not None and x.dtype != dtype:
+        x = x.astype(dtype)
+    if not _readable_in_place(x, layout):
+        x = cp.ascontiguousarray(x)
+        if x.data.ptr % 16:
+            x = x.copy()
+    return x
+
+
+def _gate_operand(x):
+    """A gate operand: float32 with any strides (a copy only to convert the dtype)."""
+    return x if x.dtype == _F32 and all(s % 4 == 0 for s in x.strides) else _operand(x, _F32)
+
+
+def _gpu_inputs(problem, arrays, state, *, sequence=True):
     """GPU-specific checks, then the kernel operands: (mma, device, (q, k, v, i32, f32), (C0, n0, m0)).
-    q, k, v are made contiguous and aligned; gates and states are float32. Runs under `device`."""
+    Sequence calls read q, k, v in place where possible; the step kernel takes contiguous,
+    aligned operands. Gates and states are float32. Runs under `device`."""
     q, k, v, i, f = arrays
     mma = _mma(problem)
     _check_head_dims(problem.DK, problem.DV)
-    device = _same_device(dict(q=q, k=k, v=v, i=i, f=f, **({} if state is None else state._asdict())))
+    cu = problem.cu_seqlens if _arrays.kind_of(problem.cu_seqlens) == "cuda" else None
+    device = _same_device(dict(q=q, k=k, v=v, i=i, f=f, cu_seqlens=cu,
+                               **({} if state is None else state._asdict())))
     with device:
-        operands = (_operand(q), _operand(k), _operand(v), _operand(i, _F32), _operand(f, _F32))
+        lay = problem.layout
+        if sequence:
+            operands = (_sequence_operand(q, lay), _sequence_operand(k, lay), _sequence_operand(v, lay),
+                        _gate_operand(i), _gate_operand(f))
+        else:
+            operands = (_operand(q), _operand(k), _operand(v), _operand(i, _F32), _operand(f, _F32))
         return mma, device, operands, _state_f32(state, problem)
 
 
-class _Launch:
-    """Grids of one problem under one config."""
+def _seq_table(problem):
+    """Stage −1 (packed sequences only): the int32 table [token offsets | first chunk slots |
+    sequence of each chunk slot] built on the device from cu_seqlens (coords.cuh). No host
+    synchronisation: a NumPy cu_seqlens is uploaded, a CuPy one read by the kernel."""
+    cp = _arrays.cupy_module()
+    p = problem
+    cu = p.cu_seqlens
+    cu = cp.ascontiguousarray(cp.asarray(cu))
+    NC = p.S // p.chunk_size + p.NSEQ
+    table = cp.empty(2 * (p.NSEQ + 1) + NC, np.int32)
+    params = make_params(cu_seqlens=cu, seq_table=table, S=p.S, L=p.chunk_size, NC=NC, NSEQ=p.NSEQ)
+    _loader.get_kernel(seq_table_kernel(cu.dtype))(1, _SEQ_TABLE_THREADS, params)
+    return cu, table
 
-    def __init__(self, problem, cfg, mma):
-        self.p, self.cfg, self.mma = problem, cfg, mma
-        self.gate = GATE_POLICY[(problem.gate, problem.normalize)]
+
+class _Launch:
+    """Grids of one problem under one config, and the geometry every launch shares: sizes,
+    chunk slots, the sequence table and the strides of the sequence tensors."""
+
+    def __init__(self, problem, cfg, mma, seq_table=None):
+        p = problem
+        self.p, self.cfg, self.mma = p, cfg, mma
+        self.gate = GATE_POLICY[(p.gate, p.normalize)]
         self.e = ELEMENT_BYTES[mma]
-        self.BH = problem.B * problem.NH
-        self.NC = _cdiv(problem.S, problem.chunk_size)
+        self.BH = p.B * p.NH
+        L = p.chunk_size
+        # chunk slots per batch·head: ceil(S / L), or the bound floor(S / L) + N of packed input
+        self.NC = p.S // L + p.NSEQ if p.varlen else _cdiv(p.S, L)
+        self.NM = self.NC + (p.NSEQ if p.varlen else 1)  # m-state slots per batch·head
+        self.seq_table = seq_table
+        self.geometry = dict(BH=self.BH, S=p.S, DK=p.DK, DV=p.DV, L=L, NC=self.NC, NH=p.NH, NSEQ=p.NSEQ, NM=self.NM,
+                             seq_table=seq_table, scale=p.scale, eps=p.eps)
+
+    def strides(self, **named):
+        """{st_<name>: (batch, head, token) element strides} of sequence tensors in the call's layout
+        (N and M are internal and always (B, NH, S))."""
+        out = {}
+        for name, x in named.items():
+            if x is None:
+                continue
+            layout = "bhsd" if name in ("N", "M") else self.p.layout
+            out[f"st_{name}"] = _strides(x, layout)
+        return out
+
+    def params(self, **fields):
+        """make_params with the shared geometry and the strides of every sequence tensor given."""
+        seq = {n: fields.get(n) for n in ("q", "k", "v", "i", "f", "h", "dh", "dq", "dk", "dv", "di", "df", "N", "M")}
+        return make_params(**self.geometry, **self.strides(**seq), **fields)
 
     def gate_vectors(self, i32, f32):
         """Stage 0: the per-chunk log-gate vectors (chunk-aligned) every later stage reads."""
         cp = _arrays.cupy_module()
-        p, L = self.p, self.p.chunk_size
+        L = self.p.chunk_size
         g = dict(gate_a=cp.empty((self.BH, self.NC, L), _F32), gate_b=cp.empty((self.BH, self.NC, L), _F32),
                  gate_g=cp.empty((self.BH, self.NC), _F32), gate_amax=cp.empty((self.BH, self.NC), _F32))
-        params = make_params(i=i32, f=f32, BH=self.BH, S=p.S, L=L, NC=self.NC, **g)
-        _loader.get_kernel(chunk_gates_kernel(self.gate))(self.NC * self.BH, _CHUNK_GATE_THREADS, params, 24 * L)
+        params = self.params(i=i32, f=f32, **g)
+        _loader.get_kernel(chunk_gates_kernel(self.gate))(self.NC * self.BH, _CHUNK_GATE_THREADS, params,
+                                                          chunk_gates_smem_bytes(L))
         return g
 
     def states(self, kind, params):
         t, p = self.cfg.states, self.p
-        grid = _cdiv(p.DK, t.bk) * _cdiv(p.DV, t.bv) * self.BH
+        grid = _cdiv(p.DK, t.bk) * _cdiv(p.DV, t.bv) * p.NSEQ * p.NH
         name = state_kernels(self.mma, self.gate, t)[kind]
         _loader.get_kernel(name)(grid, t.threads, params, t.smem_bytes(self.e, p.chunk_size))
 
@@ -116,6 +209,9 @@ class _Launch:
         grid = _cdiv(DZ, t.bn) * _cdiv(p.chunk_size, t.bm) * self.NC * self.BH
         name = chunk_kernel(f"{kind}_kernel", self.mma, self.gate, t)
         _loader.get_kernel(name)(grid, t.threads, params, t.smem_bytes(self.e, p.chunk_size))
+
+    def gates_grad(self, params):
+        _loader.get_kernel(gates_kernel(self.gate))(self.p.NSEQ * self.p.NH, _GATE_THREADS, params)
 
     def parts(self, kind):
         return _cdiv(self.p.DK, getattr(self.cfg, kind).bn)
@@ -146,10 +242,11 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
     shapes and dtypes below). ``copy_saved=False`` lets the context alias the inputs (for callers
     that never run the backward, or whose inputs are immutable)."""
     cp = _arrays.cupy_module()
-    if out is not None:
+    if out is not None and "C_last" in out:  # the last state into the caller's buffers (out_state)
         from ._step_plan import check_disjoint, check_state_buffers
-        check_state_buffers("out_state", out, problem)
-        check_disjoint(out, state)
+        last = MLSTMState(out["C_last"], out.get("n_last"), out.get("m_last"))
+        check_state_buffers("out_state", last, problem)
+        check_disjoint(last, state)
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
     with device:
         if copy_saved:
@@ -157,28 +254,31 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
             if state is not None:
                 C0, n0, m0 = (_private(x, u) for x, u in zip((C0, n0, m0), state))
         cfg = _config(problem, mma, device)
-        run = _Launch(problem, cfg, mma)
-        p, BH, NC = problem, run.BH, run.NC
+        p = problem
+        cu, table = _seq_table(p) if p.varlen else (None, None)
+        run = _Launch(p, cfg, mma, table)
+        BH, NC = run.BH, run.NC
         shape = (p.B, p.NH)
-        h = _out(out, "h", lambda: cp.empty(shape + (p.S, p.DV), p.dtype))
+        states = (p.NSEQ, p.NH)
+        h = _out(out, "h", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
         N = _out(out, "N", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_n else None
         M = _out(out, "M", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_m else None
         C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
         n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n else None
-        m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
-        C_last = _out(out, "C_last", lambda: cp.empty(shape + (p.DK, p.DV), _F32))
-        n_last = _out(out, "n_last", lambda: cp.empty(shape + (p.DK,), _F32)) if p.has_n else None
-        m_last = _out(out, "m_last", lambda: cp.empty(shape, _F32)) if p.has_m else None
+        m_states = cp.empty((BH, run.NM), _F32) if p.has_m else None
+        C_last = _out(out, "C_last", lambda: cp.empty(states + (p.DK, p.DV), _F32))
+        n_last = _out(out, "n_last", lambda: cp.empty(states + (p.DK,), _F32)) if p.has_n else None
+        m_last = _out(out, "m_last", lambda: cp.empty(states, _F32)) if p.has_m else None
         gates = run.gate_vectors(i32, f32)
-        params = make_params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
-                             n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
-                             BH=BH, S=p.S, DK=p.DK, DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps,
-                             **gates)
+        params = run.params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
+                            n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
+                            **gates)
         run.states("fwd_states_kernel", params)
         run.chunk("fwd_h", params)
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
                  C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
-                 dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=cfg, device=device.id)
+                 dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=cfg, device=device.id,
+                 cu_seqlens=cu, seq_table=table)
     return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
 
 
@@ -191,44 +291,44 @@ def backward(ctx, dh, dC_last, *, out=None):
     if dh.device.id != device.id or (dC_last is not None and dC_last.device.id != device.id):
         raise ValueError(f"dh, d_state: expected arrays on GPU {device.id}, where the forward ran")
     with device:
-        run = _Launch(p, s["cfg"], s["mma"])
+        run = _Launch(p, s["cfg"], s["mma"], s["seq_table"])
         BH, NC = run.BH, run.NC
-        dh = _operand(dh, p.dtype)
+        dh = _sequence_operand(dh, p.layout, p.dtype)
         dC_last = None if dC_last is None else _operand(dC_last)
         common = dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"],
-                      N=s["N"], M=s["M"], dh=dh, dC_last=dC_last, C_last=s["C_last"], BH=BH, S=p.S, DK=p.DK,
-                      DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale, eps=p.eps, **s["gates"])
+                      N=s["N"], M=s["M"], dh=dh, dC_last=dC_last, C_last=s["C_last"], **s["gates"])
         C_states, m_states = s["C_states"], s["m_states"]
         if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
             C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
-            m_states = cp.empty((BH, NC + 1), _F32) if p.has_m else None
-            recompute = make_params(**{**common, "C_last": None}, C_states=C_states, m_states=m_states)
+            m_states = cp.empty((BH, run.NM), _F32) if p.has_m else None
+            recompute = run.params(**{**common, "C_last": None}, C_states=C_states, m_states=m_states)
             run.states("fwd_states_kernel", recompute)
-        dq = _out(out, "dq", lambda: cp.empty_like(s["q"]))
+        dq = _out(out, "dq", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         qdq = cp.empty((run.parts("bwd_dq"), BH, p.S), _F32)
-        run.chunk("bwd_dq", make_params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
+        run.chunk("bwd_dq", run.params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
         del C_states  # dq was its last reader (unless the forward keeps it)
 
         dC_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
-        dC0 = _out(out, "dC0", lambda: cp.empty((p.B, p.NH, p.DK, p.DV), _F32)) if p.has_initial_state else None
-        run.states("bwd_dstates_kernel", make_params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0))
-        dk, dv = _out(out, "dk", lambda: cp.empty_like(s["k"])), _out(out, "dv", lambda: cp.empty_like(s["v"]))
+        dC0 = _out(out, "dC0", lambda: cp.empty((p.NSEQ, p.NH, p.DK, p.DV), _F32)) if p.has_initial_state else None
+        run.states("bwd_dstates_kernel", run.params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0))
+        dk = _out(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
+        dv = _out(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
         kdk = cp.empty((run.parts("bwd_dk"), BH, p.S), _F32)
-        params = make_params(**common, m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=kdk)
+        params = run.params(**common, m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=kdk)
         run.chunk("bwd_dk", params)
         run.chunk("bwd_dv", params)
         del dC_states
 
-        di = _out(out, "di", lambda: cp.empty((p.B, p.NH, p.S), _F32))
-        df = _out(out, "df", lambda: cp.empty((p.B, p.NH, p.S), _F32))
-        gp = make_params(**common, qdq=qdq, kdk=kdk, di=di, df=df, qdq_parts=qdq.shape[0], kdk_parts=kdk.shape[0])
-        _loader.get_kernel(gates_kernel(run.gate))(BH, _GATE_THREADS, gp)
+        di = _out(out, "di", lambda: cp.empty(p.seq_shape(), _F32))
+        df = _out(out, "df", lambda: cp.empty(p.seq_shape(), _F32))
+        run.gates_grad(run.params(**common, qdq=qdq, kdk=kdk, di=di, df=df, qdq_parts=qdq.shape[0],
+                                  kdk_parts=kdk.shape[0]))
         di_dtype, df_dtype = s["dtypes"]
         di, df = di.astype(di_dtype, copy=False), df.astype(df_dtype, copy=False)
         d_initial = None
         if p.has_initial_state:
-            d_initial = MLSTMState(dC0, cp.zeros((p.B, p.NH, p.DK), _F32) if p.has_n else None,
-                                   cp.zeros((p.B, p.NH), _F32) if p.has_m else None)
+            d_initial = MLSTMState(dC0, cp.zeros((p.NSEQ, p.NH, p.DK), _F32) if p.has_n else None,
+                                   cp.zeros((p.NSEQ, p.NH), _F32) if p.has_m else None)
     return MLSTMGrads(dq, dk, dv, di, df, d_initial)
 
 
@@ -241,7 +341,7 @@ def step(problem, arrays, state, out=None, indices=None, *, h_out=None):
         check_state_buffers("state", state, problem)   # updated in place: never copied
     if out is not None:
         check_state_buffers("out_state", out, problem)
-    mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state)
+    mma, device, (q, k, v, i32, f32), (C0, n0, m0) = _gpu_inputs(problem, arrays, state, sequence=False)
     cp = _arrays.cupy_module()
     with device:
         p = problem
@@ -276,9 +376,8 @@ def segment_summary(problem, arrays, state, *, empty_m=None):
         n_last = cp.empty(shape + (p.DK,), _F32) if p.has_n else None
         m_last = cp.empty(shape, _F32) if p.has_m else None
         gates = run.gate_vectors(i32, f32)
-        run.states("fwd_states_kernel", make_params(k=k, v=v, C0=C0, n0=n0, m0=m0, C_last=C_last, n_last=n_last,
-                                                    m_last=m_last, BH=run.BH, S=p.S, DK=p.DK, DV=p.DV,
-                                                    L=p.chunk_size, NC=run.NC, **gates))
+        run.states("fwd_states_kernel", run.params(k=k, v=v, C0=C0, n0=n0, m0=m0, C_last=C_last, n_last=n_last,
+                                                   m_last=m_last, **gates))
         G = gates["gate_g"].sum(axis=1, dtype=cp.float64).reshape(shape)
     return MLSTMState(C_last, n_last, m_last), G
 
@@ -290,20 +389,19 @@ def initial_state_grad(ctx, dh, dC_last):
     cp = _arrays.cupy_module()
     p, s = ctx.problem, ctx.saved
     with cp.cuda.Device(s["device"]):
-        run = _Launch(p, s["cfg"], s["mma"])
+        run = _Launch(p, s["cfg"], s["mma"], s.get("seq_table"))
         BH, NC = run.BH, run.NC
         common = dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"],
-                      N=s["N"], M=s["M"], BH=BH, S=p.S, DK=p.DK, DV=p.DV, L=p.chunk_size, NC=NC, scale=p.scale,
-                      eps=p.eps, **s["gates"])
+                      N=s["N"], M=s["M"], **s["gates"])
         m_states = s["m_states"]
         if p.has_m and m_states is None:
-            m_states = cp.empty((BH, NC + 1), _F32)
-            run.states("fwd_states_kernel", make_params(**common, m_states=m_states))
-        dC0 = cp.empty((p.B, p.NH, p.DK, p.DV), _F32)
+            m_states = cp.empty((BH, run.NM), _F32)
+            run.states("fwd_states_kernel", run.params(**common, m_states=m_states))
+        dC0 = cp.empty((p.NSEQ, p.NH, p.DK, p.DV), _F32)
         scratch = cp.empty((BH, NC, p.DK, p.DV), p.dtype)  # the kernel also writes every dC^(c)
-        run.states("bwd_dstates_kernel", make_params(**common, dh=_operand(dh, p.dtype),
-                                                     dC_last=None if dC_last is None else _operand(dC_last),
-                                                     m_states=m_states, dC_states=scratch, dC0=dC0))
+        run.states("bwd_dstates_kernel", run.params(**common, dh=_sequence_operand(dh, p.layout, p.dtype),
+                                                    dC_last=None if dC_last is None else _operand(dC_last),
+                                                    m_states=m_states, dC_states=scratch, dC0=dC0))
     return dC0
 
 
@@ -316,5 +414,6 @@ def context(problem, arrays, state, N, M, C_last):
         cfg = _config(problem, mma, device)
         gates = _Launch(problem, cfg, mma).gate_vectors(i32, f32)
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
-                 C_states=None, m_states=None, dtypes=(_F32, _F32), mma=mma, cfg=cfg, device=device.id)
+                 C_states=None, m_states=None, dtypes=(_F32, _F32), mma=mma, cfg=cfg, device=device.id,
+                 cu_seqlens=None, seq_table=None)
     return MLSTMContext("cuda", problem, saved)

@@ -1,4 +1,7 @@
-"""The NumPy path: float64 reference arithmetic, results in the input dtypes."""
+"""The NumPy path: float64 reference arithmetic, results in the input dtypes and layout.
+
+The (B, S, NH, D) layout is a transpose to (B, NH, S, D) and back; packed sequences
+(cu_seqlens) run the reference once per sequence, each with its own initial state."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def _f64_copy(x):
 
 def _initial(problem, state, convert=_f64):
     """Initial states in float64; zeros where absent (m_0 = 0, docs/math.md §1.1)."""
-    B, NH, DK, DV = problem.B, problem.NH, problem.DK, problem.DV
+    B, NH, DK, DV = problem.NSEQ, problem.NH, problem.DK, problem.DV
     C0 = np.zeros((B, NH, DK, DV))
     n0 = np.zeros((B, NH, DK))
     m0 = np.zeros((B, NH))
@@ -41,24 +44,58 @@ def _public_state(problem, C, n, m):
 _QUIET = dict(invalid="ignore", over="ignore", divide="ignore", under="ignore")
 
 
+def _bhsd(problem, x):
+    """A sequence tensor in (B, NH, S, ...) order (a view); the same call converts back."""
+    return np.swapaxes(x, 1, 2) if problem.layout == "bshd" else x
+
+
+def _segments(problem):
+    """The token slices of the sequences: one of length S, or those of cu_seqlens (B = 1)."""
+    if not problem.varlen:
+        return None
+    cu = np.asarray(problem.cu_seqlens, dtype=np.int64)
+    return [slice(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:])]
+
+
+def _per_sequence(problem, fn, seqs, states):
+    """fn(sequence tensors, states) per sequence; results concatenated (tokens along S, the
+    sequence axis 2 in (B, NH, S, ...), states along axis 0)."""
+    segments = _segments(problem)
+    if segments is None:
+        return fn(seqs, states)
+    outs = [fn([None if x is None else x[:, :, sl] for x in seqs],
+               [None if x is None else x[j:j + 1] for x in states])
+            for j, sl in enumerate(segments)]
+    return outs
+
+
 @np.errstate(**_QUIET)
 def forward(problem, arrays, state, *, out=None, copy_saved=True):
     convert = _f64_copy if copy_saved else _f64
-    q, k, v, i, f = (convert(x) for x in arrays)
-    C0, n0, m0 = _initial(problem, state, convert)
-    h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=problem.gate,
-                                       normalize=problem.normalize, L=problem.chunk_size,
-                                       eps=problem.eps, scale=problem.scale)
-    last = _public_state(problem, C[..., -1, :, :], n[..., -1, :], m[..., -1])
+    p = problem
+    q, k, v, i, f = (convert(_bhsd(p, x)) for x in arrays)
+    C0, n0, m0 = _initial(p, state, convert)
+
+    def run(seqs, init):
+        h, N, M, (C, n, m) = chunkwise.fwd(*seqs, *init, gate=p.gate, normalize=p.normalize, L=p.chunk_size,
+                                           eps=p.eps, scale=p.scale)
+        return h, N, M, (C[..., -1, :, :], n[..., -1, :], m[..., -1])
+
+    res = _per_sequence(p, run, [q, k, v, i, f], [C0, n0, m0])
+    if p.varlen:
+        h, N, M = (np.concatenate([o[j] for o in res], axis=2) for j in range(3))
+        C, n, m = (np.concatenate([o[3][j] for o in res], axis=0) for j in range(3))
+    else:
+        h, N, M, (C, n, m) = res
+    last = _public_state(p, C, n, m)
     dtypes = tuple(x.dtype for x in arrays)
-    ctx = MLSTMContext("numpy", problem, dict(inputs=(q, k, v, i, f), initial=(C0, n0, m0),
-                                               dtypes=dtypes, N=N, M=M))
+    ctx = MLSTMContext("numpy", p, dict(inputs=(q, k, v, i, f), initial=(C0, n0, m0), dtypes=dtypes, N=N, M=M))
     if out is not None:  # the caller's buffers receive the last state
         for dst, src in zip((out["C_last"], out["n_last"], out["m_last"]), last):
             if dst is not None:
                 dst[...] = src
-        last = _public_state(problem, out["C_last"], out["n_last"], out["m_last"])
-    return h.astype(problem.dtype), last, ctx
+        last = _public_state(p, out["C_last"], out["n_last"], out["m_last"])
+    return _bhsd(p, h).astype(p.dtype, order="C"), last, ctx
 
 
 @np.errstate(**_QUIET)
@@ -67,9 +104,22 @@ def backward(ctx, dh, dC_last):
     q, k, v, i, f = ctx.saved["inputs"]
     C0, n0, m0 = ctx.saved["initial"]
     dC_last = None if dC_last is None else _f64(dC_last)
-    grads = chunkwise.bwd(q, k, v, i, f, C0, n0, m0, _f64(dh), dC_last, gate=p.gate,
-                          normalize=p.normalize, L=p.chunk_size, eps=p.eps, scale=p.scale)
-    dq, dk, dv, di, df, dC0 = (g.astype(dt) for g, dt in zip(grads, ctx.saved["dtypes"] + (np.float64,)))
+
+    def run(seqs, init):
+        *x, dh_j = seqs
+        C0_j, n0_j, m0_j, dC_j = init
+        return chunkwise.bwd(*x, C0_j, n0_j, m0_j, dh_j, dC_j, gate=p.gate, normalize=p.normalize,
+                             L=p.chunk_size, eps=p.eps, scale=p.scale)
+
+    out = _per_sequence(p, run, [q, k, v, i, f, _f64(_bhsd(p, dh))], [C0, n0, m0, dC_last])
+    if p.varlen:
+        grads = [np.concatenate([o[j] for o in out], axis=2 if j < 5 else 0) for j in range(6)]
+    else:
+        grads = out
+    dq, dk, dv, di, df = (_bhsd(p, g) for g in grads[:5])
+    dC0 = grads[5]
+    dq, dk, dv, di, df, dC0 = (g.astype(dt, order="C") for g, dt in zip((dq, dk, dv, di, df, dC0),
+                                                             ctx.saved["dtypes"] + (np.float64,)))
     d_initial = None
     if p.has_initial_state:
         d_initial = _public_state(p, dC0, np.zeros_like(n0), np.zeros_like(m0))

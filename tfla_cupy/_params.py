@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 _PTR, _INT, _FLOAT = np.uint64, np.int32, np.float32
+#: tfla::Strides: element strides (batch, head, token) of one sequence tensor
+STRIDES_DTYPE = np.dtype([("b", np.int64), ("h", np.int64), ("t", np.int64)], align=True)
+#: The sequence tensors, each with a Strides field ``st_<name>``.
+SEQUENCE_TENSORS = ("q", "k", "v", "i", "f", "h", "dh", "dq", "dk", "dv", "di", "df", "N", "M")
 
 FIELDS = (
     ("q", _PTR), ("k", _PTR), ("v", _PTR), ("i", _PTR), ("f", _PTR),
@@ -20,7 +24,10 @@ FIELDS = (
     ("dh", _PTR), ("dC_last", _PTR), ("dC_states", _PTR),
     ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("di", _PTR), ("df", _PTR), ("dC0", _PTR),
     ("qdq", _PTR), ("kdk", _PTR),
+    ("cu_seqlens", _PTR), ("seq_table", _PTR),
+    *((f"st_{n}", STRIDES_DTYPE) for n in SEQUENCE_TENSORS),
     ("BH", _INT), ("S", _INT), ("DK", _INT), ("DV", _INT), ("L", _INT), ("NC", _INT),
+    ("NH", _INT), ("NSEQ", _INT), ("NM", _INT),
     ("qdq_parts", _INT), ("kdk_parts", _INT),
     ("scale", _FLOAT), ("eps", _FLOAT),
 )
@@ -31,7 +38,8 @@ _POINTERS = {n for n, t in FIELDS if t is _PTR}
 
 def make_params(**values):
     """A one-element structured array (passed by value to the kernels). Arrays become their
-    device pointers, None becomes a null pointer, omitted fields are zero."""
+    device pointers, None becomes a null pointer, strides are (batch, head, token) triples in
+    elements, omitted fields are zero."""
     unknown = set(values) - set(PARAMS_DTYPE.names)
     if unknown:
         raise KeyError(f"unknown Params fields: {sorted(unknown)}")

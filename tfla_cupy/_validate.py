@@ -11,9 +11,10 @@ import numpy as np
 
 from . import _arrays
 from ._types import MLSTMContext, MLSTMState
+from .reference.gates import GATE_SPECS, GATES  # the one gate specification
 
-GATES = ("exp", "sig")
 PRECISIONS = ("default", "tf32")
+LAYOUTS = ("bhsd", "bshd")
 MIN_CHUNK, MAX_CHUNK = 16, 1024
 
 
@@ -38,10 +39,22 @@ class Problem:
     config: Any = None      # a KernelConfig override, or None for the heuristic
     keep_states: bool = False
     normalizer_grad: bool = False   # the exact gradient through N (docs/math.md §6.6); only with normalize
+    layout: str = "bhsd"    # "bhsd": q (B, NH, S, DK), gates (B, NH, S); "bshd": q (B, S, NH, DK), gates (B, S, NH)
+    cu_seqlens: Any = None  # packed sequences: NSEQ + 1 offsets (NumPy or CuPy int32 / int64), or None
+    NSEQ: int = 0           # sequences: B, or len(cu_seqlens) − 1
+
+    @property
+    def varlen(self):
+        return self.cu_seqlens is not None
+
+    def seq_shape(self, D=None):
+        """Shape of a sequence tensor in this call's layout: (B, NH, S[, D]) or (B, S, NH[, D])."""
+        dims = (self.B, self.NH, self.S) if self.layout == "bhsd" else (self.B, self.S, self.NH)
+        return dims if D is None else dims + (D,)
 
     @property
     def stabilized(self):
-        return self.gate == "exp"
+        return GATE_SPECS[self.gate].stabilized
 
     @property
     def has_n(self):
@@ -49,7 +62,7 @@ class Problem:
 
     @property
     def has_m(self):
-        return self.gate == "exp"
+        return GATE_SPECS[self.gate].stabilized
 
 
 def _shape_str(shape):
@@ -93,9 +106,10 @@ def check_options(*, gate, normalize, eps, scale, chunk_size, precision, DK):
     if gate not in GATES:
         raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
     _check_bool("normalize", normalize)
-    if gate == "exp" and not normalize:
-        raise ValueError("normalize: normalize=False is only defined for gate='sig' (the exp variant's "
-                         "numerator is in stabilizer-dependent units); got gate='exp', normalize=False")
+    if bool(normalize) not in GATE_SPECS[gate].normalize_values:
+        where = " or ".join(f"gate={g!r}" for g, sp in GATE_SPECS.items() if bool(normalize) in sp.normalize_values)
+        raise ValueError(f"normalize: normalize={bool(normalize)} is only defined for {where} (the exp variant's "
+                         f"numerator is in stabilizer-dependent units); got gate={gate!r}, normalize={bool(normalize)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps: expected a positive real number, got {eps!r}")
     if not _finite_positive(eps):
@@ -117,23 +131,80 @@ def check_options(*, gate, normalize, eps, scale, chunk_size, precision, DK):
     return float(eps), float(scale)
 
 
+_SEQ_DOC = {"bhsd": ("(B, NH, S, {})", "(B, NH, S)"), "bshd": ("(B, S, NH, {})", "(B, S, NH)")}
+
+
+def check_layout(layout):
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {_short(layout)}")
+
+
+def check_cu_seqlens(cu_seqlens, *, B, S, kind):
+    """Validate packed-sequence offsets. Returns (cu_seqlens as an array, number of sequences).
+
+    Shape and dtype are always checked; the values (0 first, strictly increasing, S last) are
+    checked when they are on the host. A CuPy cu_seqlens on the GPU path is not read by the
+    host (that would synchronise): the device table clamps it so that no kernel leaves its
+    buffers, but wrong offsets give wrong results."""
+    k = _arrays.kind_of(cu_seqlens)
+    if isinstance(cu_seqlens, (list, tuple)):
+        cu_seqlens, k = np.asarray(cu_seqlens), "numpy"
+        if cu_seqlens.dtype.kind == "i":
+            cu_seqlens = cu_seqlens.astype(np.int64)
+    elif k in ("dlpack-cpu", "dlpack-cuda"):
+        cu_seqlens, k = _arrays._convert("cu_seqlens", cu_seqlens, k)
+    if k not in ("numpy", "cuda"):
+        raise TypeError(f"cu_seqlens: expected None or a 1-d int32 / int64 NumPy or CuPy array, "
+                        f"got {type(cu_seqlens).__name__}")
+    if cu_seqlens.ndim != 1:
+        raise ValueError(f"cu_seqlens: expected a 1-d array of N + 1 offsets, got shape {_shape_str(cu_seqlens.shape)}")
+    if np.dtype(cu_seqlens.dtype) not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {_arrays.dtype_name(cu_seqlens.dtype)}")
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens: expected N + 1 >= 2 offsets (at least one sequence), got {cu_seqlens.shape[0]}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens: packed sequences need B = 1 (all sequences along S of one batch entry), "
+                         f"got B = {B}")
+    if k == "cuda" and kind == "numpy":
+        cu_seqlens, k = _arrays.cupy_module().asnumpy(cu_seqlens), "numpy"
+    if k == "numpy":
+        cu = np.asarray(cu_seqlens, dtype=np.int64)
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
+        steps = np.diff(cu)
+        if np.any(steps <= 0):
+            j = int(np.argmax(steps <= 0))
+            raise ValueError(f"cu_seqlens: expected strictly increasing offsets, got cu_seqlens[{j}] = {int(cu[j])} "
+                             f"and cu_seqlens[{j + 1}] = {int(cu[j + 1])}")
+        if cu[-1] != S:
+            raise ValueError(f"cu_seqlens: expected cu_seqlens[-1] == S = {S} (the packed length), got {int(cu[-1])}")
+    return cu_seqlens, cu_seqlens.shape[0] - 1
+
+
 def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_state,
-           precision="default", config=None, keep_states=False, normalizer_grad=False):
+           precision="default", config=None, keep_states=False, normalizer_grad=False, layout="bhsd",
+           cu_seqlens=None):
     """Validate a sequence call. Returns (Problem, (q, k, v, i, f), initial_state) with the
     arrays converted to the call's array module (DLPack producers become CuPy or NumPy arrays)."""
+    check_layout(layout)
     arrays = _arrays.to_common_module(dict(q=q, k=k, v=v, i=i, f=f))
     kind = arrays.pop("_kind")
     q, k, v, i, f = (arrays[n] for n in "qkvif")
-    _check_rank_and_dtype("q", q, 4, "(B, NH, S, DK)")
-    B, NH, S, DK = q.shape
-    _check_rank_and_dtype("k", k, 4, "(B, NH, S, DK)")
-    _check_shape("k", k, (B, NH, S, DK), "(B, NH, S, DK) to match q")
-    _check_rank_and_dtype("v", v, 4, "(B, NH, S, DV)")
+    tok, gates_doc = _SEQ_DOC[layout]
+    _check_rank_and_dtype("q", q, 4, tok.format("DK"))
+    if layout == "bhsd":
+        B, NH, S, DK = q.shape
+    else:
+        B, S, NH, DK = q.shape
+    seq = (B, NH, S) if layout == "bhsd" else (B, S, NH)
+    _check_rank_and_dtype("k", k, 4, tok.format("DK"))
+    _check_shape("k", k, seq + (DK,), tok.format("DK") + " to match q")
+    _check_rank_and_dtype("v", v, 4, tok.format("DV"))
     DV = v.shape[3]
-    _check_shape("v", v, (B, NH, S, DV), "(B, NH, S, DV) to match q's B, NH, S")
+    _check_shape("v", v, seq + (DV,), tok.format("DV") + " to match q's B, NH, S")
     for name, g in (("i", i), ("f", f)):
-        _check_rank_and_dtype(name, g, 3, "(B, NH, S)")
-        _check_shape(name, g, (B, NH, S), "(B, NH, S) to match q")
+        _check_rank_and_dtype(name, g, 3, gates_doc)
+        _check_shape(name, g, seq, gates_doc + " to match q")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name}: expected the dtype of q ({_arrays.dtype_name(q.dtype)}), "
@@ -142,10 +213,16 @@ def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_st
                                chunk_size=chunk_size, precision=precision, DK=DK)
     _check_bool("keep_states", keep_states)
     _check_bool("normalizer_grad", normalizer_grad)
+    if normalizer_grad and normalize and (layout != "bhsd" or cu_seqlens is not None):
+        got = f"layout={layout!r}" if layout != "bhsd" else "cu_seqlens"
+        raise ValueError(f"normalizer_grad: True is supported with layout='bhsd' and no cu_seqlens, got {got}")
     if config is not None:
         from .config import KernelConfig
         if not isinstance(config, KernelConfig):
             raise TypeError(f"config: expected None or a tfla_cupy.KernelConfig, got {type(config).__name__}")
+    NSEQ = B
+    if cu_seqlens is not None:
+        cu_seqlens, NSEQ = check_cu_seqlens(cu_seqlens, B=B, S=S, kind=kind)
     if chunk_size is None:
         from .config import default_chunk_size
         chunk_size = default_chunk_size(S)
@@ -153,7 +230,8 @@ def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_st
                       normalize=bool(normalize), eps=eps, scale=scale, chunk_size=int(chunk_size),
                       has_initial_state=initial_state is not None, precision=precision,
                       config=config, keep_states=bool(keep_states),
-                      normalizer_grad=bool(normalizer_grad) and bool(normalize))
+                      normalizer_grad=bool(normalizer_grad) and bool(normalize), layout=layout,
+                      cu_seqlens=cu_seqlens, NSEQ=NSEQ)
     state = None
     if initial_state is not None:
         state = state_arg("initial_state", initial_state, problem)
@@ -177,8 +255,9 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None, pool=Fals
     p = problem
     require_n = p.has_n if require_n is None else require_n
     require_m = p.has_m if require_m is None else require_m
-    B, NH, DK, DV = p.B, p.NH, p.DK, p.DV
-    lead = "B"
+    # one state per sequence: B of them, or N with cu_seqlens (a pool: P, from C)
+    B, NH, DK, DV = p.NSEQ, p.NH, p.DK, p.DV
+    lead = "N" if p.varlen else "B"
     if pool:
         C = _arrays.to_module(f"{name}.C", C, p.kind)
         if C.ndim != 4 or C.shape[0] < 1:
@@ -203,7 +282,8 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None, pool=Fals
             raise TypeError(f"{full}: expected a floating dtype (float16, bfloat16, float32 or float64), "
                             f"got {_arrays.dtype_name(x.dtype)}")
         if tuple(x.shape) != shape:
-            raise ValueError(f"{full}: expected shape {_shape_str(shape)} {doc}, got {_shape_str(x.shape)}")
+            why = " (one state per cu_seqlens sequence)" if p.varlen else ""
+            raise ValueError(f"{full}: expected shape {_shape_str(shape)} {doc}{why}, got {_shape_str(x.shape)}")
         if state_dtype is not None and x.dtype != state_dtype:
             raise TypeError(f"{full}: the GPU path keeps states in float32, got {_arrays.dtype_name(x.dtype)}")
         out[key] = x
@@ -217,9 +297,10 @@ def backward_args(ctx, dh, d_state):
         raise TypeError(f"ctx: expected the context returned by mlstm_fwd, got {type(ctx).__name__}")
     p = ctx.problem
     dh = _arrays.to_module("dh", dh, p.kind, ctx_kind=True)
-    expected = (p.B, p.NH, p.S, p.DV)
+    expected = p.seq_shape(p.DV)
     if dh.ndim != 4 or tuple(dh.shape) != expected:
-        raise ValueError(f"dh: expected shape {_shape_str(expected)} (B, NH, S, DV) of h, got {_shape_str(dh.shape)}")
+        raise ValueError(f"dh: expected shape {_shape_str(expected)} {_SEQ_DOC[p.layout][0].format('DV')} of h, "
+                         f"got {_shape_str(dh.shape)}")
     if not _arrays.is_floating(dh.dtype):
         raise TypeError(f"dh: expected a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {_arrays.dtype_name(dh.dtype)}")
@@ -256,7 +337,7 @@ def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale, out_state=
                                chunk_size=None, precision="default", DK=DK)
     problem = Problem(kind=kind, B=B, NH=NH, S=1, DK=DK, DV=DV, dtype=q.dtype, gate=gate,
                       normalize=bool(normalize), eps=eps, scale=scale, chunk_size=MIN_CHUNK,
-                      has_initial_state=state is not None)
+                      has_initial_state=state is not None, NSEQ=B)
     if state_indices is None:
         st = None if state is None else state_arg("state", state, problem)
         out = None if out_state is None else _out_state(out_state, problem)

@@ -1,4 +1,5 @@
-"""The public functions. Layout (B, NH, S, D); NumPy-like, keyword-only options.
+"""The public functions. Layout (B, NH, S, D) or (B, S, NH, D); packed variable-length
+sequences through ``cu_seqlens``; NumPy-like, keyword-only options.
 
 NumPy inputs run the float64 reference (results in the input dtype); CuPy inputs, and any
 CUDA DLPack producer (PyTorch, JAX: zero-copy), run the CUDA TFLA kernels and return CuPy
@@ -21,19 +22,31 @@ __all__ = ["mlstm", "mlstm_fwd", "mlstm_bwd", "mlstm_vjp", "mlstm_step", "mlstm_
 _COMMON_DOC = """
     Parameters
     ----------
-    q, k : array (B, NH, S, DK)
+    q, k : array (B, NH, S, DK), or (B, S, NH, DK) with layout="bshd"
         Queries and keys; one floating dtype (float16, bfloat16, float32; float64 on NumPy).
-    v : array (B, NH, S, DV)
+    v : array (B, NH, S, DV), or (B, S, NH, DV)
         Values, dtype of q.
-    i, f : array (B, NH, S)
+    i, f : array (B, NH, S), or (B, S, NH)
         Input- and forget-gate pre-activations ĩ, f̃ (any floating dtype).
+    layout : {"bhsd", "bshd"}
+        Axis order of the sequence tensors; h and the gradients come back in the same layout
+        (states keep theirs). On the GPU path neither layout copies q, k, v: strided views are
+        read in place when the feature dimension is contiguous and every other stride and the
+        data pointer are 16-byte aligned.
+    cu_seqlens : 1-d int32 / int64 array (NumPy or CuPy), optional
+        Packed variable-length sequences (B = 1): N + 1 offsets, cu_seqlens[0] == 0, strictly
+        increasing, cu_seqlens[-1] == S; sequence j is tokens cu_seqlens[j]:cu_seqlens[j+1].
+        No state crosses a boundary; states (initial, last, their gradients) have N in place
+        of B. A CuPy cu_seqlens is not read by the host (no synchronisation, graph-capturable),
+        so only its shape and dtype are checked there.
     gate : {"exp", "sig"}
         "exp" is mLSTMexp (input gate exp(ĩ), max-stabilized); "sig" is mLSTMsig
         (input gate σ(ĩ), no stabilizer).
     normalize : bool
         Divide by the normalizer (default). False is only defined for gate="sig".
     initial_state : MLSTMState or (C, n, m), optional
-        C (B, NH, DK, DV), n (B, NH, DK), m (B, NH); float32 on the GPU path. Absent means
+        C (B, NH, DK, DV), n (B, NH, DK), m (B, NH) (N for B with cu_seqlens); float32 on
+        the GPU path. Absent means
         zeros (with m_0 = 0). m may be None for gate="sig", n for normalize=False.
     chunk_size : int, optional
         Chunk length L, a power of two in [16, 1024]; None picks one from S. The result does
@@ -71,14 +84,16 @@ def _dispatch(kind):
 
 
 def _forward(q, k, v, i, f, *, gate, normalize, initial_state, chunk_size, eps, scale, precision, config,
-             keep_states, normalizer_grad, copy_inputs, out_state=None):
+             keep_states, normalizer_grad, copy_inputs, out_state=None, layout="bhsd", cu_seqlens=None):
     problem, arrays, state = _validate.inputs(
         q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size,
         initial_state=initial_state, precision=precision, config=config, keep_states=keep_states,
-        normalizer_grad=normalizer_grad)
-    _validate._check_bool("copy_inputs", copy_inputs)
+        normalizer_grad=normalizer_grad, layout=layout, cu_seqlens=cu_seqlens)
+    if copy_inputs is not None and not isinstance(copy_inputs, bool):
+        raise TypeError(f"copy_inputs: expected None or a bool, got {type(copy_inputs).__name__}")
     path = _dispatch(problem.kind)
-    kw = dict(copy_saved=bool(copy_inputs))
+    # None: private copies on the NumPy path (host memory, cheap); none on the GPU path
+    kw = dict(copy_saved=problem.kind == "numpy" if copy_inputs is None else copy_inputs)
     if out_state is not None:
         if problem.normalizer_grad:
             raise ValueError("out_state: not supported with normalizer_grad=True (the last state comes from an "
@@ -94,10 +109,11 @@ def mlstm_fwd(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "
               initial_state: Optional[StateLike] = None, chunk_size: Optional[int] = None, eps: float = 1e-6,
               scale: Optional[float] = None, precision: str = "default", config: Any = None,
               keep_states: bool = False, normalizer_grad: bool = False,
-              copy_inputs: bool = True, out_state: Optional[StateLike] = None) -> Tuple[Array, MLSTMState, MLSTMContext]:
+              copy_inputs: Optional[bool] = None, out_state: Optional[StateLike] = None, layout: str = "bhsd",
+              cu_seqlens: Any = None) -> Tuple[Array, MLSTMState, MLSTMContext]:
     """Forward pass that also returns what the backward needs.
 
-    Returns ``(h, state, ctx)``: h (B, NH, S, DV) in the dtype of q, the last state
+    Returns ``(h, state, ctx)``: h (B, NH, S, DV) (or (B, S, NH, DV)) in the dtype of q, the last state
     (:class:`MLSTMState`), and an opaque context for :func:`mlstm_bwd`.
     ``keep_states=True`` (GPU path) keeps the chunk-boundary states for the backward instead
     of recomputing them: faster backward, (NC·DK·DV) more memory per head.
@@ -106,19 +122,22 @@ def mlstm_fwd(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "
     ``initial_state`` (the backward reads it), and the backward reads C from them too: update
     them (decode in place) only after :func:`mlstm_bwd`.
 
-    ``copy_inputs=True`` (default): the context holds private copies of the inputs that the
-    call did not already copy (a float64 NumPy input; a contiguous GPU input of a kernel dtype,
-    float32 gates and states), so editing an input in place after the forward does not change
-    the gradients. On the GPU that costs one device copy of q, k, v, i, f and the initial
-    state (B·NH·S·(2·DK + DV) elements of q's dtype, plus the float32 rest). ``copy_inputs=False``
-    makes no copy: the context then aliases those inputs, and they must stay unchanged until
-    the last :func:`mlstm_bwd` of this context (the JAX and PyTorch adapters rely on immutable
-    arrays and on PyTorch's in-place check instead). :func:`mlstm` (no backward) never copies.
+    ``copy_inputs``: whether the context holds private copies of the inputs that the call did
+    not already convert (a float64 NumPy input; a GPU input the kernels read in place: a kernel
+    dtype, contiguous or a strided view with a contiguous, aligned feature dimension; float32
+    gates and states). With copies, editing an input in place after the forward does not change
+    the gradients. ``None`` (default): copies on the NumPy path (host memory), none on the GPU
+    path, where a copy would cost one device copy of q, k, v, i, f and the initial state
+    (B·NH·S·(2·DK + DV) elements of q's dtype plus the float32 rest: +1 GB at the benchmark's
+    main shape) — there the inputs must stay unchanged until the last :func:`mlstm_bwd` of this
+    context, as with a framework's autograd. ``True`` copies on both paths, ``False`` on
+    neither. The JAX and PyTorch adapters rely on immutable arrays and on PyTorch's in-place
+    check instead. :func:`mlstm` (no backward) never copies.
     """
     return _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                     chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
                     keep_states=keep_states, normalizer_grad=normalizer_grad, copy_inputs=copy_inputs,
-                    out_state=out_state)
+                    out_state=out_state, layout=layout, cu_seqlens=cu_seqlens)
 
 
 mlstm_fwd.__doc__ += _COMMON_DOC
@@ -128,10 +147,12 @@ def mlstm(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp"
           initial_state: Optional[StateLike] = None, return_state: bool = False, chunk_size: Optional[int] = None,
           eps: float = 1e-6, scale: Optional[float] = None, precision: str = "default",
           config: Any = None, normalizer_grad: bool = False,
-          out_state: Optional[StateLike] = None) -> Union[Array, Tuple[Array, MLSTMState]]:
+          out_state: Optional[StateLike] = None, layout: str = "bhsd",
+          cu_seqlens: Any = None) -> Union[Array, Tuple[Array, MLSTMState]]:
     """The mLSTM over a sequence.
 
-    Returns h (B, NH, S, DV) in the dtype of q, or ``(h, state)`` with ``return_state=True``.
+    Returns h (B, NH, S, DV) (or (B, S, NH, DV) with layout="bshd") in the dtype of q, or
+    ``(h, state)`` with ``return_state=True``.
 
     Notes
     -----
@@ -161,7 +182,7 @@ def mlstm(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp"
     h, state, _ = _forward(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                            chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
                            keep_states=False, normalizer_grad=False, copy_inputs=False,
-                           out_state=out_state)
+                           out_state=out_state, layout=layout, cu_seqlens=cu_seqlens)
     return (h, state) if return_state else h
 
 
@@ -175,11 +196,11 @@ def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None)
     ----------
     ctx : MLSTMContext
         From :func:`mlstm_fwd`; it may be used more than once.
-    dh : array (B, NH, S, DV)
+    dh : array (B, NH, S, DV), or (B, S, NH, DV) for a layout="bshd" forward
         Gradient of the loss with respect to h (same array module as the forward).
     d_state : MLSTMState or (dC, dn, dm), optional
         Gradient with respect to the returned last state. By default only dC (B, NH, DK, DV)
-        is used: the custom backward treats the normalizer and the stabilizers as constants,
+        (N for B with cu_seqlens) is used: the custom backward treats the normalizer and the stabilizers as constants,
         so the gradients of n and m do not propagate (they are zero when d_state comes from
         the ``d_initial_state`` of a later call's backward). With ``normalizer_grad=True`` in
         the forward dn (B, NH, DK) is used too. dn and dm may be None; dm is never used.
@@ -187,7 +208,7 @@ def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None)
     Returns
     -------
     MLSTMGrads(dq, dk, dv, di, df, d_initial_state)
-        Token gradients in the dtypes of q, k, v, i, f. The gate gradients include the
+        Token gradients in the dtypes and the layout of q, k, v, i, f. The gate gradients include the
         ⟨dC_last, C_last⟩ term of §6.5, so gradients are exact under state passing.
     """
     dh, dC_last, dn_last = _validate.backward_args(ctx, dh, d_state)
@@ -200,8 +221,9 @@ def mlstm_vjp(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "
               initial_state: Optional[StateLike] = None, return_state: bool = False,
               chunk_size: Optional[int] = None, eps: float = 1e-6, scale: Optional[float] = None,
               precision: str = "default", config: Any = None, keep_states: bool = False,
-              normalizer_grad: bool = False, copy_inputs: bool = True,
-              out_state: Optional[StateLike] = None) -> Tuple[Any, Callable[..., MLSTMGrads]]:
+              normalizer_grad: bool = False, copy_inputs: Optional[bool] = None,
+              out_state: Optional[StateLike] = None, layout: str = "bhsd",
+              cu_seqlens: Any = None) -> Tuple[Any, Callable[..., MLSTMGrads]]:
     """Forward pass returning ``(h, vjp_fn)`` with ``vjp_fn(dh, d_state=None) -> MLSTMGrads``.
 
     The options are those of :func:`mlstm_fwd`; with ``return_state=True`` the first element is
@@ -211,7 +233,7 @@ def mlstm_vjp(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "
     h, state, ctx = mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, initial_state=initial_state,
                               chunk_size=chunk_size, eps=eps, scale=scale, precision=precision, config=config,
                               keep_states=keep_states, normalizer_grad=normalizer_grad, copy_inputs=copy_inputs,
-                              out_state=out_state)
+                              out_state=out_state, layout=layout, cu_seqlens=cu_seqlens)
 
     def vjp_fn(dh: Array, d_state: Optional[StateLike] = None) -> MLSTMGrads:
         return mlstm_bwd(ctx, dh, d_state)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._arrays import BFLOAT16
+from .reference.gates import GATE_SPECS
 
 DEFAULT_CHUNK_SIZE = 128
 SMEM_LIMIT_BYTES = 232_448   # H100/H200 opt-in per block; smaller devices are checked at launch
@@ -27,9 +28,19 @@ MMA = {
 ELEMENT_BYTES = {"MmaBF16": 2, "MmaF16": 2, "MmaF32": 4, "MmaTF32": 4}
 STORAGE_TYPE = {"MmaBF16": "tfla::bf16", "MmaF16": "tfla::f16", "MmaF32": "float", "MmaTF32": "float"}
 
+#: Threads per CTA of the fixed-size kernels (C++ constants; tests/test_config.py compiles
+#: static_asserts that the two sides agree).
+THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateThreads": 512,
+           "tfla::kChunkGateThreads": 128, "tfla::kSeqTableThreads": 1024}
+
+
+def chunk_gates_smem_bytes(L: int) -> int:  # mirrors tfla::chunk_gates_smem_bytes
+    return 3 * 8 * L
+
+
 #: The gate policy (C++ ``tfla::Gate*``) per (gate, normalize).
-GATE_POLICY = {("exp", True): "tfla::GateExp", ("sig", True): "tfla::GateSig<true>",
-               ("sig", False): "tfla::GateSig<false>"}
+GATE_POLICY = {(name, normalize): cpp for name, spec in GATE_SPECS.items()
+               for normalize, cpp in spec.cpp_policy.items()}
 
 
 def default_chunk_size(S: int) -> int:
@@ -168,6 +179,12 @@ def chunk_gates_kernel(gate: str):
     return kernel_name("chunk_gates_kernel", gate)
 
 
+def seq_table_kernel(index_dtype) -> str:
+    """The kernel that builds the chunk table of packed sequences from int32 / int64 cu_seqlens."""
+    from ._loader import kernel_name
+    return kernel_name("seq_table_kernel", {4: "int", 8: "long long"}[np.dtype(index_dtype).itemsize])
+
+
 def step_kernel(mma: str, gate: str):
     from ._loader import kernel_name
     return kernel_name("step_kernel", STORAGE_TYPE[mma], gate)
@@ -180,8 +197,8 @@ def step_nm_kernel(mma: str, gate: str):
 
 #: float4 columns per DV slab of the step kernel (``lanes``), widest first.
 STEP_LANES = (32, 16, 8, 4, 2)
-STEP_THREADS = 256      # kStepThreads in step.cuh
-STEP_NM_THREADS = 128   # kStepNmThreads in step.cuh
+STEP_THREADS = THREADS["tfla::kStepThreads"]
+STEP_NM_THREADS = THREADS["tfla::kStepNmThreads"]
 
 
 def step_lanes(BH: int, DV: int, sms: int) -> int:
@@ -213,5 +230,7 @@ def all_instantiations():
                 names += [step_kernel(mma, gate), step_nm_kernel(mma, gate)]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate)]
+        if mma == "MmaF32":
+            names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
         out[mma] = names
     return out

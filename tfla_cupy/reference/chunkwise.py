@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gates import ROW_MAX_FLOOR, chunk_gate_vectors, d_log_gates, log_gates
+from .gates import ROW_MAX_FLOOR, chunk_gate_vectors, d_log_gates, is_stabilized, log_gates
 
 
 def chunk_slices(S, L):
@@ -117,7 +117,7 @@ def fwd_outputs(q, k, v, log_i, log_f, C, n, m, *, L, scale, eps, stabilized, no
 def fwd(q, k, v, i, f, C0, n0, m0, *, gate, normalize, L, eps, scale, floor=ROW_MAX_FLOOR):
     """Both forward stages. Returns h, N, M and the boundary states (C, n, m)."""
     log_i, log_f = log_gates(i, f, gate)
-    stabilized = gate == "exp"
+    stabilized = is_stabilized(gate)
     C, n, m = fwd_states(k, v, log_i, log_f, C0, n0, m0, L=L, stabilized=stabilized)
     h, N, M = fwd_outputs(q, k, v, log_i, log_f, C, n, m, L=L, scale=scale, eps=eps,
                           stabilized=stabilized, normalize=normalize, floor=floor)

@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
-GATES = ("exp", "sig")
+import numpy as np
 
 #: Floor of the intra-chunk row maximum of the exp variant (upstream ``MINIMUM_MAX_VAL``).
 ROW_MAX_FLOOR = -10.0
@@ -36,25 +37,50 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    """One gate variant, the single definition every layer reads: validation (names, which
+    normalize values exist), the references (the log input gate and its derivative; the forget
+    gate is logσ for all) and the launch code (the C++ policy per normalize value)."""
+
+    name: str
+    stabilized: bool                          # carries the max-stabilizer m, M and the row-max floor
+    cpp_policy: Mapping[bool, str]            # normalize -> C++ gate policy (tfla::Gate*)
+    log_input: Callable[[np.ndarray], np.ndarray]    # ĩ -> ι (before the floor)
+    d_log_input: Callable[[np.ndarray], np.ndarray]  # ĩ -> dι/dĩ (before the floor)
+
+    @property
+    def normalize_values(self):
+        return tuple(self.cpp_policy)
+
+
+GATE_SPECS = {
+    "exp": GateSpec("exp", True, {True: "tfla::GateExp"}, lambda i: i, np.ones_like),
+    "sig": GateSpec("sig", False, {True: "tfla::GateSig<true>", False: "tfla::GateSig<false>"}, logsigmoid,
+                    lambda i: sigmoid(-i)),
+}
+GATES = tuple(GATE_SPECS)
+
+
 def log_gates(i, f, gate):
     """Return (log_i, log_f) = (ι, λ) for the gate variant, floored as the kernels do."""
     log_f = _floor_keep_nan(logsigmoid(f), LOG_FORGET_FLOOR)
-    log_i = i if gate == "exp" else logsigmoid(i)
+    log_i = GATE_SPECS[gate].log_input(i)
     return _floor_keep_nan(log_i, LOG_INPUT_FLOOR), log_f
 
 
 def d_log_gates(i, f, gate):
     """(dι/dĩ, dλ/df̃) of :func:`log_gates`: zero where a floor is active."""
+    spec = GATE_SPECS[gate]
     log_f = logsigmoid(f)
     d_f = np.where(log_f < LOG_FORGET_FLOOR, 0.0, sigmoid(-f))
-    log_i = i if gate == "exp" else logsigmoid(i)
-    d_i = np.ones_like(log_i) if gate == "exp" else sigmoid(-i)
-    return np.where(log_i < LOG_INPUT_FLOOR, 0.0, d_i), d_f
+    log_i = spec.log_input(i)
+    return np.where(log_i < LOG_INPUT_FLOOR, 0.0, spec.d_log_input(i)), d_f
 
 
 def is_stabilized(gate):
     """The exp variant carries the max-stabilizer m; the sig variant does not."""
-    return gate == "exp"
+    return GATE_SPECS[gate].stabilized
 
 
 def chunk_gate_vectors(log_i, log_f):

@@ -1,0 +1,176 @@
+"""The GPU path's launch plan without a GPU: a fake CuPy (NumPy arrays with device pointers)
+and a recording kernel loader. Checks what every kernel receives for the (B, S, NH, D) layout,
+strided views and packed sequences: data pointers (no copies), element strides, chunk slots,
+grids, and the shapes of what comes back."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+import tfla_cupy
+from tfla_cupy import _arrays, _cuda_path, _loader
+from tfla_cupy._params import PARAMS_DTYPE
+
+
+class FakeArray(np.ndarray):
+    """A host array that looks like a CuPy array to the GPU path."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+
+def _fake(a):
+    return np.asarray(a).view(FakeArray)
+
+
+class _Device:
+    def __init__(self, i=0):
+        self.id = i
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fake_cupy():
+    cp = types.SimpleNamespace()
+    cp.ndarray = FakeArray
+    cp.empty = lambda shape, dtype=np.float32: _fake(np.full(shape, 0, dtype=dtype))
+    cp.zeros = lambda shape, dtype=np.float32: _fake(np.zeros(shape, dtype=dtype))
+    cp.asarray = lambda a, dtype=None: a if isinstance(a, FakeArray) and dtype is None else _fake(np.asarray(a, dtype))
+    cp.ascontiguousarray = lambda a: a if a.flags.c_contiguous else _fake(np.ascontiguousarray(a))
+    cp.cuda = types.SimpleNamespace(Device=_Device)
+    return cp
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Run the GPU path on fake arrays; returns the list of (kernel name, grid, block, params, smem)."""
+    cp = _fake_cupy()
+    log = []
+
+    def get_kernel(name):
+        return lambda grid, block, params, smem=0: log.append((name, grid, block, params[0].copy(), smem))
+
+    kind_of = _arrays.kind_of
+    monkeypatch.setattr(_arrays, "kind_of", lambda x: "cuda" if isinstance(x, FakeArray) else kind_of(x))
+    monkeypatch.setattr(_arrays, "cupy_module", lambda: cp)
+    monkeypatch.setattr(_loader, "get_kernel", get_kernel)
+    monkeypatch.setattr(_loader, "device_limits", lambda device_id: (132, 232_448))
+    return log
+
+
+def _by_kernel(log, part):
+    found = [entry for entry in log if part in entry[0]]
+    assert found, f"no {part} launch in {[e[0] for e in log]}"
+    return found
+
+
+def _strides(params, name):
+    return tuple(int(x) for x in params[f"st_{name}"])
+
+
+def test_fused_bshd_views_reach_the_kernels_in_place(launches):
+    B, S, NH, DK, DV = 2, 100, 4, 16, 32
+    W = 2 * DK + DV
+    rng = np.random.default_rng(0)
+    qkv = _fake(rng.standard_normal((B, S, NH, W)).astype(np.float32))
+    g = _fake(rng.standard_normal((B, S, NH, 2)).astype(np.float32))
+    q, k, v, i, f = qkv[..., :DK], qkv[..., DK:2 * DK], qkv[..., 2 * DK:], g[..., 0], g[..., 1]
+    h, state, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=32, layout="bshd")
+    assert h.shape == (B, S, NH, DV) and state.C.shape == (B, NH, DK, DV)
+    _, _, _, p, _ = _by_kernel(launches, "fwd_h_kernel")[0]
+    for name, x in zip("qkvif", (q, k, v, i, f)):
+        assert int(p[name]) == x.data.ptr, f"{name} was copied"
+    assert _strides(p, "q") == (S * NH * W, W, NH * W)  # (batch, head, token) in elements
+    assert _strides(p, "v") == (S * NH * W, W, NH * W)
+    assert _strides(p, "i") == (S * NH * 2, 2, NH * 2)
+    assert _strides(p, "h") == (S * NH * DV, DV, NH * DV)
+    assert _strides(p, "N") == (NH * S, S, 1)
+    assert int(p["NSEQ"]) == B and int(p["NC"]) == 4 and int(p["NM"]) == 5 and int(p["seq_table"]) == 0
+    dh = _fake(np.ones((B, S, NH, DV), np.float32))
+    grads = tfla_cupy.mlstm_bwd(ctx, dh)
+    for name, x, D in (("dq", q, DK), ("dk", k, DK), ("dv", v, DV)):
+        got = getattr(grads, name)
+        assert got.shape == x.shape and got.flags.c_contiguous, name
+    assert grads.di.shape == (B, S, NH) and grads.df.shape == (B, S, NH)
+    _, _, _, p, _ = _by_kernel(launches, "bwd_gates_kernel")[0]
+    assert _strides(p, "df") == (S * NH, 1, NH) and _strides(p, "dh") == (S * NH * DV, DV, NH * DV)
+
+
+def test_misaligned_view_is_copied_once(launches):
+    rng = np.random.default_rng(1)
+    buf = _fake(rng.standard_normal((1, 2, 50, 17)).astype(np.float32))
+    q = buf[..., 1:]  # 4-byte offset: not 16-byte aligned
+    k = _fake(rng.standard_normal((1, 2, 50, 16)).astype(np.float32))
+    v = _fake(rng.standard_normal((1, 2, 50, 16)).astype(np.float32))
+    i, f = (_fake(rng.standard_normal((1, 2, 50)).astype(np.float32)) for _ in range(2))
+    tfla_cupy.mlstm(q, k, v, i, f, chunk_size=16)
+    _, _, _, p, _ = _by_kernel(launches, "fwd_h_kernel")[0]
+    assert int(p["q"]) != q.data.ptr and int(p["k"]) == k.data.ptr
+    assert _strides(p, "q") == (2 * 50 * 16, 50 * 16, 16)
+
+
+@pytest.mark.parametrize("cu_dtype", [np.int32, np.int64])
+def test_varlen_grids_and_chunk_slots(launches, cu_dtype):
+    NH, DK, DV, L = 3, 16, 32, 16
+    lengths = [1, 15, 16, 17, 40]
+    S, N = sum(lengths), len(lengths)
+    cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(cu_dtype))
+    rng = np.random.default_rng(2)
+    x = [_fake(rng.standard_normal((1, NH, S, d)).astype(np.float32)) for d in (DK, DK, DV)]
+    x += [_fake(rng.standard_normal((1, NH, S)).astype(np.float32)) for _ in range(2)]
+    st = [_fake(np.zeros(s, np.float32)) for s in ((N, NH, DK, DV), (N, NH, DK), (N, NH))]
+    h, last, ctx = tfla_cupy.mlstm_fwd(*x, chunk_size=L, cu_seqlens=cu, initial_state=tuple(st))
+    assert h.shape == (1, NH, S, DV) and last.C.shape == (N, NH, DK, DV) and last.m.shape == (N, NH)
+    NC = S // L + N  # the host-known bound on the chunk slots
+    name, grid, block, p, _ = _by_kernel(launches, "seq_table_kernel")[0]
+    assert name.endswith({np.int32: "<int>", np.int64: "<long long>"}[cu_dtype])
+    assert (grid, block) == (1, 1024) and int(p["cu_seqlens"]) == cu.data.ptr
+    assert int(p["NC"]) == NC and int(p["NSEQ"]) == N
+    table = ctx.saved["seq_table"]
+    assert table.shape == (2 * (N + 1) + NC,) and table.dtype == np.int32
+    assert launches[0][0] == name  # the table is built first
+    _, grid, _, p, _ = _by_kernel(launches, "chunk_gates_kernel")[0]
+    assert grid == NC * NH and int(p["seq_table"]) == table.data.ptr
+    _, grid, _, p, _ = _by_kernel(launches, "fwd_states_kernel")[0]
+    assert grid == 1 * 1 * N * NH  # one DK block, one DV block per (sequence, head)
+    assert int(p["NM"]) == NC + N and int(p["S"]) == S
+    _, grid, block, p, _ = _by_kernel(launches, "fwd_h_kernel")[0]
+    assert grid == 1 * 1 * NC * NH  # DV block × row tiles (L = 16: one) × chunk slots × heads
+    assert ctx.saved["C_last"].shape == (N, NH, DK, DV)
+    grads = tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, NH, S, DV), np.float32)),
+                                tfla_cupy.MLSTMState(_fake(np.zeros((N, NH, DK, DV), np.float32))))
+    assert grads.d_initial_state.C.shape == (N, NH, DK, DV)
+    _, grid, block, p, _ = _by_kernel(launches, "bwd_gates_kernel")[0]
+    assert grid == N * NH and block == 512 and int(p["seq_table"]) == table.data.ptr
+    _, grid, _, p, _ = _by_kernel(launches, "bwd_dstates_kernel")[0]
+    assert grid == N * NH
+
+
+def test_every_launch_gets_the_geometry(launches):
+    rng = np.random.default_rng(3)
+    x = [_fake(rng.standard_normal((2, 2, 40, 16)).astype(np.float32)) for _ in range(3)]
+    x += [_fake(rng.standard_normal((2, 2, 40)).astype(np.float32)) for _ in range(2)]
+    _, _, ctx = tfla_cupy.mlstm_fwd(*x, chunk_size=16)
+    tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((2, 2, 40, 16), np.float32)))
+    assert {e[0].split("<")[0] for e in launches} == {
+        "tfla::chunk_gates_kernel", "tfla::fwd_states_kernel", "tfla::fwd_h_kernel", "tfla::bwd_dq_kernel",
+        "tfla::bwd_dstates_kernel", "tfla::bwd_dk_kernel", "tfla::bwd_dv_kernel", "tfla::bwd_gates_kernel"}
+    for name, grid, block, p, smem in launches:
+        assert p.dtype == PARAMS_DTYPE
+        assert (int(p["NH"]), int(p["NSEQ"]), int(p["NC"]), int(p["NM"]), int(p["S"])) == (2, 2, 3, 4, 40), name
+        assert _strides(p, "i") == (80, 40, 1) and int(p["i"]) == x[3].data.ptr, name
+        if int(p["q"]):  # every kernel but stage 0 reads q
+            assert _strides(p, "q") == (2 * 40 * 16, 40 * 16, 16) and int(p["q"]) == x[0].data.ptr, name
+        assert _cuda_path._cdiv(40, 16) == int(p["NC"])
