@@ -1,6 +1,6 @@
 """API contract items: mlstm_vjp's explicit signature, the py.typed marker, and that the saved
 backward context does not alias the inputs (an in-place edit after the forward leaves the
-gradients unchanged). NumPy path; the GPU twin is in test_gpu_adapters.py."""
+gradients unchanged). NumPy path; the GPU twin is in test_gpu_normalizer_grad.py."""
 
 from __future__ import annotations
 
