@@ -67,11 +67,70 @@ def init_params(xp, rng, *, vocab, E, NH, DK, DV, layers, dtype):
 # ------------------------------------------------------------------------------------------
 
 
+# cuBLAS calls cannot be captured into a CUDA graph by CuPy, so the decode step's small products
+# (into preallocated ``out``, float32 on the GPU) go through this plain kernel instead: one thread
+# per output element, a fixed summation order.
+_SMALL_KERNELS = r"""
+extern "C" __global__ void small_matmul(const float* x, const float* W, float* out, int B, int I, int O) {
+  const int o = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+  if (o >= O) return;
+  float s = 0.f;
+  for (int i = 0; i < I; ++i) s = fmaf(x[b * I + i], W[i * O + o], s);
+  out[b * O + o] = s;
+}
+
+// out[b] = the first index of the largest x[b, :] (as argmax), one block of 128 threads per row
+extern "C" __global__ void row_argmax(const float* x, long long* out, int O) {
+  __shared__ float best_v[128];
+  __shared__ int best_i[128];
+  const int b = blockIdx.x, t = threadIdx.x;
+  float v = -3.402823466e38f;
+  int j = 0;
+  for (int o = t; o < O; o += 128)
+    if (x[b * O + o] > v) { v = x[b * O + o]; j = o; }
+  best_v[t] = v;
+  best_i[t] = j;
+  __syncthreads();
+  for (int h = 64; h > 0; h >>= 1) {
+    if (t < h && (best_v[t + h] > best_v[t] || (best_v[t + h] == best_v[t] && best_i[t + h] < best_i[t]))) {
+      best_v[t] = best_v[t + h];
+      best_i[t] = best_i[t + h];
+    }
+    __syncthreads();
+  }
+  if (t == 0) out[b] = best_i[0];
+}
+"""
+_kernels = {}
+
+
+def matmul(xp, x, W, out=None):
+    """x (B, I) @ W (I, O); on the GPU into a given float32 ``out`` without cuBLAS (capturable)."""
+    if out is None or xp is np or x.dtype != np.float32 or not (x.flags.c_contiguous and W.flags.c_contiguous):
+        return xp.matmul(x, W, out=out)
+    if "mm" not in _kernels:
+        _kernels["mm"] = xp.RawKernel(_SMALL_KERNELS, "small_matmul")
+    (B, I), O = x.shape, W.shape[1]
+    _kernels["mm"](((O + 127) // 128, B), (128,), (x, W, out, np.int32(B), np.int32(I), np.int32(O)))
+    return out
+
+
+def argmax_rows(xp, x, out):
+    """argmax over the last axis into ``out`` (int64); on the GPU without CuPy's reductions, whose
+    temporary storage would be an allocation inside the captured step."""
+    if xp is np or x.dtype != np.float32 or out.dtype != np.int64:
+        return xp.argmax(x, axis=-1, out=out)
+    if "argmax" not in _kernels:
+        _kernels["argmax"] = xp.RawKernel(_SMALL_KERNELS, "row_argmax")
+    _kernels["argmax"]((x.shape[0],), (128,), (x, out, np.int32(x.shape[1])))
+    return out
+
+
 def rms_norm(xp, x, w, out=None, sq=None, r=None, mean=None):
     """x / sqrt(mean(x², last axis) + eps) · w; ``mean``: a (D, 1) column of 1/D (the mean as a
     matrix product, which allocates nothing with ``out=``)."""
     sq = xp.multiply(x, x, out=sq)
-    r = xp.mean(sq, axis=-1, keepdims=True) if mean is None else xp.matmul(sq, mean, out=r)
+    r = xp.mean(sq, axis=-1, keepdims=True) if mean is None else matmul(xp, sq, mean, out=r)
     r += NORM_EPS
     xp.sqrt(r, out=r)
     out = xp.divide(x, r, out=out)
@@ -79,7 +138,7 @@ def rms_norm(xp, x, w, out=None, sq=None, r=None, mean=None):
 
 
 def linear(xp, x, W, b=None, out=None):
-    out = xp.matmul(x, W, out=out)
+    out = matmul(xp, x, W, out=out)
     return out if b is None else xp.add(out, b, out=out)
 
 
@@ -138,7 +197,7 @@ class Decoder:
             xp.add(self.x, self.y, out=self.x)
         rms_norm(xp, self.x, P["norm"], self.xn, self.sq, self.r, self.mean_E)
         linear(xp, self.xn, P["Wout"], out=self.logits)
-        xp.argmax(self.logits, axis=-1, out=self.token)
+        argmax_rows(xp, self.logits, self.token)
 
 
 def _capture(cp, stream, fn):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tfla_cupy
+from tfla_cupy import MLSTMState
 from tfla_cupy import _cuda_path, _validate
 from gpu_utils import DTYPES, GATE_MODES, cp, gpu, make_inputs, seed_of
 
@@ -52,13 +53,12 @@ def test_preallocated_outputs(mode, dt):
     assert cp.array_equal(g1.d_initial_state.C, g0.d_initial_state.C)
 
     sx = {n: x[n][:, :, 0] for n in "qkvif"}
-    sp, sarr, sst = _validate.step_inputs(*(sx[n] for n in "qkvif"), st, gate=gate, normalize=normalize, eps=1e-6,
-                                          scale=None)
+    sp, sarr, sst, _, _ = _validate.step_inputs(*(sx[n] for n in "qkvif"), st, gate=gate, normalize=normalize,
+                                                eps=1e-6, scale=None)
     hs0, ss0 = _cuda_path.step(sp, sarr, sst)
-    sout = dict(h=cp.empty_like(hs0), C=cp.empty_like(ss0.C))
-    if ss0.n is not None:
-        sout["n"] = cp.empty_like(ss0.n)
-    if ss0.m is not None:
-        sout["m"] = cp.empty_like(ss0.m)
-    hs1, ss1 = _cuda_path.step(sp, sarr, sst, out=sout)
-    assert hs1 is sout["h"] and cp.array_equal(hs1, hs0) and cp.array_equal(ss1.C, ss0.C)
+    h_out = cp.empty_like(hs0)
+    s_out = MLSTMState(cp.empty_like(ss0.C), None if ss0.n is None else cp.empty_like(ss0.n),
+                       None if ss0.m is None else cp.empty_like(ss0.m))
+    hs1, ss1 = _cuda_path.step(sp, sarr, sst, s_out, h_out=h_out)
+    assert hs1 is h_out and ss1.C is s_out.C
+    assert cp.array_equal(hs1, hs0) and cp.array_equal(ss1.C, ss0.C)

@@ -69,10 +69,11 @@ def test_step_matches_reference_and_one_token_mlstm(dt, mode, shape, init):
     _assert_state(new, C, n, m, gate, normalize, FWD_TOL["f32"])
     h1, last = tfla_cupy.mlstm(*(x[k][:, :, None] for k in "qkvif"), gate=gate, normalize=normalize,
                                initial_state=state, return_state=True)
-    # two GPU results, each within FWD_TOL of the float64 reference
+    # two GPU results, each within FWD_TOL of the float64 reference; the chunkwise state of a
+    # 16-bit call goes through tensor-core products in that dtype, so its state is held to FWD_TOL[dt]
     assert rel_err(h, cp.asnumpy(h1[:, :, 0]).astype(np.float64)) <= 2 * FWD_TOL[dt]
     _assert_state(new, *(None if a is None else cp.asnumpy(a).astype(np.float64) for a in last), gate, normalize,
-                  2 * FWD_TOL["f32"])
+                  2 * FWD_TOL[dt])
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "B{}-NH{}-DK{}-DV{}".format(*s))

@@ -103,9 +103,13 @@ class StepLaunch:
         C0, n0, m0 = state
         nm_in_place = _aliasing("n", n0, out.n) | _aliasing("m", m0, out.m)
         _aliasing("C", C0, out.C)
+        self.launch_pointers(tuple(0 if x is None else x.data.ptr for x in (
+            q, k, v, i, f, C0, n0, m0, h, out.C, out.n, out.m, indices)), nm_in_place, private)
+
+    def launch_pointers(self, pointers, nm_in_place, private=False):
+        """Pack the 13 pointers (q … state_indices, 0 for none) and launch; no checks."""
         buf = bytearray(self.buf) if private else self.buf
-        struct.pack_into(_POINTERS, buf, 0, *(0 if x is None else x.data.ptr for x in (
-            q, k, v, i, f, C0, n0, m0, h, out.C, out.n, out.m, indices)))
+        struct.pack_into(_POINTERS, buf, 0, *pointers)
         struct.pack_into("<i", buf, _NM_HERE, 0 if nm_in_place else 1)
         record = np.frombuffer(buf, STEP_PARAMS_DTYPE) if private else self.record
         self.k1(self.grid1, (STEP_THREADS,), (record,))
@@ -125,6 +129,15 @@ def step_launch(problem, mma, device_id, pool_size):
     """The StepLaunch of a problem (memoised: eager steps of one shape share it, each filling a
     private copy of its record)."""
     return StepLaunch(problem, mma, device_id, pool_size=pool_size)
+
+
+def _c_strides(shape, itemsize):
+    """Byte strides of a C-contiguous array of ``shape``."""
+    out, step = [], itemsize
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
 
 
 def _check(name, x, shape, dtype):
@@ -169,9 +182,16 @@ class StepPlan:
         self._device = device.id
         self._dtypes = dict(q=p.dtype, k=p.dtype, v=p.dtype, i=_F32, f=_F32)
         check_state_buffers("state", state, p)
+        # (shape, dtype, C-contiguous strides) of every argument: one tuple comparison per check
+        spec = {n: (shape, self._dtypes[n]) for n, shape in self._shapes.items()}
+        spec.update({f"state.{k}": (shape, _F32) for k, shape in zip("Cnm", self._state_shapes) if shape is not None})
+        spec["h"] = (self._shapes["v"], p.dtype)
+        spec["state_indices"] = ((p.B,), _I32)
+        self._spec = {n: (shape, dt, _c_strides(shape, dt.itemsize)) for n, (shape, dt) in spec.items()}
         with device:
             self._launch = StepLaunch(p, mma, device.id, pool_size=state.C.shape[0] if self.pool else 0)
             self._h = cp.empty(tok + (p.DV,), p.dtype)
+            self._h_ptr = self._h.data.ptr
 
     def __repr__(self):
         p = self.problem
@@ -195,26 +215,38 @@ class StepPlan:
                 h[...] = hh
                 hh = h
             return hh, st
-        x = [_check(n, a, self._shapes[n], self._dtypes[n]) for n, a in zip("qkvif", (q, k, v, i, f))]
+        ptr = self._pointer
+        tok = [ptr(n, a) for n, a in zip("qkvif", (q, k, v, i, f))]
         st = state if isinstance(state, MLSTMState) else MLSTMState(*state)
-        for key, a, shape in zip("Cnm", st, self._state_shapes):
-            if shape is not None:
-                _check(f"state.{key}", a, shape, _F32)
-        C0, n0, m0 = (a if shape is not None else None for a, shape in zip(st, self._state_shapes))
-        if out_state is None:
-            out = MLSTMState(C0, n0, m0)
+        st = MLSTMState(*(a if shape is not None else None for a, shape in zip(st, self._state_shapes)))
+        old = [0 if a is None else ptr(f"state.{key}", a) for key, a in zip("Cnm", st)]
+        if out_state is None:  # in place (the default): every entry of the state is its own output
+            out, new, nm_in_place = st, old, st.n is not None or st.m is not None
         else:
             if self.pool:
                 raise ValueError("out_state: must be None with state_indices (the pool is updated in place)")
             o = out_state if isinstance(out_state, MLSTMState) else MLSTMState(*out_state)
-            out = MLSTMState(*(None if shape is None else _check(f"out_state.{key}", a, shape, _F32)
-                               for key, a, shape in zip("Cnm", o, self._state_shapes)))
-            check_state_buffers("out_state", out, self.problem)
-        if state_indices is not None:
-            _check("state_indices", state_indices, (self.problem.B,), _I32)
+            out = MLSTMState(*(a if shape is not None else None for a, shape in zip(o, self._state_shapes)))
+            new = [0 if a is None else _check(f"out_state.{key}", a, shape, _F32).data.ptr
+                   for key, a, shape in zip("Cnm", out, self._state_shapes)]
+            nm_in_place = _aliasing("n", st.n, out.n) | _aliasing("m", st.m, out.m)
+            _aliasing("C", st.C, out.C)
+        idx = 0 if state_indices is None else ptr("state_indices", state_indices)
         if h is None:
             h = self._h
+            hp = self._h_ptr
         else:
-            _check("h", h, self._shapes["v"], self.problem.dtype)
-        self._launch(*x, (C0, n0, m0), out, h, state_indices)
+            hp = ptr("h", h)
+        self._launch.launch_pointers((*tok, *old, hp, *new, idx), nm_in_place)
         return h, out
+
+    def _pointer(self, name, x):
+        """x's device pointer after a check of shape, dtype and C-contiguity (one tuple
+        comparison each) and of 16-byte alignment; the slow check names what is wrong."""
+        shape, dtype, strides = self._spec[name]
+        if x is None or x.shape != shape or x.dtype != dtype or x.strides != strides:
+            _check(name, x, shape, dtype)
+        p = x.data.ptr
+        if p % 16:
+            _check(name, x, shape, dtype)
+        return p

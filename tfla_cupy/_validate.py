@@ -41,7 +41,11 @@ class Problem:
     normalizer_grad: bool = False   # the exact gradient through N (docs/math.md §6.6); only with normalize
     layout: str = "bhsd"    # "bhsd": q (B, NH, S, DK), gates (B, NH, S); "bshd": q (B, S, NH, DK), gates (B, S, NH)
     cu_seqlens: Any = None  # packed sequences: NSEQ + 1 offsets (NumPy or CuPy int32 / int64), or None
-    NSEQ: int = 0           # sequences: B, or len(cu_seqlens) − 1
+    NSEQ: int = 0           # sequences: B, or len(cu_seqlens) − 1 (0 = derive: B without cu_seqlens)
+
+    def __post_init__(self):
+        if self.NSEQ == 0 and self.cu_seqlens is None:
+            object.__setattr__(self, "NSEQ", self.B)  # every constructor of an unpacked call gets B
 
     @property
     def varlen(self):

@@ -102,9 +102,17 @@ def init(*, device=None, timeout=None):
     data = _rendezvous.share(lambda: encode_id(nccl.get_unique_id()), rank=rank, world_size=size, method=method,
                              addr=os.environ.get(ENV_ADDR, "127.0.0.1"), port=os.environ.get(ENV_PORT),
                              path=os.environ.get(ENV_FILE), env_var=ENV_ID, timeout=timeout)
-    try:
-        uid = decode_id(data, signed=True)
-        comm = nccl.NcclCommunicator(size, uid, rank)
-    except OverflowError:  # a platform whose C char is unsigned
-        comm = nccl.NcclCommunicator(size, decode_id(data, signed=False), rank)
-    return NcclComm(comm, rank, size, dev.id)
+    return NcclComm(_communicator(nccl, size, data, rank), rank, size, dev.id)
+
+
+def _communicator(nccl, size, data, rank):
+    """NcclCommunicator from the shared id bytes: CuPy 14 takes the bytes themselves, older
+    releases a tuple of C chars (signed on x86-64, unsigned elsewhere). A form a release does
+    not take is refused at once (TypeError / OverflowError), before any rank waits."""
+    errors = []
+    for uid in (bytes(data), decode_id(data, signed=True), decode_id(data, signed=False)):
+        try:
+            return nccl.NcclCommunicator(size, uid, rank)
+        except (TypeError, OverflowError) as e:
+            errors.append(f"{type(uid).__name__}: {e}")
+    raise TypeError("cupy.cuda.nccl.NcclCommunicator took none of the unique-id forms: " + "; ".join(errors))
