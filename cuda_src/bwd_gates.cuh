@@ -15,33 +15,6 @@ namespace tfla {
 
 constexpr int kGateThreads = 512;
 
-// Inclusive prefix sum over the threads of the block, in thread order; returns this thread's
-// value and writes the block total to *total. Ends synchronised.
-__device__ __forceinline__ float block_scan(float x, float* warp_tot, float* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const float y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) warp_tot[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    float w = lane < nw ? warp_tot[lane] : 0.f;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const float y = __shfl_up_sync(0xffffffffu, w, o);
-      if (lane >= o) w += y;
-    }
-    if (lane < nw) warp_tot[lane] = w;
-    if (lane == nw - 1) *total = w;
-  }
-  __syncthreads();
-  const float r = x + (warp > 0 ? warp_tot[warp - 1] : 0.f);
-  __syncthreads();
-  return r;
-}
-
 template <typename Gate>
 __global__ void __launch_bounds__(kGateThreads) bwd_gates_kernel(const Params p) {
   __shared__ float warp_tot[32];

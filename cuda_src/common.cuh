@@ -104,4 +104,33 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x;
 }
 
+// Inclusive prefix sum over the threads of the block, in thread order (float or integer T):
+// returns this thread's value and writes the block total to *total; warp_tot holds 32 entries.
+// Ends synchronised.
+template <typename T>
+__device__ __forceinline__ T block_scan(T x, T* warp_tot, T* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_tot[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < nw ? warp_tot[lane] : T(0);
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const T y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < nw) warp_tot[lane] = w;
+    if (lane == nw - 1) *total = w;
+  }
+  __syncthreads();
+  const T r = x + (warp > 0 ? warp_tot[warp - 1] : T(0));
+  __syncthreads();
+  return r;
+}
+
 }  // namespace tfla

@@ -85,33 +85,6 @@ struct ChunkOfSlot {
 // ---------------------------------------------------------------------------------------------
 constexpr int kSeqTableThreads = 1024;
 
-// Exclusive prefix sum over the block (thread order); *total gets the block sum. Ends synchronised.
-__device__ __forceinline__ i64 block_exclusive_scan(i64 x, i64* warp_tot, i64* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  i64 incl = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const i64 y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) warp_tot[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    i64 w = lane < nw ? warp_tot[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const i64 y = __shfl_up_sync(0xffffffffu, w, o);
-      if (lane >= o) w += y;
-    }
-    if (lane < nw) warp_tot[lane] = w;
-    if (lane == nw - 1) *total = w;
-  }
-  __syncthreads();
-  const i64 r = incl - x + (warp > 0 ? warp_tot[warp - 1] : 0);
-  __syncthreads();
-  return r;
-}
-
 template <typename Index>
 __global__ void __launch_bounds__(kSeqTableThreads) seq_table_kernel(const Params p) {
   __shared__ i64 warp_tot[32];
@@ -130,7 +103,7 @@ __global__ void __launch_bounds__(kSeqTableThreads) seq_table_kernel(const Param
       tokens[j] = t;
       if (j < p.NSEQ) nc = cdiv(max(offset(j + 1) - t, 0), p.L);
     }
-    const i64 first = carry + block_exclusive_scan(nc, warp_tot, &total);
+    const i64 first = carry + (block_scan(nc, warp_tot, &total) - nc);  // exclusive prefix
     if (j <= p.NSEQ) chunks[j] = int(min(first, i64(p.NC)));
     carry += total;
   }
