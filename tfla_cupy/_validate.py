@@ -341,7 +341,7 @@ def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale, out_state=
                                chunk_size=None, precision="default", DK=DK)
     problem = Problem(kind=kind, B=B, NH=NH, S=1, DK=DK, DV=DV, dtype=q.dtype, gate=gate,
                       normalize=bool(normalize), eps=eps, scale=scale, chunk_size=MIN_CHUNK,
-                      has_initial_state=state is not None, NSEQ=B)
+                      has_initial_state=state is not None)
     if state_indices is None:
         st = None if state is None else state_arg("state", state, problem)
         out = None if out_state is None else _out_state(out_state, problem)
