@@ -12,7 +12,9 @@ import pytest
 _spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parent.parent / "bench" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("bench", bench)   # dataclasses look their module up there
+_saved_path = list(sys.path)
 _spec.loader.exec_module(bench)
+sys.path[:] = _saved_path             # bench.py puts the source tree first for direct runs; tests use the install
 
 
 @pytest.fixture

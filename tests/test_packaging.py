@@ -24,7 +24,12 @@ def test_installed_wheel_ships_cuda_sources():
     installed = Path(tfla_cupy.__file__).resolve().parent
     if REPO in installed.parents:
         pytest.skip("tfla_cupy is imported from the source tree, not from an installed distribution")
-    files = {str(f) for f in importlib.metadata.files("tfla-cupy") or []}
+    # The distribution installed at `installed`: a source tree on sys.path (its egg-info from the
+    # build) may also answer to the name, and its file list is relative to the tree, not the wheel.
+    dists = [d for d in importlib.metadata.distributions(name="tfla-cupy")
+             if Path(d.locate_file("tfla_cupy/__init__.py")).resolve().parent == installed]
+    assert dists, f"no installed distribution of tfla-cupy provides {installed}"
+    files = {str(f) for f in dists[0].files or []}
     for src in (REPO / "cuda_src").iterdir():
         if src.suffix in (".cu", ".cuh"):
             assert f"tfla_cupy/cuda_src/{src.name}" in files, f"{src.name} missing from the wheel"
