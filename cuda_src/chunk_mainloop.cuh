@@ -64,6 +64,7 @@ struct ChunkSmem {
   // the carve is the size: fixed part, then 4 gate vectors of L 8-byte entries
   static_assert(kGates + 32 == Tile::smem_bytes(E, 1) && kGates + 32 * 1024 == Tile::smem_bytes(E, 1024),
                 "ChunkSmem carve and ChunkTile::smem_bytes disagree");
+  static constexpr int kThreads = Tile::kThreads, kRows = Tile::kBM;  // what prepare_causal needs
   int L;
   __device__ explicit ChunkSmem(int L_) : L(L_) {}
   template <typename U> __device__ __forceinline__ U* at(int off) const {
@@ -292,9 +293,11 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
 //   p_r = Σ_{w=r0+1..r0+r} λ_w                                                         -> row_d[r]
 // and col_log[u] = κ_u·log2e (split). Returns b_{r0} = Σ_{w<=r0} λ_w. Then
 //   D̃[τ][u] = b_τ − b_u + ι_u = p_{τ−r0} + κ_u.
-template <typename Gate, typename Tile, typename T>
-__device__ __forceinline__ double prepare_causal(const Params& p, const ChunkSmem<T, Tile>& sm, const ChunkAt& at,
-                                                 int r0, int Tend, int Lc) {
+// Sm: a shared-memory view with lam(), iota(), scan(), col_log(), row_d() and kThreads, kRows
+// (ChunkSmem, or the fused Hopper forward's).
+template <typename Gate, typename Sm>
+__device__ __forceinline__ double prepare_causal(const Params& p, const Sm& sm, const ChunkAt& at, int r0, int Tend,
+                                                 int Lc) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, 0, Tend, Lc, sm.lam(),
                        sm.iota());
@@ -308,13 +311,13 @@ __device__ __forceinline__ double prepare_causal(const Params& p, const ChunkSme
     if (lane == 0) b_r0 = sm.lam()[0] + (r0 >= 1 ? sm.scan()[1] : 0.0);
   }
   __syncthreads();
-  for (int u = threadIdx.x; u < Tend; u += Tile::kThreads) {
+  for (int u = threadIdx.x; u < Tend; u += Sm::kThreads) {
     const double rest = u < r0 ? sm.scan()[u + 1] : (u == r0 ? 0.0 : -sm.scan()[u]);
     const double kappa = sm.iota()[u] + rest;
     sm.lam()[u] = kappa;  // λ is no longer needed
     sm.col_log()[u] = split(kappa * double(kLog2e));
   }
-  for (int r = threadIdx.x; r < Tile::kBM; r += Tile::kThreads)
+  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads)
     sm.row_d()[r] = (r == 0 || r0 + r >= Tend) ? 0.0 : sm.scan()[r0 + r];
   __syncthreads();
   return b_r0;

@@ -4,6 +4,7 @@
 //   chunk_gates_kernel   per-chunk log-gate vectors (stage 0)     (chunk_gates.cuh)
 //   fwd_states_kernel    forward chunk-boundary states            (fwd_states.cuh)
 //   fwd_h_kernel         forward outputs h, N, M                  (fwd_outputs.cuh)
+//   fwd_fused_sm90_kernel  Hopper forward: states on chip, h, N, M (fwd_fused_sm90.cuh)
 //   bwd_dstates_kernel   backward boundary-state gradients dC     (bwd_dstates.cuh)
 //   bwd_dq/dk/dv_kernel  backward token gradients                 (bwd_chunks.cuh)
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
@@ -18,3 +19,4 @@
 #include "bwd_gates.cuh"
 #include "step.cuh"
 #include "wgmma.cuh"
+#include "fwd_fused_sm90.cuh"

@@ -30,11 +30,34 @@ __device__ __forceinline__ u64 sw128_desc(const void* smem_tile) {
   return ((addr & 0x3FFFF) >> 4) | (u64(1) << 16) | (u64(1024 >> 4) << 32) | (u64(1) << 62);
 }
 
+// MN-major 128B-swizzled tile: row r holds 64 consecutive M (or N) elements of K index r, in the
+// same byte layout as sw128_offset; 8-row K groups 1024 bytes apart (stride byte offset), 64-wide
+// M/N blocks `lbo` bytes apart (leading byte offset; a 64-wide operand never reads it, and its callers
+// pass 1024, equal to the stride byte offset, so either reading of the two fields gives the same tile). A k-step of
+// 16 elements advances the start address by 16 rows = 2048 bytes.
+__device__ __forceinline__ u64 sw128_desc_mn(const void* smem_tile, int lbo) {
+  const u64 addr = smem_addr(smem_tile);
+  return ((addr & 0x3FFFF) >> 4) | (u64((lbo >> 4) & 0x3FFF) << 16) | (u64(1024 >> 4) << 32) | (u64(1) << 62);
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pin registers that an in-flight wgmma reads or writes: the compiler sees the asm operands only
+// at issue, so accumulators are fenced before use after wgmma_wait and register A fragments are
+// kept alive (not reused) until then.
+template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(u32 (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 // Generic-proxy writes to shared memory (st.shared, cp.async) made visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -49,24 +72,45 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
       "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),           \
       "+f"(d[30]), "+f"(d[31])
 
-// D[64 × 64] (+)= A[64 × 16] · B[64 × 16]ᵀ, bf16 in, fp32 accumulate; A and B K-major in shared memory.
-// scale_d = 0 overwrites D.
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], u64 desc_a, u64 desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : TFLA_WGMMA_D32_OPS(d)
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+// D[64 × 64] (+)= A[64 × 16] · B[16 × 64], T = bf16 or f16 in, fp32 accumulate; scale_d = 0
+// overwrites D. Operands from shared-memory descriptors: kTransA / kTransB = 0 for K-major
+// tiles (sw128_desc: A rows of M, B rows of N, K contiguous), 1 for MN-major tiles (sw128_desc_mn:
+// rows of K, M or N contiguous) — the hardware transposes 16-bit operands on the fly.
+template <typename T, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], u64 desc_a, u64 desc_b, int scale_d) {
+  if constexpr (is_same<T, bf16>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : TFLA_WGMMA_D32_OPS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TFLA_WGMMA_D32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : TFLA_WGMMA_D32_OPS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+  }
 }
 
-// The same with A from registers: four 32-bit registers of bf16 pairs in the mma.sync m16k16
-// A-fragment layout, warp w of the warpgroup holding rows 16w .. 16w + 15.
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const u32 (&a)[4], u64 desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : TFLA_WGMMA_D32_OPS(d)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+// The same with A from registers: four 32-bit registers of 16-bit pairs in the mma.sync m16k16
+// A-fragment layout, warp w of the warpgroup holding rows 16w .. 16w + 15 (the accumulator
+// layout of columns 16k .. 16k + 15, so a product tile feeds the next MMA without shared memory).
+template <typename T, int kTransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const u32 (&a)[4], u64 desc_b, int scale_d) {
+  if constexpr (is_same<T, bf16>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : TFLA_WGMMA_D32_OPS(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kTransB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TFLA_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : TFLA_WGMMA_D32_OPS(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kTransB));
+  }
 }
 #undef TFLA_WGMMA_D32
 #undef TFLA_WGMMA_D32_OPS
@@ -86,10 +130,14 @@ __device__ __forceinline__ void store_m64n64(const float (&d)[32], float* D) {
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// Probe: D = A · Bᵀ for A (64 × 64) = q, B (64 × 64) = k (bf16, row-major, K contiguous), D (64 × 64)
-// fp32 = h. One warpgroup. kRegA = true takes A through registers (the P-tile path of the output
-// kernel), false through a shared-memory descriptor.
-template <bool kRegA>
+// Probe of the operand forms (one warpgroup; q, k: 64 × 64 bf16 row-major, h: 64 × 64 fp32; both
+// arrays are stored in the sw128_offset layout as they are, only descriptors and flags differ):
+//   kMode 0  h = q · kᵀ   A = q K-major (descriptor), B = k K-major
+//   kMode 1  h = q · kᵀ   A = q from registers (the P-tile path of the fused forward)
+//   kMode 2  h = q · k    B = k MN-major (rows of k are K indices)
+//   kMode 3  h = q · k    A from registers, B MN-major (P · V of the fused forward)
+//   kMode 4  h = qᵀ · k   A = q MN-major, B MN-major (Kᵀ · V of the state update)
+template <int kMode>
 __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __shared__ __align__(1024) unsigned char sA[64 * 128];
@@ -105,11 +153,12 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
+  constexpr bool kRegA = kMode == 1 || kMode == 3, kMnB = kMode >= 2;
   float d[32] = {};
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    const u64 db = sw128_desc(sB + 32 * kk);
+    const u64 db = kMnB ? sw128_desc_mn(sB + 2048 * kk, 1024) : sw128_desc(sB + 32 * kk);
     if constexpr (kRegA) {
       u32 a[4];
       const int r = 16 * warp + g, c = 16 * kk + 2 * t;
@@ -117,9 +166,11 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
       a[1] = *reinterpret_cast<const u32*>(sA + sw128_offset(r + 8, c));
       a[2] = *reinterpret_cast<const u32*>(sA + sw128_offset(r, c + 8));
       a[3] = *reinterpret_cast<const u32*>(sA + sw128_offset(r + 8, c + 8));
-      wgmma_m64n64k16_rs(d, a, db, kk > 0);
+      wgmma_rs<bf16, kMnB>(d, a, db, kk > 0);
+    } else if constexpr (kMode == 4) {
+      wgmma_ss<bf16, 1, 1>(d, sw128_desc_mn(sA + 2048 * kk, 1024), db, kk > 0);
     } else {
-      wgmma_m64n64k16_ss(d, sw128_desc(sA + 32 * kk), db, kk > 0);
+      wgmma_ss<bf16, 0, kMnB>(d, sw128_desc(sA + 32 * kk), db, kk > 0);
     }
   }
   wgmma_commit();
@@ -188,7 +239,7 @@ __global__ void __launch_bounds__(128) tma_probe_kernel(const Params p) {
   float d[32] = {};
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16_ss(d, sw128_desc(sA + 32 * kk), sw128_desc(sB + 32 * kk), kk > 0);
+  for (int kk = 0; kk < 4; ++kk) wgmma_ss<bf16, 0, 0>(d, sw128_desc(sA + 32 * kk), sw128_desc(sB + 32 * kk), kk > 0);
   wgmma_commit();
   wgmma_wait<0>();
   store_m64n64(d, ptr<float>(p.h));

@@ -1,6 +1,8 @@
 """The launch configuration: smem formulas agree with C++, the heuristic's choices are valid,
 and bad overrides are refused with a clear message."""
 
+import dataclasses
+
 import pytest
 
 from tfla_cupy import _loader, config
@@ -15,7 +17,8 @@ def test_geometry_of_every_instantiation_matches_the_cuda_side():
     policy, every chunk size, every kernel role), the fixed thread counts and the stage-0
     shared memory: each Python value is a static_assert against its C++ definition (whose carve
     is itself asserted equal to its size, in ChunkSmem and StateStream)."""
-    asserts = [f"static_assert({name} == {n}, \"{name}\");" for name, n in config.THREADS.items()]
+    asserts = [f"static_assert({name} == {n}, \"{name}\");"
+               for name, n in {**config.THREADS, **config.FUSED_FWD}.items()]
     asserts += [f"static_assert(tfla::chunk_gates_smem_bytes({L}) == {config.chunk_gates_smem_bytes(L)}, \"cg\");"
                 for L in _ALL_L]
     seen = set()
@@ -96,3 +99,48 @@ def test_one_gate_specification_drives_validation_references_and_launches():
             else:
                 with pytest.raises(ValueError, match=rf"^normalize: normalize={normalize} is only defined for"):
                     tfla_cupy.mlstm(*args, gate=name, normalize=normalize)
+
+
+def test_family_is_checked():
+    cfg = dataclasses.replace(config.pick_config("MmaBF16", 128, 256, 128), family="sm100")
+    with pytest.raises(ValueError, match=r"config.family: expected one of \('auto', 'sm80', 'sm90'\), got 'sm100'"):
+        cfg.check(2, 128)
+
+
+class _Device:
+    def __init__(self, cc):
+        self.compute_capability = cc
+
+
+class _Problem:
+    def __init__(self, DK=128, DV=256, chunk_size=128):
+        self.DK, self.DV, self.chunk_size = DK, DV, chunk_size
+
+
+@pytest.mark.parametrize("cc,mma,DK,DV,L,want", [
+    ("90", "MmaBF16", 128, 256, 128, "sm90"), ("90", "MmaF16", 128, 64, 128, "sm90"),
+    ("80", "MmaBF16", 128, 256, 128, "sm80"), ("90", "MmaF32", 128, 256, 128, "sm80"),
+    ("90", "MmaBF16", 64, 256, 128, "sm80"), ("90", "MmaBF16", 128, 96, 128, "sm80"),
+    ("90", "MmaBF16", 128, 256, 64, "sm80")])
+def test_auto_family_covers_or_falls_back(monkeypatch, cc, mma, DK, DV, L, want):
+    from tfla_cupy._cuda_path import _forward_family
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    cfg = config.pick_config(mma, DK, DV, L)
+    assert _forward_family(_Problem(DK, DV, L), cfg, mma, _Device(cc)) == want
+
+
+def test_forced_family_and_environment(monkeypatch):
+    from tfla_cupy._cuda_path import _forward_family
+    cfg = config.pick_config("MmaBF16", 128, 256, 128)
+    monkeypatch.setenv(config.FAMILY_ENV, "sm80")
+    assert _forward_family(_Problem(), cfg, "MmaBF16", _Device("90")) == "sm80"
+    assert _forward_family(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90")) == "sm90"
+    monkeypatch.setenv(config.FAMILY_ENV, "hopper")
+    with pytest.raises(ValueError, match=r"TFLA_CUPY_FAMILY: expected one of .*, got 'hopper'"):
+        _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"))
+    monkeypatch.delenv(config.FAMILY_ENV)
+    forced = dataclasses.replace(cfg, family="sm90")
+    with pytest.raises(ValueError, match=r"config.family: 'sm90' needs compute capability 9.0, this device has 8.0"):
+        _forward_family(_Problem(), forced, "MmaBF16", _Device("80"))
+    with pytest.raises(ValueError, match=r"config.family: 'sm90' does not cover this call: it is built for chunk_size"):
+        _forward_family(_Problem(chunk_size=64), forced, "MmaBF16", _Device("90"))

@@ -1,6 +1,6 @@
 """The sm_90a warpgroup-MMA primitives (cuda_src/wgmma.cuh): the probe kernel compiles for every
 architecture (an empty trap below sm_90a) and, on a Hopper GPU, computes A·Bᵀ like NumPy for A
-from shared memory and A from registers (128-byte swizzled K-major tiles)."""
+from shared memory and A from registers, K-major and MN-major (transposed) 128-byte swizzled tiles."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,10 @@ import pytest
 from tfla_cupy import _loader
 from tfla_cupy._params import make_params
 
-NAMES = ["tfla::wgmma_probe_kernel<false>", "tfla::wgmma_probe_kernel<true>"]
+#: (mode, id, NumPy product) of wgmma_probe_kernel<mode> (cuda_src/wgmma.cuh)
+MODES = [(0, "smemA", lambda a, b: a @ b.T), (1, "regA", lambda a, b: a @ b.T), (2, "smemA-mnB", lambda a, b: a @ b),
+         (3, "regA-mnB", lambda a, b: a @ b), (4, "mnA-mnB", lambda a, b: a.T @ b)]
+NAMES = [f"tfla::wgmma_probe_kernel<{m}>" for m, _, _ in MODES]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
@@ -20,8 +23,8 @@ def test_probe_compiles(arch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("reg_a", [False, True], ids=["smemA", "regA"])
-def test_probe_matches_numpy(reg_a):
+@pytest.mark.parametrize("mode", [pytest.param(m, id=i) for m, i, _ in MODES])
+def test_probe_matches_numpy(mode):
     cp = pytest.importorskip("cupy")
     if not cp.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -29,13 +32,13 @@ def test_probe_matches_numpy(reg_a):
         pytest.skip("needs compute capability 9.0 (sm_90a)")
     import ml_dtypes
 
-    rng = np.random.default_rng(5 + reg_a)
+    rng = np.random.default_rng(5 + mode)
     a = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
     b = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
     A, B = cp.asarray(a), cp.asarray(b)
     D = cp.full((64, 64), np.nan, dtype=cp.float32)
-    _loader.get_kernel(NAMES[reg_a])(1, 128, make_params(q=A, k=B, h=D))
-    want = a.astype(np.float64) @ b.astype(np.float64).T
+    _loader.get_kernel(NAMES[mode])(1, 128, make_params(q=A, k=B, h=D))
+    want = MODES[mode][2](a.astype(np.float64), b.astype(np.float64))
     got = cp.asnumpy(D).astype(np.float64)
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 

@@ -32,6 +32,8 @@ def _fake(a):
 
 
 class _Device:
+    compute_capability = "80"  # the sm80 family; test_hopper_plan_* switch it to "90"
+
     def __init__(self, i=0):
         self.id = i
 
@@ -174,3 +176,40 @@ def test_every_launch_gets_the_geometry(launches):
         if int(p["q"]):  # every kernel but stage 0 reads q
             assert _strides(p, "q") == (2 * 40 * 16, 40 * 16, 16) and int(p["q"]) == x[0].data.ptr, name
         assert _cuda_path._cdiv(40, 16) == int(p["NC"])
+
+
+def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, monkeypatch):
+    """On compute capability 9.0 a covered call (16-bit, L = 128, DK = 128, DV % 64 == 0) runs the
+    fused forward — one CTA per (DV block, sequence, head), its thread count and shared memory
+    from config.FUSED_FWD, bshd views in place, no chunk states unless kept — and the backward
+    recomputes the states with the sm80 family."""
+    from tfla_cupy import config
+    from tfla_cupy._arrays import BFLOAT16
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    lengths = [1, 127, 128, 129, 300]
+    S, N, NH, DK, DV = sum(lengths), len(lengths), 2, 128, 192
+    cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    rng = np.random.default_rng(4)
+    q, k = (_fake(rng.standard_normal((1, S, NH, DK)).astype(BFLOAT16)) for _ in range(2))
+    v = _fake(rng.standard_normal((1, S, NH, DV)).astype(BFLOAT16))
+    i, f = (_fake(rng.standard_normal((1, S, NH)).astype(np.float32)) for _ in range(2))
+    for keep in (False, True):
+        launches.clear()
+        h, last, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd",
+                                           keep_states=keep)
+        names = [e[0] for e in launches]
+        assert not any("fwd_h_kernel" in n or "fwd_states_kernel" in n for n in names), names
+        name, grid, block, p, smem = _by_kernel(launches, "fwd_fused_sm90_kernel")[0]
+        assert name == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp")
+        assert (grid, block, smem) == ((DV // 64) * N * NH, config.FUSED_THREADS, config.FUSED_SMEM_BYTES)
+        for nm, x in zip("qkvif", (q, k, v, i, f)):
+            assert int(p[nm]) == x.data.ptr, f"{nm} was copied"
+        assert _strides(p, "q") == (S * NH * DK, DK, NH * DK)
+        assert (int(p["C_states"]) != 0) == keep and (int(p["m_states"]) != 0) == keep
+        assert int(p["gate_a"]) != 0 and int(p["N"]) != 0 and int(p["M"]) != 0
+        assert h.shape == (1, S, NH, DV) and last.C.shape == (N, NH, DK, DV)
+    launches.clear()
+    tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
+    names = {e[0].split("<")[0] for e in launches}
+    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names

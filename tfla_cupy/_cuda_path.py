@@ -1,6 +1,7 @@
 """The GPU path: buffers, launch order and grids of the TFLA kernels.
 
-Forward: fwd_states (chunk-boundary states) -> fwd_h (outputs, N, M).
+Forward: fwd_states (chunk-boundary states) -> fwd_h (outputs, N, M) on the sm80 family; on
+Hopper, where it covers the call, one fused pass (fwd_fused_sm90: states on chip, h, N, M).
 Backward: [fwd_states again, unless the forward kept its states] -> bwd_dq -> bwd_dstates ->
 bwd_dk, bwd_dv -> bwd_gates. Everything is launched on CuPy's current stream with no host
 synchronisation, so a warmed-up call can be captured in a CUDA graph.
@@ -21,8 +22,11 @@ import numpy as np
 from . import _arrays, _loader
 from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
-from .config import (ELEMENT_BYTES, GATE_POLICY, MMA, THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
-                     gates_kernel, pick_config, seq_table_kernel, state_kernels)
+import os
+
+from .config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_BV, FUSED_SMEM_BYTES, FUSED_THREADS, GATE_POLICY, MMA,
+                     THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
+                     fused_fwd_unsupported, gates_kernel, pick_config, seq_table_kernel, state_kernels)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
@@ -225,6 +229,30 @@ def _config(problem, mma, device):
     return cfg
 
 
+def _forward_family(problem, cfg, mma, device):
+    """"sm90" (the fused Hopper forward) or "sm80" (the two-pass mma.sync forward) for this call:
+    config.family, or with "auto" the TFLA_CUPY_FAMILY environment variable, or the default —
+    sm90 on compute capability 9.0 where it covers the shape, sm80 otherwise (never an error).
+    An explicit "sm90" that cannot run is a ValueError naming why."""
+    want, where = cfg.family, "config.family"
+    if want == "auto":
+        want, where = os.environ.get(FAMILY_ENV, "auto") or "auto", FAMILY_ENV
+        if want not in FAMILIES:
+            raise ValueError(f"{FAMILY_ENV}: expected one of {FAMILIES}, got {want!r}")
+    if want == "sm80":
+        return "sm80"
+    p = problem
+    cc = device.compute_capability
+    reason = fused_fwd_unsupported(mma, p.DK, p.DV, p.chunk_size)
+    if want == "sm90":
+        if cc != "90":
+            raise ValueError(f"{where}: 'sm90' needs compute capability 9.0, this device has {cc[:-1]}.{cc[-1]}")
+        if reason is not None:
+            raise ValueError(f"{where}: 'sm90' does not cover this call: {reason}")
+        return "sm90"
+    return "sm90" if cc == "90" and reason is None else "sm80"
+
+
 def _private(x, user):
     """``x`` when the conversion already copied it, else a copy: the saved context must not alias
     an input that the caller may later edit in place (that would change the gradients)."""
@@ -263,9 +291,13 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         h = _out(out, "h", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
         N = _out(out, "N", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_n else None
         M = _out(out, "M", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_m else None
-        C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
-        n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n else None
-        m_states = cp.empty((BH, run.NM), _F32) if p.has_m else None
+        family = _forward_family(p, cfg, mma, device)
+        # the two-pass forward passes every chunk state between its kernels; the fused one writes
+        # them only when the backward is to keep them
+        with_states = family == "sm80" or p.keep_states
+        C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype) if with_states else None
+        n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n and with_states else None
+        m_states = cp.empty((BH, run.NM), _F32) if p.has_m and with_states else None
         C_last = _out(out, "C_last", lambda: cp.empty(states + (p.DK, p.DV), _F32))
         n_last = _out(out, "n_last", lambda: cp.empty(states + (p.DK,), _F32)) if p.has_n else None
         m_last = _out(out, "m_last", lambda: cp.empty(states, _F32)) if p.has_m else None
@@ -273,8 +305,12 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         params = run.params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
                             n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
                             **gates)
-        run.states("fwd_states_kernel", params)
-        run.chunk("fwd_h", params)
+        if family == "sm90":
+            grid = (p.DV // FUSED_BV) * p.NSEQ * p.NH
+            _loader.get_kernel(fused_fwd_kernel(mma, run.gate))(grid, FUSED_THREADS, params, FUSED_SMEM_BYTES)
+        else:
+            run.states("fwd_states_kernel", params)
+            run.chunk("fwd_h", params)
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
                  C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
                  dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=cfg, device=device.id,

@@ -34,6 +34,37 @@ THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateT
            "tfla::kChunkGateThreads": 128, "tfla::kSeqTableThreads": 1024}
 
 
+#: The Hopper forward (cuda_src/fwd_fused_sm90.cuh, struct FusedFwdSmem): the chunk size and
+#: DK it is built for, its DV block, threads and dynamic shared memory (tests/test_config.py
+#: compiles static_asserts that these equal the C++ constants).
+FUSED_FWD = {"tfla::FusedFwdSmem::kL": 128, "tfla::FusedFwdSmem::kDK": 128, "tfla::FusedFwdSmem::kBV": 64,
+             "tfla::FusedFwdSmem::kThreads": 256, "tfla::FusedFwdSmem::kBytes": 207_360}
+FUSED_L = FUSED_FWD["tfla::FusedFwdSmem::kL"]
+FUSED_DK = FUSED_FWD["tfla::FusedFwdSmem::kDK"]
+FUSED_BV = FUSED_FWD["tfla::FusedFwdSmem::kBV"]
+FUSED_THREADS = FUSED_FWD["tfla::FusedFwdSmem::kThreads"]
+FUSED_SMEM_BYTES = FUSED_FWD["tfla::FusedFwdSmem::kBytes"]
+
+#: Kernel families: "sm80" (mma.sync, every GPU from compute capability 8.0; the fallback),
+#: "sm90" (Hopper: wgmma, the chunk state on chip; forward only today), "auto" (sm90 where it
+#: covers the call, else sm80). The environment variable TFLA_CUPY_FAMILY overrides "auto".
+FAMILIES = ("auto", "sm80", "sm90")
+FAMILY_ENV = "TFLA_CUPY_FAMILY"
+
+
+def fused_fwd_unsupported(mma: str, DK: int, DV: int, L: int):
+    """None when the Hopper forward covers (mma, DK, DV, L), else the reason it does not."""
+    if mma not in ("MmaBF16", "MmaF16"):
+        return "it needs bfloat16 or float16 inputs (float32 and TF32 stay on the sm80 family)"
+    if L != FUSED_L:
+        return f"it is built for chunk_size {FUSED_L}, got {L}"
+    if DK != FUSED_DK:
+        return f"it is built for DK = {FUSED_DK}, got {DK}"
+    if DV % FUSED_BV:
+        return f"it needs DV a multiple of {FUSED_BV}, got {DV}"
+    return None
+
+
 def chunk_gates_smem_bytes(L: int) -> int:  # mirrors tfla::chunk_gates_smem_bytes
     return 3 * 8 * L
 
@@ -126,8 +157,12 @@ class KernelConfig:
     bwd_dq: ChunkTile
     bwd_dk: ChunkTile
     bwd_dv: ChunkTile
+    #: kernel family of the forward (see FAMILIES); the tiles above are the sm80 family's
+    family: str = "auto"
 
     def check(self, e: int, L: int, smem_limit: int = SMEM_LIMIT_BYTES):
+        if self.family not in FAMILIES:
+            raise ValueError(f"config.family: expected one of {FAMILIES}, got {self.family!r}")
         for name in ("states", "fwd_h", "bwd_dq", "bwd_dk", "bwd_dv"):
             tile = getattr(self, name)
             tile.check()
@@ -167,6 +202,11 @@ def state_kernels(mma: str, gate: str, tile: StateTile):
 def chunk_kernel(kind: str, mma: str, gate: str, tile: ChunkTile):
     from ._loader import kernel_name
     return kernel_name(kind, f"tfla::{mma}", gate, tile.cpp())
+
+
+def fused_fwd_kernel(mma: str, gate: str):
+    from ._loader import kernel_name
+    return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate)
 
 
 def gates_kernel(gate: str):
@@ -228,6 +268,8 @@ def all_instantiations():
                 names.append(chunk_kernel(kind, mma, gate, tile))
             if mma != "MmaTF32":
                 names += [step_kernel(mma, gate), step_nm_kernel(mma, gate)]
+            if fused_fwd_unsupported(mma, FUSED_DK, FUSED_BV, FUSED_L) is None:
+                names.append(fused_fwd_kernel(mma, gate))
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate)]
         if mma == "MmaF32":

@@ -1,0 +1,158 @@
+"""The Hopper forward (cuda_src/fwd_fused_sm90.cuh, family "sm90") against the float64 reference,
+forward and the backward that consumes its N, M and last state: every gate variant, bf16 and
+f16, ragged chunks, initial states, packed sequences, the (B, S, NH, D) layout, masked tokens;
+the family choice and its override; determinism; compute-sanitizer on a ragged case.
+Runs on compute capability 9.0 only (the sm80 family is what every other GPU test covers)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import tfla_cupy
+from tfla_cupy import _loader, config
+from gpu_utils import DTYPES, GATE_MODES, cp, gpu, make_inputs, poisoned_allocations, rel_err, seed_of
+from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
+
+pytestmark = gpu
+
+L = config.FUSED_L
+DK = config.FUSED_DK
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("needs compute capability 9.0 (the sm90 family)")
+    monkeypatch.setenv(config.FAMILY_ENV, "sm90")  # forced: a call it cannot cover is an error, not a fallback
+
+
+def _cases():
+    out = []
+    for dt in ("bf16", "f16"):
+        for mode in GATE_MODES:
+            out.append((1, 2, 300, 64, mode, dt, 3.0, True, True))     # ragged last chunk, states in and out
+            out.append((2, 1, 1000, 192, mode, dt, -2.0, False, False))  # strong forgetting, 3 DV blocks
+        out.append((1, 1, 1, 64, "exp", dt, 3.0, True, False))         # one token
+        out.append((1, 1, 128, 128, "exp", dt, 3.0, False, True))      # exactly one chunk
+        out.append((1, 1, 4109, 64, "exp", dt, 3.0, True, True))       # many chunks, ragged
+    return [pytest.param(*c, id=f"B{c[0]}-NH{c[1]}-S{c[2]}-DV{c[3]}-{c[4]}-{c[5]}-f{c[6]:+g}-"
+                              f"{'init' if c[7] else 'noinit'}-{'dlast' if c[8] else 'nodlast'}") for c in out]
+
+
+@pytest.mark.parametrize("B,NH,S,DV,mode,dt,f_mean,init,d_last", _cases())
+def test_fused_forward_and_backward_match_reference(hopper, B, NH, S, DV, mode, dt, f_mean, init, d_last):
+    rng = np.random.default_rng(seed_of("fused", B, NH, S, DV, mode, dt, f_mean, init, d_last))
+    gate, normalize = GATE_MODES[mode]
+    host, ref = make_inputs(rng, B, NH, S, DK, DV, DTYPES[dt], f_mean=f_mean)
+    got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt=dt, cu=None, init=init, d_last=d_last,
+                     seed=seed_of("fused-run", S, mode))
+    _assert_within(_errors(got, want, init=init), dt)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "main"])
+@pytest.mark.parametrize("mode", list(GATE_MODES))
+def test_fused_varlen_matches_per_sequence_reference(hopper, kind, mode):
+    rng = np.random.default_rng(seed_of("fused-varlen", kind, mode))
+    cu = np.concatenate([[0], np.cumsum(_lengths(rng, kind, L))])
+    gate, normalize = GATE_MODES[mode]
+    host, ref = make_inputs(rng, 1, 1, int(cu[-1]), DK, 128, DTYPES["bf16"])
+    got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
+                     seed=seed_of("fused-varlen-run", kind, mode))
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_fused_bshd_and_kept_states(hopper):
+    rng = np.random.default_rng(seed_of("fused-bshd"))
+    host, ref = make_inputs(rng, 2, 2, 500, DK, 128, DTYPES["bf16"])
+    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True,
+                     layout="bshd", keep_states=True)
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_fused_masked_tokens_are_finite_and_match_reference(hopper):
+    """ĩ = −∞ (token writes nothing) and f̃ = −∞ (reset) inside chunks and at chunk edges."""
+    rng = np.random.default_rng(seed_of("fused-masked"))
+    host, ref = make_inputs(rng, 1, 2, 700, DK, 64, DTYPES["bf16"])
+    for name, cols in (("i", [0, 5, 127, 128, 129, 400, 699]), ("f", [3, 255, 256, 500])):
+        host[name][..., cols] = -np.inf
+        ref[name][..., cols] = -np.inf
+    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True)
+    h, last, g = got
+    assert bool(cp.isfinite(h).all()) and bool(cp.isfinite(last.C).all())
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_fused_forward_is_deterministic(hopper):
+    rng = np.random.default_rng(seed_of("fused-det"))
+    host, _ = make_inputs(rng, 1, 4, 1000, DK, 256, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    runs = [tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L, return_state=True) for _ in range(2)]
+    (h1, s1), (h2, s2) = runs
+    assert _same_bits(h1, h2) and _same_bits(s1.C, s2.C) and _same_bits(s1.n, s2.n)
+
+
+def _launched(monkeypatch, call):
+    """Kernel names that ``call`` launches."""
+    names = []
+    real = _loader.get_kernel
+    monkeypatch.setattr(_loader, "get_kernel", lambda name: names.append(name) or real(name))
+    call()
+    return names
+
+
+def test_family_choice_and_override(monkeypatch):
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("needs compute capability 9.0")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    rng = np.random.default_rng(1)
+
+    def call(DKx, **kw):
+        host, _ = make_inputs(rng, 1, 1, 200, DKx, 64, DTYPES["bf16"])
+        x = {n: cp.asarray(host[n]) for n in "qkvif"}
+        return lambda: tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L, **kw)
+
+    fused = "fwd_fused_sm90_kernel"
+    assert any(fused in n for n in _launched(monkeypatch, call(DK)))            # auto: covered -> sm90
+    assert not any(fused in n for n in _launched(monkeypatch, call(64)))        # auto: DK 64 -> sm80
+    monkeypatch.setenv(config.FAMILY_ENV, "sm80")
+    names = _launched(monkeypatch, call(DK))
+    assert not any(fused in n for n in names) and any("fwd_h_kernel" in n for n in names)
+    monkeypatch.setenv(config.FAMILY_ENV, "sm90")
+    with pytest.raises(ValueError, match=r"TFLA_CUPY_FAMILY: 'sm90' does not cover this call: .*DK = 128, got 64"):
+        call(64)()
+
+
+_SANITIZED = textwrap.dedent("""
+    import ml_dtypes, numpy as np, cupy as cp, tfla_cupy
+    rng = np.random.default_rng(0)
+    bf = ml_dtypes.bfloat16
+    q = cp.asarray(rng.standard_normal((1, 1, 200, 128)).astype(bf))
+    k = cp.asarray(rng.standard_normal((1, 1, 200, 128)).astype(bf))
+    v = cp.asarray(rng.standard_normal((1, 1, 200, 64)).astype(bf))
+    i = cp.asarray(rng.standard_normal((1, 1, 200)).astype(np.float32))
+    f = cp.asarray((3 + rng.standard_normal((1, 1, 200))).astype(np.float32))
+    for gate, norm in (("exp", True), ("sig", False)):
+        h, last = tfla_cupy.mlstm(q, k, v, i, f, gate=gate, normalize=norm, chunk_size=128, return_state=True)
+    cp.cuda.Device().synchronize()
+    print("SANITIZED-RUN-OK")
+""")
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer_fused(hopper, tmp_path, tool):
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        pytest.skip("compute-sanitizer not on PATH")
+    script = tmp_path / "run.py"
+    script.write_text(_SANITIZED)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_loader.source_dir().parent)] + sys.path))
+    r = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script)],
+                       capture_output=True, text=True, env=env, timeout=540)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "SANITIZED-RUN-OK" in out, out[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, out[-4000:]
