@@ -113,12 +113,12 @@ class _Device:
 
 
 class _Problem:
-    def __init__(self, DK=128, DV=256, chunk_size=128):
-        self.DK, self.DV, self.chunk_size = DK, DV, chunk_size
+    def __init__(self, DK=128, DV=256, chunk_size=128, NSEQ=8, NH=16):
+        self.DK, self.DV, self.chunk_size, self.NSEQ, self.NH = DK, DV, chunk_size, NSEQ, NH
 
 
 @pytest.mark.parametrize("cc,mma,DK,DV,L,want", [
-    ("90", "MmaBF16", 128, 256, 128, "sm90"), ("90", "MmaF16", 128, 64, 128, "sm90"),
+    ("90", "MmaBF16", 128, 256, 128, "sm90"), ("90", "MmaF16", 128, 128, 128, "sm90"),
     ("80", "MmaBF16", 128, 256, 128, "sm80"), ("90", "MmaF32", 128, 256, 128, "sm80"),
     ("90", "MmaBF16", 64, 256, 128, "sm80"), ("90", "MmaBF16", 128, 96, 128, "sm80"),
     ("90", "MmaBF16", 128, 256, 64, "sm80")])
@@ -126,21 +126,32 @@ def test_auto_family_covers_or_falls_back(monkeypatch, cc, mma, DK, DV, L, want)
     from tfla_cupy._cuda_path import _forward_family
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
     cfg = config.pick_config(mma, DK, DV, L)
-    assert _forward_family(_Problem(DK, DV, L), cfg, mma, _Device(cc)) == want
+    assert _forward_family(_Problem(DK, DV, L), cfg, mma, _Device(cc), 132) == want
 
 
 def test_forced_family_and_environment(monkeypatch):
     from tfla_cupy._cuda_path import _forward_family
     cfg = config.pick_config("MmaBF16", 128, 256, 128)
     monkeypatch.setenv(config.FAMILY_ENV, "sm80")
-    assert _forward_family(_Problem(), cfg, "MmaBF16", _Device("90")) == "sm80"
-    assert _forward_family(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90")) == "sm90"
+    assert _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"), 132) == "sm80"
+    assert _forward_family(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
     monkeypatch.setenv(config.FAMILY_ENV, "hopper")
     with pytest.raises(ValueError, match=r"TFLA_CUPY_FAMILY: expected one of .*, got 'hopper'"):
-        _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"))
+        _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"), 132)
     monkeypatch.delenv(config.FAMILY_ENV)
     forced = dataclasses.replace(cfg, family="sm90")
     with pytest.raises(ValueError, match=r"config.family: 'sm90' needs compute capability 9.0, this device has 8.0"):
-        _forward_family(_Problem(), forced, "MmaBF16", _Device("80"))
+        _forward_family(_Problem(), forced, "MmaBF16", _Device("80"), 132)
     with pytest.raises(ValueError, match=r"config.family: 'sm90' does not cover this call: it is built for chunk_size"):
-        _forward_family(_Problem(chunk_size=64), forced, "MmaBF16", _Device("90"))
+        _forward_family(_Problem(chunk_size=64), forced, "MmaBF16", _Device("90"), 132)
+
+
+def test_auto_family_needs_a_full_wave():
+    """B = 1, S = 65536, NH = 16, DV = 256: 64 fused CTAs for 132 SMs -> the two-pass sm80 forward;
+    forcing sm90 still runs it."""
+    from tfla_cupy._cuda_path import _forward_family
+    cfg = config.pick_config("MmaBF16", 128, 256, 128)
+    long = _Problem(NSEQ=1, NH=16)
+    assert _forward_family(long, cfg, "MmaBF16", _Device("90"), 132) == "sm80"
+    assert _forward_family(_Problem(NSEQ=3, NH=11), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 132 CTAs
+    assert _forward_family(long, dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"

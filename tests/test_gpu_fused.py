@@ -111,12 +111,14 @@ def test_family_choice_and_override(monkeypatch):
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
     rng = np.random.default_rng(1)
 
-    def call(DKx, **kw):
-        host, _ = make_inputs(rng, 1, 1, 200, DKx, 64, DTYPES["bf16"])
+    def call(DKx, **kw):  # 2 · 66 heads, one DV block: one fused CTA per SM of an H200 (132)
+        host, _ = make_inputs(rng, 2, 66, 200, DKx, 64, DTYPES["bf16"])
         x = {n: cp.asarray(host[n]) for n in "qkvif"}
         return lambda: tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L, **kw)
 
     fused = "fwd_fused_sm90_kernel"
+    if _loader.device_limits(cp.cuda.Device().id)[0] > 132:
+        pytest.skip("the auto case needs at most 132 SMs (one fused CTA per SM)")
     assert any(fused in n for n in _launched(monkeypatch, call(DK)))            # auto: covered -> sm90
     assert not any(fused in n for n in _launched(monkeypatch, call(64)))        # auto: DK 64 -> sm80
     monkeypatch.setenv(config.FAMILY_ENV, "sm80")

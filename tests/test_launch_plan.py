@@ -186,6 +186,7 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, monkeyp
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.setattr(_loader, "device_limits", lambda device_id: (16, 232_448))  # 30 CTAs fill 16 SMs
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
     lengths = [1, 127, 128, 129, 300]
     S, N, NH, DK, DV = sum(lengths), len(lengths), 2, 128, 192
@@ -213,3 +214,18 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, monkeyp
     tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
     names = {e[0].split("<")[0] for e in launches}
     assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names
+
+
+def test_hopper_plan_below_one_wave_uses_the_sm80_forward(launches, monkeypatch):
+    """B = 1 and few heads: fewer fused CTAs than SMs, so "auto" keeps the two-pass forward."""
+    from tfla_cupy import config
+    from tfla_cupy._arrays import BFLOAT16
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    rng = np.random.default_rng(5)
+    q, k = (_fake(rng.standard_normal((1, 2, 300, 128)).astype(BFLOAT16)) for _ in range(2))
+    v = _fake(rng.standard_normal((1, 2, 300, 256)).astype(BFLOAT16))
+    i, f = (_fake(rng.standard_normal((1, 2, 300)).astype(np.float32)) for _ in range(2))
+    tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128)
+    names = {e[0].split("<")[0] for e in launches}
+    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names

@@ -229,11 +229,14 @@ def _config(problem, mma, device):
     return cfg
 
 
-def _forward_family(problem, cfg, mma, device):
+def _forward_family(problem, cfg, mma, device, sms):
     """"sm90" (the fused Hopper forward) or "sm80" (the two-pass mma.sync forward) for this call:
     config.family, or with "auto" the TFLA_CUPY_FAMILY environment variable, or the default —
-    sm90 on compute capability 9.0 where it covers the shape, sm80 otherwise (never an error).
-    An explicit "sm90" that cannot run is a ValueError naming why."""
+    sm90 on compute capability 9.0 where it covers the shape and its grid (one CTA per DV block,
+    sequence and head, each walking all its chunks) has at least one CTA per SM (`sms`), sm80
+    otherwise (never an error). Below one wave the two-pass forward, which spreads the chunks over
+    the GPU, is faster (bench/NOTES.md: B = 1, S = 65536 on the H200). An explicit "sm90" that
+    cannot run is a ValueError naming why."""
     want, where = cfg.family, "config.family"
     if want == "auto":
         want, where = os.environ.get(FAMILY_ENV, "auto") or "auto", FAMILY_ENV
@@ -250,7 +253,9 @@ def _forward_family(problem, cfg, mma, device):
         if reason is not None:
             raise ValueError(f"{where}: 'sm90' does not cover this call: {reason}")
         return "sm90"
-    return "sm90" if cc == "90" and reason is None else "sm80"
+    if cc != "90" or reason is not None:
+        return "sm80"
+    return "sm90" if (p.DV // FUSED_BV) * p.NSEQ * p.NH >= sms else "sm80"
 
 
 def _private(x, user):
@@ -291,7 +296,7 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         h = _out(out, "h", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
         N = _out(out, "N", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_n else None
         M = _out(out, "M", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_m else None
-        family = _forward_family(p, cfg, mma, device)
+        family = _forward_family(p, cfg, mma, device, _loader.device_limits(device.id)[0])
         # the two-pass forward passes every chunk state between its kernels; the fused one writes
         # them only when the backward is to keep them
         with_states = family == "sm80" or p.keep_states
