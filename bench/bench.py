@@ -100,8 +100,11 @@ def floor_ms(mode, B, NH, S, DK, DV, L):
 
 
 class Timer:
-    def __init__(self, cp, warmup=10, repeat=30):
-        self.cp, self.warmup, self.repeat = cp, warmup, repeat
+    """Median CUDA-event time of fn() in ms, L2 flushed before every timed call; ``barrier`` (e.g.
+    a collective across ranks) runs before every timed call too, untimed, followed by a stream sync."""
+
+    def __init__(self, cp, warmup=10, repeat=30, barrier=None):
+        self.cp, self.warmup, self.repeat, self.barrier = cp, warmup, repeat, barrier
         self.flush = cp.empty(256 * 2**20, dtype=cp.uint8)
 
     def __call__(self, fn):
@@ -111,6 +114,9 @@ class Timer:
         times = []
         for _ in range(self.repeat):
             self.flush.fill(0)
+            if self.barrier is not None:
+                self.barrier()
+                cp.cuda.get_current_stream().synchronize()
             a, b = cp.cuda.Event(), cp.cuda.Event()
             a.record()
             fn()

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import Timer  # noqa: E402
 import tfla_cupy  # noqa: E402
 from tfla_cupy import distributed as dist  # noqa: E402
 from tfla_cupy.distributed import _algebra, _api, _local  # noqa: E402
@@ -45,32 +47,6 @@ def _inputs(cp, S, seed=0):
     f = 3.0 + rng.standard_normal((1, NH, S), dtype=cp.float32)
     dh = rng.standard_normal((1, NH, S, DV), dtype=cp.float32).astype(bf16)
     return (q, k, v, i, f), dh
-
-
-class Timer:
-    """Median CUDA-event time of fn() in ms; ``barrier`` runs before every call (untimed)."""
-
-    def __init__(self, cp, barrier=None):
-        self.cp, self.barrier = cp, barrier
-        self.flush = cp.empty(256 * 2**20, dtype=cp.uint8)
-
-    def __call__(self, fn):
-        cp = self.cp
-        for _ in range(WARMUP):
-            fn()
-        times = []
-        for _ in range(REPEAT):
-            self.flush.fill(0)
-            if self.barrier is not None:
-                self.barrier()
-            cp.cuda.get_current_stream().synchronize()
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(cp.cuda.get_elapsed_time(a, b))
-        return float(np.median(times))
 
 
 def _one_gpu(cp, timer, S):
@@ -112,7 +88,7 @@ def _virtual_overheads(cp, timer, S, P):
 
 
 def _rows_virtual(cp):
-    timer = Timer(cp)
+    timer = Timer(cp, warmup=WARMUP, repeat=REPEAT)
     base = _one_gpu(cp, timer, WEAK_TOKENS)
     rows = []
     for P in (1, 2, 4, 8):
@@ -143,7 +119,7 @@ def _rows_nccl(cp, comm, one_gpu):
     them before the communicator existed; every rank has them)."""
     P, r = comm.size, comm.rank
     token = cp.zeros(1, cp.float32)
-    timer = Timer(cp, barrier=lambda: comm.all_gather(token))
+    timer = Timer(cp, warmup=WARMUP, repeat=REPEAT, barrier=lambda: comm.all_gather(token))
     rows = []
     for kind, S in (("weak-nccl", WEAK_TOKENS * P), ("strong-nccl", STRONG_S)):
         n = S // P
@@ -200,7 +176,8 @@ def main(argv=None):
         return 0
     local = int(os.environ.get("TFLA_LOCAL_RANK", "0"))
     cp.cuda.Device(local).use()
-    timer = Timer(cp)  # every rank measures the one-GPU baseline on its own GPU (no broadcast needed)
+    # every rank measures the one-GPU baseline on its own GPU (no broadcast needed)
+    timer = Timer(cp, warmup=WARMUP, repeat=REPEAT)
     base, big = _one_gpu(cp, timer, WEAK_TOKENS), _one_gpu(cp, timer, STRONG_S)
     one = {("weak-nccl", m): base[m] for m in base} | {("strong-nccl", m): big[m] for m in big}
     cp.get_default_memory_pool().free_all_blocks()

@@ -4,12 +4,17 @@ float64 reference on the same rounded inputs, and the error metric and tolerance
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
+import sys
 import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from tfla_cupy import _loader
 from tfla_cupy.reference import chunkwise
 
 try:
@@ -113,3 +118,35 @@ def reference(ref, *, gate, normalize, L, scale=None, eps=1e-6, dh=None, dC_last
 
 __all__ = ["cp", "HAS_GPU", "gpu", "DTYPES", "FWD_TOL", "BWD_TOL", "DF_TOL", "GATE_MODES", "rel_err",
            "poisoned_allocations", "seed_of", "case_id", "make_inputs", "to_gpu", "reference"]
+
+
+def run_sanitized(tool, script_text, tmp_path):
+    """Run ``script_text`` (which prints SANITIZED-RUN-OK at its end) under compute-sanitizer's
+    ``tool`` with the library under test importable; skips when compute-sanitizer is missing.
+    Asserts a zero exit status and the end marker; returns the combined output."""
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        pytest.skip("compute-sanitizer not on PATH")
+    script = tmp_path / "run.py"
+    script.write_text(script_text)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_loader.source_dir().parent)] + sys.path))
+    r = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script)],
+                       capture_output=True, text=True, env=env, timeout=540)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "SANITIZED-RUN-OK" in out, out[-4000:]
+    return out
+
+
+def eager_then_graph(step):
+    """``step()`` once eagerly (compiles, fills the memory pool), then captured in a CUDA graph on a
+    non-blocking stream and replayed: returns (eager result, graph result)."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = step()
+        stream.synchronize()
+        stream.begin_capture()
+        captured = step()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+    return eager, captured

@@ -4,10 +4,6 @@ f16, ragged chunks, initial states, packed sequences, the (B, S, NH, D) layout, 
 the family choice and its override; determinism; compute-sanitizer on a ragged case.
 Runs on compute capability 9.0 only (the sm80 family is what every other GPU test covers)."""
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -15,7 +11,7 @@ import pytest
 
 import tfla_cupy
 from tfla_cupy import _loader, config
-from gpu_utils import DTYPES, GATE_MODES, cp, gpu, make_inputs, poisoned_allocations, rel_err, seed_of
+from gpu_utils import DTYPES, GATE_MODES, cp, gpu, make_inputs, run_sanitized, seed_of
 from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
 
 pytestmark = gpu
@@ -147,14 +143,5 @@ _SANITIZED = textwrap.dedent("""
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_compute_sanitizer_fused(hopper, tmp_path, tool):
-    exe = shutil.which("compute-sanitizer")
-    if exe is None:
-        pytest.skip("compute-sanitizer not on PATH")
-    script = tmp_path / "run.py"
-    script.write_text(_SANITIZED)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_loader.source_dir().parent)] + sys.path))
-    r = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script)],
-                       capture_output=True, text=True, env=env, timeout=540)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "SANITIZED-RUN-OK" in out, out[-4000:]
+    out = run_sanitized(tool, _SANITIZED, tmp_path)
     assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, out[-4000:]

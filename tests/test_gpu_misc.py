@@ -1,10 +1,6 @@
 """GPU plumbing: struct passing, sm_90a, DLPack producers, CUDA-graph capture, error paths,
 and compute-sanitizer runs on small ragged cases."""
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,7 +9,7 @@ import pytest
 import tfla_cupy
 from tfla_cupy import _loader
 from tfla_cupy._params import PARAMS_DTYPE, make_params
-from gpu_utils import FWD_TOL, cp, gpu, make_inputs, reference, rel_err, to_gpu
+from gpu_utils import FWD_TOL, cp, eager_then_graph, gpu, make_inputs, reference, rel_err, run_sanitized, to_gpu
 
 pytestmark = gpu
 
@@ -67,18 +63,11 @@ def test_forward_and_backward_capture_in_a_cuda_graph():
     host, _ = make_inputs(rng, 1, 2, 256, 64, 64, np.float32)
     x = to_gpu(host)
     dh = cp.ones((1, 2, 256, 64), np.float32)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        def step():
-            h, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=64)
-            return h, tfla_cupy.mlstm_bwd(ctx, dh)
-        h_eager, g_eager = step()  # warm-up: compile, fill the memory pool
-        stream.synchronize()
-        stream.begin_capture()
-        h_graph, g_graph = step()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
+
+    def step():
+        h, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=64)
+        return h, tfla_cupy.mlstm_bwd(ctx, dh)
+    (h_eager, g_eager), (h_graph, g_graph) = eager_then_graph(step)
     assert bool(cp.all(h_graph == h_eager)) and bool(cp.all(g_graph.df == g_eager.df))
 
 
@@ -134,14 +123,5 @@ _SANITIZED = textwrap.dedent("""
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool, tmp_path):
-    exe = shutil.which("compute-sanitizer")
-    if exe is None:
-        pytest.skip("compute-sanitizer not on PATH")
-    script = tmp_path / "run.py"
-    script.write_text(_SANITIZED)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_loader.source_dir().parent)] + sys.path))
-    r = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script)],
-                       capture_output=True, text=True, env=env, timeout=540)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "SANITIZED-RUN-OK" in out, out[-4000:]
+    out = run_sanitized(tool, _SANITIZED, tmp_path)
     assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, out[-4000:]

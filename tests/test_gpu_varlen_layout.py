@@ -2,19 +2,14 @@
 forward and backward, against the float64 reference (the NumPy path, which runs the chunkwise
 reference once per sequence) on the same rounded inputs; strided views read in place."""
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import tfla_cupy
-from tfla_cupy import _loader
-from gpu_utils import (BWD_TOL, DF_TOL, DTYPES, FWD_TOL, GATE_MODES, cp, gpu, make_inputs, poisoned_allocations,
-                       rel_err, seed_of, to_gpu)
+from gpu_utils import (BWD_TOL, DF_TOL, DTYPES, FWD_TOL, GATE_MODES, cp, eager_then_graph, gpu, make_inputs,
+                       poisoned_allocations, rel_err, run_sanitized, seed_of, to_gpu)
 
 pytestmark = gpu
 
@@ -227,18 +222,11 @@ def test_varlen_with_cupy_offsets_captures_in_a_cuda_graph():
     host, _ = make_inputs(rng, 1, 2, 256, 32, 64, np.float32)
     x = to_gpu(host)
     dh = cp.ones((1, 2, 256, 64), np.float32)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        def step():
-            h, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=32, cu_seqlens=cu)
-            return h, tfla_cupy.mlstm_bwd(ctx, dh)
-        h_eager, g_eager = step()
-        stream.synchronize()
-        stream.begin_capture()
-        h_graph, g_graph = step()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
+
+    def step():
+        h, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=32, cu_seqlens=cu)
+        return h, tfla_cupy.mlstm_bwd(ctx, dh)
+    (h_eager, g_eager), (h_graph, g_graph) = eager_then_graph(step)
     assert _same_bits(h_graph, h_eager) and _same_bits(g_graph.df, g_eager.df)
 
 
@@ -279,14 +267,5 @@ _SANITIZED = textwrap.dedent("""
 
 
 def test_compute_sanitizer_memcheck_varlen_bshd(tmp_path):
-    exe = shutil.which("compute-sanitizer")
-    if exe is None:
-        pytest.skip("compute-sanitizer not on PATH")
-    script = tmp_path / "run.py"
-    script.write_text(_SANITIZED)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_loader.source_dir().parent)] + sys.path))
-    r = subprocess.run([exe, "--tool=memcheck", "--error-exitcode=99", sys.executable, str(script)],
-                       capture_output=True, text=True, env=env, timeout=540)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "SANITIZED-RUN-OK" in out, out[-4000:]
+    out = run_sanitized("memcheck", _SANITIZED, tmp_path)
     assert "ERROR SUMMARY: 0 errors" in out, out[-4000:]
