@@ -36,7 +36,9 @@ struct FusedFwdSmem {
   static constexpr int kLam = kVw + kBlk, kIota = kLam + 8 * kL, kScan = kIota + 8 * kL, kRowD = kScan + 8 * kL,
                        kColLog = kRowD + 8 * kL, kRowLog = kColLog + 8 * kL, kRowScale = kRowLog + 8 * kL,
                        kRowM = kRowScale + 4 * kL, kRowQn = kRowM + 4 * kL, kAbar = kRowQn + 4 * kL,
-                       kNvec = kAbar + 4 * kL, kNpart = kNvec + 4 * kDK, kEnd = kNpart + 4 * 2 * kDK;
+                       kNvec = kAbar + 4 * kL, kNpart = kNvec + 4 * kDK, kNparts = kL / 8,
+                       kGateIn = kNpart + 4 * kNparts * kDK, kGateStage = 4 * (3 * kL + 4),
+                       kEnd = kGateIn + kStages * kGateStage;
   static constexpr int kBytes = kEnd + 1024;  // dynamic shared memory: the carve plus alignment slack
   static_assert(kBV * 2 == 128 && kDK == 2 * 64, "tiles are whole 128-byte swizzle rows");
 
@@ -62,7 +64,9 @@ struct FusedFwdSmem {
   __device__ __forceinline__ float* row_qn() const { return at<float>(kRowQn); }
   __device__ __forceinline__ float* abar() const { return at<float>(kAbar); }
   __device__ __forceinline__ float* nvec() const { return at<float>(kNvec); }
-  __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }
+  __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }  // kNparts × kDK
+  // staged gates of a stage: i[kL], f[kL] (raw), a[kL] (stage 0's gate_a), then g, max a
+  __device__ __forceinline__ float* gate_in(int s) const { return at<float>(kGateIn + s * kGateStage); }
 };
 
 template <typename T, typename Gate>
@@ -99,6 +103,18 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
       const int r = idx >> 3, j = idx & 7;
       const bool ok = r < rows;
       cp_async16(sm.v(s) + sw128_offset(r, 8 * j), Vg + (ok ? i64(u0 + r) * p.st_v.t + 8 * j : 0), ok);
+    }
+    float* gi = sm.gate_in(s);
+    const i64 slot = sq.chunk_slot(p, c);
+    for (int u = tid; u < L; u += NT) {
+      const bool ok = u < rows;
+      cp_async4(gi + u, p.i + sq.tok(p.st_i, ok ? u0 + u : 0), ok);
+      cp_async4(gi + L + u, p.f + sq.tok(p.st_f, ok ? u0 + u : 0), ok);
+      cp_async4(gi + 2 * L + u, p.gate_a + slot * L + u, true);
+    }
+    if (tid == 0) {
+      cp_async4(gi + 3 * L, p.gate_g + slot, true);
+      cp_async4(gi + 3 * L + 1, p.gate_amax + slot, true);
     }
     cp_async_commit();
   };
@@ -137,9 +153,12 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
     if (owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK) p.n_states[slot * DK + tid] = sm.nvec()[tid];
     if (owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0) p.m_states[sq.m_slot(p, c)] = m;
 
+    cp_async_wait<1>();  // chunk c's tiles and gates landed (c + 1 may be in flight)
+    __syncthreads();
+
     // ---- gates: output rows (double, anchored at row 0) and state-update weights ----------------
-    const ChunkAt at(p, sq.fc + c, sq.bh(p));
-    const double b0 = prepare_causal<Gate>(p, sm, at, 0, Lc, Lc);
+    const float* gi = sm.gate_in(s);
+    const double b0 = prepare_causal_from<Gate>(sm, gi, 1, gi + L, 1, 0, Lc, Lc);
     const double A0 = b0 + double(m);  // log weight of the incoming state at row 0
     if constexpr (Gate::kStabilized) {
       if (tid < 32) {
@@ -148,7 +167,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
       }
       __syncthreads();
     }
-    const float gch = p.gate_g[slot], amax = p.gate_amax[slot];
+    const float gch = gi[3 * L], amax = gi[3 * L + 1];
     const float m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
     const float gamma = expf(gch + m - m_next), shift = amax - m_next;
     for (int r = tid; r < L; r += NT) {
@@ -162,7 +181,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
         sm.row_M()[r] = float(M);
         sm.row_scale()[r] = p.scale * expf(float(A0 + pr - M));
         sm.row_log()[r] = split((pr - M) * double(kLog2e) + log2_scale);
-        sm.abar()[r] = expf(p.gate_a[slot * L + r] + shift);
+        sm.abar()[r] = expf(gi[2 * L + r] + shift);
       } else {
         sm.row_M()[r] = 0.f;
         sm.row_scale()[r] = 0.f;
@@ -179,10 +198,31 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
         const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
         *reinterpret_cast<T*>(sm.ct() + (r >> 6) * Sm::kCtBlk + sw128_offset(col, r & 63)) = from_float<T>(Cacc[4 * j + e]);
       }
-    cp_async_wait<1>();  // chunk c landed (c + 1 may be in flight)
-    __syncthreads();     // everyone's tiles and the row terms
+    fence_async_smem();  // generic-proxy writes (cp.async tiles, Cᵀ) visible to wgmma
+    __syncthreads();     // and the row terms to every thread
 
-    // ---- ā ⊙ V (same swizzled places) and q·n^(c) -----------------------------------------------
+    // ---- inter-chunk term and scores on the tensor cores ... ------------------------------------
+    float H[32], Sc[2][32] = {};
+    fence_regs(Cacc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
+      wgmma_ss<T, 0, 0>(H, da, sw128_desc(sm.ct() + (kk >> 2) * Sm::kCtBlk + 32 * (kk & 3)), kk > 0);
+    }
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+      if (nb > wg) break;  // key block above the diagonal: fully masked
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
+        const u64 db = sw128_desc(sm.k(s) + (kk >> 2) * Sm::kBlk + nb * 64 * 128 + 32 * (kk & 3));
+        wgmma_ss<T, 0, 0>(Sc[nb], da, db, kk > 0);
+      }
+    }
+    wgmma_commit();
+
+    // ... while the CUDA cores form ā ⊙ V (same swizzled places) and q·n^(c)
     for (int idx = tid; idx < L * 8; idx += NT) {
       const int r = idx >> 3, off = sw128_offset(r, 8 * (idx & 7));
       const float w = sm.abar()[r];
@@ -210,29 +250,6 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
       acc += __shfl_xor_sync(0xffffffffu, acc, 1);
       if (half == 0) sm.row_qn()[r] = acc;
     }
-    fence_async_smem();  // generic-proxy writes (cp.async, Cᵀ, ā ⊙ V) visible to wgmma
-    __syncthreads();
-
-    // ---- inter-chunk term and scores --------------------------------------------------------------
-    float H[32], Sc[2][32] = {};
-    fence_regs(Cacc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-      wgmma_ss<T, 0, 0>(H, da, sw128_desc(sm.ct() + (kk >> 2) * Sm::kCtBlk + 32 * (kk & 3)), kk > 0);
-    }
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-      if (nb > wg) break;  // key block above the diagonal: fully masked
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-        const u64 db = sw128_desc(sm.k(s) + (kk >> 2) * Sm::kBlk + nb * 64 * 128 + 32 * (kk & 3));
-        wgmma_ss<T, 0, 0>(Sc[nb], da, db, kk > 0);
-      }
-    }
-    wgmma_commit();
     wgmma_wait<0>();
     fence_regs(H);
     fence_regs(Sc[0]);
@@ -261,8 +278,10 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
         P[kk][hh] = pack2<T>(w[0], w[1]);
         P[kk][hh + 1] = pack2<T>(w[2], w[3]);
       }
+    fence_async_smem();  // ā ⊙ V visible to wgmma
+    __syncthreads();     // both warpgroups' ā ⊙ V rows and q·n
 
-    // ---- intra-chunk term and the state update ----------------------------------------------------
+    // ---- intra-chunk term and the state update on the tensor cores ... --------------------------
 #pragma unroll
     for (int e = 0; e < 32; ++e) Cacc[e] *= gamma;
     fence_regs(Cacc);
@@ -280,22 +299,24 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
                         sw128_desc_mn(sm.vw() + 2048 * kk, 1024), 1);
     wgmma_commit();
 
-    // n ← γ n + Σ ā k on the CUDA cores while the tensor cores run (two token halves)
+    // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread) and the normalizer
     if constexpr (Gate::kNormalize) {
-      const int d = tid & (DK - 1), half = tid >> 7;
-      const char* kcol = sm.k(s) + (d >> 6) * Sm::kBlk;
-      float acc = 0.f;
-#pragma unroll 8
-      for (int u = 64 * half; u < 64 * half + 64; ++u)
-        acc = fmaf(sm.abar()[u], to_float(*reinterpret_cast<const T*>(kcol + sw128_offset(u, d & 63))), acc);
-      sm.npart()[half * DK + d] = acc;
+      const int d8 = tid & 15, tg = tid >> 4;
+      const char* kb = sm.k(s) + (d8 >> 3) * Sm::kBlk;
+      float acc[8] = {};
+#pragma unroll
+      for (int uu = 0; uu < 8; ++uu) {
+        const int u = 8 * tg + uu;
+        const float w = sm.abar()[u];
+        const uint4 x = *reinterpret_cast<const uint4*>(kb + sw128_offset(u, 8 * (d8 & 7)));
+        const T* e8 = reinterpret_cast<const T*>(&x);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, to_float(e8[e]), acc[e]);
+      }
+      float4* np = reinterpret_cast<float4*>(sm.npart() + tg * DK + 8 * d8);
+      np[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      np[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
     }
-    wgmma_wait<0>();
-    fence_regs(H);
-    fence_regs(Cacc);
-    fence_regs(P);
-
-    // ---- normalizer and outputs ---------------------------------------------------------------
     float inv_lo = 1.f, inv_hi = 1.f;
     if constexpr (Gate::kNormalize) {
       rs_lo = quad_sum(rs_lo);
@@ -316,6 +337,12 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
         }
       }
     }
+    wgmma_wait<0>();
+    fence_regs(H);
+    fence_regs(Cacc);
+    fence_regs(P);
+
+    // ---- outputs -------------------------------------------------------------------------------
     T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -324,8 +351,13 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
         store2(Hg + i64(row_hi) * p.st_h.t + 8 * j + 2 * t, H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
     }
     if constexpr (Gate::kNormalize) {
-      __syncthreads();  // both halves of Σ ā k
-      if (tid < DK) sm.nvec()[tid] = gamma * sm.nvec()[tid] + sm.npart()[tid] + sm.npart()[DK + tid];
+      __syncthreads();  // every part of Σ ā k
+      if (tid < DK) {
+        float sum = 0.f;
+#pragma unroll
+        for (int g8 = 0; g8 < Sm::kNparts; ++g8) sum += sm.npart()[g8 * DK + tid];
+        sm.nvec()[tid] = gamma * sm.nvec()[tid] + sum;
+      }
     }
     m = m_next;
     __syncthreads();  // stage s, Cᵀ, ā ⊙ V and the gate scratch are free again
