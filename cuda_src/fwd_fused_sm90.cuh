@@ -1,46 +1,99 @@
 // tfla_cupy — the Hopper (sm_90a) forward: one fused pass per (sequence, head, DV block) whose
 // chunk state never leaves the SM (docs/performance.md, road B; docs/math.md §4.2, §4.3).
 //
-// A CTA of two warpgroups walks its sequence's chunks in order. For chunk c (L = 128 tokens,
+// Stage 0b (fused_terms_kernel, all chunks in parallel) writes per chunk a FusedTerms record: the
+// column exponents, the row prefix sums and their stabiliser maxima — everything of the gates that
+// does not depend on the running stabiliser m, in the same double arithmetic as the two-pass
+// output kernel (prepare_causal anchored at row 0) — plus stage 0's ā, g and max a.
+//
+// A CTA of two warpgroups then walks its sequence's chunks in order. For chunk c (L = 128 tokens,
 // DK = 128, a 64-column block of DV) with the state C^(c) in registers:
-//   1. the next chunk's Q, K, V tiles are already streaming into the other stage (cp.async into
-//      128-byte swizzled tiles, the layout wgmma reads);
-//   2. gate preparation (prepare_causal anchored at row 0, the same double arithmetic as the
-//      output kernel) gives M_τ, the row and column exponent terms and β̄; stage 0's vectors give
-//      the state-update weights ā and γ exactly as the state pass uses them;
-//   3. Cᵀ (compute dtype) and V ⊙ ā go to shared memory;
-//   4. warpgroup w (query rows 64w .. 64w + 63, state rows 64w .. 64w + 63):
-//        H  = s·β̄ ⊙ (Q_w · C^(c))                 wgmma, A = Q, B = Cᵀ   (both K-major)
-//        S  = Q_w · K_{0..w}ᵀ                       wgmma, causal blocks only
-//        P  = exp2(row + col) ⊙ S, masked            registers -> A fragments, no shared memory
+//   1. thread 0 has already issued the next chunk's bulk copies into the other stage (TMA boxes of
+//      Q, K, V in the 128-byte swizzled layout wgmma reads, and the chunk's record), counted by an
+//      mbarrier; rows past a ragged chunk's end are zeroed after it lands;
+//   2. each thread combines the record with m for its two accumulator rows (M_r, the row scale
+//      and exponent); ā for the state update goes to shared memory, Cᵀ (compute dtype) beside K;
+//   3. warpgroup w (query rows 64w .. 64w + 63, state rows 64w .. 64w + 63):
+//        [H | S_0] = Q_w · [Cᵀ; K_0]ᵀ                one m64n128 wgmma per k-step (B spans Cᵀ, K)
+//        S_1 = Q_1 · K_1ᵀ                           warpgroup 1 only (the causal upper block)
+//        H  ← s·β̄ ⊙ H,  P = exp2(row + col) ⊙ S, masked   registers -> A fragments
 //        H += P · V                                 wgmma, A from registers, B = V MN-major
 //        C ← γ C + Kᵀ · (ā ⊙ V)                     wgmma, A = K MN-major, B = ā ⊙ V MN-major
-//   5. h = H / (N + ε), N = max(|s·β̄ q·n + Σ P|, e^{−M}); n ← γ n + Σ ā k (CUDA cores).
+//      with ā ⊙ V and q·n on the CUDA cores during the first products, Σ ā k and the normalizer
+//      during the second;
+//   4. h = H / (N + ε), N = max(|s·β̄ q·n + Σ P|, e^{−M}), through shared memory into 16-byte
+//      rows; n ← γ n + Σ ā k.
 // Writes h, N, M as the two-pass forward does, the last state in fp32, and — when requested
 // (keep_states) — the chunk-boundary states. Shapes it does not cover use the sm_80 family
-// (tfla_cupy/config.py: fused_fwd_supported).
+// (tfla_cupy/config.py: fused_fwd_unsupported).
 #pragma once
 #include "chunk_mainloop.cuh"
 #include "wgmma.cuh"
 
+// Profiling build only (-DTFLA_FUSED_CLOCKS, bench/phase_clocks.py): thread 0 of each warpgroup
+// adds the clock64() cycles of the seven phases of every chunk and the whole kernel into
+// tfla_fused_clocks[warpgroup][phase] (phase 7: kernel, 8: chunks walked; 9-11 global-timer ns).
+// Off, it is nothing.
+#if defined(TFLA_FUSED_CLOCKS)
+extern "C" {
+__device__ unsigned long long tfla_fused_clocks[2][16];  // [9]: Σ CTA ns, [10] / [11]: first start / last end
+}
+__device__ __forceinline__ unsigned long long globaltimer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+#define TFLA_FUSED_CLOCK(i)                              \
+  do {                                                   \
+    if ((threadIdx.x & 127) == 0) {                      \
+      const long long now_ = clock64();                  \
+      clk_phase_[threadIdx.x >> 7][i] += now_ - clk_prev_; \
+      clk_prev_ = now_;                                  \
+    }                                                    \
+  } while (0)
+#else
+#define TFLA_FUSED_CLOCK(i) \
+  do {                      \
+  } while (0)
+#endif
+
 namespace tfla {
+
+// The per-chunk record stage 0b (fused_terms_kernel) writes for the fused forward: everything
+// of the gates that does not depend on the running stabiliser m, so the chunk walk only combines
+// it with m (one fmax and two exps per row) instead of scanning. Offsets in floats; one record is
+// kFloats floats, a whole number of 16-byte pieces (it is staged by cp.async beside the tiles).
+struct FusedTerms {
+  static constexpr int kL = 128;
+  static constexpr int kColLog = 0,         // float2[L]: split(κ_u · log2 e), κ_u = ι_u − Σ_{w=1..u} λ_w
+      kPr = 2 * kL,                         // double[L]: p_r = Σ_{w=1..r} λ_w (p_0 = 0)
+      kPrPm = 4 * kL,                       // double[L]: p_r + max_{u<=r} κ_u (stabilised gates)
+      kA = 6 * kL,                          // float[L]: gate_a (stage 0)
+      kG = 7 * kL, kAmax = kG + 1,          // gate_g, gate_amax of the chunk
+      kB0 = kG + 2,                         // double: λ_0, the log weight of C^(c) at row 0 less m
+      kFloats = kG + 4;
+  static_assert(kFloats % 4 == 0 && kB0 % 2 == 0, "16-byte pieces, aligned double");
+};
 
 // Shared-memory carve (bytes from a 1024-aligned base; swizzle atoms need that alignment).
 // Q and K tiles are two 64-column blocks of kL rows × 128 bytes; V and ā ⊙ V one block; Cᵀ two
-// blocks of kBV rows.
+// blocks of kBV rows (one per stage, beside K); per stage one FusedTerms record.
 struct FusedFwdSmem {
   static constexpr int kL = 128, kDK = 128, kBV = 64, kWarpgroups = 2, kThreads = 128 * kWarpgroups, kRows = kL;
   static constexpr int kBlk = kL * 128, kCtBlk = kBV * 128;
-  static constexpr int kQ = 0, kK = 2 * kBlk, kV = 4 * kBlk, kStage = 5 * kBlk, kStages = 2;
-  static constexpr int kCt = kStages * kStage, kVw = kCt + 2 * kCtBlk;
-  static constexpr int kLam = kVw + kBlk, kIota = kLam + 8 * kL, kScan = kIota + 8 * kL, kRowD = kScan + 8 * kL,
-                       kColLog = kRowD + 8 * kL, kRowLog = kColLog + 8 * kL, kRowScale = kRowLog + 8 * kL,
-                       kRowM = kRowScale + 4 * kL, kRowQn = kRowM + 4 * kL, kAbar = kRowQn + 4 * kL,
-                       kNvec = kAbar + 4 * kL, kNpart = kNvec + 4 * kDK, kNparts = kL / 8,
-                       kGateIn = kNpart + 4 * kNparts * kDK, kGateStage = 4 * (3 * kL + 4),
-                       kEnd = kGateIn + kStages * kGateStage;
+  // per stage: Q halves, then per DK half h the Cᵀ rows directly followed by the K rows, so that
+  // [Cᵀ_h; K_h] is one B operand of 64 + 128 rows (Q·C and Q·Kᵀ in one wgmma), then V
+  static constexpr int kQ = 0, kCtK = 2 * kBlk, kCtKHalf = kCtBlk + kBlk, kV = kCtK + 2 * kCtKHalf,
+                       kStage = kV + kBlk, kStages = 2;
+  static constexpr int kVw = kStages * kStage;
+  static constexpr int kRowQn = kVw + kBlk, kAbar = kRowQn + 4 * kL, kNvec = kAbar + 4 * kL,
+                       kNpart = kNvec + 4 * kDK, kNparts = kL / 8, kTerms = kNpart + 4 * kNparts * kDK,
+                       kTermBytes = 4 * FusedTerms::kFloats, kEnd = kTerms + kStages * kTermBytes;
   static constexpr int kBytes = kEnd + 1024;  // dynamic shared memory: the carve plus alignment slack
+  static constexpr int kStageTxBytes = 5 * kBlk + kTermBytes;  // what one stage's copies deliver
   static_assert(kBV * 2 == 128 && kDK == 2 * 64, "tiles are whole 128-byte swizzle rows");
+  static_assert(kThreads == 16 * kNparts && kDK == 128, "Σ ā k: 16 threads of 8 dimensions per part of 8 keys");
+  static_assert(kTermBytes % 16 == 0 && kTerms % 16 == 0, "bulk copies move 16-byte multiples to 16-byte addresses");
 
   char* base;
   __device__ FusedFwdSmem() {
@@ -49,28 +102,85 @@ struct FusedFwdSmem {
   }
   template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
   __device__ __forceinline__ char* q(int s) const { return base + s * kStage + kQ; }
-  __device__ __forceinline__ char* k(int s) const { return base + s * kStage + kK; }
+  __device__ __forceinline__ char* ct(int s, int h) const { return base + s * kStage + kCtK + h * kCtKHalf; }
+  __device__ __forceinline__ char* k(int s, int h) const { return ct(s, h) + kCtBlk; }
   __device__ __forceinline__ char* v(int s) const { return base + s * kStage + kV; }
-  __device__ __forceinline__ char* ct() const { return base + kCt; }
   __device__ __forceinline__ char* vw() const { return base + kVw; }
+  __device__ __forceinline__ float* row_qn() const { return at<float>(kRowQn); }
+  __device__ __forceinline__ float* abar() const { return at<float>(kAbar); }
+  __device__ __forceinline__ float* nvec() const { return at<float>(kNvec); }
+  __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }  // kNparts × kDK
+  __device__ __forceinline__ float* terms(int s) const { return at<float>(kTerms + s * kTermBytes); }
+};
+
+// Stage 0b: one CTA of 128 threads per chunk slot writes its FusedTerms record, with the same
+// double arithmetic as the two-pass output kernel anchored at row 0 (prepare_causal).
+struct FusedTermsSmem {
+  static constexpr int kL = FusedTerms::kL, kThreads = 128, kRows = kL;
+  static constexpr int kLam = 0, kIota = 8 * kL, kScan = 16 * kL, kRowD = 24 * kL, kColLog = 32 * kL,
+                       kBytes = 40 * kL;
+  template <typename U> __device__ __forceinline__ U* at(int off) const {
+    return reinterpret_cast<U*>(dynamic_smem() + off);
+  }
   __device__ __forceinline__ double* lam() const { return at<double>(kLam); }
   __device__ __forceinline__ double* iota() const { return at<double>(kIota); }
   __device__ __forceinline__ double* scan() const { return at<double>(kScan); }
   __device__ __forceinline__ double* row_d() const { return at<double>(kRowD); }
   __device__ __forceinline__ float2* col_log() const { return at<float2>(kColLog); }
-  __device__ __forceinline__ float2* row_log() const { return at<float2>(kRowLog); }
-  __device__ __forceinline__ float* row_scale() const { return at<float>(kRowScale); }
-  __device__ __forceinline__ float* row_M() const { return at<float>(kRowM); }
-  __device__ __forceinline__ float* row_qn() const { return at<float>(kRowQn); }
-  __device__ __forceinline__ float* abar() const { return at<float>(kAbar); }
-  __device__ __forceinline__ float* nvec() const { return at<float>(kNvec); }
-  __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }  // kNparts × kDK
-  // staged gates of a stage: i[kL], f[kL] (raw), a[kL] (stage 0's gate_a), then g, max a
-  __device__ __forceinline__ float* gate_in(int s) const { return at<float>(kGateIn + s * kGateStage); }
 };
 
+template <typename Gate>
+__global__ void __launch_bounds__(FusedTermsSmem::kThreads) fused_terms_kernel(const Params p) {
+  using Sm = FusedTermsSmem;
+  constexpr int L = Sm::kL;
+  const ChunkAt at(p, blockIdx.x % p.NC, blockIdx.x / p.NC);
+  const int Lc = at.Lc, tid = threadIdx.x;
+  if (Lc <= 0) return;  // surplus slots of packed input
+  const Sm sm;
+  const double b0 = prepare_causal<Gate>(p, sm, at, 0, Lc, Lc);
+  __shared__ double kappa_max;
+  if constexpr (Gate::kStabilized) {
+    if (tid < 32) {
+      if (tid == 0) kappa_max = sm.lam()[0];
+      warp_scan_max(sm.scan() + 1, sm.lam() + 1, Lc - 1);  // max over (0, u] of κ
+    }
+    __syncthreads();
+  }
+  const i64 slot = at.slot(p);
+  float* rec = p.gate_terms + slot * FusedTerms::kFloats;
+  for (int u = tid; u < L; u += Sm::kThreads) {
+    const bool ok = u < Lc;
+    const double pr = sm.row_d()[u];
+    double prpm = 0.0;
+    if constexpr (Gate::kStabilized)
+      if (ok) prpm = pr + (u == 0 ? kappa_max : fmax(kappa_max, sm.scan()[u]));
+    reinterpret_cast<float2*>(rec + FusedTerms::kColLog)[u] = ok ? sm.col_log()[u] : make_float2(0.f, 0.f);
+    reinterpret_cast<double*>(rec + FusedTerms::kPr)[u] = pr;
+    reinterpret_cast<double*>(rec + FusedTerms::kPrPm)[u] = prpm;
+    rec[FusedTerms::kA + u] = p.gate_a[slot * L + u];
+  }
+  if (tid == 0) {
+    rec[FusedTerms::kG] = p.gate_g[slot];
+    rec[FusedTerms::kAmax] = p.gate_amax[slot];
+    *reinterpret_cast<double*>(rec + FusedTerms::kB0) = b0;
+  }
+}
+
+// The fused forward's tensor maps (kernel parameter, by value): Q, K, V as 4-D maps whose dimension
+// 0 is the feature and dimensions 1..3 are token, head and batch in the order of increasing stride;
+// order[m][i] names the coordinate of map m's dimension 1 + i (0 token, 1 head, 2 batch). Boxes of
+// 64 features × kL tokens, 128-byte swizzle, zeros outside the tensor (tfla_cupy/_tma.py).
+struct FusedMaps {
+  TensorMap q, k, v;
+  int order[3][3];
+};
+
+// (token, head, batch) -> the coordinates of dimensions 1..3 of a map with the given order.
+__device__ __forceinline__ int map_coord(int which, int t, int h, int b) { return which == 0 ? t : which == 1 ? h : b; }
+
 template <typename T, typename Gate>
-__global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kernel(const Params p) {
+__global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
+    fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Sm = FusedFwdSmem;
   constexpr int L = Sm::kL, DK = Sm::kDK, BV = Sm::kBV, NT = Sm::kThreads;
@@ -84,39 +194,28 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
   const int row_lo = 64 * wg + 16 * warp + g, row_hi = row_lo + 8;  // this thread's accumulator rows
   const bool owns_nm = vb == 0;                                       // writes n, m, N, M
 
-  const T* Qg = ptr<T>(p.q) + sq.tok(p.st_q, 0);
-  const T* Kg = ptr<T>(p.k) + sq.tok(p.st_k, 0);
-  const T* Vg = ptr<T>(p.v) + sq.tok(p.st_v, 0) + v0;
-  // Chunk c into stage s: 16-byte chunks to their swizzled places, rows past the end zero-filled.
+  // Chunk c into stage s, by bulk copies that thread 0 issues and full[s] counts: Q and K as two
+  // 64-feature boxes, this CTA's V block, the chunk's gate record.
+  __shared__ __align__(8) u64 full[Sm::kStages];
+  if (tid == 0) {
+    for (int i = 0; i < Sm::kStages; ++i) mbar_init(&full[i], 1);
+  }
+  __syncthreads();
   auto issue = [&](int c, int s) {
-    const int rows = sq.chunk_len(p, c), u0 = c * L;
-#pragma unroll 2
-    for (int idx = tid; idx < L * 16; idx += NT) {
-      const int r = idx >> 4, j = idx & 15;
-      const int off = (j >> 3) * Sm::kBlk + sw128_offset(r, 8 * (j & 7));
-      const bool ok = r < rows;
-      cp_async16(sm.q(s) + off, Qg + (ok ? i64(u0 + r) * p.st_q.t + 8 * j : 0), ok);
-      cp_async16(sm.k(s) + off, Kg + (ok ? i64(u0 + r) * p.st_k.t + 8 * j : 0), ok);
-    }
-#pragma unroll 2
-    for (int idx = tid; idx < L * 8; idx += NT) {
-      const int r = idx >> 3, j = idx & 7;
-      const bool ok = r < rows;
-      cp_async16(sm.v(s) + sw128_offset(r, 8 * j), Vg + (ok ? i64(u0 + r) * p.st_v.t + 8 * j : 0), ok);
-    }
-    float* gi = sm.gate_in(s);
-    const i64 slot = sq.chunk_slot(p, c);
-    for (int u = tid; u < L; u += NT) {
-      const bool ok = u < rows;
-      cp_async4(gi + u, p.i + sq.tok(p.st_i, ok ? u0 + u : 0), ok);
-      cp_async4(gi + L + u, p.f + sq.tok(p.st_f, ok ? u0 + u : 0), ok);
-      cp_async4(gi + 2 * L + u, p.gate_a + slot * L + u, true);
-    }
-    if (tid == 0) {
-      cp_async4(gi + 3 * L, p.gate_g + slot, true);
-      cp_async4(gi + 3 * L + 1, p.gate_amax + slot, true);
-    }
-    cp_async_commit();
+    if (tid != 0) return;
+    const int t = sq.t0 + c * L;
+    auto load = [&](char* dst, const TensorMap& map, const int (&order)[3], int x) {
+      tma_load_4d(dst, &map, x, map_coord(order[0], t, sq.h, sq.b), map_coord(order[1], t, sq.h, sq.b),
+                  map_coord(order[2], t, sq.h, sq.b), &full[s]);
+    };
+    fence_async_smem();  // the stage's last generic-proxy accesses (chunk c − 2) before the copies
+    mbar_expect_tx(&full[s], Sm::kStageTxBytes);
+    load(sm.q(s), maps.q, maps.order[0], 0);
+    load(sm.q(s) + Sm::kBlk, maps.q, maps.order[0], 64);
+    load(sm.k(s, 0), maps.k, maps.order[1], 0);
+    load(sm.k(s, 1), maps.k, maps.order[1], 64);
+    load(sm.v(s), maps.v, maps.order[2], v0);
+    bulk_load(sm.terms(s), p.gate_terms + sq.chunk_slot(p, c) * FusedTerms::kFloats, Sm::kTermBytes, &full[s]);
   };
 
   // ---- the incoming state: C rows 64·wg + (16·warp + g, +8), columns v0 + 8j + 2t (+1) ----------
@@ -132,14 +231,22 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
   if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && p.n0 != nullptr) ? p.n0[i64(sq.state) * DK + tid] : 0.f;
   float m = (Gate::kStabilized && p.m0 != nullptr) ? p.m0[sq.state] : 0.f;
   const double log2_scale = double(log2f(p.scale));
-  __shared__ double kappa_max;
 
   const int nc = sq.nc;
+#if defined(TFLA_FUSED_CLOCKS)
+  __shared__ long long clk_phase_[2][8];
+  if (tid < 16) clk_phase_[tid >> 3][tid & 7] = 0;
+  __syncthreads();
+  const long long clk_start_ = clock64();
+  const unsigned long long ns_start_ = globaltimer_ns();
+  long long clk_prev_ = clk_start_;
+#endif
   if (nc > 0) issue(0, 0);
   for (int c = 0; c < nc; ++c) {
     const int s = c & 1, Lc = sq.chunk_len(p, c), u0 = c * L;
     const i64 slot = sq.chunk_slot(p, c);
-    if (c + 1 < nc) issue(c + 1, s ^ 1); else cp_async_commit();
+    if (c + 1 < nc) issue(c + 1, s ^ 1);
+    TFLA_FUSED_CLOCK(0);
 
     // ---- chunk-boundary state out (keep_states) -------------------------------------------------
     if (p.C_states != nullptr) {
@@ -153,42 +260,51 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
     if (owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK) p.n_states[slot * DK + tid] = sm.nvec()[tid];
     if (owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0) p.m_states[sq.m_slot(p, c)] = m;
 
-    cp_async_wait<1>();  // chunk c's tiles and gates landed (c + 1 may be in flight)
-    __syncthreads();
-
-    // ---- gates: output rows (double, anchored at row 0) and state-update weights ----------------
-    const float* gi = sm.gate_in(s);
-    const double b0 = prepare_causal_from<Gate>(sm, gi, 1, gi + L, 1, 0, Lc, Lc);
-    const double A0 = b0 + double(m);  // log weight of the incoming state at row 0
-    if constexpr (Gate::kStabilized) {
-      if (tid < 32) {
-        if (lane == 0) kappa_max = sm.lam()[0];
-        warp_scan_max(sm.scan() + 1, sm.lam() + 1, Lc - 1);  // max over (0, u] of κ
+    mbar_wait(&full[s], (c >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
+    if (Lc < L) {  // ragged last chunk: rows past the sequence may hold the next sequence's tokens
+      for (int idx = tid; idx < (L - Lc) * 8; idx += NT) {
+        const int off = sw128_offset(Lc + (idx >> 3), 8 * (idx & 7));
+        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(sm.q(s) + off) = z;
+        *reinterpret_cast<uint4*>(sm.q(s) + Sm::kBlk + off) = z;
+        *reinterpret_cast<uint4*>(sm.k(s, 0) + off) = z;
+        *reinterpret_cast<uint4*>(sm.k(s, 1) + off) = z;
+        *reinterpret_cast<uint4*>(sm.v(s) + off) = z;
       }
-      __syncthreads();
     }
-    const float gch = gi[3 * L], amax = gi[3 * L + 1];
+    __syncthreads();
+    TFLA_FUSED_CLOCK(1);
+
+    // ---- gates: the staged record with m -> this thread's two rows, ā for the state update -------
+    const float* tr = sm.terms(s);
+    const double A0 = *reinterpret_cast<const double*>(tr + FusedTerms::kB0) + double(m);  // row 0's C^(c) weight
+    const float gch = tr[FusedTerms::kG], amax = tr[FusedTerms::kAmax];
     const float m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
     const float gamma = expf(gch + m - m_next), shift = amax - m_next;
-    for (int r = tid; r < L; r += NT) {
+    // M_r, s·exp(A0 + p_r − M_r) and split((p_r − M_r) log2 e + log2 s) of row r (zeros past Lc)
+    auto row_terms = [&](int r, float& M_r, float& scale_r, float2& log_r) {
       if (r < Lc) {
-        const double pr = sm.row_d()[r];
+        const double pr = reinterpret_cast<const double*>(tr + FusedTerms::kPr)[r];
         double M = 0.0;
         if constexpr (Gate::kStabilized) {
-          const double pm = r == 0 ? kappa_max : fmax(kappa_max, sm.scan()[r]);
-          M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), pr + pm))));
+          const double prpm = reinterpret_cast<const double*>(tr + FusedTerms::kPrPm)[r];
+          M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), prpm))));
         }
-        sm.row_M()[r] = float(M);
-        sm.row_scale()[r] = p.scale * expf(float(A0 + pr - M));
-        sm.row_log()[r] = split((pr - M) * double(kLog2e) + log2_scale);
-        sm.abar()[r] = expf(gi[2 * L + r] + shift);
+        M_r = float(M);
+        scale_r = p.scale * expf(float(A0 + pr - M));
+        log_r = split((pr - M) * double(kLog2e) + log2_scale);
       } else {
-        sm.row_M()[r] = 0.f;
-        sm.row_scale()[r] = 0.f;
-        sm.row_log()[r] = make_float2(neg_inf(), 0.f);
-        sm.abar()[r] = 0.f;
+        M_r = 0.f;
+        scale_r = 0.f;
+        log_r = make_float2(neg_inf(), 0.f);
       }
-    }
+    };
+    float M_lo, M_hi, sc_lo, sc_hi;
+    float2 rl_lo, rl_hi;
+    row_terms(row_lo, M_lo, sc_lo, rl_lo);
+    row_terms(row_hi, M_hi, sc_hi, rl_hi);
+    if (tid < L) sm.abar()[tid] = tid < Lc ? expf(tr[FusedTerms::kA + tid] + shift) : 0.f;
+    const float2* col_log = reinterpret_cast<const float2*>(tr + FusedTerms::kColLog);
 
     // ---- Cᵀ for Q·C (state rows are Cᵀ columns: block wg) ---------------------------------------
 #pragma unroll
@@ -196,28 +312,28 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-        *reinterpret_cast<T*>(sm.ct() + (r >> 6) * Sm::kCtBlk + sw128_offset(col, r & 63)) = from_float<T>(Cacc[4 * j + e]);
+        *reinterpret_cast<T*>(sm.ct(s, r >> 6) + sw128_offset(col, r & 63)) = from_float<T>(Cacc[4 * j + e]);
       }
-    fence_async_smem();  // generic-proxy writes (cp.async tiles, Cᵀ) visible to wgmma
+    fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
     __syncthreads();     // and the row terms to every thread
+    TFLA_FUSED_CLOCK(2);
 
     // ---- inter-chunk term and scores on the tensor cores ... ------------------------------------
-    float H[32], Sc[2][32] = {};
+    // D = Q_w · [Cᵀ; K_0]ᵀ (N = 128: H = D[0, 32), the score block S_0 = D[32, 64)) and, for
+    // warpgroup 1, S_1 = Q_w · K_1ᵀ (the upper block of warpgroup 0 is never formed)
+    float D[64], S1[32];
     fence_regs(Cacc);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-      wgmma_ss<T, 0, 0>(H, da, sw128_desc(sm.ct() + (kk >> 2) * Sm::kCtBlk + 32 * (kk & 3)), kk > 0);
+      wgmma_ss_wide<T, 128>(D, da, sw128_desc(sm.ct(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
     }
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-      if (nb > wg) break;  // key block above the diagonal: fully masked
+    if (wg == 1) {
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
-        const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-        const u64 db = sw128_desc(sm.k(s) + (kk >> 2) * Sm::kBlk + nb * 64 * 128 + 32 * (kk & 3));
-        wgmma_ss<T, 0, 0>(Sc[nb], da, db, kk > 0);
+        const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
+        wgmma_ss<T, 0, 0>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
       }
     }
     wgmma_commit();
@@ -251,14 +367,13 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
       if (half == 0) sm.row_qn()[r] = acc;
     }
     wgmma_wait<0>();
-    fence_regs(H);
-    fence_regs(Sc[0]);
-    fence_regs(Sc[1]);
+    TFLA_FUSED_CLOCK(3);
+    fence_regs(D);
+    fence_regs(S1);
 
-    const float sc_lo = sm.row_scale()[row_lo], sc_hi = sm.row_scale()[row_hi];
+    float H[32];
 #pragma unroll
-    for (int e = 0; e < 32; ++e) H[e] *= (e & 2) ? sc_hi : sc_lo;
-    const float2 rl_lo = sm.row_log()[row_lo], rl_hi = sm.row_log()[row_hi];
+    for (int e = 0; e < 32; ++e) H[e] = D[e] * ((e & 2) ? sc_hi : sc_lo);
     float rs_lo = 0.f, rs_hi = 0.f;
     u32 P[8][4];
 #pragma unroll
@@ -270,7 +385,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
         for (int e = 0; e < 4; ++e) {
           const int r = (e & 2) ? row_hi : row_lo, u = 64 * nb + 8 * j + 2 * t + (e & 1);
           const bool keep = nb <= wg && u <= r && u < Lc;
-          w[e] = keep ? exp2f(add_split((e & 2) ? rl_hi : rl_lo, sm.col_log()[u])) * Sc[nb][4 * j + e] : 0.f;
+          w[e] = keep ? exp2f(add_split((e & 2) ? rl_hi : rl_lo, col_log[u])) * (nb == 0 ? D[32 + 4 * j + e] : S1[4 * j + e]) : 0.f;
         }
         rs_lo += w[0] + w[1];
         rs_hi += w[2] + w[3];
@@ -280,6 +395,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
       }
     fence_async_smem();  // ā ⊙ V visible to wgmma
     __syncthreads();     // both warpgroups' ā ⊙ V rows and q·n
+    TFLA_FUSED_CLOCK(4);
 
     // ---- intra-chunk term and the state update on the tensor cores ... --------------------------
 #pragma unroll
@@ -295,14 +411,14 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
     }
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-      wgmma_ss<T, 1, 1>(Cacc, sw128_desc_mn(sm.k(s) + wg * Sm::kBlk + 2048 * kk, 1024),
+      wgmma_ss<T, 1, 1>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
                         sw128_desc_mn(sm.vw() + 2048 * kk, 1024), 1);
     wgmma_commit();
 
     // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread) and the normalizer
     if constexpr (Gate::kNormalize) {
       const int d8 = tid & 15, tg = tid >> 4;
-      const char* kb = sm.k(s) + (d8 >> 3) * Sm::kBlk;
+      const char* kb = sm.k(s, d8 >> 3);
       float acc[8] = {};
 #pragma unroll
       for (int uu = 0; uu < 8; ++uu) {
@@ -322,33 +438,45 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
       rs_lo = quad_sum(rs_lo);
       rs_hi = quad_sum(rs_hi);
       const float den_lo = sc_lo * sm.row_qn()[row_lo] + rs_lo, den_hi = sc_hi * sm.row_qn()[row_hi] + rs_hi;
-      const float N_lo = fmaxf(fabsf(den_lo), expf(-sm.row_M()[row_lo]));
-      const float N_hi = fmaxf(fabsf(den_hi), expf(-sm.row_M()[row_hi]));
+      const float N_lo = fmaxf(fabsf(den_lo), expf(-M_lo));
+      const float N_hi = fmaxf(fabsf(den_hi), expf(-M_hi));
       inv_lo = 1.f / (N_lo + p.eps);
       inv_hi = 1.f / (N_hi + p.eps);
       if (owns_nm && t == 0) {
         if (row_lo < Lc) {
           p.N[sq.tok(p.st_N, u0 + row_lo)] = N_lo;
-          if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_lo)] = sm.row_M()[row_lo];
+          if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_lo)] = M_lo;
         }
         if (row_hi < Lc) {
           p.N[sq.tok(p.st_N, u0 + row_hi)] = N_hi;
-          if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_hi)] = sm.row_M()[row_hi];
+          if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_hi)] = M_hi;
         }
       }
     }
     wgmma_wait<0>();
+    TFLA_FUSED_CLOCK(5);
     fence_regs(H);
     fence_regs(Cacc);
     fence_regs(P);
 
     // ---- outputs -------------------------------------------------------------------------------
-    T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
+    // through shared memory (the Cᵀ tiles, free since batch A) so each row leaves in 16-byte pieces
+    char* hs = sm.ct(s, wg);  // this warpgroup's 64 rows, swizzled (no bank conflicts)
+    const int rl = 16 * warp + g;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      if (row_lo < Lc) store2(Hg + i64(row_lo) * p.st_h.t + 8 * j + 2 * t, H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
-      if (row_hi < Lc)
-        store2(Hg + i64(row_hi) * p.st_h.t + 8 * j + 2 * t, H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
+      *reinterpret_cast<u32*>(hs + sw128_offset(rl, 8 * j + 2 * t)) = pack2<T>(H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
+      *reinterpret_cast<u32*>(hs + sw128_offset(rl + 8, 8 * j + 2 * t)) =
+          pack2<T>(H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
+    }
+    named_barrier_sync(1 + wg, 128);
+    T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
+#pragma unroll
+    for (int idx = tid & 127; idx < 64 * 8; idx += 128) {
+      const int r = idx >> 3, j = idx & 7;
+      if (64 * wg + r < Lc)
+        *reinterpret_cast<uint4*>(Hg + i64(64 * wg + r) * p.st_h.t + 8 * j) =
+            *reinterpret_cast<const uint4*>(hs + sw128_offset(r, 8 * j));
     }
     if constexpr (Gate::kNormalize) {
       __syncthreads();  // every part of Σ ā k
@@ -361,8 +489,20 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1) fwd_fused_sm90_kern
     }
     m = m_next;
     __syncthreads();  // stage s, Cᵀ, ā ⊙ V and the gate scratch are free again
+    TFLA_FUSED_CLOCK(6);
   }
 
+#if defined(TFLA_FUSED_CLOCKS)
+  if ((tid & 127) == 0) {
+    for (int i = 0; i < 7; ++i) atomicAdd(&tfla_fused_clocks[tid >> 7][i], (unsigned long long)clk_phase_[tid >> 7][i]);
+    atomicAdd(&tfla_fused_clocks[tid >> 7][7], (unsigned long long)(clock64() - clk_start_));
+    atomicAdd(&tfla_fused_clocks[tid >> 7][8], (unsigned long long)nc);
+    const unsigned long long ns_end = globaltimer_ns();
+    atomicAdd(&tfla_fused_clocks[tid >> 7][9], ns_end - ns_start_);
+    atomicMin(&tfla_fused_clocks[tid >> 7][10], ns_start_);
+    atomicMax(&tfla_fused_clocks[tid >> 7][11], ns_end);
+  }
+#endif
   // ---- the state after the sequence's last step, fp32 ------------------------------------------
   if (owns_nm && tid == 0 && Gate::kStabilized) {
     if (p.m_states != nullptr) p.m_states[sq.m_slot(p, nc)] = m;

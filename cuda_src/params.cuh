@@ -54,6 +54,8 @@ struct Params {
   float* gate_b;
   float* gate_g;
   float* gate_amax;
+  // the fused Hopper forward's per-chunk records (BH, NC, FusedTerms::kFloats), stage 0b; else null
+  float* gate_terms;
   // ---- backward: dh (BH, S, DV); dC_last (BH, DK, DV) fp32 or null;
   //      dC_states (BH, NC, DK, DV) compute dtype, slot c holds dC^(c+1)
   const void* dh;

@@ -130,7 +130,11 @@ def run_sanitized(tool, script_text, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(script_text)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_loader.source_dir().parent)] + sys.path))
-    r = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script)],
+    # --report-api-errors no: cuda-bindings probes the driver for every entry point it knows at
+    # import (cuGetProcAddress on names this driver lacks); those failed lookups are not the
+    # library's errors. Kernel memory, race and sync errors are reported as before.
+    r = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=99", "--report-api-errors", "no", sys.executable,
+                        str(script)],
                        capture_output=True, text=True, env=env, timeout=540)
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "SANITIZED-RUN-OK" in out, out[-4000:]

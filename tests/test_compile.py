@@ -1,4 +1,5 @@
-"""CUDA kernels compile through NVRTC without a GPU, and ptxas reports no register spills.
+"""CUDA kernels compile through NVRTC without a GPU, ptxas reports no register spills and, for
+the Hopper kernels, no serialised wgmma pipeline (ptxas info C7511 / C7515 / C7520).
 
 The default run compiles one instantiation of every kernel family (the template before ``<``)
 for sm_80 and sm_90a; the full matrix — every instantiation the launch heuristic can ask for
@@ -15,6 +16,9 @@ from tfla_cupy import _loader, config
 ARCHS = ("sm_80", "sm_90", "sm_90a")
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+#: ptxas info C7511 / C7515 / C7520: wgmma instructions of a function run one after another (registers
+#: touched inside the asynchronous window, or too few registers): correct but several times slower.
+_SERIALIZED = re.compile(r"\(C75(?:11|15|20)\)[^\n]*?function '(\w+)'")
 
 
 def _family(name):
@@ -43,6 +47,8 @@ def _check_compiles_without_spills(names, arch):
     assert len(spills) == len(names), f"ptxas reported {len(spills)} entry functions for {len(names)} names"
     spilling = {k: v for k, v in spills.items() if v}
     assert not spilling, f"register spills on {arch}: {spilling}"
+    serialized = sorted({m.group(1) for m in _SERIALIZED.finditer(log)})
+    assert not serialized, f"ptxas serialised the wgmma pipeline on {arch} (C7511/C7515/C7520) in: {serialized}"
 
 
 def _spills(log):

@@ -155,3 +155,16 @@ def test_auto_family_needs_a_full_wave():
     assert _forward_family(long, cfg, "MmaBF16", _Device("90"), 132) == "sm80"
     assert _forward_family(_Problem(NSEQ=3, NH=11), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 132 CTAs
     assert _forward_family(long, dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
+
+
+def test_operands_the_fused_forward_cannot_take_fall_back_or_are_refused(monkeypatch):
+    """A reason from the call's arrays (here: an out buffer for h that is not 16-byte aligned)
+    sends "auto" to the sm80 family and is a clear error when sm90 is forced."""
+    from tfla_cupy._cuda_path import _forward_family
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    cfg = config.pick_config("MmaBF16", 128, 256, 128)
+    why = "its output h must be 16-byte aligned (the out buffer given is not)"
+    assert _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"), 132, why) == "sm80"
+    with pytest.raises(ValueError, match=r"config.family: 'sm90' does not cover this call: its output h must be "
+                                         r"16-byte aligned"):
+        _forward_family(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132, why)

@@ -62,7 +62,10 @@ def launches(monkeypatch):
     log = []
 
     def get_kernel(name):
-        return lambda grid, block, params, smem=0: log.append((name, grid, block, params[0].copy(), smem))
+        def launch(grid, block, params, smem=0):
+            args = params if isinstance(params, tuple) else (params,)  # Params first, then any others
+            log.append((name, grid, block, args[0][0].copy(), smem))
+        return launch
 
     kind_of = _arrays.kind_of
     monkeypatch.setattr(_arrays, "kind_of", lambda x: "cuda" if isinstance(x, FakeArray) else kind_of(x))
@@ -70,6 +73,21 @@ def launches(monkeypatch):
     monkeypatch.setattr(_loader, "get_kernel", get_kernel)
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (132, 232_448))
     return log
+
+
+@pytest.fixture
+def tensor_maps(monkeypatch):
+    """Stand-in for the driver's tensor-map encoder: records what the fused forward asks for."""
+    from tfla_cupy import _tma
+    calls = []
+
+    def fused_maps(tensors, S, NH, B):
+        calls.append(([(x.data.ptr, strides) for x, strides in tensors], S, NH, B))
+        return np.zeros(1, dtype=_tma.FUSED_MAPS_DTYPE)
+
+    monkeypatch.setattr(_tma, "unavailable", lambda: None)
+    monkeypatch.setattr(_tma, "fused_maps", fused_maps)
+    return calls
 
 
 def _by_kernel(log, part):
@@ -178,7 +196,7 @@ def test_every_launch_gets_the_geometry(launches):
         assert _cuda_path._cdiv(40, 16) == int(p["NC"])
 
 
-def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, monkeypatch):
+def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_maps, monkeypatch):
     """On compute capability 9.0 a covered call (16-bit, L = 128, DK = 128, DV % 64 == 0) runs the
     fused forward — one CTA per (DV block, sequence, head), its thread count and shared memory
     from config.FUSED_FWD, bshd views in place, no chunk states unless kept — and the backward
@@ -207,6 +225,11 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, monkeyp
         for nm, x in zip("qkvif", (q, k, v, i, f)):
             assert int(p[nm]) == x.data.ptr, f"{nm} was copied"
         assert _strides(p, "q") == (S * NH * DK, DK, NH * DK)
+        # its tensor maps: q, k, v in place, their (batch, head, token) strides, the sequence geometry
+        assert tensor_maps[-1] == ([(q.data.ptr, (S * NH * DK, DK, NH * DK)), (k.data.ptr, (S * NH * DK, DK, NH * DK)),
+                                    (v.data.ptr, (S * NH * DV, DV, NH * DV))], S, NH, 1)
+        assert "tfla::fused_terms_kernel" in {n.split("<")[0] for n in names}
+        assert int(p["gate_terms"]) != 0
         assert (int(p["C_states"]) != 0) == keep and (int(p["m_states"]) != 0) == keep
         assert int(p["gate_a"]) != 0 and int(p["N"]) != 0 and int(p["M"]) != 0
         assert h.shape == (1, S, NH, DV) and last.C.shape == (N, NH, DK, DV)
@@ -216,7 +239,7 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, monkeyp
     assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names
 
 
-def test_hopper_plan_below_one_wave_uses_the_sm80_forward(launches, monkeypatch):
+def test_hopper_plan_below_one_wave_uses_the_sm80_forward(launches, tensor_maps, monkeypatch):
     """B = 1 and few heads: fewer fused CTAs than SMs, so "auto" keeps the two-pass forward."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
@@ -229,3 +252,26 @@ def test_hopper_plan_below_one_wave_uses_the_sm80_forward(launches, monkeypatch)
     tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128)
     names = {e[0].split("<")[0] for e in launches}
     assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names
+
+
+def test_hopper_plan_without_cuda_bindings_uses_the_sm80_forward(launches, monkeypatch):
+    """No tensor-map encoder (cuda-bindings missing): "auto" keeps the two-pass forward, and a
+    forced sm90 says why."""
+    import dataclasses
+
+    from tfla_cupy import _tma, config
+    from tfla_cupy._arrays import BFLOAT16
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.setattr(_loader, "device_limits", lambda device_id: (16, 232_448))
+    monkeypatch.setattr(_tma, "unavailable", lambda: "it needs NVIDIA's cuda-bindings package")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    rng = np.random.default_rng(6)
+    q, k = (_fake(rng.standard_normal((2, 8, 256, 128)).astype(BFLOAT16)) for _ in range(2))
+    v = _fake(rng.standard_normal((2, 8, 256, 128)).astype(BFLOAT16))
+    i, f = (_fake(rng.standard_normal((2, 8, 256)).astype(np.float32)) for _ in range(2))
+    tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128)
+    names = {e[0].split("<")[0] for e in launches}
+    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names
+    forced = dataclasses.replace(config.pick_config("MmaBF16", 128, 128, 128), family="sm90")
+    with pytest.raises(ValueError, match=r"'sm90' does not cover this call: it needs NVIDIA's cuda-bindings"):
+        tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128, config=forced)

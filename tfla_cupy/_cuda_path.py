@@ -20,13 +20,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays, _loader
+from . import _tma
 from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 import os
 
-from .config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_BV, FUSED_SMEM_BYTES, FUSED_THREADS, GATE_POLICY, MMA,
-                     THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
-                     fused_fwd_unsupported, gates_kernel, pick_config, seq_table_kernel, state_kernels)
+from .config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_BV, FUSED_SMEM_BYTES, FUSED_TERM_FLOATS,
+                     FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA, THREADS,
+                     chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel, fused_fwd_unsupported,
+                     fused_terms_kernel, gates_kernel, pick_config, seq_table_kernel, state_kernels)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
@@ -190,15 +192,22 @@ class _Launch:
         seq = {n: fields.get(n) for n in ("q", "k", "v", "i", "f", "h", "dh", "dq", "dk", "dv", "di", "df", "N", "M")}
         return make_params(**self.geometry, **self.strides(**seq), **fields)
 
-    def gate_vectors(self, i32, f32):
-        """Stage 0: the per-chunk log-gate vectors (chunk-aligned) every later stage reads."""
+    def gate_arrays(self):
+        """The per-chunk log-gate vectors stage 0 writes (chunk-aligned), unfilled."""
         cp = _arrays.cupy_module()
         L = self.p.chunk_size
-        g = dict(gate_a=cp.empty((self.BH, self.NC, L), _F32), gate_b=cp.empty((self.BH, self.NC, L), _F32),
-                 gate_g=cp.empty((self.BH, self.NC), _F32), gate_amax=cp.empty((self.BH, self.NC), _F32))
-        params = self.params(i=i32, f=f32, **g)
+        return dict(gate_a=cp.empty((self.BH, self.NC, L), _F32), gate_b=cp.empty((self.BH, self.NC, L), _F32),
+                    gate_g=cp.empty((self.BH, self.NC), _F32), gate_amax=cp.empty((self.BH, self.NC), _F32))
+
+    def gates_stage0(self, params):
+        """Stage 0 into the gate arrays of ``params`` (which also carries i and f)."""
         _loader.get_kernel(chunk_gates_kernel(self.gate))(self.NC * self.BH, _CHUNK_GATE_THREADS, params,
-                                                          chunk_gates_smem_bytes(L))
+                                                          chunk_gates_smem_bytes(self.p.chunk_size))
+
+    def gate_vectors(self, i32, f32):
+        """Stage 0: the per-chunk log-gate vectors (chunk-aligned) every later stage reads."""
+        g = self.gate_arrays()
+        self.gates_stage0(self.params(i=i32, f=f32, **g))
         return g
 
     def states(self, kind, params):
@@ -229,12 +238,13 @@ def _config(problem, mma, device):
     return cfg
 
 
-def _forward_family(problem, cfg, mma, device, sms):
+def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
     """"sm90" (the fused Hopper forward) or "sm80" (the two-pass mma.sync forward) for this call:
     config.family, or with "auto" the TFLA_CUPY_FAMILY environment variable, or the default —
     sm90 on compute capability 9.0 where it covers the shape and its grid (one CTA per DV block,
     sequence and head, each walking all its chunks) has at least one CTA per SM (`sms`), sm80
-    otherwise (never an error). Below one wave the two-pass forward, which spreads the chunks over
+    otherwise (never an error). `operands_reason`: why this call's arrays keep it off the fused
+    forward (see _fused_operands_reason), or None. Below one wave the two-pass forward, which spreads the chunks over
     the GPU, is faster (bench/NOTES.md: B = 1, S = 65536 on the H200). An explicit "sm90" that
     cannot run is a ValueError naming why."""
     want, where = cfg.family, "config.family"
@@ -247,6 +257,8 @@ def _forward_family(problem, cfg, mma, device, sms):
     p = problem
     cc = device.compute_capability
     reason = fused_fwd_unsupported(mma, p.DK, p.DV, p.chunk_size)
+    if reason is None:
+        reason = operands_reason
     if want == "sm90":
         if cc != "90":
             raise ValueError(f"{where}: 'sm90' needs compute capability 9.0, this device has {cc[:-1]}.{cc[-1]}")
@@ -256,6 +268,17 @@ def _forward_family(problem, cfg, mma, device, sms):
     if cc != "90" or reason is not None:
         return "sm80"
     return "sm90" if (p.DV // FUSED_BV) * p.NSEQ * p.NH >= sms else "sm80"
+
+
+def _fused_operands_reason(q, k, v, h, layout):
+    """Why this call's arrays cannot take the fused forward (None if they can): it reads q, k, v by
+    tensor maps (positive strides, cuda-bindings installed) and writes h in 16-byte pieces."""
+    why = _tma.unavailable()
+    if why is None and any(s <= 0 for x in (q, k, v) for s, n in zip(_strides(x, layout), x.shape) if n > 1):
+        why = "its bulk tensor copies need positive strides of q, k and v"
+    if why is None and h.data.ptr % 16:
+        why = "its output h must be 16-byte aligned (the out buffer given is not)"
+    return why
 
 
 def _private(x, user):
@@ -296,7 +319,8 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         h = _out(out, "h", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
         N = _out(out, "N", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_n else None
         M = _out(out, "M", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_m else None
-        family = _forward_family(p, cfg, mma, device, _loader.device_limits(device.id)[0])
+        family = _forward_family(p, cfg, mma, device, _loader.device_limits(device.id)[0],
+                                 _fused_operands_reason(q, k, v, h, p.layout))
         # the two-pass forward passes every chunk state between its kernels; the fused one writes
         # them only when the backward is to keep them
         with_states = family == "sm80" or p.keep_states
@@ -306,13 +330,18 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         C_last = _out(out, "C_last", lambda: cp.empty(states + (p.DK, p.DV), _F32))
         n_last = _out(out, "n_last", lambda: cp.empty(states + (p.DK,), _F32)) if p.has_n else None
         m_last = _out(out, "m_last", lambda: cp.empty(states, _F32)) if p.has_m else None
-        gates = run.gate_vectors(i32, f32)
+        gates = run.gate_arrays()
+        terms = cp.empty((BH, NC, FUSED_TERM_FLOATS), _F32) if family == "sm90" else None  # stage 0b
         params = run.params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
                             n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
-                            **gates)
+                            gate_terms=terms, **gates)
+        run.gates_stage0(params)
         if family == "sm90":
+            _loader.get_kernel(fused_terms_kernel(run.gate))(NC * BH, FUSED_TERMS_THREADS, params,
+                                                             FUSED_TERMS_SMEM_BYTES)
+            maps = _tma.fused_maps([(x, _strides(x, p.layout)) for x in (q, k, v)], p.S, p.NH, p.B)
             grid = (p.DV // FUSED_BV) * p.NSEQ * p.NH
-            _loader.get_kernel(fused_fwd_kernel(mma, run.gate))(grid, FUSED_THREADS, params, FUSED_SMEM_BYTES)
+            _loader.get_kernel(fused_fwd_kernel(mma, run.gate))(grid, FUSED_THREADS, (params, maps), FUSED_SMEM_BYTES)
         else:
             run.states("fwd_states_kernel", params)
             run.chunk("fwd_h", params)

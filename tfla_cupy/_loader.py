@@ -106,10 +106,11 @@ class Kernel:
         self.smem_limit = 0
 
     def __call__(self, grid: int, block: int, params, smem: int = 0):
+        """``params``: the kernel's one argument (a Params record), or a tuple of its arguments."""
         if smem > self.smem_limit:
             self.fn.max_dynamic_shared_size_bytes = smem
             self.smem_limit = smem
-        self.fn((grid,), (block,), (params,), shared_mem=smem)
+        self.fn((grid,), (block,), params if isinstance(params, tuple) else (params,), shared_mem=smem)
 
 
 @functools.lru_cache(maxsize=None)

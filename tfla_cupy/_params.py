@@ -6,6 +6,8 @@ the header and checks names, order, offsets and size (plus an NVRTC static_asser
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 _PTR, _INT, _FLOAT = np.uint64, np.int32, np.float32
@@ -20,7 +22,7 @@ FIELDS = (
     ("h", _PTR), ("N", _PTR), ("M", _PTR),
     ("C_last", _PTR), ("n_last", _PTR), ("m_last", _PTR),
     ("C_states", _PTR), ("n_states", _PTR), ("m_states", _PTR),
-    ("gate_a", _PTR), ("gate_b", _PTR), ("gate_g", _PTR), ("gate_amax", _PTR),
+    ("gate_a", _PTR), ("gate_b", _PTR), ("gate_g", _PTR), ("gate_amax", _PTR), ("gate_terms", _PTR),
     ("dh", _PTR), ("dC_last", _PTR), ("dC_states", _PTR),
     ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("di", _PTR), ("df", _PTR), ("dC0", _PTR),
     ("qdq", _PTR), ("kdk", _PTR),
@@ -36,20 +38,37 @@ PARAMS_DTYPE = np.dtype([(n, t) for n, t in FIELDS], align=True)
 _POINTERS = {n for n, t in FIELDS if t is _PTR}
 
 
+def _packers(dtype):
+    """{field: (byte offset, struct format)} of a Params-like record dtype."""
+    out = {}
+    for name in dtype.names:
+        sub, off = dtype.fields[name][:2]
+        fmt = "<qqq" if sub == STRIDES_DTYPE else {np.dtype(_PTR): "<Q", np.dtype(_INT): "<i",
+                                                  np.dtype(_FLOAT): "<f"}[sub]
+        out[name] = (off, struct.Struct(fmt))
+    return out
+
+
+_PACKERS = _packers(PARAMS_DTYPE)
+
+
 def make_params(**values):
     """A one-element structured array (passed by value to the kernels). Arrays become their
     device pointers, None becomes a null pointer, strides are (batch, head, token) triples in
-    elements, omitted fields are zero."""
-    unknown = set(values) - set(PARAMS_DTYPE.names)
+    elements, omitted fields are zero. (Packed with struct: it runs on every launch.)"""
+    unknown = set(values) - _PACKERS.keys()
     if unknown:
         raise KeyError(f"unknown Params fields: {sorted(unknown)}")
-    p = np.zeros(1, dtype=PARAMS_DTYPE)
+    buf = bytearray(PARAMS_DTYPE.itemsize)
     for name, value in values.items():
+        off, packer = _PACKERS[name]
         if name in _POINTERS:
-            p[name] = 0 if value is None else value.data.ptr
+            packer.pack_into(buf, off, 0 if value is None else value.data.ptr)
+        elif packer.format == "<qqq":
+            packer.pack_into(buf, off, *value)
         else:
-            p[name] = value
-    return p
+            packer.pack_into(buf, off, value)
+    return np.frombuffer(buf, dtype=PARAMS_DTYPE)
 
 
 #: Twin of ``tfla::StepParams`` (cuda_src/step.cuh), the argument of the step kernels.

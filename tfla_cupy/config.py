@@ -38,12 +38,21 @@ THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateT
 #: DK it is built for, its DV block, threads and dynamic shared memory (tests/test_config.py
 #: compiles static_asserts that these equal the C++ constants).
 FUSED_FWD = {"tfla::FusedFwdSmem::kL": 128, "tfla::FusedFwdSmem::kDK": 128, "tfla::FusedFwdSmem::kBV": 64,
-             "tfla::FusedFwdSmem::kThreads": 256, "tfla::FusedFwdSmem::kBytes": 217_632}
+             "tfla::FusedFwdSmem::kThreads": 256, "tfla::FusedFwdSmem::kBytes": 230_944,
+             # stage 0b: the per-chunk gate record it reads, and the kernel that writes it
+             "tfla::FusedTerms::kFloats": 900, "tfla::FusedTermsSmem::kThreads": 128,
+             "tfla::FusedTermsSmem::kBytes": 5_120,
+             # its tensor-map argument (tfla_cupy/_tma.py: FUSED_MAPS_DTYPE)
+             "sizeof(tfla::FusedMaps)": 448, "alignof(tfla::FusedMaps)": 64}
 FUSED_L = FUSED_FWD["tfla::FusedFwdSmem::kL"]
 FUSED_DK = FUSED_FWD["tfla::FusedFwdSmem::kDK"]
 FUSED_BV = FUSED_FWD["tfla::FusedFwdSmem::kBV"]
 FUSED_THREADS = FUSED_FWD["tfla::FusedFwdSmem::kThreads"]
 FUSED_SMEM_BYTES = FUSED_FWD["tfla::FusedFwdSmem::kBytes"]
+FUSED_TERM_FLOATS = FUSED_FWD["tfla::FusedTerms::kFloats"]
+FUSED_TERMS_THREADS = FUSED_FWD["tfla::FusedTermsSmem::kThreads"]
+FUSED_TERMS_SMEM_BYTES = FUSED_FWD["tfla::FusedTermsSmem::kBytes"]
+FUSED_MAPS_BYTES = FUSED_FWD["sizeof(tfla::FusedMaps)"]
 
 #: Kernel families: "sm80" (mma.sync, every GPU from compute capability 8.0; the fallback),
 #: "sm90" (Hopper: wgmma, the chunk state on chip; forward only today), "auto" (sm90 where it
@@ -209,6 +218,11 @@ def fused_fwd_kernel(mma: str, gate: str):
     return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate)
 
 
+def fused_terms_kernel(gate: str):
+    from ._loader import kernel_name
+    return kernel_name("fused_terms_kernel", gate)
+
+
 def gates_kernel(gate: str):
     from ._loader import kernel_name
     return kernel_name("bwd_gates_kernel", gate)
@@ -271,7 +285,7 @@ def all_instantiations():
             if fused_fwd_unsupported(mma, FUSED_DK, FUSED_BV, FUSED_L) is None:
                 names.append(fused_fwd_kernel(mma, gate))
             if mma == "MmaF32":
-                names += [gates_kernel(gate), chunk_gates_kernel(gate)]
+                names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate)]
         if mma == "MmaF32":
             names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
         out[mma] = names
