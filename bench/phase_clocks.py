@@ -10,6 +10,7 @@ there). A profiling tool, not a benchmark: the instrumented kernel is a little s
 
 import argparse
 import os
+import time
 
 os.environ["TFLA_CUPY_FAMILY"] = "sm90"  # before the library reads it
 
@@ -71,3 +72,9 @@ for wg in range(2):
           f"{span:.3f} ms, mean CTA {host[wg, 9] / ctas * 1e-6:.3f} ms = {host[wg, 7] / max(host[wg, 9], 1):.2f} GHz")
     for name, c in zip(PHASES, per):
         print(f"  {name:28s} {c:8.0f}")
+t0 = time.perf_counter()
+for _ in range(20):  # launches only: the host's share of a call (the GPU is behind)
+    tfla_cupy.mlstm_fwd(q, k, v, i, f, gate=gate, normalize=normalize, chunk_size=128)
+host_ms = (time.perf_counter() - t0) / 20 * 1e3
+cp.cuda.Device().synchronize()
+print(f"host time of one call (launches only): {host_ms:.3f} ms")

@@ -12,15 +12,16 @@
 //      Q, K, V in the 128-byte swizzled layout wgmma reads, and the chunk's record), counted by an
 //      mbarrier; rows past a ragged chunk's end are zeroed after it lands;
 //   2. each thread combines the record with m for its two accumulator rows (M_r, the row scale
-//      and exponent); ā for the state update goes to shared memory, Cᵀ (compute dtype) beside K;
+//      and exponent); ā for the state update goes to shared memory, Cᵀ (compute dtype, stmatrix)
+//      and n^(c) (compute dtype) beside K;
 //   3. warpgroup w (query rows 64w .. 64w + 63, state rows 64w .. 64w + 63):
-//        [H | S_0] = Q_w · [Cᵀ; K_0]ᵀ                one m64n128 wgmma per k-step (B spans Cᵀ, K)
+//        [q·n | H | S_0] = Q_w · [n; Cᵀ; K_0]ᵀ      one m64n136 wgmma per k-step (B spans n, Cᵀ, K)
 //        S_1 = Q_1 · K_1ᵀ                           warpgroup 1 only (the causal upper block)
 //        H  ← s·β̄ ⊙ H,  P = exp2(row + col) ⊙ S, masked   registers -> A fragments
 //        H += P · V                                 wgmma, A from registers, B = V MN-major
 //        C ← γ C + Kᵀ · (ā ⊙ V)                     wgmma, A = K MN-major, B = ā ⊙ V MN-major
-//      with ā ⊙ V and q·n on the CUDA cores during the first products, Σ ā k and the normalizer
-//      during the second;
+//      with ā ⊙ V on the CUDA cores during the first products, Σ ā k and the normalizer during
+//      the second;
 //   4. h = H / (N + ε), N = max(|s·β̄ q·n + Σ P|, e^{−M}), through shared memory into 16-byte
 //      rows; n ← γ n + Σ ā k.
 // Writes h, N, M as the two-pass forward does, the last state in fp32, and — when requested
@@ -81,18 +82,20 @@ struct FusedTerms {
 struct FusedFwdSmem {
   static constexpr int kL = 128, kDK = 128, kBV = 64, kWarpgroups = 2, kThreads = 128 * kWarpgroups, kRows = kL;
   static constexpr int kBlk = kL * 128, kCtBlk = kBV * 128;
-  // per stage: Q halves, then per DK half h the Cᵀ rows directly followed by the K rows, so that
-  // [Cᵀ_h; K_h] is one B operand of 64 + 128 rows (Q·C and Q·Kᵀ in one wgmma), then V
-  static constexpr int kQ = 0, kCtK = 2 * kBlk, kCtKHalf = kCtBlk + kBlk, kV = kCtK + 2 * kCtKHalf,
+  // per stage: Q halves, then per DK half h one swizzle atom whose row 0 is n^(c) (rows 1..7 zero),
+  // the Cᵀ rows and the K rows back to back, so that [n; Cᵀ; K_0] is one B operand of 8 + 64 + 64
+  // rows (q·n, Q·C and Q·K_0ᵀ in one wgmma), then V
+  static constexpr int kAtom = 1024;
+  static constexpr int kQ = 0, kCtK = 2 * kBlk, kCtKHalf = kAtom + kCtBlk + kBlk, kV = kCtK + 2 * kCtKHalf,
                        kStage = kV + kBlk, kStages = 2;
   static constexpr int kVw = kStages * kStage;
-  static constexpr int kRowQn = kVw + kBlk, kAbar = kRowQn + 4 * kL, kNvec = kAbar + 4 * kL,
-                       kNpart = kNvec + 4 * kDK, kNparts = kL / 8, kTerms = kNpart + 4 * kNparts * kDK,
+  static constexpr int kAbar = kVw + kBlk, kNvec = kAbar + 4 * kL,
+                       kNpart = kNvec + 4 * kDK, kNparts = kThreads / 32, kTerms = kNpart + 4 * kNparts * kDK,
                        kTermBytes = 4 * FusedTerms::kFloats, kEnd = kTerms + kStages * kTermBytes;
   static constexpr int kBytes = kEnd + 1024;  // dynamic shared memory: the carve plus alignment slack
   static constexpr int kStageTxBytes = 5 * kBlk + kTermBytes;  // what one stage's copies deliver
   static_assert(kBV * 2 == 128 && kDK == 2 * 64, "tiles are whole 128-byte swizzle rows");
-  static_assert(kThreads == 16 * kNparts && kDK == 128, "Σ ā k: 16 threads of 8 dimensions per part of 8 keys");
+  static_assert(kThreads == 2 * 16 * kL / 16 && kDK == 128, "Σ ā k: per warp 16 × 8 dimensions, 2 × 8 keys");
   static_assert(kTermBytes % 16 == 0 && kTerms % 16 == 0, "bulk copies move 16-byte multiples to 16-byte addresses");
 
   char* base;
@@ -102,14 +105,14 @@ struct FusedFwdSmem {
   }
   template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
   __device__ __forceinline__ char* q(int s) const { return base + s * kStage + kQ; }
-  __device__ __forceinline__ char* ct(int s, int h) const { return base + s * kStage + kCtK + h * kCtKHalf; }
+  __device__ __forceinline__ char* nrow(int s, int h) const { return base + s * kStage + kCtK + h * kCtKHalf; }
+  __device__ __forceinline__ char* ct(int s, int h) const { return nrow(s, h) + kAtom; }
   __device__ __forceinline__ char* k(int s, int h) const { return ct(s, h) + kCtBlk; }
   __device__ __forceinline__ char* v(int s) const { return base + s * kStage + kV; }
   __device__ __forceinline__ char* vw() const { return base + kVw; }
-  __device__ __forceinline__ float* row_qn() const { return at<float>(kRowQn); }
   __device__ __forceinline__ float* abar() const { return at<float>(kAbar); }
   __device__ __forceinline__ float* nvec() const { return at<float>(kNvec); }
-  __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }  // kNparts × kDK
+  __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }  // kNparts (warps) × kDK
   __device__ __forceinline__ float* terms(int s) const { return at<float>(kTerms + s * kTermBytes); }
 };
 
@@ -178,6 +181,34 @@ struct FusedMaps {
 // (token, head, batch) -> the coordinates of dimensions 1..3 of a map with the given order.
 __device__ __forceinline__ int map_coord(int which, int t, int h, int b) { return which == 0 ? t : which == 1 ? h : b; }
 
+// P block nb (keys 64 nb .. 64 nb + 63) of one thread's two rows from the score registers (S_0 at
+// D[36 ..], S_1 in S1), into the A fragments P[4 nb .. 4 nb + 3] and the row sums. kMode 0: below
+// the diagonal, every entry (rows past a ragged end have row exponent −inf, keys past it a zero
+// score: both give 0); 1: the diagonal block, keys u <= r only; 2: above it, zero.
+template <typename T, int nb, int kMode>
+__device__ __forceinline__ void fused_p_block(const float (&D)[68], const float (&S1)[32], const float2* col_log,
+                                              float2 rl_lo, float2 rl_hi, int row_lo, int row_hi, int t,
+                                              float& rs_lo, float& rs_hi, u32 (&P)[8][4]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    float w[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (kMode != 2) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = (e & 2) ? row_hi : row_lo, u = 64 * nb + 8 * j + 2 * t + (e & 1);
+        const float x =
+            exp2f(add_split((e & 2) ? rl_hi : rl_lo, col_log[u])) * (nb == 0 ? D[36 + 4 * j + e] : S1[4 * j + e]);
+        w[e] = (kMode == 0 || u <= r) ? x : 0.f;
+      }
+    }
+    rs_lo += w[0] + w[1];
+    rs_hi += w[2] + w[3];
+    const int kk = 4 * nb + (j >> 1), hh = (j & 1) * 2;
+    P[kk][hh] = pack2<T>(w[0], w[1]);
+    P[kk][hh + 1] = pack2<T>(w[2], w[3]);
+  }
+}
+
 template <typename T, typename Gate>
 __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
@@ -199,6 +230,10 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   __shared__ __align__(8) u64 full[Sm::kStages];
   if (tid == 0) {
     for (int i = 0; i < Sm::kStages; ++i) mbar_init(&full[i], 1);
+  }
+  for (int idx = tid; idx < Sm::kStages * 2 * Sm::kAtom / 16; idx += NT) {  // rows 1..7 of the n atoms stay 0
+    const int atom = idx / (Sm::kAtom / 16), piece = idx % (Sm::kAtom / 16);
+    *reinterpret_cast<uint4*>(sm.nrow(atom >> 1, atom & 1) + 16 * piece) = make_uint4(0u, 0u, 0u, 0u);
   }
   __syncthreads();
   auto issue = [&](int c, int s) {
@@ -306,28 +341,36 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     if (tid < L) sm.abar()[tid] = tid < Lc ? expf(tr[FusedTerms::kA + tid] + shift) : 0.f;
     const float2* col_log = reinterpret_cast<const float2*>(tr + FusedTerms::kColLog);
 
-    // ---- Cᵀ for Q·C (state rows are Cᵀ columns: block wg) ---------------------------------------
+    // ---- Cᵀ and n for the first product: the state rows of warpgroup w are Cᵀ columns 64w .. ----
+    // stmatrix .trans: 8 × 8 blocks (j, hh) of C (rows 16·warp + 8hh + .., columns 8j + ..) become
+    // 16-byte pieces of Cᵀ rows 8j + .. (lane 8i + b addresses stored row b of block i)
+    {
+      const int i = lane >> 3, b = lane & 7, hh = i & 1;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-        *reinterpret_cast<T*>(sm.ct(s, r >> 6) + sw128_offset(col, r & 63)) = from_float<T>(Cacc[4 * j + e]);
+      for (int q4 = 0; q4 < 4; ++q4) {
+        const int j = 2 * q4 + (i >> 1);
+        stmatrix_x4_trans(sm.ct(s, wg) + sw128_offset(8 * j + b, 16 * warp + 8 * hh),
+                          pack2<T>(Cacc[8 * q4], Cacc[8 * q4 + 1]), pack2<T>(Cacc[8 * q4 + 2], Cacc[8 * q4 + 3]),
+                          pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
       }
+    }
+    if (tid < DK)
+      *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
     fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
     __syncthreads();     // and the row terms to every thread
     TFLA_FUSED_CLOCK(2);
 
     // ---- inter-chunk term and scores on the tensor cores ... ------------------------------------
-    // D = Q_w · [Cᵀ; K_0]ᵀ (N = 128: H = D[0, 32), the score block S_0 = D[32, 64)) and, for
-    // warpgroup 1, S_1 = Q_w · K_1ᵀ (the upper block of warpgroup 0 is never formed)
-    float D[64], S1[32];
+    // D = Q_w · [n; Cᵀ; K_0]ᵀ (N = 136: q·n in column 0 = D[0] / D[2] of the quads' first threads,
+    // H = D[4, 36), the score block S_0 = D[36, 68)) and, for warpgroup 1, S_1 = Q_w · K_1ᵀ (the
+    // upper block of warpgroup 0 is never formed)
+    float D[68], S1[32];
     fence_regs(Cacc);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-      wgmma_ss_wide<T, 128>(D, da, sw128_desc(sm.ct(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
+      wgmma_ss_wide<T, 136>(D, da, sw128_desc(sm.nrow(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
     }
     if (wg == 1) {
 #pragma unroll
@@ -338,7 +381,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     }
     wgmma_commit();
 
-    // ... while the CUDA cores form ā ⊙ V (same swizzled places) and q·n^(c)
+    // ... while the CUDA cores form ā ⊙ V (same swizzled places)
     for (int idx = tid; idx < L * 8; idx += NT) {
       const int r = idx >> 3, off = sw128_offset(r, 8 * (idx & 7));
       const float w = sm.abar()[r];
@@ -351,21 +394,6 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       }
       *reinterpret_cast<uint4*>(sm.vw() + off) = x;
     }
-    if constexpr (Gate::kNormalize) {
-      const int r = tid >> 1, half = tid & 1;  // two threads per row, 64 columns each
-      const char* qrow = sm.q(s) + half * Sm::kBlk;
-      const float* nb = sm.nvec() + 64 * half;
-      float acc = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const uint4 x = *reinterpret_cast<const uint4*>(qrow + sw128_offset(r, 8 * j));
-        const T* e8 = reinterpret_cast<const T*>(&x);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc = fmaf(to_float(e8[e]), nb[8 * j + e], acc);
-      }
-      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-      if (half == 0) sm.row_qn()[r] = acc;
-    }
     wgmma_wait<0>();
     TFLA_FUSED_CLOCK(3);
     fence_regs(D);
@@ -373,26 +401,17 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 
     float H[32];
 #pragma unroll
-    for (int e = 0; e < 32; ++e) H[e] = D[e] * ((e & 2) ? sc_hi : sc_lo);
+    for (int e = 0; e < 32; ++e) H[e] = D[4 + e] * ((e & 2) ? sc_hi : sc_lo);
+    const float qn_lo = __shfl_sync(0xffffffffu, D[0], lane & ~3), qn_hi = __shfl_sync(0xffffffffu, D[2], lane & ~3);
     float rs_lo = 0.f, rs_hi = 0.f;
     u32 P[8][4];
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        float w[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = (e & 2) ? row_hi : row_lo, u = 64 * nb + 8 * j + 2 * t + (e & 1);
-          const bool keep = nb <= wg && u <= r && u < Lc;
-          w[e] = keep ? exp2f(add_split((e & 2) ? rl_hi : rl_lo, col_log[u])) * (nb == 0 ? D[32 + 4 * j + e] : S1[4 * j + e]) : 0.f;
-        }
-        rs_lo += w[0] + w[1];
-        rs_hi += w[2] + w[3];
-        const int kk = 4 * nb + (j >> 1), hh = (j & 1) * 2;
-        P[kk][hh] = pack2<T>(w[0], w[1]);
-        P[kk][hh + 1] = pack2<T>(w[2], w[3]);
-      }
+    if (wg == 0) {
+      fused_p_block<T, 0, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+      fused_p_block<T, 1, 2>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+    } else {
+      fused_p_block<T, 0, 0>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+      fused_p_block<T, 1, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+    }
     fence_async_smem();  // ā ⊙ V visible to wgmma
     __syncthreads();     // both warpgroups' ā ⊙ V rows and q·n
     TFLA_FUSED_CLOCK(4);
@@ -415,7 +434,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
                         sw128_desc_mn(sm.vw() + 2048 * kk, 1024), 1);
     wgmma_commit();
 
-    // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread) and the normalizer
+    // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread, 16 keys per warp) and the normalizer
     if constexpr (Gate::kNormalize) {
       const int d8 = tid & 15, tg = tid >> 4;
       const char* kb = sm.k(s, d8 >> 3);
@@ -429,15 +448,19 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, to_float(e8[e]), acc[e]);
       }
-      float4* np = reinterpret_cast<float4*>(sm.npart() + tg * DK + 8 * d8);
-      np[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      np[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);  // the warp's two key groups
+      if (lane < 16) {
+        float4* np = reinterpret_cast<float4*>(sm.npart() + (tid >> 5) * DK + 8 * d8);
+        np[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        np[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      }
     }
     float inv_lo = 1.f, inv_hi = 1.f;
     if constexpr (Gate::kNormalize) {
       rs_lo = quad_sum(rs_lo);
       rs_hi = quad_sum(rs_hi);
-      const float den_lo = sc_lo * sm.row_qn()[row_lo] + rs_lo, den_hi = sc_hi * sm.row_qn()[row_hi] + rs_hi;
+      const float den_lo = sc_lo * qn_lo + rs_lo, den_hi = sc_hi * qn_hi + rs_hi;
       const float N_lo = fmaxf(fabsf(den_lo), expf(-M_lo));
       const float N_hi = fmaxf(fabsf(den_hi), expf(-M_hi));
       inv_lo = 1.f / (N_lo + p.eps);

@@ -146,15 +146,18 @@ def test_forced_family_and_environment(monkeypatch):
         _forward_family(_Problem(chunk_size=64), forced, "MmaBF16", _Device("90"), 132)
 
 
-def test_auto_family_needs_a_full_wave():
-    """B = 1, S = 65536, NH = 16, DV = 256: 64 fused CTAs for 132 SMs -> the two-pass sm80 forward;
-    forcing sm90 still runs it."""
+def test_auto_family_needs_a_quarter_wave():
+    """B = 1, S = 65536, NH = 16, DV = 256: 64 fused CTAs for 132 SMs still take the fused forward
+    (measured faster); below a quarter CTA per SM (33 of 132) the two-pass sm80 forward; forcing
+    sm90 still runs it."""
     from tfla_cupy._cuda_path import _forward_family
     cfg = config.pick_config("MmaBF16", 128, 256, 128)
-    long = _Problem(NSEQ=1, NH=16)
-    assert _forward_family(long, cfg, "MmaBF16", _Device("90"), 132) == "sm80"
-    assert _forward_family(_Problem(NSEQ=3, NH=11), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 132 CTAs
-    assert _forward_family(long, dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
+    assert config.FUSED_AUTO_MIN_CTAS_PER_SM == 0.25
+    assert _forward_family(_Problem(NSEQ=1, NH=16), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 64 CTAs
+    assert _forward_family(_Problem(NSEQ=1, NH=9), cfg, "MmaBF16", _Device("90"), 132) == "sm90"   # 36
+    small = _Problem(NSEQ=1, NH=8)                                                                  # 32
+    assert _forward_family(small, cfg, "MmaBF16", _Device("90"), 132) == "sm80"
+    assert _forward_family(small, dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
 
 
 def test_operands_the_fused_forward_cannot_take_fall_back_or_are_refused(monkeypatch):

@@ -239,8 +239,9 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_
     assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names
 
 
-def test_hopper_plan_below_one_wave_uses_the_sm80_forward(launches, tensor_maps, monkeypatch):
-    """B = 1 and few heads: fewer fused CTAs than SMs, so "auto" keeps the two-pass forward."""
+def test_hopper_plan_small_grid_uses_the_sm80_forward(launches, tensor_maps, monkeypatch):
+    """B = 1 and few heads: fewer fused CTAs than a quarter of the SMs (8 for 132), so "auto"
+    keeps the two-pass forward."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")

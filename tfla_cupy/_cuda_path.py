@@ -25,10 +25,11 @@ from ._params import make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 import os
 
-from .config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_BV, FUSED_SMEM_BYTES, FUSED_TERM_FLOATS,
-                     FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA, THREADS,
-                     chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel, fused_fwd_unsupported,
-                     fused_terms_kernel, gates_kernel, pick_config, seq_table_kernel, state_kernels)
+from .config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
+                     FUSED_TERM_FLOATS, FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA,
+                     THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
+                     fused_fwd_unsupported, fused_terms_kernel, gates_kernel, pick_config, seq_table_kernel,
+                     state_kernels)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
@@ -242,11 +243,12 @@ def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
     """"sm90" (the fused Hopper forward) or "sm80" (the two-pass mma.sync forward) for this call:
     config.family, or with "auto" the TFLA_CUPY_FAMILY environment variable, or the default —
     sm90 on compute capability 9.0 where it covers the shape and its grid (one CTA per DV block,
-    sequence and head, each walking all its chunks) has at least one CTA per SM (`sms`), sm80
-    otherwise (never an error). `operands_reason`: why this call's arrays keep it off the fused
-    forward (see _fused_operands_reason), or None. Below one wave the two-pass forward, which spreads the chunks over
-    the GPU, is faster (bench/NOTES.md: B = 1, S = 65536 on the H200). An explicit "sm90" that
-    cannot run is a ValueError naming why."""
+    sequence and head, each walking all its chunks) has at least FUSED_AUTO_MIN_CTAS_PER_SM CTAs per
+    SM (`sms`), sm80 otherwise (never an error). `operands_reason`: why this call's arrays keep it
+    off the fused forward (see _fused_operands_reason), or None. With very few CTAs each walks a
+    long sequence alone and the two-pass forward, which spreads the chunks over the GPU, is faster
+    (bench/NOTES.md: the H200 measurements behind the threshold). An explicit "sm90" that cannot
+    run is a ValueError naming why."""
     want, where = cfg.family, "config.family"
     if want == "auto":
         want, where = os.environ.get(FAMILY_ENV, "auto") or "auto", FAMILY_ENV
@@ -267,7 +269,7 @@ def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
         return "sm90"
     if cc != "90" or reason is not None:
         return "sm80"
-    return "sm90" if (p.DV // FUSED_BV) * p.NSEQ * p.NH >= sms else "sm80"
+    return "sm90" if (p.DV // FUSED_BV) * p.NSEQ * p.NH >= FUSED_AUTO_MIN_CTAS_PER_SM * sms else "sm80"
 
 
 def _fused_operands_reason(q, k, v, h, layout):

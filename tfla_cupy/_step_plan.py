@@ -79,7 +79,7 @@ def _functions(device_id, mma, gate):
 class StepLaunch:
     """Grid, kernels and a reusable StepParams record of one step problem on one device."""
 
-    __slots__ = ("buf", "record", "k1", "k2", "grid1", "grid2", "has_nm", "BH")
+    __slots__ = ("buf", "record", "raw", "k1", "k2", "grid1", "grid2", "has_nm", "BH")
 
     def __init__(self, problem, mma, device_id, *, pool_size=0):
         p = problem
@@ -88,6 +88,7 @@ class StepLaunch:
         lanes = step_lanes(self.BH, p.DV, sms)
         self.buf = bytearray(STEP_PARAMS_DTYPE.itemsize)   # the record's memory: pointers packed by struct
         self.record = np.frombuffer(self.buf, STEP_PARAMS_DTYPE)
+        self.raw = np.frombuffer(self.buf, _loader._raw_dtype(len(self.buf)))  # the same bytes, for launches
         for name, value in dict(BH=self.BH, NH=p.NH, DK=p.DK, DV=p.DV, P=pool_size, lanes=lanes,
                                 scale=p.scale, eps=p.eps).items():
             self.record[name] = value
@@ -111,7 +112,9 @@ class StepLaunch:
         buf = bytearray(self.buf) if private else self.buf
         struct.pack_into(_POINTERS, buf, 0, *pointers)
         struct.pack_into("<i", buf, _NM_HERE, 0 if nm_in_place else 1)
-        record = np.frombuffer(buf, STEP_PARAMS_DTYPE) if private else self.record
+        # raw bytes, not the record dtype: CuPy's read of a record's __array_interface__ costs more
+        # than the rest of the launch (tfla_cupy/_loader.py: _raw)
+        record = np.frombuffer(buf, _loader._raw_dtype(len(buf))) if private else self.raw
         self.k1(self.grid1, (STEP_THREADS,), (record,))
         if nm_in_place and self.has_nm:
             self.k2(self.grid2, (STEP_NM_THREADS,), (record,))

@@ -38,7 +38,7 @@ THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateT
 #: DK it is built for, its DV block, threads and dynamic shared memory (tests/test_config.py
 #: compiles static_asserts that these equal the C++ constants).
 FUSED_FWD = {"tfla::FusedFwdSmem::kL": 128, "tfla::FusedFwdSmem::kDK": 128, "tfla::FusedFwdSmem::kBV": 64,
-             "tfla::FusedFwdSmem::kThreads": 256, "tfla::FusedFwdSmem::kBytes": 230_944,
+             "tfla::FusedFwdSmem::kThreads": 256, "tfla::FusedFwdSmem::kBytes": 230_432,
              # stage 0b: the per-chunk gate record it reads, and the kernel that writes it
              "tfla::FusedTerms::kFloats": 900, "tfla::FusedTermsSmem::kThreads": 128,
              "tfla::FusedTermsSmem::kBytes": 5_120,
@@ -58,6 +58,11 @@ FUSED_MAPS_BYTES = FUSED_FWD["sizeof(tfla::FusedMaps)"]
 #: "sm90" (Hopper: wgmma, the chunk state on chip; forward only today), "auto" (sm90 where it
 #: covers the call, else sm80). The environment variable TFLA_CUPY_FAMILY overrides "auto".
 FAMILIES = ("auto", "sm80", "sm90")
+#: "auto" takes the fused forward when its grid has at least this many CTAs per SM. Measured on the
+#: H200 (bench/NOTES.md, 2026-12-02): B = 1, S = 65536, 16 heads = 64 CTAs (0.48 per SM), fused
+#: 2.73 ms against sm80 4.90 ms; below that the fused time stays that of one CTA's walk while the
+#: two-pass time shrinks with the work, crossing near a quarter (an estimate from that one point).
+FUSED_AUTO_MIN_CTAS_PER_SM = 0.25
 FAMILY_ENV = "TFLA_CUPY_FAMILY"
 
 
