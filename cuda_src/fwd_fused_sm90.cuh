@@ -63,7 +63,7 @@ namespace tfla {
 // The per-chunk record stage 0b (fused_terms_kernel) writes for the fused forward: everything
 // of the gates that does not depend on the running stabiliser m, so the chunk walk only combines
 // it with m (one fmax and two exps per row) instead of scanning. Offsets in floats; one record is
-// kFloats floats, a whole number of 16-byte pieces (it is staged by cp.async beside the tiles).
+// kFloats floats, a whole number of 16-byte pieces (one bulk copy beside the tiles' TMA boxes).
 struct FusedTerms {
   static constexpr int kL = 128;
   static constexpr int kColLog = 0,         // float2[L]: split(κ_u · log2 e), κ_u = ι_u − Σ_{w=1..u} λ_w
@@ -77,10 +77,11 @@ struct FusedTerms {
 };
 
 // Shared-memory carve (bytes from a 1024-aligned base; swizzle atoms need that alignment).
-// Q and K tiles are two 64-column blocks of kL rows × 128 bytes; V and ā ⊙ V one block; Cᵀ two
-// blocks of kBV rows (one per stage, beside K); per stage one FusedTerms record.
+// Q and K tiles are two 64-column blocks of kL rows × 128 bytes, V one block (per stage); Cᵀ two
+// blocks of kBV rows and n two rows, per stage beside K; ā ⊙ V one block; one FusedTerms record
+// per stage.
 struct FusedFwdSmem {
-  static constexpr int kL = 128, kDK = 128, kBV = 64, kWarpgroups = 2, kThreads = 128 * kWarpgroups, kRows = kL;
+  static constexpr int kL = 128, kDK = 128, kBV = 64, kWarpgroups = 2, kThreads = 128 * kWarpgroups;
   static constexpr int kBlk = kL * 128, kCtBlk = kBV * 128;
   // per stage: Q halves, then per DK half h one swizzle atom whose row 0 is n^(c) (rows 1..7 zero),
   // the Cᵀ rows and the K rows back to back, so that [n; Cᵀ; K_0] is one B operand of 8 + 64 + 64

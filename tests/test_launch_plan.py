@@ -239,20 +239,29 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_
     assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names
 
 
+def _bf16_call_inputs(rng, B, NH, S, DV, DK=128):
+    """q, k, v (bf16, bhsd) and i, f (float32) as fake device arrays."""
+    from tfla_cupy._arrays import BFLOAT16
+    q, k = (_fake(rng.standard_normal((B, NH, S, DK)).astype(BFLOAT16)) for _ in range(2))
+    v = _fake(rng.standard_normal((B, NH, S, DV)).astype(BFLOAT16))
+    i, f = (_fake(rng.standard_normal((B, NH, S)).astype(np.float32)) for _ in range(2))
+    return q, k, v, i, f
+
+
+def _assert_two_pass_forward(launches, x):
+    tfla_cupy.mlstm(*x, chunk_size=128)
+    names = {e[0].split("<")[0] for e in launches}
+    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names
+
+
 def test_hopper_plan_small_grid_uses_the_sm80_forward(launches, tensor_maps, monkeypatch):
     """B = 1 and few heads: fewer fused CTAs than a quarter of the SMs (8 for 132), so "auto"
     keeps the two-pass forward."""
     from tfla_cupy import config
-    from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
-    rng = np.random.default_rng(5)
-    q, k = (_fake(rng.standard_normal((1, 2, 300, 128)).astype(BFLOAT16)) for _ in range(2))
-    v = _fake(rng.standard_normal((1, 2, 300, 256)).astype(BFLOAT16))
-    i, f = (_fake(rng.standard_normal((1, 2, 300)).astype(np.float32)) for _ in range(2))
-    tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128)
-    names = {e[0].split("<")[0] for e in launches}
-    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names
+    x = _bf16_call_inputs(np.random.default_rng(5), 1, 2, 300, 256)
+    _assert_two_pass_forward(launches, x)
 
 
 def test_hopper_plan_without_cuda_bindings_uses_the_sm80_forward(launches, monkeypatch):
@@ -261,18 +270,12 @@ def test_hopper_plan_without_cuda_bindings_uses_the_sm80_forward(launches, monke
     import dataclasses
 
     from tfla_cupy import _tma, config
-    from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (16, 232_448))
     monkeypatch.setattr(_tma, "unavailable", lambda: "it needs NVIDIA's cuda-bindings package")
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
-    rng = np.random.default_rng(6)
-    q, k = (_fake(rng.standard_normal((2, 8, 256, 128)).astype(BFLOAT16)) for _ in range(2))
-    v = _fake(rng.standard_normal((2, 8, 256, 128)).astype(BFLOAT16))
-    i, f = (_fake(rng.standard_normal((2, 8, 256)).astype(np.float32)) for _ in range(2))
-    tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128)
-    names = {e[0].split("<")[0] for e in launches}
-    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names
+    x = _bf16_call_inputs(np.random.default_rng(6), 2, 8, 256, 128)
+    _assert_two_pass_forward(launches, x)
     forced = dataclasses.replace(config.pick_config("MmaBF16", 128, 128, 128), family="sm90")
     with pytest.raises(ValueError, match=r"'sm90' does not cover this call: it needs NVIDIA's cuda-bindings"):
-        tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128, config=forced)
+        tfla_cupy.mlstm(*x, chunk_size=128, config=forced)
