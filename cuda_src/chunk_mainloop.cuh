@@ -294,13 +294,13 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
 // and col_log[u] = κ_u·log2e (split). Returns b_{r0} = Σ_{w<=r0} λ_w. Then
 //   D̃[τ][u] = b_τ − b_u + ι_u = p_{τ−r0} + κ_u.
 // Sm: a shared-memory view with lam(), iota(), scan(), col_log(), row_d() and kThreads, kRows
-// (ChunkSmem, or the fused Hopper forward's). The raw gates of position u are i[u·si], f[u·sf]
-// (global memory, or a copy staged in shared memory).
+// (ChunkSmem, or stage 0b's FusedTermsSmem).
 template <typename Gate, typename Sm>
-__device__ __forceinline__ double prepare_causal_from(const Sm& sm, const float* i, i64 si, const float* f, i64 sf,
-                                                      int r0, int Tend, int Lc) {
+__device__ __forceinline__ double prepare_causal(const Params& p, const Sm& sm, const ChunkAt& at, int r0, int Tend,
+                                                 int Lc) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_log_gates<Gate>(i, si, f, sf, 0, Tend, Lc, sm.lam(), sm.iota());
+  load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, 0, Tend, Lc, sm.lam(),
+                       sm.iota());
   __syncthreads();
   __shared__ double b_r0;
   if (warp == 0) {
@@ -321,13 +321,6 @@ __device__ __forceinline__ double prepare_causal_from(const Sm& sm, const float*
     sm.row_d()[r] = (r == 0 || r0 + r >= Tend) ? 0.0 : sm.scan()[r0 + r];
   __syncthreads();
   return b_r0;
-}
-
-template <typename Gate, typename Sm>
-__device__ __forceinline__ double prepare_causal(const Params& p, const Sm& sm, const ChunkAt& at, int r0, int Tend,
-                                                 int Lc) {
-  return prepare_causal_from<Gate>(sm, p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, r0, Tend,
-                                   Lc);
 }
 
 // Anti-causal roles (rows σ = r0 + r, columns u >= σ, up to Lc). In double:

@@ -239,10 +239,10 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   __syncthreads();
   auto issue = [&](int c, int s) {
     if (tid != 0) return;
-    const int t = sq.t0 + c * L;
+    const int tok = sq.t0 + c * L;  // the chunk's first token in the tensors' token coordinate
     auto load = [&](char* dst, const TensorMap& map, const int (&order)[3], int x) {
-      tma_load_4d(dst, &map, x, map_coord(order[0], t, sq.h, sq.b), map_coord(order[1], t, sq.h, sq.b),
-                  map_coord(order[2], t, sq.h, sq.b), &full[s]);
+      tma_load_4d(dst, &map, x, map_coord(order[0], tok, sq.h, sq.b), map_coord(order[1], tok, sq.h, sq.b),
+                  map_coord(order[2], tok, sq.h, sq.b), &full[s]);
     };
     fence_async_smem();  // the stage's last generic-proxy accesses (chunk c − 2) before the copies
     mbar_expect_tx(&full[s], Sm::kStageTxBytes);

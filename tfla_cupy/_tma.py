@@ -26,7 +26,7 @@ TMAP_BYTES = 128
 #: tests/test_config.py checks its size against the C++ struct.
 FUSED_MAPS_DTYPE = np.dtype({"names": ["q", "k", "v", "order"],
                              "formats": [f"V{TMAP_BYTES}"] * 3 + [(np.int32, (3, 3))],
-                             "offsets": [0, 128, 256, 384], "itemsize": FUSED_MAPS_BYTES})
+                             "offsets": [m * TMAP_BYTES for m in range(4)], "itemsize": FUSED_MAPS_BYTES})
 
 
 @functools.lru_cache(maxsize=None)
