@@ -19,7 +19,8 @@ for r in csv.DictReader(lines):
     rows[key][r["Metric Name"]] = value
 short = {"gpu__time_duration.sum": "us", "sm__warps_active.avg.pct_of_peak_sustained_active": "occ%",
          "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram%",
-         "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor%",
+         "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "mma%",
+         "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active": "tensor%",
          "launch__registers_per_thread": "regs", "launch__occupancy_limit_registers": "lim_reg",
          "launch__occupancy_limit_shared_mem": "lim_smem"}
 print(" ".join(f"{v:>8s}" for v in short.values()), " kernel")

@@ -16,16 +16,17 @@ constexpr int kChunkGateThreads = 128;
 // dynamic shared memory: λ, suffix sums and ι, L doubles each (the carve below)
 __host__ __device__ constexpr int chunk_gates_smem_bytes(int L) { return 3 * 8 * L; }
 
+// The vectors of one chunk, by a CTA of kChunkGateThreads threads: λ, ι from p.i, p.f into
+// `lam`, `iota` and suffix sums into `sfx` (L doubles each, shared memory; all three are
+// overwritten), then a_τ − max a into a_out[τ] (τ < L), b_τ into b_out[τ] (when not null), g
+// and max a into *g_out and *amax_out. Stage 0 writes them to the gate arrays; stage 0b of the
+// fused forward into its FusedTerms record.
 template <typename Gate>
-__global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Params p) {
-  const ChunkAt at(p, blockIdx.x % p.NC, blockIdx.x / p.NC);
+__device__ __forceinline__ void chunk_gate_vectors(const Params& p, const ChunkAt& at, double* lam, double* sfx,
+                                                   double* iota, float* a_out, float* b_out, float* g_out,
+                                                   float* amax_out) {
   const int Lc = at.Lc;
-  if (Lc <= 0) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  SmemCarver sm{dynamic_smem()};
-  double* lam = sm.take<double>(p.L);   // λ, then b
-  double* sfx = sm.take<double>(p.L);   // suffix sums of λ
-  double* iota = sm.take<double>(p.L);  // ι, then a
   __shared__ double warp_max_s[kChunkGateThreads / 32];
 
   load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, 0, p.L, Lc, lam, iota);
@@ -46,15 +47,27 @@ __global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Pa
   __syncthreads();
   amax = warp_max_s[0];
   for (int w = 1; w < kChunkGateThreads / 32; ++w) amax = fmax(amax, warp_max_s[w]);
-  const i64 slot = at.slot(p), row = slot * p.L;
   for (int u = threadIdx.x; u < p.L; u += kChunkGateThreads) {
-    p.gate_a[row + u] = u < Lc ? float(iota[u] - amax) : neg_inf();
-    p.gate_b[row + u] = float(lam[u]);
+    a_out[u] = u < Lc ? float(iota[u] - amax) : neg_inf();
+    if (b_out != nullptr) b_out[u] = float(lam[u]);
   }
   if (threadIdx.x == 0) {
-    p.gate_g[slot] = float(lam[p.L - 1]);
-    p.gate_amax[slot] = float(amax);
+    *g_out = float(lam[p.L - 1]);
+    *amax_out = float(amax);
   }
+}
+
+template <typename Gate>
+__global__ void __launch_bounds__(kChunkGateThreads) chunk_gates_kernel(const Params p) {
+  const ChunkAt at(p, blockIdx.x % p.NC, blockIdx.x / p.NC);
+  if (at.Lc <= 0) return;
+  SmemCarver sm{dynamic_smem()};
+  double* lam = sm.take<double>(p.L);   // λ, then b
+  double* sfx = sm.take<double>(p.L);   // suffix sums of λ
+  double* iota = sm.take<double>(p.L);  // ι, then a
+  const i64 slot = at.slot(p), row = slot * p.L;
+  chunk_gate_vectors<Gate>(p, at, lam, sfx, iota, p.gate_a + row, p.gate_b + row, p.gate_g + slot,
+                           p.gate_amax + slot);
 }
 
 }  // namespace tfla

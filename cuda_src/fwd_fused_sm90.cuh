@@ -4,7 +4,8 @@
 // Stage 0b (fused_terms_kernel, all chunks in parallel) writes per chunk a FusedTerms record: the
 // column exponents, the row prefix sums and their stabiliser maxima — everything of the gates that
 // does not depend on the running stabiliser m, in the same double arithmetic as the two-pass
-// output kernel (prepare_causal anchored at row 0) — plus stage 0's ā, g and max a.
+// output kernel (prepare_causal anchored at row 0) — plus stage 0's ā, g and max a, which it
+// computes itself (chunk_gate_vectors): the fused forward launches no stage 0.
 //
 // A CTA of two warpgroups then walks its sequence's chunks in order. For chunk c (L = 128 tokens,
 // DK = 128, a 64-column block of DV) with the state C^(c) in registers:
@@ -28,6 +29,7 @@
 // (keep_states) — the chunk-boundary states. Shapes it does not cover use the sm_80 family
 // (tfla_cupy/config.py: fused_fwd_unsupported).
 #pragma once
+#include "chunk_gates.cuh"
 #include "chunk_mainloop.cuh"
 #include "wgmma.cuh"
 
@@ -120,7 +122,7 @@ struct FusedFwdSmem {
 // Stage 0b: one CTA of 128 threads per chunk slot writes its FusedTerms record, with the same
 // double arithmetic as the two-pass output kernel anchored at row 0 (prepare_causal).
 struct FusedTermsSmem {
-  static constexpr int kL = FusedTerms::kL, kThreads = 128, kRows = kL;
+  static constexpr int kL = FusedTerms::kL, kThreads = kChunkGateThreads, kRows = kL;
   static constexpr int kLam = 0, kIota = 8 * kL, kScan = 16 * kL, kRowD = 24 * kL, kColLog = 32 * kL,
                        kBytes = 40 * kL;
   template <typename U> __device__ __forceinline__ U* at(int off) const {
@@ -141,6 +143,13 @@ __global__ void __launch_bounds__(FusedTermsSmem::kThreads) fused_terms_kernel(c
   const int Lc = at.Lc, tid = threadIdx.x;
   if (Lc <= 0) return;  // surplus slots of packed input
   const Sm sm;
+  const i64 slot = at.slot(p);
+  float* rec = p.gate_terms + slot * FusedTerms::kFloats;
+  // stage 0's vectors of this chunk straight into the record (the fused forward reads no gate
+  // arrays), then the causal terms; both read the gates from global memory
+  chunk_gate_vectors<Gate>(p, at, sm.lam(), sm.scan(), sm.iota(), rec + FusedTerms::kA, nullptr,
+                           rec + FusedTerms::kG, rec + FusedTerms::kAmax);
+  __syncthreads();
   const double b0 = prepare_causal<Gate>(p, sm, at, 0, Lc, Lc);
   __shared__ double kappa_max;
   if constexpr (Gate::kStabilized) {
@@ -150,8 +159,6 @@ __global__ void __launch_bounds__(FusedTermsSmem::kThreads) fused_terms_kernel(c
     }
     __syncthreads();
   }
-  const i64 slot = at.slot(p);
-  float* rec = p.gate_terms + slot * FusedTerms::kFloats;
   for (int u = tid; u < L; u += Sm::kThreads) {
     const bool ok = u < Lc;
     const double pr = sm.row_d()[u];
@@ -161,13 +168,8 @@ __global__ void __launch_bounds__(FusedTermsSmem::kThreads) fused_terms_kernel(c
     reinterpret_cast<float2*>(rec + FusedTerms::kColLog)[u] = ok ? sm.col_log()[u] : make_float2(0.f, 0.f);
     reinterpret_cast<double*>(rec + FusedTerms::kPr)[u] = pr;
     reinterpret_cast<double*>(rec + FusedTerms::kPrPm)[u] = prpm;
-    rec[FusedTerms::kA + u] = p.gate_a[slot * L + u];
   }
-  if (tid == 0) {
-    rec[FusedTerms::kG] = p.gate_g[slot];
-    rec[FusedTerms::kAmax] = p.gate_amax[slot];
-    *reinterpret_cast<double*>(rec + FusedTerms::kB0) = b0;
-  }
+  if (tid == 0) *reinterpret_cast<double*>(rec + FusedTerms::kB0) = b0;
 }
 
 // The fused forward's tensor maps (kernel parameter, by value): Q, K, V as 4-D maps whose dimension
@@ -210,16 +212,26 @@ __device__ __forceinline__ void fused_p_block(const float (&D)[68], const float 
   }
 }
 
-template <typename T, typename Gate>
+// Segments (segments.cuh): with p.seg_chunks > 0, blockIdx.y = g walks chunks [g·seg_chunks,
+// (g + 1)·seg_chunks) of its sequence only. kSummary (pass 1): from the initial state (g = 0) or the
+// empty state, only the state recurrence — no Q, no outputs — and the end state into seg_C / seg_n /
+// seg_m[g]. Otherwise segment g > 0 starts from seg_*[g − 1] and only the last one writes the
+// sequence's last state.
+template <typename T, typename Gate, bool kSummary>
 __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Sm = FusedFwdSmem;
   constexpr int L = Sm::kL, DK = Sm::kDK, BV = Sm::kBV, NT = Sm::kThreads;
-  const Sm sm;
   const int nvb = p.DV / BV;
   const int vb = blockIdx.x % nvb, v0 = vb * BV;
   const SeqCoords sq(p, (blockIdx.x / nvb) / p.NH, (blockIdx.x / nvb) % p.NH);
+  const int seg = blockIdx.y, nc = sq.nc;
+  const int cb = p.seg_chunks > 0 ? seg * p.seg_chunks : 0;
+  const int ce = p.seg_chunks > 0 ? min(cb + p.seg_chunks, nc) : nc;  // this CTA's chunks [cb, ce)
+  if (seg > 0 && cb >= nc) return;  // a segment past a short sequence's end (the whole CTA)
+  const bool last = ce == nc;        // the segment that ends the sequence
+  const Sm sm;
   const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: the wgmma branches are not divergent
   const int g = lane >> 2, t = lane & 3;
@@ -245,9 +257,11 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
                   map_coord(order[2], tok, sq.h, sq.b), &full[s]);
     };
     fence_async_smem();  // the stage's last generic-proxy accesses (chunk c − 2) before the copies
-    mbar_expect_tx(&full[s], Sm::kStageTxBytes);
-    load(sm.q(s), maps.q, maps.order[0], 0);
-    load(sm.q(s) + Sm::kBlk, maps.q, maps.order[0], 64);
+    mbar_expect_tx(&full[s], kSummary ? Sm::kStageTxBytes - 2 * Sm::kBlk : Sm::kStageTxBytes);
+    if constexpr (!kSummary) {
+      load(sm.q(s), maps.q, maps.order[0], 0);
+      load(sm.q(s) + Sm::kBlk, maps.q, maps.order[0], 64);
+    }
     load(sm.k(s, 0), maps.k, maps.order[1], 0);
     load(sm.k(s, 1), maps.k, maps.order[1], 64);
     load(sm.v(s), maps.v, maps.order[2], v0);
@@ -255,20 +269,29 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   };
 
   // ---- the incoming state: C rows 64·wg + (16·warp + g, +8), columns v0 + 8j + 2t (+1) ----------
+  // (segment 0: the initial state; later ones: the empty state in summary mode, else seg_*[g − 1])
+  const i64 nsh = i64(p.NSEQ) * p.NH;
+  const float *C_in = p.C0, *n_in = p.n0, *m_in = p.m0;
+  i64 in_state = sq.state;
+  if (seg > 0) {
+    C_in = kSummary ? nullptr : p.seg_C;
+    n_in = kSummary ? nullptr : p.seg_n;
+    m_in = kSummary ? nullptr : p.seg_m;
+    in_state = (seg - 1) * nsh + sq.state;
+  }
   float Cacc[32];
-  const i64 cbase = i64(sq.state) * DK * p.DV + v0;
+  const i64 cbase = i64(sq.state) * DK * p.DV + v0, in_base = in_state * DK * p.DV + v0;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-      Cacc[4 * j + e] = p.C0 != nullptr ? p.C0[cbase + i64(r) * p.DV + col] : 0.f;
+      Cacc[4 * j + e] = C_in != nullptr ? C_in[in_base + i64(r) * p.DV + col] : 0.f;
     }
-  if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && p.n0 != nullptr) ? p.n0[i64(sq.state) * DK + tid] : 0.f;
-  float m = (Gate::kStabilized && p.m0 != nullptr) ? p.m0[sq.state] : 0.f;
+  if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && n_in != nullptr) ? n_in[in_state * DK + tid] : 0.f;
+  float m = (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (kSummary && seg > 0 ? kEmptyM : 0.f);
   const double log2_scale = double(log2f(p.scale));
 
-  const int nc = sq.nc;
 #if defined(TFLA_FUSED_CLOCKS)
   __shared__ long long clk_phase_[2][8];
   if (tid < 16) clk_phase_[tid >> 3][tid & 7] = 0;
@@ -277,15 +300,15 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   const unsigned long long ns_start_ = globaltimer_ns();
   long long clk_prev_ = clk_start_;
 #endif
-  if (nc > 0) issue(0, 0);
-  for (int c = 0; c < nc; ++c) {
-    const int s = c & 1, Lc = sq.chunk_len(p, c), u0 = c * L;
+  if (cb < ce) issue(cb, 0);
+  for (int c = cb; c < ce; ++c) {
+    const int it = c - cb, s = it & 1, Lc = sq.chunk_len(p, c), u0 = c * L;
     const i64 slot = sq.chunk_slot(p, c);
-    if (c + 1 < nc) issue(c + 1, s ^ 1);
+    if (c + 1 < ce) issue(c + 1, s ^ 1);
     TFLA_FUSED_CLOCK(0);
 
     // ---- chunk-boundary state out (keep_states) -------------------------------------------------
-    if (p.C_states != nullptr) {
+    if (!kSummary && p.C_states != nullptr) {
       T* Cs = ptr<T>(p.C_states) + slot * DK * p.DV + v0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -293,10 +316,11 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
         store2(Cs + i64(row_hi) * p.DV + 8 * j + 2 * t, Cacc[4 * j + 2], Cacc[4 * j + 3]);
       }
     }
-    if (owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK) p.n_states[slot * DK + tid] = sm.nvec()[tid];
-    if (owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0) p.m_states[sq.m_slot(p, c)] = m;
+    if (!kSummary && owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK)
+      p.n_states[slot * DK + tid] = sm.nvec()[tid];
+    if (!kSummary && owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0) p.m_states[sq.m_slot(p, c)] = m;
 
-    mbar_wait(&full[s], (c >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
+    mbar_wait(&full[s], (it >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
     if (Lc < L) {  // ragged last chunk: rows past the sequence may hold the next sequence's tokens
       for (int idx = tid; idx < (L - Lc) * 8; idx += NT) {
         const int off = sw128_offset(Lc + (idx >> 3), 8 * (idx & 7));
@@ -335,17 +359,19 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
         log_r = make_float2(neg_inf(), 0.f);
       }
     };
-    float M_lo, M_hi, sc_lo, sc_hi;
-    float2 rl_lo, rl_hi;
-    row_terms(row_lo, M_lo, sc_lo, rl_lo);
-    row_terms(row_hi, M_hi, sc_hi, rl_hi);
+    float M_lo = 0.f, M_hi = 0.f, sc_lo = 0.f, sc_hi = 0.f;
+    float2 rl_lo = make_float2(0.f, 0.f), rl_hi = rl_lo;
+    if constexpr (!kSummary) {
+      row_terms(row_lo, M_lo, sc_lo, rl_lo);
+      row_terms(row_hi, M_hi, sc_hi, rl_hi);
+    }
     if (tid < L) sm.abar()[tid] = tid < Lc ? expf(tr[FusedTerms::kA + tid] + shift) : 0.f;
     const float2* col_log = reinterpret_cast<const float2*>(tr + FusedTerms::kColLog);
 
     // ---- Cᵀ and n for the first product: the state rows of warpgroup w are Cᵀ columns 64w .. ----
     // stmatrix .trans: 8 × 8 blocks (j, hh) of C (rows 16·warp + 8hh + .., columns 8j + ..) become
     // 16-byte pieces of Cᵀ rows 8j + .. (lane 8i + b addresses stored row b of block i)
-    {
+    if constexpr (!kSummary) {
       const int i = lane >> 3, b = lane & 7, hh = i & 1;
 #pragma unroll
       for (int q4 = 0; q4 < 4; ++q4) {
@@ -355,7 +381,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
                           pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
       }
     }
-    if (tid < DK)
+    if (!kSummary && tid < DK)
       *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
     fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
     __syncthreads();     // and the row terms to every thread
@@ -366,21 +392,23 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     // H = D[4, 36), the score block S_0 = D[36, 68)) and, for warpgroup 1, S_1 = Q_w · K_1ᵀ (the
     // upper block of warpgroup 0 is never formed)
     float D[68], S1[32];
-    fence_regs(Cacc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-      wgmma_ss_wide<T, 136>(D, da, sw128_desc(sm.nrow(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
-    }
-    if (wg == 1) {
+    if constexpr (!kSummary) {
+      fence_regs(Cacc);
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
-        const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
-        wgmma_ss<T, 0, 0>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
+        const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
+        wgmma_ss_wide<T, 136>(D, da, sw128_desc(sm.nrow(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
       }
+      if (wg == 1) {
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+          const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
+          wgmma_ss<T, 0, 0>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
+        }
+      }
+      wgmma_commit();
     }
-    wgmma_commit();
 
     // ... while the CUDA cores form ā ⊙ V (same swizzled places)
     for (int idx = tid; idx < L * 8; idx += NT) {
@@ -395,23 +423,24 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       }
       *reinterpret_cast<uint4*>(sm.vw() + off) = x;
     }
-    wgmma_wait<0>();
-    TFLA_FUSED_CLOCK(3);
-    fence_regs(D);
-    fence_regs(S1);
-
-    float H[32];
-#pragma unroll
-    for (int e = 0; e < 32; ++e) H[e] = D[4 + e] * ((e & 2) ? sc_hi : sc_lo);
-    const float qn_lo = __shfl_sync(0xffffffffu, D[0], lane & ~3), qn_hi = __shfl_sync(0xffffffffu, D[2], lane & ~3);
-    float rs_lo = 0.f, rs_hi = 0.f;
+    float H[32], qn_lo = 0.f, qn_hi = 0.f, rs_lo = 0.f, rs_hi = 0.f;
     u32 P[8][4];
-    if (wg == 0) {
-      fused_p_block<T, 0, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-      fused_p_block<T, 1, 2>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-    } else {
-      fused_p_block<T, 0, 0>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-      fused_p_block<T, 1, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+    if constexpr (!kSummary) {
+      wgmma_wait<0>();
+      TFLA_FUSED_CLOCK(3);
+      fence_regs(D);
+      fence_regs(S1);
+#pragma unroll
+      for (int e = 0; e < 32; ++e) H[e] = D[4 + e] * ((e & 2) ? sc_hi : sc_lo);
+      qn_lo = __shfl_sync(0xffffffffu, D[0], lane & ~3);
+      qn_hi = __shfl_sync(0xffffffffu, D[2], lane & ~3);
+      if (wg == 0) {
+        fused_p_block<T, 0, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+        fused_p_block<T, 1, 2>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+      } else {
+        fused_p_block<T, 0, 0>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+        fused_p_block<T, 1, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+      }
     }
     fence_async_smem();  // ā ⊙ V visible to wgmma
     __syncthreads();     // both warpgroups' ā ⊙ V rows and q·n
@@ -421,13 +450,17 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
     for (int e = 0; e < 32; ++e) Cacc[e] *= gamma;
     fence_regs(Cacc);
-    fence_regs(H);
-    fence_regs(P);
+    if constexpr (!kSummary) {
+      fence_regs(H);
+      fence_regs(P);
+    }
     wgmma_fence();
+    if constexpr (!kSummary) {
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
-      wgmma_rs<T, 1>(H, P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
+      for (int kk = 0; kk < 8; ++kk) {
+        if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
+        wgmma_rs<T, 1>(H, P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
@@ -458,7 +491,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       }
     }
     float inv_lo = 1.f, inv_hi = 1.f;
-    if constexpr (Gate::kNormalize) {
+    if constexpr (Gate::kNormalize && !kSummary) {
       rs_lo = quad_sum(rs_lo);
       rs_hi = quad_sum(rs_hi);
       const float den_lo = sc_lo * qn_lo + rs_lo, den_hi = sc_hi * qn_hi + rs_hi;
@@ -479,28 +512,31 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     }
     wgmma_wait<0>();
     TFLA_FUSED_CLOCK(5);
-    fence_regs(H);
     fence_regs(Cacc);
-    fence_regs(P);
 
     // ---- outputs -------------------------------------------------------------------------------
     // through shared memory (the Cᵀ tiles, free since batch A) so each row leaves in 16-byte pieces
-    char* hs = sm.ct(s, wg);  // this warpgroup's 64 rows, swizzled (no bank conflicts)
-    const int rl = 16 * warp + g;
+    if constexpr (!kSummary) {
+      fence_regs(H);
+      fence_regs(P);
+      char* hs = sm.ct(s, wg);  // this warpgroup's 64 rows, swizzled (no bank conflicts)
+      const int rl = 16 * warp + g;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      *reinterpret_cast<u32*>(hs + sw128_offset(rl, 8 * j + 2 * t)) = pack2<T>(H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
-      *reinterpret_cast<u32*>(hs + sw128_offset(rl + 8, 8 * j + 2 * t)) =
-          pack2<T>(H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
-    }
-    named_barrier_sync(1 + wg, 128);
-    T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
+      for (int j = 0; j < 8; ++j) {
+        *reinterpret_cast<u32*>(hs + sw128_offset(rl, 8 * j + 2 * t)) =
+            pack2<T>(H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
+        *reinterpret_cast<u32*>(hs + sw128_offset(rl + 8, 8 * j + 2 * t)) =
+            pack2<T>(H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
+      }
+      named_barrier_sync(1 + wg, 128);
+      T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
 #pragma unroll
-    for (int idx = tid & 127; idx < 64 * 8; idx += 128) {
-      const int r = idx >> 3, j = idx & 7;
-      if (64 * wg + r < Lc)
-        *reinterpret_cast<uint4*>(Hg + i64(64 * wg + r) * p.st_h.t + 8 * j) =
-            *reinterpret_cast<const uint4*>(hs + sw128_offset(r, 8 * j));
+      for (int idx = tid & 127; idx < 64 * 8; idx += 128) {
+        const int r = idx >> 3, j = idx & 7;
+        if (64 * wg + r < Lc)
+          *reinterpret_cast<uint4*>(Hg + i64(64 * wg + r) * p.st_h.t + 8 * j) =
+              *reinterpret_cast<const uint4*>(hs + sw128_offset(r, 8 * j));
+      }
     }
     if constexpr (Gate::kNormalize) {
       __syncthreads();  // every part of Σ ā k
@@ -520,14 +556,29 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   if ((tid & 127) == 0) {
     for (int i = 0; i < 7; ++i) atomicAdd(&tfla_fused_clocks[tid >> 7][i], (unsigned long long)clk_phase_[tid >> 7][i]);
     atomicAdd(&tfla_fused_clocks[tid >> 7][7], (unsigned long long)(clock64() - clk_start_));
-    atomicAdd(&tfla_fused_clocks[tid >> 7][8], (unsigned long long)nc);
+    atomicAdd(&tfla_fused_clocks[tid >> 7][8], (unsigned long long)(ce - cb));
     const unsigned long long ns_end = globaltimer_ns();
     atomicAdd(&tfla_fused_clocks[tid >> 7][9], ns_end - ns_start_);
     atomicMin(&tfla_fused_clocks[tid >> 7][10], ns_start_);
     atomicMax(&tfla_fused_clocks[tid >> 7][11], ns_end);
   }
 #endif
-  // ---- the state after the sequence's last step, fp32 ------------------------------------------
+  // ---- summary mode: the segment's end state, fp32 ----------------------------------------------
+  if constexpr (kSummary) {
+    const i64 out_state = seg * nsh + sq.state, obase = out_state * DK * p.DV + v0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
+        p.seg_C[obase + i64(r) * p.DV + col] = Cacc[4 * j + e];
+      }
+    if (owns_nm && Gate::kNormalize && tid < DK) p.seg_n[out_state * DK + tid] = sm.nvec()[tid];
+    if (owns_nm && Gate::kStabilized && tid == 0) p.seg_m[out_state] = m;
+    return;
+  }
+  // ---- the state after the sequence's last step, fp32 (by its last segment) ---------------------
+  if (!last) return;
   if (owns_nm && tid == 0 && Gate::kStabilized) {
     if (p.m_states != nullptr) p.m_states[sq.m_slot(p, nc)] = m;
     if (p.m_last != nullptr) p.m_last[sq.state] = m;

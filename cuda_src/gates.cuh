@@ -43,6 +43,10 @@ struct GateSig {
 };
 
 constexpr float kRowMaxFloor = -10.f;  // MINIMUM_MAX_VAL of the exp variant
+// The stabiliser of the empty state (C = 0, n = 0): −∞ in effect (every stabiliser reached from it
+// is a log gate sum of at least one token), finite so that no ∞ − ∞ appears in an exponent.
+// tfla_cupy.distributed.EMPTY_M is the same number.
+constexpr float kEmptyM = -1e30f;
 
 // ---------------------------------------------------------------------------------------------
 // In-place scans of x[0, n) in shared memory by ONE warp (all 32 lanes call), in double: a long

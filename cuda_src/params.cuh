@@ -78,6 +78,13 @@ struct Params {
   //      chunk slot (NC), −1 = surplus] (int32); every other kernel reads seq_table.
   const void* cu_seqlens;
   int* seq_table;
+  // ---- segments of the fused Hopper forward (segments.cuh; null / 0 without): seg_C
+  //      (nseg − 1, NSEQ·NH, DK, DV), seg_n (.., DK), seg_m (..) fp32 hold the summary of segment
+  //      g (its end state from the empty state; segment 0 from the initial state), which
+  //      segment_combine_kernel turns into the state entering segment g + 1
+  float* seg_C;
+  float* seg_n;
+  float* seg_m;
   // ---- element strides of the sequence tensors
   Strides st_q;
   Strides st_k;
@@ -105,6 +112,8 @@ struct Params {
   int NM;       // m-state slots per batch·head: NC + sequences per batch entry
   int qdq_parts;
   int kdk_parts;
+  int seg_chunks;  // chunks per segment (0: one segment per sequence)
+  int nseg;        // segments per sequence (1 without)
   float scale;  // query scale s
   float eps;    // ε of the normalizer
 };

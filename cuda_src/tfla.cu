@@ -4,7 +4,8 @@
 //   chunk_gates_kernel   per-chunk log-gate vectors (stage 0)     (chunk_gates.cuh)
 //   fwd_states_kernel    forward chunk-boundary states            (fwd_states.cuh)
 //   fwd_h_kernel         forward outputs h, N, M                  (fwd_outputs.cuh)
-//   fwd_fused_sm90_kernel  Hopper forward: states on chip, h, N, M (fwd_fused_sm90.cuh)
+//   fwd_fused_sm90_kernel  Hopper forward: states on chip, h, N, M (fwd_fused_sm90.cuh);
+//                        its summary mode and segment_combine_kernel split long sequences (segments.cuh)
 //   bwd_dstates_kernel   backward boundary-state gradients dC     (bwd_dstates.cuh)
 //   bwd_dq/dk/dv_kernel  backward token gradients                 (bwd_chunks.cuh)
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
@@ -20,3 +21,4 @@
 #include "step.cuh"
 #include "wgmma.cuh"
 #include "fwd_fused_sm90.cuh"
+#include "segments.cuh"

@@ -21,6 +21,8 @@ def test_geometry_of_every_instantiation_matches_the_cuda_side():
                for name, n in {**config.THREADS, **config.FUSED_FWD}.items()]
     asserts += [f"static_assert(tfla::chunk_gates_smem_bytes({L}) == {config.chunk_gates_smem_bytes(L)}, \"cg\");"
                 for L in _ALL_L]
+    from tfla_cupy.distributed import EMPTY_M
+    asserts.append(f"static_assert(tfla::kEmptyM == {EMPTY_M!r}f, \"empty-state stabiliser\");")
     seen = set()
     for mma, e in config.ELEMENT_BYTES.items():
         for L in _ALL_L:
@@ -113,8 +115,9 @@ class _Device:
 
 
 class _Problem:
-    def __init__(self, DK=128, DV=256, chunk_size=128, NSEQ=8, NH=16):
+    def __init__(self, DK=128, DV=256, chunk_size=128, NSEQ=8, NH=16, cu_seqlens=None):
         self.DK, self.DV, self.chunk_size, self.NSEQ, self.NH = DK, DV, chunk_size, NSEQ, NH
+        self.varlen = cu_seqlens is not None
 
 
 @pytest.mark.parametrize("cc,mma,DK,DV,L,want", [
@@ -146,16 +149,18 @@ def test_forced_family_and_environment(monkeypatch):
         _forward_family(_Problem(chunk_size=64), forced, "MmaBF16", _Device("90"), 132)
 
 
-def test_auto_family_needs_a_quarter_wave():
-    """B = 1, S = 65536, NH = 16, DV = 256: 64 fused CTAs for 132 SMs still take the fused forward
-    (measured faster); below a quarter CTA per SM (33 of 132) the two-pass sm80 forward; forcing
-    sm90 still runs it."""
+def test_auto_family_small_grids():
+    """Fixed-length calls take the fused forward however few its CTAs (segments fill the GPU);
+    packed sequences, which are not segmented, need a quarter CTA per SM (33 of 132); forcing sm90
+    still runs it."""
     from tfla_cupy._cuda_path import _forward_family
     cfg = config.pick_config("MmaBF16", 128, 256, 128)
     assert config.FUSED_AUTO_MIN_CTAS_PER_SM == 0.25
-    assert _forward_family(_Problem(NSEQ=1, NH=16), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 64 CTAs
-    assert _forward_family(_Problem(NSEQ=1, NH=9), cfg, "MmaBF16", _Device("90"), 132) == "sm90"   # 36
-    small = _Problem(NSEQ=1, NH=8)                                                                  # 32
+    for NH in (16, 9, 8, 1):
+        assert _forward_family(_Problem(NSEQ=1, NH=NH), cfg, "MmaBF16", _Device("90"), 132) == "sm90"
+    cu = [0, 5, 9]
+    assert _forward_family(_Problem(NSEQ=9, NH=1, cu_seqlens=cu), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 36
+    small = _Problem(NSEQ=8, NH=1, cu_seqlens=cu)                                                                # 32
     assert _forward_family(small, cfg, "MmaBF16", _Device("90"), 132) == "sm80"
     assert _forward_family(small, dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
 
@@ -171,3 +176,29 @@ def test_operands_the_fused_forward_cannot_take_fall_back_or_are_refused(monkeyp
     with pytest.raises(ValueError, match=r"config.family: 'sm90' does not cover this call: its output h must be "
                                          r"16-byte aligned"):
         _forward_family(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132, why)
+
+
+def test_pick_segments():
+    """Segments only where the walks cannot fill the GPU: none at the main shape (512 CTAs of 64
+    chunks on 132 SMs), some for B = 1, 16 heads, S = 65536 (64 CTAs of 512 chunks); a forced
+    count is capped by the chunks and never leaves a segment empty."""
+    assert config.pick_segments(512, 64, 132) == (1, 0)
+    n, per = config.pick_segments(64, 512, 132)
+    assert n >= 2 and per * (n - 1) < 512 <= per * n
+    assert config.pick_segments(64, 1, 132) == (1, 0)
+    assert config.pick_segments(512, 64, 132, forced=3) == (3, 22)
+    assert config.pick_segments(8, 5, 132, forced=64) == (5, 1)
+    assert config.pick_segments(8, 7, 132, forced=4) == (4, 2)   # 2 + 2 + 2 + 1
+    assert config.pick_segments(8, 5, 132, forced=4) == (3, 2)   # ceil(5 / 4) = 2 per segment: 3 segments
+    assert config.pick_segments(8, 100, 132, forced=1) == (1, 0)
+    for ctas in (1, 7, 64, 131, 132, 500):
+        for chunks in (2, 9, 64, 513):
+            n, per = config.pick_segments(ctas, chunks, 132)
+            assert 1 <= n <= config.MAX_SEGMENTS and (n == 1 or per * (n - 1) < chunks <= per * n)
+
+
+@pytest.mark.parametrize("bad", [-1, config.MAX_SEGMENTS + 1, 2.0, True, "2"])
+def test_config_segments_is_checked(bad):
+    cfg = dataclasses.replace(config.pick_config("MmaBF16", 128, 256, 128), segments=bad)
+    with pytest.raises(ValueError, match=r"config.segments: expected an int in \[0, 64\], got"):
+        cfg.check(2, 128)

@@ -148,7 +148,8 @@ def test_captured_graph_replay_equals_eager():
     plan = tfla_cupy.mlstm_step_plan(*(bufs[k] for k in "qkvif"), state)
     h_out = cp.empty((B, NH, DV), seq["q"].dtype)
     stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
+    cp.cuda.Device().synchronize()  # the eager steps and copies above ran on the null stream, which a
+    with stream:                    # non-blocking stream does not wait for
         saved = _copy(state)
         plan(*(bufs[k] for k in "qkvif"), state, h=h_out)  # warm-up (compiles); then restore the state
         for a, b in zip(state, saved):

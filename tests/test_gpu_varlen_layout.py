@@ -43,9 +43,9 @@ def _states(rng, N, NH, DK, DV):
 
 
 def _run(host, ref, *, gate, normalize, L, dt, cu, init, d_last, layout="bhsd", seed=0, keep_states=False,
-         cu_dtype=np.int32):
+         cu_dtype=np.int32, config=None):
     """GPU forward + backward and the float64 reference of the same call. Inputs are (1, NH, S, ·);
-    layout="bshd" transposes them (and dh) first."""
+    layout="bshd" transposes them (and dh) first. ``config``: a KernelConfig for the GPU call."""
     rng = np.random.default_rng(seed)
     _, NH, S, DV = host["v"].shape
     DK = host["q"].shape[-1]
@@ -69,7 +69,7 @@ def _run(host, ref, *, gate, normalize, L, dt, cu, init, d_last, layout="bhsd", 
     cu_gpu = None if cu is None else cp.asarray(np.asarray(cu, dtype=cu_dtype))
     with poisoned_allocations():
         h, last, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), **opts, initial_state=state, cu_seqlens=cu_gpu,
-                                           keep_states=keep_states)
+                                           keep_states=keep_states, config=config)
         g = tfla_cupy.mlstm_bwd(ctx, cp.asarray(tr(dh)), None if dC is None else tfla_cupy.MLSTMState(cp.asarray(dC)))
     return (h, last, g), (h_ref, last_ref, g_ref)
 

@@ -72,6 +72,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(_arrays, "cupy_module", lambda: cp)
     monkeypatch.setattr(_loader, "get_kernel", get_kernel)
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (132, 232_448))
+    monkeypatch.setattr(_cuda_path, "_PLANS", {})  # cached plans hold the kernels of their test
     return log
 
 
@@ -221,7 +222,7 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_
         assert not any("fwd_h_kernel" in n or "fwd_states_kernel" in n for n in names), names
         name, grid, block, p, smem = _by_kernel(launches, "fwd_fused_sm90_kernel")[0]
         assert name == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp")
-        assert (grid, block, smem) == ((DV // 64) * N * NH, config.FUSED_THREADS, config.FUSED_SMEM_BYTES)
+        assert (grid, block, smem) == (((DV // 64) * N * NH, 1), config.FUSED_THREADS, config.FUSED_SMEM_BYTES)
         for nm, x in zip("qkvif", (q, k, v, i, f)):
             assert int(p[nm]) == x.data.ptr, f"{nm} was copied"
         assert _strides(p, "q") == (S * NH * DK, DK, NH * DK)
@@ -231,12 +232,18 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_
         assert "tfla::fused_terms_kernel" in {n.split("<")[0] for n in names}
         assert int(p["gate_terms"]) != 0
         assert (int(p["C_states"]) != 0) == keep and (int(p["m_states"]) != 0) == keep
-        assert int(p["gate_a"]) != 0 and int(p["N"]) != 0 and int(p["M"]) != 0
+        # stage 0b computes stage 0's vectors itself: no stage 0, no gate arrays
+        assert "tfla::chunk_gates_kernel" not in {n.split("<")[0] for n in names}
+        assert int(p["gate_a"]) == 0 and int(p["N"]) != 0 and int(p["M"]) != 0
         assert h.shape == (1, S, NH, DV) and last.C.shape == (N, NH, DK, DV)
-    launches.clear()
-    tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
-    names = {e[0].split("<")[0] for e in launches}
-    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names
+    for repeat in range(2):  # the backward runs stage 0 once and keeps the vectors in the context
+        launches.clear()
+        tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
+        names = [e[0].split("<")[0] for e in launches]
+        assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names
+        assert names.count("tfla::chunk_gates_kernel") == (1 if repeat == 0 else 0), names
+        gate_a = _by_kernel(launches, "bwd_dq_kernel")[0][3]["gate_a"]
+        assert int(gate_a) != 0
 
 
 def _bf16_call_inputs(rng, B, NH, S, DV, DK=128):
@@ -254,14 +261,17 @@ def _assert_two_pass_forward(launches, x):
     assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names
 
 
-def test_hopper_plan_small_grid_uses_the_sm80_forward(launches, tensor_maps, monkeypatch):
-    """B = 1 and few heads: fewer fused CTAs than a quarter of the SMs (8 for 132), so "auto"
-    keeps the two-pass forward."""
+def test_hopper_plan_small_packed_grid_uses_the_sm80_forward(launches, tensor_maps, monkeypatch):
+    """Packed sequences are not cut into segments: with fewer fused CTAs than a quarter of the SMs
+    (4 sequences × 2 heads × 1 DV block = 8 for 132) "auto" keeps the two-pass forward."""
     from tfla_cupy import config
     monkeypatch.setattr(_Device, "compute_capability", "90")
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
-    x = _bf16_call_inputs(np.random.default_rng(5), 1, 2, 300, 256)
-    _assert_two_pass_forward(launches, x)
+    q, k, v, i, f = _bf16_call_inputs(np.random.default_rng(5), 1, 2, 300, 64)
+    cu = _fake(np.array([0, 50, 100, 200, 300], np.int32))
+    tfla_cupy.mlstm(q, k, v, i, f, chunk_size=128, cu_seqlens=cu)
+    names = {e[0].split("<")[0] for e in launches}
+    assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::fwd_h_kernel" in names
 
 
 def test_hopper_plan_without_cuda_bindings_uses_the_sm80_forward(launches, monkeypatch):
@@ -279,3 +289,61 @@ def test_hopper_plan_without_cuda_bindings_uses_the_sm80_forward(launches, monke
     forced = dataclasses.replace(config.pick_config("MmaBF16", 128, 128, 128), family="sm90")
     with pytest.raises(ValueError, match=r"'sm90' does not cover this call: it needs NVIDIA's cuda-bindings"):
         tfla_cupy.mlstm(*x, chunk_size=128, config=forced)
+
+
+def test_repeated_signature_reuses_the_plan_with_each_calls_pointers(launches, tensor_maps, monkeypatch):
+    """A second call of the same signature takes the cached plan (same launches) but binds its own
+    arrays; another signature (here the family override) gets a plan of its own."""
+    from tfla_cupy import config
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    rng = np.random.default_rng(7)
+    calls = []
+    for _ in range(2):
+        x = _bf16_call_inputs(rng, B=2, NH=32, S=200, DV=128)
+        launches.clear()
+        h = tfla_cupy.mlstm(*x, chunk_size=128)
+        calls.append((x, h, [(e[0], e[1], e[2], e[4]) for e in launches], _by_kernel(launches, "fwd_fused")[0][3]))
+    assert len(_cuda_path._PLANS) == 1
+    (x0, h0, l0, p0), (x1, h1, l1, p1) = calls
+    assert l0 == l1
+    for nm, a0, a1 in zip("qkvif", x0, x1):
+        assert int(p0[nm]) == a0.data.ptr and int(p1[nm]) == a1.data.ptr
+    assert int(p0["h"]) == h0.data.ptr and int(p1["h"]) == h1.data.ptr
+    assert tensor_maps[0][0][0][0] == x0[0].data.ptr and tensor_maps[1][0][0][0] == x1[0].data.ptr
+    monkeypatch.setenv(config.FAMILY_ENV, "sm80")
+    launches.clear()
+    tfla_cupy.mlstm(*x1, chunk_size=128)
+    assert len(_cuda_path._PLANS) == 2
+    assert "tfla::fwd_h_kernel" in {e[0].split("<")[0] for e in launches}
+
+
+def test_hopper_plan_segments_for_a_long_single_sequence(launches, tensor_maps, monkeypatch):
+    """B = 1, two heads, one DV block: 2 walks of 41 chunks cannot fill 132 SMs, so the fused
+    forward runs in segments: stage 0b, pass 1 (summary kernel, segments 0 .. n − 2), the fold
+    (one CTA per head), pass 2 (every segment) — all on one Params record with the segment buffers."""
+    from tfla_cupy import config
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    x = _bf16_call_inputs(np.random.default_rng(3), B=1, NH=2, S=128 * 40 + 17, DV=64)
+    h, last = tfla_cupy.mlstm(*x, chunk_size=128, return_state=True)
+    n, per = config.pick_segments(2, 41, 132)
+    assert n > 1
+    kinds = [e[0].split("<")[0] for e in launches]
+    assert kinds == ["tfla::fused_terms_kernel", "tfla::fwd_fused_sm90_kernel", "tfla::segment_combine_kernel",
+                     "tfla::fwd_fused_sm90_kernel"], kinds
+    (_, g1, _, p1, _), (_, g2, b2, p2, _), (_, g3, _, p3, _) = launches[1:]
+    assert launches[1][0] == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", summary=True)
+    assert launches[3][0] == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp")
+    assert g1 == (2, n - 1) and g2 == 2 and b2 == config.SEG_COMBINE_THREADS and g3 == (2, n)
+    for rec in (p1, p2, p3):
+        assert int(rec["seg_chunks"]) == per and int(rec["nseg"]) == n
+        assert all(int(rec[f]) != 0 for f in ("seg_C", "seg_n", "seg_m", "gate_terms"))
+    assert p1.tobytes() == p3.tobytes()
+    # a forced single segment (or a covered call with enough walks) launches none of it
+    launches.clear()
+    import dataclasses
+    one = dataclasses.replace(config.pick_config("MmaBF16", 128, 64, 128), segments=1)
+    tfla_cupy.mlstm(*x, chunk_size=128, config=one)
+    assert [e[0].split("<")[0] for e in launches] == ["tfla::fused_terms_kernel", "tfla::fwd_fused_sm90_kernel"]
+    assert launches[1][1] == (2, 1) and int(launches[1][3]["seg_C"]) == 0 and int(launches[1][3]["nseg"]) == 1

@@ -88,3 +88,22 @@ def test_step_pointer_slots_address_the_pointer_fields():
     for j, name in enumerate(STEP_POINTER_SLOT):
         assert record[name][0] == 1000 + j
     assert record["DK"][0] == 256 and record["eps"][0] == np.float32(1e-6)
+
+
+def test_bind_pointers_equals_make_params_with_the_same_arrays():
+    """The cached-plan path (a template record, then its pointers) builds the very record that
+    make_params builds from everything at once."""
+    import types
+    from tfla_cupy._params import POINTER_FIELDS, bind_pointers
+    arrays = {n: types.SimpleNamespace(data=types.SimpleNamespace(ptr=4096 * (j + 1)))
+              for j, n in enumerate(POINTER_FIELDS) if j % 3}
+    rest = dict(S=7, NC=3, scale=0.25, eps=1e-6, st_q=(5, 6, 7), st_h=(8, 9, 10))
+    want = make_params(**rest, **arrays)
+    got = bind_pointers(make_params(**rest, q=arrays.get("k")), **arrays)  # template pointers are replaced
+    assert got.tobytes() == want.tobytes()
+    try:
+        bind_pointers(want, S=1)
+    except KeyError as e:
+        assert "S" in str(e)
+    else:
+        raise AssertionError("a non-pointer field accepted")

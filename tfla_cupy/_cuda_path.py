@@ -21,15 +21,15 @@ import numpy as np
 
 from . import _arrays, _loader
 from . import _tma
-from ._params import make_params
+from ._params import bind_pointers, make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 import os
 
 from .config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
                      FUSED_TERM_FLOATS, FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA,
                      THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
-                     fused_fwd_unsupported, fused_terms_kernel, gates_kernel, pick_config, seq_table_kernel,
-                     state_kernels)
+                     fused_fwd_unsupported, fused_terms_kernel, gates_kernel, pick_config, pick_segments,
+                     SEG_COMBINE_THREADS, segment_combine_kernel, seq_table_kernel, state_kernels)
 
 MAX_DK, MAX_DV = 512, 1024
 _F32 = np.dtype(np.float32)
@@ -200,10 +200,15 @@ class _Launch:
         return dict(gate_a=cp.empty((self.BH, self.NC, L), _F32), gate_b=cp.empty((self.BH, self.NC, L), _F32),
                     gate_g=cp.empty((self.BH, self.NC), _F32), gate_amax=cp.empty((self.BH, self.NC), _F32))
 
+    def gates_stage0_launch(self):
+        """(kernel, grid, threads, shared bytes) of stage 0."""
+        return (_loader.get_kernel(chunk_gates_kernel(self.gate)), self.NC * self.BH, _CHUNK_GATE_THREADS,
+                chunk_gates_smem_bytes(self.p.chunk_size))
+
     def gates_stage0(self, params):
         """Stage 0 into the gate arrays of ``params`` (which also carries i and f)."""
-        _loader.get_kernel(chunk_gates_kernel(self.gate))(self.NC * self.BH, _CHUNK_GATE_THREADS, params,
-                                                          chunk_gates_smem_bytes(self.p.chunk_size))
+        kernel, grid, threads, smem = self.gates_stage0_launch()
+        kernel(grid, threads, params, smem)
 
     def gate_vectors(self, i32, f32):
         """Stage 0: the per-chunk log-gate vectors (chunk-aligned) every later stage reads."""
@@ -211,18 +216,26 @@ class _Launch:
         self.gates_stage0(self.params(i=i32, f=f32, **g))
         return g
 
-    def states(self, kind, params):
+    def states_launch(self, kind):
         t, p = self.cfg.states, self.p
         grid = _cdiv(p.DK, t.bk) * _cdiv(p.DV, t.bv) * p.NSEQ * p.NH
         name = state_kernels(self.mma, self.gate, t)[kind]
-        _loader.get_kernel(name)(grid, t.threads, params, t.smem_bytes(self.e, p.chunk_size))
+        return _loader.get_kernel(name), grid, t.threads, t.smem_bytes(self.e, p.chunk_size)
 
-    def chunk(self, kind, params):
+    def states(self, kind, params):
+        kernel, grid, threads, smem = self.states_launch(kind)
+        kernel(grid, threads, params, smem)
+
+    def chunk_launch(self, kind):
         t, p = getattr(self.cfg, kind), self.p
         DZ = p.DV if kind in ("fwd_h", "bwd_dv") else p.DK
         grid = _cdiv(DZ, t.bn) * _cdiv(p.chunk_size, t.bm) * self.NC * self.BH
         name = chunk_kernel(f"{kind}_kernel", self.mma, self.gate, t)
-        _loader.get_kernel(name)(grid, t.threads, params, t.smem_bytes(self.e, p.chunk_size))
+        return _loader.get_kernel(name), grid, t.threads, t.smem_bytes(self.e, p.chunk_size)
+
+    def chunk(self, kind, params):
+        kernel, grid, threads, smem = self.chunk_launch(kind)
+        kernel(grid, threads, params, smem)
 
     def gates_grad(self, params):
         _loader.get_kernel(gates_kernel(self.gate))(self.p.NSEQ * self.p.NH, _GATE_THREADS, params)
@@ -242,13 +255,14 @@ def _config(problem, mma, device):
 def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
     """"sm90" (the fused Hopper forward) or "sm80" (the two-pass mma.sync forward) for this call:
     config.family, or with "auto" the TFLA_CUPY_FAMILY environment variable, or the default —
-    sm90 on compute capability 9.0 where it covers the shape and its grid (one CTA per DV block,
-    sequence and head, each walking all its chunks) has at least FUSED_AUTO_MIN_CTAS_PER_SM CTAs per
-    SM (`sms`), sm80 otherwise (never an error). `operands_reason`: why this call's arrays keep it
-    off the fused forward (see _fused_operands_reason), or None. With very few CTAs each walks a
-    long sequence alone and the two-pass forward, which spreads the chunks over the GPU, is faster
-    (bench/NOTES.md: the H200 measurements behind the threshold). An explicit "sm90" that cannot
-    run is a ValueError naming why."""
+    sm90 on compute capability 9.0 where it covers the shape, sm80 otherwise (never an error).
+    A grid of few walks (one CTA per DV block, sequence and head) is cut into segments
+    (config.pick_segments); packed sequences are not, so with cu_seqlens "auto" also needs at least
+    FUSED_AUTO_MIN_CTAS_PER_SM CTAs per SM (`sms`): below that each CTA walks a long sequence
+    alone and the two-pass forward, which spreads the chunks over the GPU, is faster (bench/NOTES.md:
+    the H200 measurements). `operands_reason`: why this call's arrays keep it off the fused forward
+    (see _fused_operands_reason), or None. An explicit "sm90" that cannot run is a ValueError
+    naming why."""
     want, where = cfg.family, "config.family"
     if want == "auto":
         want, where = os.environ.get(FAMILY_ENV, "auto") or "auto", FAMILY_ENV
@@ -269,18 +283,92 @@ def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
         return "sm90"
     if cc != "90" or reason is not None:
         return "sm80"
-    return "sm90" if (p.DV // FUSED_BV) * p.NSEQ * p.NH >= FUSED_AUTO_MIN_CTAS_PER_SM * sms else "sm80"
+    if p.varlen and (p.DV // FUSED_BV) * p.NSEQ * p.NH < FUSED_AUTO_MIN_CTAS_PER_SM * sms:
+        return "sm80"
+    return "sm90"
 
 
-def _fused_operands_reason(q, k, v, h, layout):
+def _fused_operands_reason(p, strides, h_aligned):
     """Why this call's arrays cannot take the fused forward (None if they can): it reads q, k, v by
-    tensor maps (positive strides, cuda-bindings installed) and writes h in 16-byte pieces."""
+    tensor maps (positive strides, cuda-bindings installed) and writes h in 16-byte pieces.
+    ``strides``: the (batch, head, token) element strides of q, k, v; ``h_aligned``: whether the
+    output h is 16-byte aligned."""
     why = _tma.unavailable()
-    if why is None and any(s <= 0 for x in (q, k, v) for s, n in zip(_strides(x, layout), x.shape) if n > 1):
+    extents = (p.B, p.NH, p.S)
+    if why is None and any(s <= 0 for st in strides for s, n in zip(st, extents) if n > 1):
         why = "its bulk tensor copies need positive strides of q, k and v"
-    if why is None and h.data.ptr % 16:
+    if why is None and not h_aligned:
         why = "its output h must be 16-byte aligned (the out buffer given is not)"
     return why
+
+
+def _seq_strides(p, D):
+    """(batch, head, token) element strides of a C-contiguous sequence tensor with D features."""
+    return (p.NH * p.S * D, p.S * D, D) if p.layout == "bhsd" else (p.S * p.NH * D, D, p.NH * D)
+
+
+class _ForwardPlan:
+    """What a forward fixes once its signature is known: the config, the kernel family, the
+    launches and the Params record with everything but its pointers. Cached per signature
+    (problem, device, operand strides, the output h, the family override), so a call that repeats
+    one only allocates its outputs, binds pointers and launches (docs/architecture.md: host path)."""
+
+    def __init__(self, p, device, mma, strides, h_key):
+        self.cfg = cfg = _config(p, mma, device)
+        h_strides, h_aligned = h_key if h_key is not None else (_seq_strides(p, p.DV), True)
+        self.family = _forward_family(p, cfg, mma, device, _loader.device_limits(device.id)[0],
+                                      _fused_operands_reason(p, strides[:3], h_aligned))
+        self.run = run = _Launch(p, cfg, mma)
+        # the two-pass forward passes every chunk state between its kernels; the fused one writes
+        # them only when the backward is to keep them
+        self.with_states = self.family == "sm80" or p.keep_states
+        self.strides = strides
+        scratch = (p.NH * p.S, p.S, 1)  # N, M: (B, NH, S) float32
+        ctas = (p.DV // FUSED_BV) * p.NSEQ * p.NH
+        self.nseg, seg_chunks = 1, 0
+        if self.family == "sm90" and not p.varlen:  # long sequences in segments when the walks cannot fill the GPU
+            self.nseg, seg_chunks = pick_segments(ctas, run.NC, _loader.device_limits(device.id)[0], cfg.segments)
+        self.template = make_params(**run.geometry, **dict(zip(("st_q", "st_k", "st_v", "st_i", "st_f"), strides)),
+                                    st_h=h_strides, st_N=scratch, st_M=scratch, seg_chunks=seg_chunks, nseg=self.nseg)
+        if self.family == "sm90":
+            # stage 0b computes stage 0's vectors into its records itself: no gate arrays
+            terms = (_loader.get_kernel(fused_terms_kernel(run.gate)), run.NC * run.BH, FUSED_TERMS_THREADS,
+                     FUSED_TERMS_SMEM_BYTES, False)
+            fused = (_loader.get_kernel(fused_fwd_kernel(mma, run.gate)), (ctas, self.nseg), FUSED_THREADS,
+                     FUSED_SMEM_BYTES, True)
+            if self.nseg == 1:
+                self.launches = (terms, fused)
+            else:  # pass 1 (segment summaries), their fold, pass 2
+                self.launches = (terms,
+                                 (_loader.get_kernel(fused_fwd_kernel(mma, run.gate, summary=True)),
+                                  (ctas, self.nseg - 1), FUSED_THREADS, FUSED_SMEM_BYTES, True),
+                                 (_loader.get_kernel(segment_combine_kernel(run.gate)), p.NSEQ * p.NH,
+                                  SEG_COMBINE_THREADS, 0, False),
+                                 fused)
+        else:
+            self.launches = tuple(launch + (False,) for launch in (
+                run.gates_stage0_launch(), run.states_launch("fwd_states_kernel"), run.chunk_launch("fwd_h")))
+
+
+_PLANS = {}
+_PLANS_MAX = 64
+
+
+def _forward_plan(p, device, mma, operands, h_out):
+    """The _ForwardPlan of this call, from the cache unless the call has packed sequences (their
+    cu_seqlens is an array: no signature)."""
+    lay = p.layout
+    strides = tuple(_strides(x, lay) for x in operands)
+    h_key = None if h_out is None else (_strides(h_out, lay), h_out.data.ptr % 16 == 0)
+    if p.cu_seqlens is not None:
+        return _ForwardPlan(p, device, mma, strides, h_key)
+    key = (p, device.id, strides, h_key, os.environ.get(FAMILY_ENV))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _ForwardPlan(p, device, mma, strides, h_key)
+    return plan
 
 
 def _private(x, user):
@@ -311,47 +399,55 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
             q, k, v, i32, f32 = (_private(x, u) for x, u in zip((q, k, v, i32, f32), arrays))
             if state is not None:
                 C0, n0, m0 = (_private(x, u) for x, u in zip((C0, n0, m0), state))
-        cfg = _config(problem, mma, device)
         p = problem
         cu, table = _seq_table(p) if p.varlen else (None, None)
-        run = _Launch(p, cfg, mma, table)
+        h = _out(out, "h", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
+        plan = _forward_plan(p, device, mma, (q, k, v, i32, f32), h if out is not None and "h" in out else None)
+        cfg, run, family = plan.cfg, plan.run, plan.family
         BH, NC = run.BH, run.NC
         shape = (p.B, p.NH)
         states = (p.NSEQ, p.NH)
-        h = _out(out, "h", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
         N = _out(out, "N", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_n else None
         M = _out(out, "M", lambda: cp.empty(shape + (p.S,), _F32)) if p.has_m else None
-        family = _forward_family(p, cfg, mma, device, _loader.device_limits(device.id)[0],
-                                 _fused_operands_reason(q, k, v, h, p.layout))
-        # the two-pass forward passes every chunk state between its kernels; the fused one writes
-        # them only when the backward is to keep them
-        with_states = family == "sm80" or p.keep_states
+        with_states = plan.with_states
         C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype) if with_states else None
         n_states = cp.empty((BH, NC, p.DK), _F32) if p.has_n and with_states else None
         m_states = cp.empty((BH, run.NM), _F32) if p.has_m and with_states else None
         C_last = _out(out, "C_last", lambda: cp.empty(states + (p.DK, p.DV), _F32))
         n_last = _out(out, "n_last", lambda: cp.empty(states + (p.DK,), _F32)) if p.has_n else None
         m_last = _out(out, "m_last", lambda: cp.empty(states, _F32)) if p.has_m else None
-        gates = run.gate_arrays()
-        terms = cp.empty((BH, NC, FUSED_TERM_FLOATS), _F32) if family == "sm90" else None  # stage 0b
-        params = run.params(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M, C_last=C_last,
-                            n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states, m_states=m_states,
-                            gate_terms=terms, **gates)
-        run.gates_stage0(params)
-        if family == "sm90":
-            _loader.get_kernel(fused_terms_kernel(run.gate))(NC * BH, FUSED_TERMS_THREADS, params,
-                                                             FUSED_TERMS_SMEM_BYTES)
-            maps = _tma.fused_maps([(x, _strides(x, p.layout)) for x in (q, k, v)], p.S, p.NH, p.B)
-            grid = (p.DV // FUSED_BV) * p.NSEQ * p.NH
-            _loader.get_kernel(fused_fwd_kernel(mma, run.gate))(grid, FUSED_THREADS, (params, maps), FUSED_SMEM_BYTES)
-        else:
-            run.states("fwd_states_kernel", params)
-            run.chunk("fwd_h", params)
+        # the fused forward needs no gate arrays (the backward makes them if it runs), stage 0b's
+        # records instead
+        gates = run.gate_arrays() if family == "sm80" else None
+        terms = cp.empty((BH, NC, FUSED_TERM_FLOATS), _F32) if family == "sm90" else None
+        segs = {}
+        if plan.nseg > 1:  # segment summaries, folded into the states entering segments 1 ..
+            held = (plan.nseg - 1,) + states
+            segs = dict(seg_C=cp.empty(held + (p.DK, p.DV), _F32),
+                        seg_n=cp.empty(held + (p.DK,), _F32) if p.has_n else None,
+                        seg_m=cp.empty(held, _F32) if p.has_m else None)
+        params = bind_pointers(plan.template, q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M,
+                               C_last=C_last, n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states,
+                               m_states=m_states, gate_terms=terms, seq_table=table, **(gates or {}), **segs)
+        for kernel, grid, threads, smem, with_maps in plan.launches:
+            if with_maps:
+                maps = _tma.fused_maps(tuple(zip((q, k, v), plan.strides)), p.S, p.NH, p.B)
+                kernel(grid, threads, (params, maps), smem)
+            else:
+                kernel(grid, threads, params, smem)
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
                  C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
                  dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=cfg, device=device.id,
                  cu_seqlens=cu, seq_table=table)
     return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
+
+
+def _saved_gates(run, saved):
+    """The context's gate vectors; a fused forward keeps none, so stage 0 runs here then (B·NH·S
+    work) and the context keeps them for a later backward."""
+    if saved["gates"] is None:
+        saved["gates"] = run.gate_vectors(saved["i"], saved["f"])
+    return saved["gates"]
 
 
 def backward(ctx, dh, dC_last, *, out=None):
@@ -368,7 +464,7 @@ def backward(ctx, dh, dC_last, *, out=None):
         dh = _sequence_operand(dh, p.layout, p.dtype)
         dC_last = None if dC_last is None else _operand(dC_last)
         common = dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"],
-                      N=s["N"], M=s["M"], dh=dh, dC_last=dC_last, C_last=s["C_last"], **s["gates"])
+                      N=s["N"], M=s["M"], dh=dh, dC_last=dC_last, C_last=s["C_last"], **_saved_gates(run, s))
         C_states, m_states = s["C_states"], s["m_states"]
         if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
             C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
@@ -464,7 +560,7 @@ def initial_state_grad(ctx, dh, dC_last):
         run = _Launch(p, s["cfg"], s["mma"], s.get("seq_table"))
         BH, NC = run.BH, run.NC
         common = dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"],
-                      N=s["N"], M=s["M"], **s["gates"])
+                      N=s["N"], M=s["M"], **_saved_gates(run, s))
         m_states = s["m_states"]
         if p.has_m and m_states is None:
             m_states = cp.empty((BH, run.NM), _F32)

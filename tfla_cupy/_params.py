@@ -26,11 +26,11 @@ FIELDS = (
     ("dh", _PTR), ("dC_last", _PTR), ("dC_states", _PTR),
     ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("di", _PTR), ("df", _PTR), ("dC0", _PTR),
     ("qdq", _PTR), ("kdk", _PTR),
-    ("cu_seqlens", _PTR), ("seq_table", _PTR),
+    ("cu_seqlens", _PTR), ("seq_table", _PTR), ("seg_C", _PTR), ("seg_n", _PTR), ("seg_m", _PTR),
     *((f"st_{n}", STRIDES_DTYPE) for n in SEQUENCE_TENSORS),
     ("BH", _INT), ("S", _INT), ("DK", _INT), ("DV", _INT), ("L", _INT), ("NC", _INT),
     ("NH", _INT), ("NSEQ", _INT), ("NM", _INT),
-    ("qdq_parts", _INT), ("kdk_parts", _INT),
+    ("qdq_parts", _INT), ("kdk_parts", _INT), ("seg_chunks", _INT), ("nseg", _INT),
     ("scale", _FLOAT), ("eps", _FLOAT),
 )
 
@@ -68,6 +68,24 @@ def make_params(**values):
             packer.pack_into(buf, off, *value)
         else:
             packer.pack_into(buf, off, value)
+    return np.frombuffer(buf, dtype=PARAMS_DTYPE)
+
+
+#: The pointer fields, which come first in the record (offsets 0, 8, ...): a call that repeats a
+#: signature packs them into a copy of a record made once with everything else (bind_pointers).
+POINTER_FIELDS = tuple(n for n, t in FIELDS if t is _PTR)
+assert all(PARAMS_DTYPE.fields[n][1] == 8 * j for j, n in enumerate(POINTER_FIELDS))
+_POINTER_PACK = struct.Struct(f"<{len(POINTER_FIELDS)}Q")
+
+
+def bind_pointers(template, **arrays):
+    """``template`` (a record from make_params) with its pointer fields set from ``arrays``
+    (name -> array or None; fields not named become null), as a new record."""
+    unknown = set(arrays) - _POINTERS
+    if unknown:
+        raise KeyError(f"unknown Params pointer fields: {sorted(unknown)}")
+    buf = bytearray(template.tobytes())
+    _POINTER_PACK.pack_into(buf, 0, *(0 if (x := arrays.get(n)) is None else x.data.ptr for n in POINTER_FIELDS))
     return np.frombuffer(buf, dtype=PARAMS_DTYPE)
 
 

@@ -31,7 +31,7 @@ STORAGE_TYPE = {"MmaBF16": "tfla::bf16", "MmaF16": "tfla::f16", "MmaF32": "float
 #: Threads per CTA of the fixed-size kernels (C++ constants; tests/test_config.py compiles
 #: static_asserts that the two sides agree).
 THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateThreads": 512,
-           "tfla::kChunkGateThreads": 128, "tfla::kSeqTableThreads": 1024}
+           "tfla::kChunkGateThreads": 128, "tfla::kSeqTableThreads": 1024, "tfla::kSegCombineThreads": 256}
 
 
 #: The Hopper forward (cuda_src/fwd_fused_sm90.cuh, struct FusedFwdSmem): the chunk size and
@@ -43,7 +43,9 @@ FUSED_FWD = {"tfla::FusedFwdSmem::kL": 128, "tfla::FusedFwdSmem::kDK": 128, "tfl
              "tfla::FusedTerms::kFloats": 900, "tfla::FusedTermsSmem::kThreads": 128,
              "tfla::FusedTermsSmem::kBytes": 5_120,
              # its tensor-map argument (tfla_cupy/_tma.py: FUSED_MAPS_DTYPE)
-             "sizeof(tfla::FusedMaps)": 448, "alignof(tfla::FusedMaps)": 64}
+             "sizeof(tfla::FusedMaps)": 448, "alignof(tfla::FusedMaps)": 64,
+             # segments of long sequences (cuda_src/segments.cuh)
+             "tfla::kMaxSegments": 64}
 FUSED_L = FUSED_FWD["tfla::FusedFwdSmem::kL"]
 FUSED_DK = FUSED_FWD["tfla::FusedFwdSmem::kDK"]
 FUSED_BV = FUSED_FWD["tfla::FusedFwdSmem::kBV"]
@@ -53,17 +55,56 @@ FUSED_TERM_FLOATS = FUSED_FWD["tfla::FusedTerms::kFloats"]
 FUSED_TERMS_THREADS = FUSED_FWD["tfla::FusedTermsSmem::kThreads"]
 FUSED_TERMS_SMEM_BYTES = FUSED_FWD["tfla::FusedTermsSmem::kBytes"]
 FUSED_MAPS_BYTES = FUSED_FWD["sizeof(tfla::FusedMaps)"]
+MAX_SEGMENTS = FUSED_FWD["tfla::kMaxSegments"]
+SEG_COMBINE_THREADS = THREADS["tfla::kSegCombineThreads"]
+#: The segment heuristic's cost of one chunk in summary mode (pass 1: the state recurrence only)
+#: relative to a full chunk of the fused forward, and the fixed cost of the two extra launches in
+#: full chunk walks (estimates; bench/NOTES.md has the measurements).
+SEGMENT_SUMMARY_COST = 0.3
+SEGMENT_FIXED_COST = 4.0
 
 #: Kernel families: "sm80" (mma.sync, every GPU from compute capability 8.0; the fallback),
 #: "sm90" (Hopper: wgmma, the chunk state on chip; forward only today), "auto" (sm90 where it
 #: covers the call, else sm80). The environment variable TFLA_CUPY_FAMILY overrides "auto".
 FAMILIES = ("auto", "sm80", "sm90")
-#: "auto" takes the fused forward when its grid has at least this many CTAs per SM. Measured on the
-#: H200 (bench/NOTES.md, 2026-12-02): B = 1, S = 65536, 16 heads = 64 CTAs (0.48 per SM), fused
-#: 2.73 ms against sm80 4.90 ms; below that the fused time stays that of one CTA's walk while the
-#: two-pass time shrinks with the work, crossing near a quarter (an estimate from that one point).
+#: With packed sequences (which are not cut into segments) "auto" takes the fused forward when its
+#: grid has at least this many CTAs per SM. Measured on the H200 (bench/NOTES.md, 2026-12-02): one
+#: sequence of 65536 tokens, 16 heads = 64 CTAs (0.48 per SM), one walk each: fused 2.73 ms against
+#: sm80 4.90 ms; below that the fused time stays that of one CTA's walk while the two-pass time
+#: shrinks with the work, crossing near a quarter (an estimate from that one point).
 FUSED_AUTO_MIN_CTAS_PER_SM = 0.25
 FAMILY_ENV = "TFLA_CUPY_FAMILY"
+
+
+def pick_segments(ctas: int, chunks: int, sms: int, forced: int = 0):
+    """(segments, chunks per segment) of a fused forward with ``ctas`` walks of ``chunks`` chunks on
+    ``sms`` SMs (one CTA each): ``forced`` (KernelConfig.segments) if non-zero, else the count of
+    least modelled time — waves × chunks per segment for pass 2, SEGMENT_SUMMARY_COST of that for
+    pass 1's nseg − 1 segments, SEGMENT_FIXED_COST for the extra launches — the fewest segments
+    among near-ties (within 2 %). Chunks per segment is ceil(chunks / n) and the count is recomputed
+    from it, so no segment is empty. (1, 0): no segments."""
+    def waves(n):
+        return -(-n // sms)
+
+    def split(n):
+        per = -(-chunks // n)
+        return -(-chunks // per), per
+
+    if chunks <= 1:
+        return 1, 0
+    if forced:
+        n, per = split(min(forced, chunks))
+        return (1, 0) if n == 1 else (n, per)
+    best = []
+    for n in range(1, min(MAX_SEGMENTS, chunks) + 1):
+        n, per = split(n)
+        cost = waves(ctas * n) * per
+        if n > 1:
+            cost += SEGMENT_SUMMARY_COST * waves(ctas * (n - 1)) * per + SEGMENT_FIXED_COST
+        best.append((cost, n, per))
+    low = min(c for c, _, _ in best)
+    n, per = min((n, per) for c, n, per in best if c <= 1.02 * low)
+    return (1, 0) if n == 1 else (n, per)
 
 
 def fused_fwd_unsupported(mma: str, DK: int, DV: int, L: int):
@@ -173,10 +214,16 @@ class KernelConfig:
     bwd_dv: ChunkTile
     #: kernel family of the forward (see FAMILIES); the tiles above are the sm80 family's
     family: str = "auto"
+    #: segments per sequence of the fused forward (docs/architecture.md, "Segments"): 0 = the
+    #: heuristic (pick_segments), 1 = none, 2 … MAX_SEGMENTS = that many (fewer if the sequence
+    #: has fewer chunks). Ignored by the sm80 family and with packed sequences.
+    segments: int = 0
 
     def check(self, e: int, L: int, smem_limit: int = SMEM_LIMIT_BYTES):
         if self.family not in FAMILIES:
             raise ValueError(f"config.family: expected one of {FAMILIES}, got {self.family!r}")
+        if not isinstance(self.segments, int) or isinstance(self.segments, bool) or not 0 <= self.segments <= MAX_SEGMENTS:
+            raise ValueError(f"config.segments: expected an int in [0, {MAX_SEGMENTS}], got {self.segments!r}")
         for name in ("states", "fwd_h", "bwd_dq", "bwd_dk", "bwd_dv"):
             tile = getattr(self, name)
             tile.check()
@@ -218,9 +265,15 @@ def chunk_kernel(kind: str, mma: str, gate: str, tile: ChunkTile):
     return kernel_name(kind, f"tfla::{mma}", gate, tile.cpp())
 
 
-def fused_fwd_kernel(mma: str, gate: str):
+def fused_fwd_kernel(mma: str, gate: str, summary: bool = False):
+    """The fused Hopper forward; ``summary``: its pass-1 mode for segments (segment end states only)."""
     from ._loader import kernel_name
-    return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate)
+    return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate, "true" if summary else "false")
+
+
+def segment_combine_kernel(gate: str):
+    from ._loader import kernel_name
+    return kernel_name("segment_combine_kernel", gate)
 
 
 def fused_terms_kernel(gate: str):
@@ -288,9 +341,10 @@ def all_instantiations():
             if mma != "MmaTF32":
                 names += [step_kernel(mma, gate), step_nm_kernel(mma, gate)]
             if fused_fwd_unsupported(mma, FUSED_DK, FUSED_BV, FUSED_L) is None:
-                names.append(fused_fwd_kernel(mma, gate))
+                names += [fused_fwd_kernel(mma, gate), fused_fwd_kernel(mma, gate, summary=True)]
             if mma == "MmaF32":
-                names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate)]
+                names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
+                          segment_combine_kernel(gate)]
         if mma == "MmaF32":
             names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
         out[mma] = names
