@@ -212,11 +212,32 @@ __device__ __forceinline__ void fused_p_block(const float (&D)[68], const float 
   }
 }
 
-// Segments (segments.cuh): with p.seg_chunks > 0, blockIdx.y = g walks chunks [g·seg_chunks,
-// (g + 1)·seg_chunks) of its sequence only. kSummary (pass 1): from the initial state (g = 0) or the
-// empty state, only the state recurrence — no Q, no outputs — and the end state into seg_C / seg_n /
-// seg_m[g]. Otherwise segment g > 0 starts from seg_*[g − 1] and only the last one writes the
-// sequence's last state.
+// Work item w of a fused launch: (segment, sequence·head, DV block), DV blocks fastest (the CTAs
+// of one head run side by side and share its Q and K in L2). Segment g (segments.cuh; p.seg_chunks
+// > 0) covers chunks [g·seg_chunks, (g + 1)·seg_chunks) of its sequence, without segments all.
+struct FusedItem {
+  SeqCoords sq;
+  int vb, seg, cb, ce;  // DV block, segment, its chunks [cb, ce)
+  bool valid;           // false: a segment past a short sequence's end (nothing to do)
+  __device__ __forceinline__ FusedItem(const Params& p, int w, int nvb)
+      : FusedItem(p, w % nvb, (w / nvb) % (p.NSEQ * p.NH), w / (nvb * p.NSEQ * p.NH)) {}
+  __device__ __forceinline__ bool last() const { return ce == sq.nc; }
+
+ private:
+  __device__ __forceinline__ FusedItem(const Params& p, int vb_, int sh, int seg_)
+      : sq(p, sh / p.NH, sh % p.NH), vb(vb_), seg(seg_) {
+    cb = p.seg_chunks > 0 ? seg * p.seg_chunks : 0;
+    ce = p.seg_chunks > 0 ? min(cb + p.seg_chunks, sq.nc) : sq.nc;
+    valid = seg == 0 || cb < sq.nc;
+  }
+};
+
+// A persistent grid (at most one CTA per SM) walks the items w = blockIdx.x, + gridDim.x, ...; the
+// last chunk of one item already issues the copies of the next item's first chunk, so a CTA's
+// pipeline never drains between items. kSummary (pass 1 of segments): items of segments
+// 0 .. nseg − 2, from the initial state (segment 0) or the empty state, only the state recurrence —
+// no Q, no outputs — and the end state into seg_C / seg_n / seg_m[g]. Otherwise segment g > 0
+// starts from seg_*[g − 1] and only the last one writes the sequence's last state.
 template <typename T, typename Gate, bool kSummary>
 __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
@@ -224,19 +245,13 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   using Sm = FusedFwdSmem;
   constexpr int L = Sm::kL, DK = Sm::kDK, BV = Sm::kBV, NT = Sm::kThreads;
   const int nvb = p.DV / BV;
-  const int vb = blockIdx.x % nvb, v0 = vb * BV;
-  const SeqCoords sq(p, (blockIdx.x / nvb) / p.NH, (blockIdx.x / nvb) % p.NH);
-  const int seg = blockIdx.y, nc = sq.nc;
-  const int cb = p.seg_chunks > 0 ? seg * p.seg_chunks : 0;
-  const int ce = p.seg_chunks > 0 ? min(cb + p.seg_chunks, nc) : nc;  // this CTA's chunks [cb, ce)
-  if (seg > 0 && cb >= nc) return;  // a segment past a short sequence's end (the whole CTA)
-  const bool last = ce == nc;        // the segment that ends the sequence
+  const i64 nsh = i64(p.NSEQ) * p.NH;
+  const int items = nvb * int(nsh) * (kSummary ? p.nseg - 1 : p.nseg);
   const Sm sm;
   const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: the wgmma branches are not divergent
   const int g = lane >> 2, t = lane & 3;
   const int row_lo = 64 * wg + 16 * warp + g, row_hi = row_lo + 8;  // this thread's accumulator rows
-  const bool owns_nm = vb == 0;                                       // writes n, m, N, M
 
   // Chunk c into stage s, by bulk copies that thread 0 issues and full[s] counts: Q and K as two
   // 64-feature boxes, this CTA's V block, the chunk's gate record.
@@ -249,12 +264,13 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     *reinterpret_cast<uint4*>(sm.nrow(atom >> 1, atom & 1) + 16 * piece) = make_uint4(0u, 0u, 0u, 0u);
   }
   __syncthreads();
-  auto issue = [&](int c, int s) {
+  auto issue = [&](const FusedItem& it_, int c, int s) {
     if (tid != 0) return;
-    const int tok = sq.t0 + c * L;  // the chunk's first token in the tensors' token coordinate
+    const SeqCoords& q = it_.sq;
+    const int tok = q.t0 + c * L;  // the chunk's first token in the tensors' token coordinate
     auto load = [&](char* dst, const TensorMap& map, const int (&order)[3], int x) {
-      tma_load_4d(dst, &map, x, map_coord(order[0], tok, sq.h, sq.b), map_coord(order[1], tok, sq.h, sq.b),
-                  map_coord(order[2], tok, sq.h, sq.b), &full[s]);
+      tma_load_4d(dst, &map, x, map_coord(order[0], tok, q.h, q.b), map_coord(order[1], tok, q.h, q.b),
+                  map_coord(order[2], tok, q.h, q.b), &full[s]);
     };
     fence_async_smem();  // the stage's last generic-proxy accesses (chunk c − 2) before the copies
     mbar_expect_tx(&full[s], kSummary ? Sm::kStageTxBytes - 2 * Sm::kBlk : Sm::kStageTxBytes);
@@ -264,34 +280,10 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     }
     load(sm.k(s, 0), maps.k, maps.order[1], 0);
     load(sm.k(s, 1), maps.k, maps.order[1], 64);
-    load(sm.v(s), maps.v, maps.order[2], v0);
-    bulk_load(sm.terms(s), p.gate_terms + sq.chunk_slot(p, c) * FusedTerms::kFloats, Sm::kTermBytes, &full[s]);
+    load(sm.v(s), maps.v, maps.order[2], it_.vb * BV);
+    bulk_load(sm.terms(s), p.gate_terms + q.chunk_slot(p, c) * FusedTerms::kFloats, Sm::kTermBytes, &full[s]);
   };
-
-  // ---- the incoming state: C rows 64·wg + (16·warp + g, +8), columns v0 + 8j + 2t (+1) ----------
-  // (segment 0: the initial state; later ones: the empty state in summary mode, else seg_*[g − 1])
-  const i64 nsh = i64(p.NSEQ) * p.NH;
-  const float *C_in = p.C0, *n_in = p.n0, *m_in = p.m0;
-  i64 in_state = sq.state;
-  if (seg > 0) {
-    C_in = kSummary ? nullptr : p.seg_C;
-    n_in = kSummary ? nullptr : p.seg_n;
-    m_in = kSummary ? nullptr : p.seg_m;
-    in_state = (seg - 1) * nsh + sq.state;
-  }
-  float Cacc[32];
-  const i64 cbase = i64(sq.state) * DK * p.DV + v0, in_base = in_state * DK * p.DV + v0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-      Cacc[4 * j + e] = C_in != nullptr ? C_in[in_base + i64(r) * p.DV + col] : 0.f;
-    }
-  if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && n_in != nullptr) ? n_in[in_state * DK + tid] : 0.f;
-  float m = (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (kSummary && seg > 0 ? kEmptyM : 0.f);
   const double log2_scale = double(log2f(p.scale));
-
 #if defined(TFLA_FUSED_CLOCKS)
   __shared__ long long clk_phase_[2][8];
   if (tid < 16) clk_phase_[tid >> 3][tid & 7] = 0;
@@ -300,299 +292,344 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   const unsigned long long ns_start_ = globaltimer_ns();
   long long clk_prev_ = clk_start_;
 #endif
-  if (cb < ce) issue(cb, 0);
-  for (int c = cb; c < ce; ++c) {
-    const int it = c - cb, s = it & 1, Lc = sq.chunk_len(p, c), u0 = c * L;
-    const i64 slot = sq.chunk_slot(p, c);
-    if (c + 1 < ce) issue(c + 1, s ^ 1);
-    TFLA_FUSED_CLOCK(0);
 
-    // ---- chunk-boundary state out (keep_states) -------------------------------------------------
-    if (!kSummary && p.C_states != nullptr) {
-      T* Cs = ptr<T>(p.C_states) + slot * DK * p.DV + v0;
+  int it = 0;          // chunks this CTA has walked: stage it & 1, mbarrier parity (it >> 1) & 1
+  bool ahead = false;  // the current item's first chunk is already in flight
+  for (int w = blockIdx.x; w < items; w += gridDim.x) {
+    const FusedItem item(p, w, nvb);
+    if (!item.valid) continue;
+    const SeqCoords& sq = item.sq;
+    const int v0 = item.vb * BV, seg = item.seg, nc = sq.nc, cb = item.cb, ce = item.ce;
+    const bool owns_nm = item.vb == 0;  // writes n, m, N, M
+
+    // ---- the incoming state: C rows 64·wg + (16·warp + g, +8), columns v0 + 8j + 2t (+1) ----------
+    // (segment 0: the initial state; later ones: the empty state in summary mode, else seg_*[g − 1])
+    const float *C_in = p.C0, *n_in = p.n0, *m_in = p.m0;
+    i64 in_state = sq.state;
+    if (seg > 0) {
+      C_in = kSummary ? nullptr : p.seg_C;
+      n_in = kSummary ? nullptr : p.seg_n;
+      m_in = kSummary ? nullptr : p.seg_m;
+      in_state = (seg - 1) * nsh + sq.state;
+    }
+    float Cacc[32];
+    const i64 cbase = i64(sq.state) * DK * p.DV + v0, in_base = in_state * DK * p.DV + v0;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        store2(Cs + i64(row_lo) * p.DV + 8 * j + 2 * t, Cacc[4 * j], Cacc[4 * j + 1]);
-        store2(Cs + i64(row_hi) * p.DV + 8 * j + 2 * t, Cacc[4 * j + 2], Cacc[4 * j + 3]);
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
+        Cacc[4 * j + e] = C_in != nullptr ? C_in[in_base + i64(r) * p.DV + col] : 0.f;
       }
-    }
-    if (!kSummary && owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK)
-      p.n_states[slot * DK + tid] = sm.nvec()[tid];
-    if (!kSummary && owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0) p.m_states[sq.m_slot(p, c)] = m;
+    if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && n_in != nullptr) ? n_in[in_state * DK + tid] : 0.f;
+    float m = (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (kSummary && seg > 0 ? kEmptyM : 0.f);
 
-    mbar_wait(&full[s], (it >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
-    if (Lc < L) {  // ragged last chunk: rows past the sequence may hold the next sequence's tokens
-      for (int idx = tid; idx < (L - Lc) * 8; idx += NT) {
-        const int off = sw128_offset(Lc + (idx >> 3), 8 * (idx & 7));
-        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-        *reinterpret_cast<uint4*>(sm.q(s) + off) = z;
-        *reinterpret_cast<uint4*>(sm.q(s) + Sm::kBlk + off) = z;
-        *reinterpret_cast<uint4*>(sm.k(s, 0) + off) = z;
-        *reinterpret_cast<uint4*>(sm.k(s, 1) + off) = z;
-        *reinterpret_cast<uint4*>(sm.v(s) + off) = z;
-      }
-    }
-    __syncthreads();
-    TFLA_FUSED_CLOCK(1);
-
-    // ---- gates: the staged record with m -> this thread's two rows, ā for the state update -------
-    const float* tr = sm.terms(s);
-    const double A0 = *reinterpret_cast<const double*>(tr + FusedTerms::kB0) + double(m);  // row 0's C^(c) weight
-    const float gch = tr[FusedTerms::kG], amax = tr[FusedTerms::kAmax];
-    const float m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
-    const float gamma = expf(gch + m - m_next), shift = amax - m_next;
-    // M_r, s·exp(A0 + p_r − M_r) and split((p_r − M_r) log2 e + log2 s) of row r (zeros past Lc)
-    auto row_terms = [&](int r, float& M_r, float& scale_r, float2& log_r) {
-      if (r < Lc) {
-        const double pr = reinterpret_cast<const double*>(tr + FusedTerms::kPr)[r];
-        double M = 0.0;
-        if constexpr (Gate::kStabilized) {
-          const double prpm = reinterpret_cast<const double*>(tr + FusedTerms::kPrPm)[r];
-          M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), prpm))));
+    if (!ahead && cb < ce) issue(item, cb, it & 1);
+    ahead = false;
+    for (int c = cb; c < ce; ++c, ++it) {
+      const int s = it & 1, Lc = sq.chunk_len(p, c), u0 = c * L;
+      const i64 slot = sq.chunk_slot(p, c);
+      if (c + 1 < ce) {
+        issue(item, c + 1, s ^ 1);
+      } else if (w + int(gridDim.x) < items) {  // the next item's first chunk
+        const FusedItem next(p, w + gridDim.x, nvb);
+        if (next.valid && next.cb < next.ce) {
+          issue(next, next.cb, s ^ 1);
+          ahead = true;
         }
-        M_r = float(M);
-        scale_r = p.scale * expf(float(A0 + pr - M));
-        log_r = split((pr - M) * double(kLog2e) + log2_scale);
-      } else {
-        M_r = 0.f;
-        scale_r = 0.f;
-        log_r = make_float2(neg_inf(), 0.f);
       }
-    };
-    float M_lo = 0.f, M_hi = 0.f, sc_lo = 0.f, sc_hi = 0.f;
-    float2 rl_lo = make_float2(0.f, 0.f), rl_hi = rl_lo;
-    if constexpr (!kSummary) {
-      row_terms(row_lo, M_lo, sc_lo, rl_lo);
-      row_terms(row_hi, M_hi, sc_hi, rl_hi);
-    }
-    if (tid < L) sm.abar()[tid] = tid < Lc ? expf(tr[FusedTerms::kA + tid] + shift) : 0.f;
-    const float2* col_log = reinterpret_cast<const float2*>(tr + FusedTerms::kColLog);
+      TFLA_FUSED_CLOCK(0);
 
-    // ---- Cᵀ and n for the first product: the state rows of warpgroup w are Cᵀ columns 64w .. ----
-    // stmatrix .trans: 8 × 8 blocks (j, hh) of C (rows 16·warp + 8hh + .., columns 8j + ..) become
-    // 16-byte pieces of Cᵀ rows 8j + .. (lane 8i + b addresses stored row b of block i)
-    if constexpr (!kSummary) {
-      const int i = lane >> 3, b = lane & 7, hh = i & 1;
+      // ---- chunk-boundary state out (keep_states) -------------------------------------------------
+      if (!kSummary && p.C_states != nullptr) {
+        T* Cs = ptr<T>(p.C_states) + slot * DK * p.DV + v0;
 #pragma unroll
-      for (int q4 = 0; q4 < 4; ++q4) {
-        const int j = 2 * q4 + (i >> 1);
-        stmatrix_x4_trans(sm.ct(s, wg) + sw128_offset(8 * j + b, 16 * warp + 8 * hh),
-                          pack2<T>(Cacc[8 * q4], Cacc[8 * q4 + 1]), pack2<T>(Cacc[8 * q4 + 2], Cacc[8 * q4 + 3]),
-                          pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
+        for (int j = 0; j < 8; ++j) {
+          store2(Cs + i64(row_lo) * p.DV + 8 * j + 2 * t, Cacc[4 * j], Cacc[4 * j + 1]);
+          store2(Cs + i64(row_hi) * p.DV + 8 * j + 2 * t, Cacc[4 * j + 2], Cacc[4 * j + 3]);
+        }
       }
-    }
-    if (!kSummary && tid < DK)
-      *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
-    fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
-    __syncthreads();     // and the row terms to every thread
-    TFLA_FUSED_CLOCK(2);
+      if (!kSummary && owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK)
+        p.n_states[slot * DK + tid] = sm.nvec()[tid];
+      if (!kSummary && owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0)
+        p.m_states[sq.m_slot(p, c)] = m;
 
-    // ---- inter-chunk term and scores on the tensor cores ... ------------------------------------
-    // D = Q_w · [n; Cᵀ; K_0]ᵀ (N = 136: q·n in column 0 = D[0] / D[2] of the quads' first threads,
-    // H = D[4, 36), the score block S_0 = D[36, 68)) and, for warpgroup 1, S_1 = Q_w · K_1ᵀ (the
-    // upper block of warpgroup 0 is never formed)
-    float D[68], S1[32];
-    if constexpr (!kSummary) {
-      fence_regs(Cacc);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-        wgmma_ss_wide<T, 136>(D, da, sw128_desc(sm.nrow(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
+      mbar_wait(&full[s], (it >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
+      if (Lc < L) {  // ragged last chunk: rows past the sequence may hold the next sequence's tokens
+        for (int idx = tid; idx < (L - Lc) * 8; idx += NT) {
+          const int off = sw128_offset(Lc + (idx >> 3), 8 * (idx & 7));
+          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+          *reinterpret_cast<uint4*>(sm.q(s) + off) = z;
+          *reinterpret_cast<uint4*>(sm.q(s) + Sm::kBlk + off) = z;
+          *reinterpret_cast<uint4*>(sm.k(s, 0) + off) = z;
+          *reinterpret_cast<uint4*>(sm.k(s, 1) + off) = z;
+          *reinterpret_cast<uint4*>(sm.v(s) + off) = z;
+        }
       }
-      if (wg == 1) {
+      __syncthreads();
+      TFLA_FUSED_CLOCK(1);
+
+      // ---- gates: the staged record with m -> this thread's two rows, ā for the state update -------
+      const float* tr = sm.terms(s);
+      const double A0 = *reinterpret_cast<const double*>(tr + FusedTerms::kB0) + double(m);  // row 0's C^(c) weight
+      const float gch = tr[FusedTerms::kG], amax = tr[FusedTerms::kAmax];
+      const float m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
+      const float gamma = expf(gch + m - m_next), shift = amax - m_next;
+      // M_r, s·exp(A0 + p_r − M_r) and split((p_r − M_r) log2 e + log2 s) of row r (zeros past Lc)
+      auto row_terms = [&](int r, float& M_r, float& scale_r, float2& log_r) {
+        if (r < Lc) {
+          const double pr = reinterpret_cast<const double*>(tr + FusedTerms::kPr)[r];
+          double M = 0.0;
+          if constexpr (Gate::kStabilized) {
+            const double prpm = reinterpret_cast<const double*>(tr + FusedTerms::kPrPm)[r];
+            M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), prpm))));
+          }
+          M_r = float(M);
+          scale_r = p.scale * expf(float(A0 + pr - M));
+          log_r = split((pr - M) * double(kLog2e) + log2_scale);
+        } else {
+          M_r = 0.f;
+          scale_r = 0.f;
+          log_r = make_float2(neg_inf(), 0.f);
+        }
+      };
+      float M_lo = 0.f, M_hi = 0.f, sc_lo = 0.f, sc_hi = 0.f;
+      float2 rl_lo = make_float2(0.f, 0.f), rl_hi = rl_lo;
+      if constexpr (!kSummary) {
+        row_terms(row_lo, M_lo, sc_lo, rl_lo);
+        row_terms(row_hi, M_hi, sc_hi, rl_hi);
+      }
+      if (tid < L) sm.abar()[tid] = tid < Lc ? expf(tr[FusedTerms::kA + tid] + shift) : 0.f;
+      const float2* col_log = reinterpret_cast<const float2*>(tr + FusedTerms::kColLog);
+
+      // ---- Cᵀ and n for the first product: the state rows of warpgroup w are Cᵀ columns 64w .. ----
+      // stmatrix .trans: 8 × 8 blocks (j, hh) of C (rows 16·warp + 8hh + .., columns 8j + ..) become
+      // 16-byte pieces of Cᵀ rows 8j + .. (lane 8i + b addresses stored row b of block i)
+      if constexpr (!kSummary) {
+        const int i = lane >> 3, b = lane & 7, hh = i & 1;
+#pragma unroll
+        for (int q4 = 0; q4 < 4; ++q4) {
+          const int j = 2 * q4 + (i >> 1);
+          stmatrix_x4_trans(sm.ct(s, wg) + sw128_offset(8 * j + b, 16 * warp + 8 * hh),
+                            pack2<T>(Cacc[8 * q4], Cacc[8 * q4 + 1]), pack2<T>(Cacc[8 * q4 + 2], Cacc[8 * q4 + 3]),
+                            pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
+        }
+      }
+      if (!kSummary && tid < DK)
+        *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
+      fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
+      __syncthreads();     // and the row terms to every thread
+      TFLA_FUSED_CLOCK(2);
+
+      // ---- inter-chunk term and scores on the tensor cores ... ------------------------------------
+      // D = Q_w · [n; Cᵀ; K_0]ᵀ (N = 136: q·n in column 0 = D[0] / D[2] of the quads' first threads,
+      // H = D[4, 36), the score block S_0 = D[36, 68)) and, for warpgroup 1, S_1 = Q_w · K_1ᵀ (the
+      // upper block of warpgroup 0 is never formed)
+      float D[68], S1[32];
+      if constexpr (!kSummary) {
+        fence_regs(Cacc);
+        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
-          const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
-          wgmma_ss<T, 0, 0>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
+          const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
+          wgmma_ss_wide<T, 136>(D, da, sw128_desc(sm.nrow(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
+        }
+        if (wg == 1) {
+#pragma unroll
+          for (int kk = 0; kk < 8; ++kk) {
+            const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
+            wgmma_ss<T, 0, 0>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
+          }
+        }
+        wgmma_commit();
+      }
+
+      // ... while the CUDA cores form ā ⊙ V (same swizzled places)
+      for (int idx = tid; idx < L * 8; idx += NT) {
+        const int r = idx >> 3, off = sw128_offset(r, 8 * (idx & 7));
+        const float w = sm.abar()[r];
+        uint4 x = *reinterpret_cast<const uint4*>(sm.v(s) + off);
+        u32* xs = reinterpret_cast<u32*>(&x);
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const T* pair = reinterpret_cast<const T*>(&xs[h]);
+          xs[h] = pack2<T>(w * to_float(pair[0]), w * to_float(pair[1]));
+        }
+        *reinterpret_cast<uint4*>(sm.vw() + off) = x;
+      }
+      float H[32], qn_lo = 0.f, qn_hi = 0.f, rs_lo = 0.f, rs_hi = 0.f;
+      u32 P[8][4];
+      if constexpr (!kSummary) {
+        wgmma_wait<0>();
+        TFLA_FUSED_CLOCK(3);
+        fence_regs(D);
+        fence_regs(S1);
+#pragma unroll
+        for (int e = 0; e < 32; ++e) H[e] = D[4 + e] * ((e & 2) ? sc_hi : sc_lo);
+        qn_lo = __shfl_sync(0xffffffffu, D[0], lane & ~3);
+        qn_hi = __shfl_sync(0xffffffffu, D[2], lane & ~3);
+        if (wg == 0) {
+          fused_p_block<T, 0, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+          fused_p_block<T, 1, 2>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+        } else {
+          fused_p_block<T, 0, 0>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+          fused_p_block<T, 1, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
         }
       }
+      fence_async_smem();  // ā ⊙ V visible to wgmma
+      __syncthreads();     // both warpgroups' ā ⊙ V rows and q·n
+      TFLA_FUSED_CLOCK(4);
+
+      // ---- intra-chunk term and the state update on the tensor cores ... --------------------------
+#pragma unroll
+      for (int e = 0; e < 32; ++e) Cacc[e] *= gamma;
+      fence_regs(Cacc);
+      if constexpr (!kSummary) {
+        fence_regs(H);
+        fence_regs(P);
+      }
+      wgmma_fence();
+      if constexpr (!kSummary) {
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+          if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
+          wgmma_rs<T, 1>(H, P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk)
+        wgmma_ss<T, 1, 1>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
+                          sw128_desc_mn(sm.vw() + 2048 * kk, 1024), 1);
       wgmma_commit();
-    }
 
-    // ... while the CUDA cores form ā ⊙ V (same swizzled places)
-    for (int idx = tid; idx < L * 8; idx += NT) {
-      const int r = idx >> 3, off = sw128_offset(r, 8 * (idx & 7));
-      const float w = sm.abar()[r];
-      uint4 x = *reinterpret_cast<const uint4*>(sm.v(s) + off);
-      u32* xs = reinterpret_cast<u32*>(&x);
+      // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread, 16 keys per warp) and the normalizer
+      if constexpr (Gate::kNormalize) {
+        const int d8 = tid & 15, tg = tid >> 4;
+        const char* kb = sm.k(s, d8 >> 3);
+        float acc[8] = {};
 #pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        const T* pair = reinterpret_cast<const T*>(&xs[h]);
-        xs[h] = pack2<T>(w * to_float(pair[0]), w * to_float(pair[1]));
+        for (int uu = 0; uu < 8; ++uu) {
+          const int u = 8 * tg + uu;
+          const float w = sm.abar()[u];
+          const uint4 x = *reinterpret_cast<const uint4*>(kb + sw128_offset(u, 8 * (d8 & 7)));
+          const T* e8 = reinterpret_cast<const T*>(&x);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, to_float(e8[e]), acc[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);  // the warp's two key groups
+        if (lane < 16) {
+          float4* np = reinterpret_cast<float4*>(sm.npart() + (tid >> 5) * DK + 8 * d8);
+          np[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+          np[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        }
       }
-      *reinterpret_cast<uint4*>(sm.vw() + off) = x;
-    }
-    float H[32], qn_lo = 0.f, qn_hi = 0.f, rs_lo = 0.f, rs_hi = 0.f;
-    u32 P[8][4];
-    if constexpr (!kSummary) {
+      float inv_lo = 1.f, inv_hi = 1.f;
+      if constexpr (Gate::kNormalize && !kSummary) {
+        rs_lo = quad_sum(rs_lo);
+        rs_hi = quad_sum(rs_hi);
+        const float den_lo = sc_lo * qn_lo + rs_lo, den_hi = sc_hi * qn_hi + rs_hi;
+        const float N_lo = fmaxf(fabsf(den_lo), expf(-M_lo));
+        const float N_hi = fmaxf(fabsf(den_hi), expf(-M_hi));
+        inv_lo = 1.f / (N_lo + p.eps);
+        inv_hi = 1.f / (N_hi + p.eps);
+        if (owns_nm && t == 0) {
+          if (row_lo < Lc) {
+            p.N[sq.tok(p.st_N, u0 + row_lo)] = N_lo;
+            if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_lo)] = M_lo;
+          }
+          if (row_hi < Lc) {
+            p.N[sq.tok(p.st_N, u0 + row_hi)] = N_hi;
+            if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_hi)] = M_hi;
+          }
+        }
+      }
       wgmma_wait<0>();
-      TFLA_FUSED_CLOCK(3);
-      fence_regs(D);
-      fence_regs(S1);
-#pragma unroll
-      for (int e = 0; e < 32; ++e) H[e] = D[4 + e] * ((e & 2) ? sc_hi : sc_lo);
-      qn_lo = __shfl_sync(0xffffffffu, D[0], lane & ~3);
-      qn_hi = __shfl_sync(0xffffffffu, D[2], lane & ~3);
-      if (wg == 0) {
-        fused_p_block<T, 0, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-        fused_p_block<T, 1, 2>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-      } else {
-        fused_p_block<T, 0, 0>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-        fused_p_block<T, 1, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-      }
-    }
-    fence_async_smem();  // ā ⊙ V visible to wgmma
-    __syncthreads();     // both warpgroups' ā ⊙ V rows and q·n
-    TFLA_FUSED_CLOCK(4);
+      TFLA_FUSED_CLOCK(5);
+      fence_regs(Cacc);
 
-    // ---- intra-chunk term and the state update on the tensor cores ... --------------------------
+      // ---- outputs -------------------------------------------------------------------------------
+      // through shared memory (the Cᵀ tiles, free since batch A) so each row leaves in 16-byte pieces
+      if constexpr (!kSummary) {
+        fence_regs(H);
+        fence_regs(P);
+        char* hs = sm.ct(s, wg);  // this warpgroup's 64 rows, swizzled (no bank conflicts)
+        const int rl = 16 * warp + g;
 #pragma unroll
-    for (int e = 0; e < 32; ++e) Cacc[e] *= gamma;
-    fence_regs(Cacc);
-    if constexpr (!kSummary) {
-      fence_regs(H);
-      fence_regs(P);
-    }
-    wgmma_fence();
-    if constexpr (!kSummary) {
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
-        wgmma_rs<T, 1>(H, P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk)
-      wgmma_ss<T, 1, 1>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
-                        sw128_desc_mn(sm.vw() + 2048 * kk, 1024), 1);
-    wgmma_commit();
-
-    // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread, 16 keys per warp) and the normalizer
-    if constexpr (Gate::kNormalize) {
-      const int d8 = tid & 15, tg = tid >> 4;
-      const char* kb = sm.k(s, d8 >> 3);
-      float acc[8] = {};
-#pragma unroll
-      for (int uu = 0; uu < 8; ++uu) {
-        const int u = 8 * tg + uu;
-        const float w = sm.abar()[u];
-        const uint4 x = *reinterpret_cast<const uint4*>(kb + sw128_offset(u, 8 * (d8 & 7)));
-        const T* e8 = reinterpret_cast<const T*>(&x);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, to_float(e8[e]), acc[e]);
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);  // the warp's two key groups
-      if (lane < 16) {
-        float4* np = reinterpret_cast<float4*>(sm.npart() + (tid >> 5) * DK + 8 * d8);
-        np[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        np[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-      }
-    }
-    float inv_lo = 1.f, inv_hi = 1.f;
-    if constexpr (Gate::kNormalize && !kSummary) {
-      rs_lo = quad_sum(rs_lo);
-      rs_hi = quad_sum(rs_hi);
-      const float den_lo = sc_lo * qn_lo + rs_lo, den_hi = sc_hi * qn_hi + rs_hi;
-      const float N_lo = fmaxf(fabsf(den_lo), expf(-M_lo));
-      const float N_hi = fmaxf(fabsf(den_hi), expf(-M_hi));
-      inv_lo = 1.f / (N_lo + p.eps);
-      inv_hi = 1.f / (N_hi + p.eps);
-      if (owns_nm && t == 0) {
-        if (row_lo < Lc) {
-          p.N[sq.tok(p.st_N, u0 + row_lo)] = N_lo;
-          if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_lo)] = M_lo;
+        for (int j = 0; j < 8; ++j) {
+          *reinterpret_cast<u32*>(hs + sw128_offset(rl, 8 * j + 2 * t)) =
+              pack2<T>(H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
+          *reinterpret_cast<u32*>(hs + sw128_offset(rl + 8, 8 * j + 2 * t)) =
+              pack2<T>(H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
         }
-        if (row_hi < Lc) {
-          p.N[sq.tok(p.st_N, u0 + row_hi)] = N_hi;
-          if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_hi)] = M_hi;
+        named_barrier_sync(1 + wg, 128);
+        T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
+#pragma unroll
+        for (int idx = tid & 127; idx < 64 * 8; idx += 128) {
+          const int r = idx >> 3, j = idx & 7;
+          if (64 * wg + r < Lc)
+            *reinterpret_cast<uint4*>(Hg + i64(64 * wg + r) * p.st_h.t + 8 * j) =
+                *reinterpret_cast<const uint4*>(hs + sw128_offset(r, 8 * j));
         }
       }
+      if constexpr (Gate::kNormalize) {
+        __syncthreads();  // every part of Σ ā k
+        if (tid < DK) {
+          float sum = 0.f;
+#pragma unroll
+          for (int g8 = 0; g8 < Sm::kNparts; ++g8) sum += sm.npart()[g8 * DK + tid];
+          sm.nvec()[tid] = gamma * sm.nvec()[tid] + sum;
+        }
+      }
+      m = m_next;
+      __syncthreads();  // stage s, Cᵀ, ā ⊙ V and the gate scratch are free again
+      TFLA_FUSED_CLOCK(6);
     }
-    wgmma_wait<0>();
-    TFLA_FUSED_CLOCK(5);
-    fence_regs(Cacc);
 
-    // ---- outputs -------------------------------------------------------------------------------
-    // through shared memory (the Cᵀ tiles, free since batch A) so each row leaves in 16-byte pieces
-    if constexpr (!kSummary) {
-      fence_regs(H);
-      fence_regs(P);
-      char* hs = sm.ct(s, wg);  // this warpgroup's 64 rows, swizzled (no bank conflicts)
-      const int rl = 16 * warp + g;
+    // ---- summary mode: the segment's end state, fp32 ----------------------------------------------
+    if constexpr (kSummary) {
+      const i64 out_state = seg * nsh + sq.state, obase = out_state * DK * p.DV + v0;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        *reinterpret_cast<u32*>(hs + sw128_offset(rl, 8 * j + 2 * t)) =
-            pack2<T>(H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
-        *reinterpret_cast<u32*>(hs + sw128_offset(rl + 8, 8 * j + 2 * t)) =
-            pack2<T>(H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
-      }
-      named_barrier_sync(1 + wg, 128);
-      T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int idx = tid & 127; idx < 64 * 8; idx += 128) {
-        const int r = idx >> 3, j = idx & 7;
-        if (64 * wg + r < Lc)
-          *reinterpret_cast<uint4*>(Hg + i64(64 * wg + r) * p.st_h.t + 8 * j) =
-              *reinterpret_cast<const uint4*>(hs + sw128_offset(r, 8 * j));
+        for (int e = 0; e < 4; ++e) {
+          const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
+          p.seg_C[obase + i64(r) * p.DV + col] = Cacc[4 * j + e];
+        }
+      if (owns_nm && Gate::kNormalize && tid < DK) p.seg_n[out_state * DK + tid] = sm.nvec()[tid];
+      if (owns_nm && Gate::kStabilized && tid == 0) p.seg_m[out_state] = m;
+    } else if (item.last()) {
+      // ---- the state after the sequence's last step, fp32 (by its last segment) -------------------
+      if (owns_nm && tid == 0 && Gate::kStabilized) {
+        if (p.m_states != nullptr) p.m_states[sq.m_slot(p, nc)] = m;
+        if (p.m_last != nullptr) p.m_last[sq.state] = m;
       }
+      if (p.C_last != nullptr) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
+            p.C_last[cbase + i64(r) * p.DV + col] = Cacc[4 * j + e];
+          }
+      }
+      if (owns_nm && Gate::kNormalize && p.n_last != nullptr && tid < DK)
+        p.n_last[i64(sq.state) * DK + tid] = sm.nvec()[tid];
     }
-    if constexpr (Gate::kNormalize) {
-      __syncthreads();  // every part of Σ ā k
-      if (tid < DK) {
-        float sum = 0.f;
-#pragma unroll
-        for (int g8 = 0; g8 < Sm::kNparts; ++g8) sum += sm.npart()[g8 * DK + tid];
-        sm.nvec()[tid] = gamma * sm.nvec()[tid] + sum;
-      }
-    }
-    m = m_next;
-    __syncthreads();  // stage s, Cᵀ, ā ⊙ V and the gate scratch are free again
-    TFLA_FUSED_CLOCK(6);
-  }
+    __syncthreads();  // sm.nvec was read above; the next item writes it
+  }  // items
 
 #if defined(TFLA_FUSED_CLOCKS)
   if ((tid & 127) == 0) {
     for (int i = 0; i < 7; ++i) atomicAdd(&tfla_fused_clocks[tid >> 7][i], (unsigned long long)clk_phase_[tid >> 7][i]);
     atomicAdd(&tfla_fused_clocks[tid >> 7][7], (unsigned long long)(clock64() - clk_start_));
-    atomicAdd(&tfla_fused_clocks[tid >> 7][8], (unsigned long long)(ce - cb));
+    atomicAdd(&tfla_fused_clocks[tid >> 7][8], (unsigned long long)it);
     const unsigned long long ns_end = globaltimer_ns();
     atomicAdd(&tfla_fused_clocks[tid >> 7][9], ns_end - ns_start_);
     atomicMin(&tfla_fused_clocks[tid >> 7][10], ns_start_);
     atomicMax(&tfla_fused_clocks[tid >> 7][11], ns_end);
   }
 #endif
-  // ---- summary mode: the segment's end state, fp32 ----------------------------------------------
-  if constexpr (kSummary) {
-    const i64 out_state = seg * nsh + sq.state, obase = out_state * DK * p.DV + v0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-        p.seg_C[obase + i64(r) * p.DV + col] = Cacc[4 * j + e];
-      }
-    if (owns_nm && Gate::kNormalize && tid < DK) p.seg_n[out_state * DK + tid] = sm.nvec()[tid];
-    if (owns_nm && Gate::kStabilized && tid == 0) p.seg_m[out_state] = m;
-    return;
-  }
-  // ---- the state after the sequence's last step, fp32 (by its last segment) ---------------------
-  if (!last) return;
-  if (owns_nm && tid == 0 && Gate::kStabilized) {
-    if (p.m_states != nullptr) p.m_states[sq.m_slot(p, nc)] = m;
-    if (p.m_last != nullptr) p.m_last[sq.state] = m;
-  }
-  if (p.C_last != nullptr) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-        p.C_last[cbase + i64(r) * p.DV + col] = Cacc[4 * j + e];
-      }
-  }
-  if (owns_nm && Gate::kNormalize && p.n_last != nullptr && tid < DK) p.n_last[i64(sq.state) * DK + tid] = sm.nvec()[tid];
 #else
   __trap();
 #endif

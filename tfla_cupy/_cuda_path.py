@@ -324,24 +324,26 @@ class _ForwardPlan:
         self.with_states = self.family == "sm80" or p.keep_states
         self.strides = strides
         scratch = (p.NH * p.S, p.S, 1)  # N, M: (B, NH, S) float32
-        ctas = (p.DV // FUSED_BV) * p.NSEQ * p.NH
+        ctas, sms = (p.DV // FUSED_BV) * p.NSEQ * p.NH, _loader.device_limits(device.id)[0]
         self.nseg, seg_chunks = 1, 0
         if self.family == "sm90" and not p.varlen:  # long sequences in segments when the walks cannot fill the GPU
-            self.nseg, seg_chunks = pick_segments(ctas, run.NC, _loader.device_limits(device.id)[0], cfg.segments)
+            self.nseg, seg_chunks = pick_segments(ctas, run.NC, sms, cfg.segments)
         self.template = make_params(**run.geometry, **dict(zip(("st_q", "st_k", "st_v", "st_i", "st_f"), strides)),
                                     st_h=h_strides, st_N=scratch, st_M=scratch, seg_chunks=seg_chunks, nseg=self.nseg)
         if self.family == "sm90":
             # stage 0b computes stage 0's vectors into its records itself: no gate arrays
             terms = (_loader.get_kernel(fused_terms_kernel(run.gate)), run.NC * run.BH, FUSED_TERMS_THREADS,
                      FUSED_TERMS_SMEM_BYTES, False)
-            fused = (_loader.get_kernel(fused_fwd_kernel(mma, run.gate)), (ctas, self.nseg), FUSED_THREADS,
+            # persistent grids: at most one CTA per SM, each walking items (segment, sequence, head,
+            # DV block) in turn
+            fused = (_loader.get_kernel(fused_fwd_kernel(mma, run.gate)), min(ctas * self.nseg, sms), FUSED_THREADS,
                      FUSED_SMEM_BYTES, True)
             if self.nseg == 1:
                 self.launches = (terms, fused)
             else:  # pass 1 (segment summaries), their fold, pass 2
                 self.launches = (terms,
                                  (_loader.get_kernel(fused_fwd_kernel(mma, run.gate, summary=True)),
-                                  (ctas, self.nseg - 1), FUSED_THREADS, FUSED_SMEM_BYTES, True),
+                                  min(ctas * (self.nseg - 1), sms), FUSED_THREADS, FUSED_SMEM_BYTES, True),
                                  (_loader.get_kernel(segment_combine_kernel(run.gate)), p.NSEQ * p.NH,
                                   SEG_COMBINE_THREADS, 0, False),
                                  fused)

@@ -107,15 +107,15 @@ class Kernel:
         self.fn = fn
         self.smem_limit = 0
 
-    def __call__(self, grid, block: int, params, smem: int = 0):
-        """``grid``: blocks (an int) or a (x, y) tuple. ``params``: the kernel's one argument (a Params record), or a tuple of its arguments.
+    def __call__(self, grid: int, block: int, params, smem: int = 0):
+        """``params``: the kernel's one argument (a Params record), or a tuple of its arguments.
         Record arguments travel as raw bytes: CuPy reads a NumPy argument's __array_interface__,
         whose field description costs ~0.1 ms per launch for a record of ~80 fields."""
         if smem > self.smem_limit:
             self.fn.max_dynamic_shared_size_bytes = smem
             self.smem_limit = smem
         args = params if isinstance(params, tuple) else (params,)
-        self.fn(grid if isinstance(grid, tuple) else (grid,), (block,), tuple(_raw(a) for a in args), shared_mem=smem)
+        self.fn((grid,), (block,), tuple(_raw(a) for a in args), shared_mem=smem)
 
 
 @functools.lru_cache(maxsize=None)
