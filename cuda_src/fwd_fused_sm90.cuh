@@ -252,6 +252,11 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: the wgmma branches are not divergent
   const int g = lane >> 2, t = lane & 3;
   const int row_lo = 64 * wg + 16 * warp + g, row_hi = row_lo + 8;  // this thread's accumulator rows
+  // element e of the state accumulator Cacc in a DK × DV fp32 state whose column v0 starts at base
+  auto acc_at = [&](i64 base, int j, int e) {
+    const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
+    return base + i64(r) * p.DV + col;
+  };
 
   // Chunk c into stage s, by bulk copies that thread 0 issues and full[s] counts: Q and K as two
   // 64-feature boxes, this CTA's V block, the chunk's gate record.
@@ -317,10 +322,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-        Cacc[4 * j + e] = C_in != nullptr ? C_in[in_base + i64(r) * p.DV + col] : 0.f;
-      }
+      for (int e = 0; e < 4; ++e) Cacc[4 * j + e] = C_in != nullptr ? C_in[acc_at(in_base, j, e)] : 0.f;
     if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && n_in != nullptr) ? n_in[in_state * DK + tid] : 0.f;
     float m = (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (kSummary && seg > 0 ? kEmptyM : 0.f);
 
@@ -592,10 +594,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-          p.seg_C[obase + i64(r) * p.DV + col] = Cacc[4 * j + e];
-        }
+        for (int e = 0; e < 4; ++e) p.seg_C[acc_at(obase, j, e)] = Cacc[4 * j + e];
       if (owns_nm && Gate::kNormalize && tid < DK) p.seg_n[out_state * DK + tid] = sm.nvec()[tid];
       if (owns_nm && Gate::kStabilized && tid == 0) p.seg_m[out_state] = m;
     } else if (item.last()) {
@@ -608,10 +607,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-            p.C_last[cbase + i64(r) * p.DV + col] = Cacc[4 * j + e];
-          }
+          for (int e = 0; e < 4; ++e) p.C_last[acc_at(cbase, j, e)] = Cacc[4 * j + e];
       }
       if (owns_nm && Gate::kNormalize && p.n_last != nullptr && tid < DK)
         p.n_last[i64(sq.state) * DK + tid] = sm.nvec()[tid];
