@@ -27,31 +27,20 @@ __device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], c
   reduce_rows<Tile>(part, row_part);
 }
 
-template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kernel(const Params p) {
-  using T = typename Mma::T;
-  constexpr int BM = Tile::kBM, NT = Tile::kThreads;
-  const ChunkCoords<Tile> at(p, p.DK);
-  if (at.r0 >= at.Lc) return;
-  const ChunkSmem<T, Tile> sm(p.L);
-  const int warp = threadIdx.x >> 5;
-  const int Tend = min(at.r0 + BM, at.Lc), rows = Tend - at.r0;
-
-  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
-  const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
-  const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
-  const T* C = ptr<T>(p.C_states) + at.slot(p) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, RoleDQ> ops(sm, dH, p.st_dh.t, V, p.st_v.t, K, p.st_k.t, C, p.DV, p.DK, at.n0,
-                                                 at.r0, at.Lc);
-  ops.prologue();
-
-  const double b_r0 = prepare_causal<Gate>(p, sm, at, at.r0, Tend, at.Lc);
+// Row and column gate terms of the causal role dq (rows τ = r0 + r of the chunk):
+//   row_scale[r] = fac_τ · exp(b_{r0} + m^(c) + p_r − M_τ),  row_log[r] = (p_r − M_τ)·log2e + log2 fac_τ,
+// fac_τ = s / (N_τ + ε) (normalized) or s, and prepare_causal's column terms. Sm: a shared-memory
+// view as for prepare_causal with row_scale() and row_log(); ends synchronised.
+template <typename Gate, typename Sm>
+__device__ __forceinline__ void causal_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
+  const int Tend = min(r0 + Sm::kRows, at.Lc), rows = Tend - r0;
+  const double b_r0 = prepare_causal<Gate>(p, sm, at, r0, Tend, at.Lc);
   const double m_c = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 0)]) : 0.0;
   const double A0 = b_r0 + m_c;
-  for (int r = threadIdx.x; r < BM; r += NT) {
+  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
     if (r < rows) {
-      const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, at.r0 + r)]) : 0.0;
-      const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, at.r0 + r)] + p.eps) : p.scale;
+      const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, r0 + r)]) : 0.0;
+      const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, r0 + r)] + p.eps) : p.scale;
       const double pr = sm.row_d()[r];
       sm.row_scale()[r] = fac * expf(float(A0 + pr - M));
       sm.row_log()[r] = split((pr - M) * double(kLog2e) + double(log2f(fac)));
@@ -61,6 +50,27 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
     }
   }
   __syncthreads();
+}
+
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kernel(const Params p) {
+  using T = typename Mma::T;
+  constexpr int BM = Tile::kBM, NT = Tile::kThreads;
+  const ChunkCoords<Tile> at(p, p.DK);
+  if (at.r0 >= at.Lc) return;
+  const ChunkSmem<T, Tile> sm(p.L);
+  const int warp = threadIdx.x >> 5;
+  const int rows = min(at.r0 + BM, at.Lc) - at.r0;
+
+  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
+  const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
+  const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
+  const T* C = ptr<T>(p.C_states) + at.slot(p) * p.DK * p.DV;
+  const ChunkOperands<Mma, Tile, RoleDQ> ops(sm, dH, p.st_dh.t, V, p.st_v.t, K, p.st_k.t, C, p.DV, p.DK, at.n0,
+                                                 at.r0, at.Lc);
+  ops.prologue();
+
+  causal_terms<Gate>(p, sm, at, at.r0);
 
   float acc[1][Tile::kFNO][4], rowsum[2];
   chunk_mainloop<Mma, Tile, RoleDQ, false>(acc, rowsum, ops, [](int) {});
@@ -76,14 +86,14 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
 // Row and column gate terms of the anti-causal roles:
 //   row_log[r] = (ι_σ − P_σ)·log2e,  row_scale[r] = ā_σ = exp(R_σ + ι_σ − m^(c+1)),
 //   col_log[u] = (P_u − M_u)·log2e + log2(s / (N_u + ε))      (log terms split hi/lo).
-template <typename Gate, typename Tile, typename T>
-__device__ __forceinline__ void anticausal_terms(const Params& p, const ChunkSmem<T, Tile>& sm,
-                                                 const ChunkCoords<Tile>& at) {
-  constexpr int BM = Tile::kBM, NT = Tile::kThreads;
-  prepare_anticausal<Gate>(p, sm, at, at.r0, at.Lc);
+// (rows σ = r0 + r; Sm as for causal_terms).
+template <typename Gate, typename Sm>
+__device__ __forceinline__ void anticausal_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
+  constexpr int BM = Sm::kRows, NT = Sm::kThreads;
+  prepare_anticausal<Gate>(p, sm, at, r0, at.Lc);
   const double m_next = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 1)]) : 0.0;
   for (int r = threadIdx.x; r < BM; r += NT) {
-    const int s = at.r0 + r;
+    const int s = r0 + r;
     if (s < at.Lc) {
       sm.row_log()[r] = split((sm.iota()[s] - sm.scan()[s]) * double(kLog2e));
       sm.row_scale()[r] = expf(float(sm.row_d()[r] + sm.iota()[s] - m_next));
@@ -92,7 +102,7 @@ __device__ __forceinline__ void anticausal_terms(const Params& p, const ChunkSme
       sm.row_scale()[r] = 0.f;
     }
   }
-  for (int u = at.r0 + threadIdx.x; u < at.Lc; u += NT) {
+  for (int u = r0 + threadIdx.x; u < at.Lc; u += NT) {
     const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, u)]) : 0.0;
     const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, u)] + p.eps) : p.scale;
     sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + double(log2f(fac)));
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dv_kerne
   const ChunkOperands<Mma, Tile, RoleDV> ops(sm, K, p.st_k.t, Q, p.st_q.t, dH, p.st_dh.t, dC, p.DK, p.DV,
                                                    at.n0, at.r0, at.Lc);
   ops.prologue();
-  anticausal_terms<Gate>(p, sm, at);
+  anticausal_terms<Gate>(p, sm, at, at.r0);
   float acc[1][Tile::kFNO][4], rowsum[2];
   chunk_mainloop<Mma, Tile, RoleDV, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
@@ -139,7 +149,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dk_kerne
   const ChunkOperands<Mma, Tile, RoleDK> ops(sm, V, p.st_v.t, dH, p.st_dh.t, Q, p.st_q.t, dC, p.DV, p.DK,
                                                   at.n0, at.r0, at.Lc);
   ops.prologue();
-  anticausal_terms<Gate>(p, sm, at);
+  anticausal_terms<Gate>(p, sm, at, at.r0);
   float acc[1][Tile::kFNO][4], rowsum[2];
   chunk_mainloop<Mma, Tile, RoleDK, false>(acc, rowsum, ops, [](int) {});
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);

@@ -327,9 +327,9 @@ __device__ __forceinline__ double prepare_causal(const Params& p, const Sm& sm, 
 //   scan[u] = P_u = Σ_{w=r0+1..u} λ_w  for r0 <= u < Lc  (P_{r0} = 0),
 //   row_d[r] = R_σ = Σ_{w=σ+1..Lc−1} λ_w (by its own suffix scan, not P_end − P_σ).
 // Then D̃[u][σ] = P_u − P_σ + ι_σ.
-template <typename Gate, typename Tile, typename T>
-__device__ __forceinline__ void prepare_anticausal(const Params& p, const ChunkSmem<T, Tile>& sm, const ChunkAt& at,
-                                                   int r0, int Lc) {
+// Sm: as for prepare_causal.
+template <typename Gate, typename Sm>
+__device__ __forceinline__ void prepare_anticausal(const Params& p, const Sm& sm, const ChunkAt& at, int r0, int Lc) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, r0, Lc, Lc, sm.lam(),
                        sm.iota());
@@ -341,7 +341,7 @@ __device__ __forceinline__ void prepare_anticausal(const Params& p, const ChunkS
     warp_scan_suffix(sm.lam() + r0, Lc - r0);  // lam[w] = Σ_{w'=w..Lc−1} λ
   }
   __syncthreads();
-  for (int r = threadIdx.x; r < Tile::kBM; r += Tile::kThreads) {
+  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
     const int s = r0 + r;
     sm.row_d()[r] = (s + 1 < Lc) ? sm.lam()[s + 1] : 0.0;
   }

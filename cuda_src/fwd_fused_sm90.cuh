@@ -234,19 +234,26 @@ struct FusedItem {
 
 // A persistent grid (at most one CTA per SM) walks the items w = blockIdx.x, + gridDim.x, ...; the
 // last chunk of one item already issues the copies of the next item's first chunk, so a CTA's
-// pipeline never drains between items. kSummary (pass 1 of segments): items of segments
-// 0 .. nseg − 2, from the initial state (segment 0) or the empty state, only the state recurrence —
-// no Q, no outputs — and the end state into seg_C / seg_n / seg_m[g]. Otherwise segment g > 0
-// starts from seg_*[g − 1] and only the last one writes the sequence's last state.
-template <typename T, typename Gate, bool kSummary>
+// pipeline never drains between items. kMode:
+//   kFusedFull     the forward: segment g > 0 starts from seg_*[g − 1], only the last segment
+//                  writes the sequence's last state; chunk-boundary states when C_states is given;
+//   kFusedSummary  pass 1 of segments: items of segments 0 .. nseg − 2, from the initial state
+//                  (segment 0) or the empty state, only the state recurrence — no Q, no outputs —
+//                  and the end state into seg_C / seg_n / seg_m[g];
+//   kFusedStates   the backward's recompute of the chunk-boundary states: as kFusedFull, but
+//                  only the state recurrence (no Q, no h, N, M) and C_states / m_states written.
+constexpr int kFusedFull = 0, kFusedSummary = 1, kFusedStates = 2;
+template <typename T, typename Gate, int kMode>
 __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(kMode == kFusedFull || kMode == kFusedSummary || kMode == kFusedStates, "a fused mode");
+  constexpr bool kOutputs = kMode == kFusedFull, kSegSummary = kMode == kFusedSummary;
   using Sm = FusedFwdSmem;
   constexpr int L = Sm::kL, DK = Sm::kDK, BV = Sm::kBV, NT = Sm::kThreads;
   const int nvb = p.DV / BV;
   const i64 nsh = i64(p.NSEQ) * p.NH;
-  const int items = nvb * int(nsh) * (kSummary ? p.nseg - 1 : p.nseg);
+  const int items = nvb * int(nsh) * (kSegSummary ? p.nseg - 1 : p.nseg);
   const Sm sm;
   const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: the wgmma branches are not divergent
@@ -278,8 +285,8 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
                   map_coord(order[2], tok, q.h, q.b), &full[s]);
     };
     fence_async_smem();  // the stage's last generic-proxy accesses (chunk c − 2) before the copies
-    mbar_expect_tx(&full[s], kSummary ? Sm::kStageTxBytes - 2 * Sm::kBlk : Sm::kStageTxBytes);
-    if constexpr (!kSummary) {
+    mbar_expect_tx(&full[s], kOutputs ? Sm::kStageTxBytes : Sm::kStageTxBytes - 2 * Sm::kBlk);
+    if constexpr (kOutputs) {
       load(sm.q(s), maps.q, maps.order[0], 0);
       load(sm.q(s) + Sm::kBlk, maps.q, maps.order[0], 64);
     }
@@ -312,9 +319,9 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     const float *C_in = p.C0, *n_in = p.n0, *m_in = p.m0;
     i64 in_state = sq.state;
     if (seg > 0) {
-      C_in = kSummary ? nullptr : p.seg_C;
-      n_in = kSummary ? nullptr : p.seg_n;
-      m_in = kSummary ? nullptr : p.seg_m;
+      C_in = kSegSummary ? nullptr : p.seg_C;
+      n_in = kSegSummary ? nullptr : p.seg_n;
+      m_in = kSegSummary ? nullptr : p.seg_m;
       in_state = (seg - 1) * nsh + sq.state;
     }
     float Cacc[32];
@@ -324,7 +331,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) Cacc[4 * j + e] = C_in != nullptr ? C_in[acc_at(in_base, j, e)] : 0.f;
     if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && n_in != nullptr) ? n_in[in_state * DK + tid] : 0.f;
-    float m = (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (kSummary && seg > 0 ? kEmptyM : 0.f);
+    float m = (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (kSegSummary && seg > 0 ? kEmptyM : 0.f);
 
     if (!ahead && cb < ce) issue(item, cb, it & 1);
     ahead = false;
@@ -343,7 +350,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       TFLA_FUSED_CLOCK(0);
 
       // ---- chunk-boundary state out (keep_states) -------------------------------------------------
-      if (!kSummary && p.C_states != nullptr) {
+      if (!kSegSummary && p.C_states != nullptr) {
         T* Cs = ptr<T>(p.C_states) + slot * DK * p.DV + v0;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -351,9 +358,9 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
           store2(Cs + i64(row_hi) * p.DV + 8 * j + 2 * t, Cacc[4 * j + 2], Cacc[4 * j + 3]);
         }
       }
-      if (!kSummary && owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK)
+      if (!kSegSummary && owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK)
         p.n_states[slot * DK + tid] = sm.nvec()[tid];
-      if (!kSummary && owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0)
+      if (!kSegSummary && owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0)
         p.m_states[sq.m_slot(p, c)] = m;
 
       mbar_wait(&full[s], (it >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
@@ -397,7 +404,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       };
       float M_lo = 0.f, M_hi = 0.f, sc_lo = 0.f, sc_hi = 0.f;
       float2 rl_lo = make_float2(0.f, 0.f), rl_hi = rl_lo;
-      if constexpr (!kSummary) {
+      if constexpr (kOutputs) {
         row_terms(row_lo, M_lo, sc_lo, rl_lo);
         row_terms(row_hi, M_hi, sc_hi, rl_hi);
       }
@@ -407,7 +414,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       // ---- Cᵀ and n for the first product: the state rows of warpgroup w are Cᵀ columns 64w .. ----
       // stmatrix .trans: 8 × 8 blocks (j, hh) of C (rows 16·warp + 8hh + .., columns 8j + ..) become
       // 16-byte pieces of Cᵀ rows 8j + .. (lane 8i + b addresses stored row b of block i)
-      if constexpr (!kSummary) {
+      if constexpr (kOutputs) {
         const int i = lane >> 3, b = lane & 7, hh = i & 1;
 #pragma unroll
         for (int q4 = 0; q4 < 4; ++q4) {
@@ -417,7 +424,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
                             pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
         }
       }
-      if (!kSummary && tid < DK)
+      if (kOutputs && tid < DK)
         *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
       fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
       __syncthreads();     // and the row terms to every thread
@@ -428,7 +435,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       // H = D[4, 36), the score block S_0 = D[36, 68)) and, for warpgroup 1, S_1 = Q_w · K_1ᵀ (the
       // upper block of warpgroup 0 is never formed)
       float D[68], S1[32];
-      if constexpr (!kSummary) {
+      if constexpr (kOutputs) {
         fence_regs(Cacc);
         wgmma_fence();
 #pragma unroll
@@ -461,7 +468,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
       }
       float H[32], qn_lo = 0.f, qn_hi = 0.f, rs_lo = 0.f, rs_hi = 0.f;
       u32 P[8][4];
-      if constexpr (!kSummary) {
+      if constexpr (kOutputs) {
         wgmma_wait<0>();
         TFLA_FUSED_CLOCK(3);
         fence_regs(D);
@@ -486,12 +493,12 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 32; ++e) Cacc[e] *= gamma;
       fence_regs(Cacc);
-      if constexpr (!kSummary) {
+      if constexpr (kOutputs) {
         fence_regs(H);
         fence_regs(P);
       }
       wgmma_fence();
-      if constexpr (!kSummary) {
+      if constexpr (kOutputs) {
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
           if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
@@ -527,7 +534,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
         }
       }
       float inv_lo = 1.f, inv_hi = 1.f;
-      if constexpr (Gate::kNormalize && !kSummary) {
+      if constexpr (Gate::kNormalize && kOutputs) {
         rs_lo = quad_sum(rs_lo);
         rs_hi = quad_sum(rs_hi);
         const float den_lo = sc_lo * qn_lo + rs_lo, den_hi = sc_hi * qn_hi + rs_hi;
@@ -552,7 +559,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 
       // ---- outputs -------------------------------------------------------------------------------
       // through shared memory (the Cᵀ tiles, free since batch A) so each row leaves in 16-byte pieces
-      if constexpr (!kSummary) {
+      if constexpr (kOutputs) {
         fence_regs(H);
         fence_regs(P);
         char* hs = sm.ct(s, wg);  // this warpgroup's 64 rows, swizzled (no bank conflicts)
@@ -589,7 +596,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
     }
 
     // ---- summary mode: the segment's end state, fp32 ----------------------------------------------
-    if constexpr (kSummary) {
+    if constexpr (kSegSummary) {
       const i64 out_state = seg * nsh + sq.state, obase = out_state * DK * p.DV + v0;
 #pragma unroll
       for (int j = 0; j < 8; ++j)

@@ -197,11 +197,12 @@ def test_every_launch_gets_the_geometry(launches):
         assert _cuda_path._cdiv(40, 16) == int(p["NC"])
 
 
-def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_maps, monkeypatch):
+def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tensor_maps, monkeypatch):
     """On compute capability 9.0 a covered call (16-bit, L = 128, DK = 128, DV % 64 == 0) runs the
     fused forward — one CTA per (DV block, sequence, head), its thread count and shared memory
     from config.FUSED_FWD, bshd views in place, no chunk states unless kept — and the backward
-    recomputes the states with the sm80 family."""
+    recomputes the states with the sm80 family (unless kept), then takes dq, dk, dv from the Hopper chunk kernel
+    (one CTA per half chunk, chunk slot and head; one q·dq / k·dk part per 64 columns of DK)."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
@@ -214,10 +215,11 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_
     q, k = (_fake(rng.standard_normal((1, S, NH, DK)).astype(BFLOAT16)) for _ in range(2))
     v = _fake(rng.standard_normal((1, S, NH, DV)).astype(BFLOAT16))
     i, f = (_fake(rng.standard_normal((1, S, NH)).astype(np.float32)) for _ in range(2))
+    contexts = {}
     for keep in (False, True):
         launches.clear()
-        h, last, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd",
-                                           keep_states=keep)
+        h, last, ctx = contexts[keep] = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu,
+                                                            layout="bshd", keep_states=keep)
         names = [e[0] for e in launches]
         assert not any("fwd_h_kernel" in n or "fwd_states_kernel" in n for n in names), names
         name, grid, block, p, smem = _by_kernel(launches, "fwd_fused_sm90_kernel")[0]
@@ -241,10 +243,30 @@ def test_hopper_plan_fused_forward_in_place_then_sm80_backward(launches, tensor_
         launches.clear()
         tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
         names = [e[0].split("<")[0] for e in launches]
-        assert "tfla::fwd_fused_sm90_kernel" not in names and "tfla::bwd_dq_kernel" in names
+        assert "tfla::fwd_fused_sm90_kernel" not in names  # (the context kept its states: no recompute)
+        assert not {"tfla::bwd_dq_kernel", "tfla::bwd_dk_kernel", "tfla::bwd_dv_kernel"} & set(names), names
         assert names.count("tfla::chunk_gates_kernel") == (1 if repeat == 0 else 0), names
-        gate_a = _by_kernel(launches, "bwd_dq_kernel")[0][3]["gate_a"]
-        assert int(gate_a) != 0
+        sm90 = _by_kernel(launches, "bwd_chunk_sm90_kernel")
+        assert [e[0] for e in sm90] == [config.bwd_chunk_sm90_kernel("MmaBF16", "tfla::GateExp", role)
+                                        for role in ("RoleDQ", "RoleDK", "RoleDV")]
+        NC = int(sm90[0][3]["NC"])
+        for (name, grid, block, p, smem), DX in zip(sm90, (DV, DV, DK)):
+            assert (grid, block, smem) == (2 * NC * NH, config.BWD_SM90_THREADS, config.bwd_sm90_smem_bytes(DX)), name
+            assert int(p["gate_a"]) != 0 and int(p["seq_table"]) != 0
+        gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
+        assert int(gates["qdq_parts"]) == int(gates["kdk_parts"]) == DK // 64
+    # without kept states the backward recomputes them with the fused kernel in "states" mode (stage
+    # 0b first), into the C_states and m_states its dq kernel then reads
+    launches.clear()
+    tfla_cupy.mlstm_bwd(contexts[False][2], _fake(np.ones((1, S, NH, DV), BFLOAT16)))
+    names = [e[0] for e in launches]
+    assert not any("fwd_states_kernel" in n for n in names), names
+    (name, grid, block, p, smem), = _by_kernel(launches, "fwd_fused_sm90_kernel")
+    assert name == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", mode="states")
+    assert names.index(name) > names.index(config.fused_terms_kernel("tfla::GateExp"))
+    assert (int(p["h"]), int(p["N"]), int(p["M"])) == (0, 0, 0) and int(p["gate_terms"]) != 0
+    dq = _by_kernel(launches, "bwd_chunk_sm90_kernel")[0][3]
+    assert int(p["C_states"]) == int(dq["C_states"]) != 0 and int(p["m_states"]) == int(dq["m_states"]) != 0
 
 
 def _bf16_call_inputs(rng, B, NH, S, DV, DK=128):
@@ -334,7 +356,7 @@ def test_hopper_plan_segments_for_a_long_single_sequence(launches, tensor_maps, 
     assert kinds == ["tfla::fused_terms_kernel", "tfla::fwd_fused_sm90_kernel", "tfla::segment_combine_kernel",
                      "tfla::fwd_fused_sm90_kernel"], kinds
     (_, g1, _, p1, _), (_, g2, b2, p2, _), (_, g3, _, p3, _) = launches[1:]
-    assert launches[1][0] == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", summary=True)
+    assert launches[1][0] == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", mode="summary")
     assert launches[3][0] == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp")
     assert g1 == 2 * (n - 1) and g2 == 2 and b2 == config.SEG_COMBINE_THREADS and g3 == 2 * n
     for rec in (p1, p2, p3):

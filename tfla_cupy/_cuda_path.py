@@ -3,7 +3,8 @@
 Forward: fwd_states (chunk-boundary states) -> fwd_h (outputs, N, M) on the sm80 family; on
 Hopper, where it covers the call, one fused pass (fwd_fused_sm90: states on chip, h, N, M).
 Backward: [fwd_states again, unless the forward kept its states] -> bwd_dq -> bwd_dstates ->
-bwd_dk, bwd_dv -> bwd_gates. Everything is launched on CuPy's current stream with no host
+bwd_dk, bwd_dv -> bwd_gates; on Hopper, where they cover the call, dq, dk and dv come from the
+warpgroup-MMA kernels (bwd_chunk_sm90) instead. Everything is launched on CuPy's current stream with no host
 synchronisation, so a warmed-up call can be captured in a CUDA graph.
 
 Sequence tensors are passed with their strides (tfla::Strides: batch, head, token, in
@@ -25,7 +26,8 @@ from ._params import bind_pointers, make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 import os
 
-from .config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
+from .config import (BWD_SM90_THREADS, bwd_chunk_sm90_kernel, bwd_sm90_smem_bytes, bwd_sm90_unsupported,
+                     BWD_SM90_BLOCK, ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
                      FUSED_TERM_FLOATS, FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA,
                      THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
                      fused_fwd_unsupported, fused_terms_kernel, gates_kernel, pick_config, pick_segments,
@@ -237,6 +239,18 @@ class _Launch:
         kernel, grid, threads, smem = self.chunk_launch(kind)
         kernel(grid, threads, params, smem)
 
+    def chunk_sm90_launch(self, role):
+        """(kernel, grid, threads, shared bytes) of the Hopper backward chunk kernel in `role`: one
+        CTA per (half chunk, chunk slot, batch·head), every output column."""
+        p = self.p
+        DX = p.DK if role == "RoleDV" else p.DV
+        return (_loader.get_kernel(bwd_chunk_sm90_kernel(self.mma, self.gate, role)), 2 * self.NC * self.BH,
+                BWD_SM90_THREADS, bwd_sm90_smem_bytes(DX))
+
+    def chunk_sm90(self, role, params):
+        kernel, grid, threads, smem = self.chunk_sm90_launch(role)
+        kernel(grid, threads, params, smem)
+
     def gates_grad(self, params):
         _loader.get_kernel(gates_kernel(self.gate))(self.p.NSEQ * self.p.NH, _GATE_THREADS, params)
 
@@ -263,11 +277,7 @@ def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
     the H200 measurements). `operands_reason`: why this call's arrays keep it off the fused forward
     (see _fused_operands_reason), or None. An explicit "sm90" that cannot run is a ValueError
     naming why."""
-    want, where = cfg.family, "config.family"
-    if want == "auto":
-        want, where = os.environ.get(FAMILY_ENV, "auto") or "auto", FAMILY_ENV
-        if want not in FAMILIES:
-            raise ValueError(f"{FAMILY_ENV}: expected one of {FAMILIES}, got {want!r}")
+    want, where = _want_family(cfg)
     if want == "sm80":
         return "sm80"
     p = problem
@@ -286,6 +296,36 @@ def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
     if p.varlen and (p.DV // FUSED_BV) * p.NSEQ * p.NH < FUSED_AUTO_MIN_CTAS_PER_SM * sms:
         return "sm80"
     return "sm90"
+
+
+def _want_family(cfg):
+    """(family asked for, where it was asked): config.family, or with "auto" TFLA_CUPY_FAMILY."""
+    want, where = cfg.family, "config.family"
+    if want == "auto":
+        want, where = os.environ.get(FAMILY_ENV, "auto") or "auto", FAMILY_ENV
+        if want not in FAMILIES:
+            raise ValueError(f"{FAMILY_ENV}: expected one of {FAMILIES}, got {want!r}")
+    return want, where
+
+
+def _backward_family(problem, cfg, mma, device):
+    """"sm90" (the Hopper dq / dk / dv kernels) or "sm80" for this call's backward, chosen as
+    _forward_family chooses (config.family, TFLA_CUPY_FAMILY, else sm90 on compute capability 9.0
+    where bwd_sm90_unsupported allows). The state passes and the gate gradients are the sm80
+    family's on both. An explicit "sm90" that cannot run is a ValueError naming why."""
+    want, where = _want_family(cfg)
+    if want == "sm80":
+        return "sm80"
+    p = problem
+    cc = device.compute_capability
+    reason = bwd_sm90_unsupported(mma, p.DK, p.DV, p.chunk_size)
+    if want == "sm90":
+        if cc != "90":
+            raise ValueError(f"{where}: 'sm90' needs compute capability 9.0, this device has {cc[:-1]}.{cc[-1]}")
+        if reason is not None:
+            raise ValueError(f"{where}: 'sm90' does not cover this call: {reason}")
+        return "sm90"
+    return "sm90" if cc == "90" and reason is None else "sm80"
 
 
 def _fused_operands_reason(p, strides, h_aligned):
@@ -319,6 +359,7 @@ class _ForwardPlan:
         self.family = _forward_family(p, cfg, mma, device, _loader.device_limits(device.id)[0],
                                       _fused_operands_reason(p, strides[:3], h_aligned))
         self.run = run = _Launch(p, cfg, mma)
+        self.mma, self._states_launches = mma, None
         # the two-pass forward passes every chunk state between its kernels; the fused one writes
         # them only when the backward is to keep them
         self.with_states = self.family == "sm80" or p.keep_states
@@ -342,7 +383,7 @@ class _ForwardPlan:
                 self.launches = (terms, fused)
             else:  # pass 1 (segment summaries), their fold, pass 2
                 self.launches = (terms,
-                                 (_loader.get_kernel(fused_fwd_kernel(mma, run.gate, summary=True)),
+                                 (_loader.get_kernel(fused_fwd_kernel(mma, run.gate, mode="summary")),
                                   min(ctas * (self.nseg - 1), sms), FUSED_THREADS, FUSED_SMEM_BYTES, True),
                                  (_loader.get_kernel(segment_combine_kernel(run.gate)), p.NSEQ * p.NH,
                                   SEG_COMBINE_THREADS, 0, False),
@@ -350,6 +391,43 @@ class _ForwardPlan:
         else:
             self.launches = tuple(launch + (False,) for launch in (
                 run.gates_stage0_launch(), run.states_launch("fwd_states_kernel"), run.chunk_launch("fwd_h")))
+
+
+    def states_launches(self):
+        """The backward's recompute of the chunk-boundary states on the fused path (sm90 plans):
+        the forward's launches with the last in "states" mode (no Q, no outputs)."""
+        if self._states_launches is None:
+            _, grid, threads, smem, with_maps = self.launches[-1]
+            last = (_loader.get_kernel(fused_fwd_kernel(self.mma, self.run.gate, mode="states")), grid, threads, smem,
+                    with_maps)
+            self._states_launches = self.launches[:-1] + (last,)
+        return self._states_launches
+
+    def buffers(self):
+        """The fused path's scratch: stage 0b's records and, with segments, the segment summaries
+        folded into the states entering segments 1 ..; {} on the sm80 family."""
+        if self.family != "sm90":
+            return {}
+        cp = _arrays.cupy_module()
+        p, run = self.run.p, self.run
+        out = dict(gate_terms=cp.empty((run.BH, run.NC, FUSED_TERM_FLOATS), _F32))
+        if self.nseg > 1:
+            held = (self.nseg - 1, p.NSEQ, p.NH)
+            out.update(seg_C=cp.empty(held + (p.DK, p.DV), _F32),
+                       seg_n=cp.empty(held + (p.DK,), _F32) if p.has_n else None,
+                       seg_m=cp.empty(held, _F32) if p.has_m else None)
+        return out
+
+    def launch(self, launches, params, q, k, v):
+        """Run ``launches`` (this plan's, or states_launches()) on ``params``; the fused kernels also
+        get the tensor maps of q, k, v."""
+        p = self.run.p
+        for kernel, grid, threads, smem, with_maps in launches:
+            if with_maps:
+                maps = _tma.fused_maps(tuple(zip((q, k, v), self.strides)), p.S, p.NH, p.B)
+                kernel(grid, threads, (params, maps), smem)
+            else:
+                kernel(grid, threads, params, smem)
 
 
 _PLANS = {}
@@ -421,22 +499,10 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         # the fused forward needs no gate arrays (the backward makes them if it runs), stage 0b's
         # records instead
         gates = run.gate_arrays() if family == "sm80" else None
-        terms = cp.empty((BH, NC, FUSED_TERM_FLOATS), _F32) if family == "sm90" else None
-        segs = {}
-        if plan.nseg > 1:  # segment summaries, folded into the states entering segments 1 ..
-            held = (plan.nseg - 1,) + states
-            segs = dict(seg_C=cp.empty(held + (p.DK, p.DV), _F32),
-                        seg_n=cp.empty(held + (p.DK,), _F32) if p.has_n else None,
-                        seg_m=cp.empty(held, _F32) if p.has_m else None)
         params = bind_pointers(plan.template, q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M,
                                C_last=C_last, n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states,
-                               m_states=m_states, gate_terms=terms, seq_table=table, **(gates or {}), **segs)
-        for kernel, grid, threads, smem, with_maps in plan.launches:
-            if with_maps:
-                maps = _tma.fused_maps(tuple(zip((q, k, v), plan.strides)), p.S, p.NH, p.B)
-                kernel(grid, threads, (params, maps), smem)
-            else:
-                kernel(grid, threads, params, smem)
+                               m_states=m_states, seq_table=table, **(gates or {}), **plan.buffers())
+        plan.launch(plan.launches, params, q, k, v)
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
                  C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
                  dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=cfg, device=device.id,
@@ -450,6 +516,23 @@ def _saved_gates(run, saved):
     if saved["gates"] is None:
         saved["gates"] = run.gate_vectors(saved["i"], saved["f"])
     return saved["gates"]
+
+
+def _recompute_states(p, device, saved, C_states, m_states, sm80):
+    """The chunk-boundary states (and stabilisers) of a forward whose context did not keep them:
+    where the fused forward covers the call, by its "states" mode (the forward's own launch plan:
+    stage 0b, segments if any, then the state recurrence alone); else by ``sm80()`` (the two-pass
+    forward's state pass). Either gives states consistent with the forward's N and M."""
+    operands = tuple(saved[n] for n in ("q", "k", "v", "i", "f"))
+    plan = _forward_plan(p, device, saved["mma"], operands, None)
+    if plan.family != "sm90":
+        sm80()
+        return
+    q, k, v, i32, f32 = operands
+    params = bind_pointers(plan.template, q=q, k=k, v=v, i=i32, f=f32, C0=saved["C0"], n0=saved["n0"],
+                           m0=saved["m0"], C_states=C_states, m_states=m_states, seq_table=saved["seq_table"],
+                           **plan.buffers())
+    plan.launch(plan.states_launches(), params, q, k, v)
 
 
 def backward(ctx, dh, dC_last, *, out=None):
@@ -471,11 +554,23 @@ def backward(ctx, dh, dC_last, *, out=None):
         if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
             C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
             m_states = cp.empty((BH, run.NM), _F32) if p.has_m else None
-            recompute = run.params(**{**common, "C_last": None}, C_states=C_states, m_states=m_states)
-            run.states("fwd_states_kernel", recompute)
+            _recompute_states(p, device, s, C_states, m_states,
+                              lambda: run.states("fwd_states_kernel", run.params(**{**common, "C_last": None},
+                                                                                C_states=C_states, m_states=m_states)))
+        hopper = _backward_family(p, s["cfg"], s["mma"], device) == "sm90"
+
+        def token_grads(kind, params):  # dq, dk or dv on the family of this backward
+            if hopper:
+                run.chunk_sm90({"bwd_dq": "RoleDQ", "bwd_dk": "RoleDK", "bwd_dv": "RoleDV"}[kind], params)
+            else:
+                run.chunk(kind, params)
+
+        def parts(kind):  # per-token partial dots q·dq, k·dk: one per output block
+            return p.DK // BWD_SM90_BLOCK if hopper else run.parts(kind)
+
         dq = _out(out, "dq", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
-        qdq = cp.empty((run.parts("bwd_dq"), BH, p.S), _F32)
-        run.chunk("bwd_dq", run.params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
+        qdq = cp.empty((parts("bwd_dq"), BH, p.S), _F32)
+        token_grads("bwd_dq", run.params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
         del C_states  # dq was its last reader (unless the forward keeps it)
 
         dC_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
@@ -483,10 +578,10 @@ def backward(ctx, dh, dC_last, *, out=None):
         run.states("bwd_dstates_kernel", run.params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0))
         dk = _out(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         dv = _out(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
-        kdk = cp.empty((run.parts("bwd_dk"), BH, p.S), _F32)
+        kdk = cp.empty((parts("bwd_dk"), BH, p.S), _F32)
         params = run.params(**common, m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=kdk)
-        run.chunk("bwd_dk", params)
-        run.chunk("bwd_dv", params)
+        token_grads("bwd_dk", params)
+        token_grads("bwd_dv", params)
         del dC_states
 
         di = _out(out, "di", lambda: cp.empty(p.seq_shape(), _F32))

@@ -45,7 +45,11 @@ FUSED_FWD = {"tfla::FusedFwdSmem::kL": 128, "tfla::FusedFwdSmem::kDK": 128, "tfl
              # its tensor-map argument (tfla_cupy/_tma.py: FUSED_MAPS_DTYPE)
              "sizeof(tfla::FusedMaps)": 448, "alignof(tfla::FusedMaps)": 64,
              # segments of long sequences (cuda_src/segments.cuh)
-             "tfla::kMaxSegments": 64}
+             "tfla::kMaxSegments": 64,
+             # its modes (the kernel's template argument)
+             "tfla::kFusedFull": 0, "tfla::kFusedSummary": 1, "tfla::kFusedStates": 2}
+FUSED_MODES = {"full": FUSED_FWD["tfla::kFusedFull"], "summary": FUSED_FWD["tfla::kFusedSummary"],
+               "states": FUSED_FWD["tfla::kFusedStates"]}
 FUSED_L = FUSED_FWD["tfla::FusedFwdSmem::kL"]
 FUSED_DK = FUSED_FWD["tfla::FusedFwdSmem::kDK"]
 FUSED_BV = FUSED_FWD["tfla::FusedFwdSmem::kBV"]
@@ -63,9 +67,32 @@ SEG_COMBINE_THREADS = THREADS["tfla::kSegCombineThreads"]
 SEGMENT_SUMMARY_COST = 0.3
 SEGMENT_FIXED_COST = 4.0
 
+#: The Hopper backward token-gradient kernel (cuda_src/bwd_chunks_sm90.cuh, struct BwdSm90Smem):
+#: the chunk size it is built for, its contraction and output blocks (head dims must be multiples
+#: of them), threads, copy-stream depth and dynamic shared memory, which grows with the contraction
+#: dimension DX (bwd_sm90_smem_bytes; checked against the C++ constants like FUSED_FWD).
+BWD_SM90 = {"tfla::BwdSm90Smem::kL": 128, "tfla::BwdSm90Smem::kBX": 64, "tfla::BwdSm90Smem::kBN": 64,
+            "tfla::BwdSm90Smem::kThreads": 128, "tfla::BwdSm90Smem::kStages": 4,
+            "tfla::BwdSm90Smem::bytes(0)": 72_704, "tfla::BwdSm90Smem::kXBlk": 8_192}
+BWD_SM90_L = BWD_SM90["tfla::BwdSm90Smem::kL"]
+BWD_SM90_BLOCK = BWD_SM90["tfla::BwdSm90Smem::kBN"]
+assert BWD_SM90["tfla::BwdSm90Smem::kBX"] == BWD_SM90_BLOCK
+BWD_SM90_THREADS = BWD_SM90["tfla::BwdSm90Smem::kThreads"]
+
+
+def bwd_sm90_smem_bytes(DX: int) -> int:
+    """Dynamic shared memory of the Hopper backward kernel for contraction dimension DX (mirrors
+    tfla::BwdSm90Smem::bytes: the fixed carve, then the resident 64 × DX rows of X)."""
+    return BWD_SM90["tfla::BwdSm90Smem::bytes(0)"] + DX // BWD_SM90_BLOCK * BWD_SM90["tfla::BwdSm90Smem::kXBlk"]
+
+
+#: The three roles of the backward chunk product (C++ tfla::RoleDQ / RoleDK / RoleDV).
+BWD_ROLES = ("RoleDQ", "RoleDK", "RoleDV")
+
 #: Kernel families: "sm80" (mma.sync, every GPU from compute capability 8.0; the fallback),
-#: "sm90" (Hopper: wgmma, the chunk state on chip; forward only today), "auto" (sm90 where it
-#: covers the call, else sm80). The environment variable TFLA_CUPY_FAMILY overrides "auto".
+#: "sm90" (Hopper: wgmma; the fused forward with the chunk state on chip, and the backward's
+#: dq / dk / dv kernels), "auto" (sm90 where it covers the call, else sm80; the forward and the
+#: backward decide separately). The environment variable TFLA_CUPY_FAMILY overrides "auto".
 FAMILIES = ("auto", "sm80", "sm90")
 #: With packed sequences (which are not cut into segments) "auto" takes the fused forward when its
 #: grid has at least this many CTAs per SM. Measured on the H200 (bench/NOTES.md, 2026-12-02): one
@@ -117,6 +144,17 @@ def fused_fwd_unsupported(mma: str, DK: int, DV: int, L: int):
         return f"it is built for DK = {FUSED_DK}, got {DK}"
     if DV % FUSED_BV:
         return f"it needs DV a multiple of {FUSED_BV}, got {DV}"
+    return None
+
+
+def bwd_sm90_unsupported(mma: str, DK: int, DV: int, L: int):
+    """None when the Hopper backward kernels cover (mma, DK, DV, L), else the reason they do not."""
+    if mma not in ("MmaBF16", "MmaF16"):
+        return "it needs bfloat16 or float16 inputs (float32 and TF32 stay on the sm80 family)"
+    if L != BWD_SM90_L:
+        return f"its backward is built for chunk_size {BWD_SM90_L}, got {L}"
+    if DK % BWD_SM90_BLOCK or DV % BWD_SM90_BLOCK:
+        return f"its backward needs DK and DV multiples of {BWD_SM90_BLOCK}, got DK = {DK}, DV = {DV}"
     return None
 
 
@@ -265,10 +303,18 @@ def chunk_kernel(kind: str, mma: str, gate: str, tile: ChunkTile):
     return kernel_name(kind, f"tfla::{mma}", gate, tile.cpp())
 
 
-def fused_fwd_kernel(mma: str, gate: str, summary: bool = False):
-    """The fused Hopper forward; ``summary``: its pass-1 mode for segments (segment end states only)."""
+def fused_fwd_kernel(mma: str, gate: str, mode: str = "full"):
+    """The fused Hopper forward in one of FUSED_MODES: "full" (the forward), "summary" (pass 1 of
+    segments: segment end states only), "states" (the backward's recompute: chunk-boundary states
+    only)."""
     from ._loader import kernel_name
-    return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate, "true" if summary else "false")
+    return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate, str(FUSED_MODES[mode]))
+
+
+def bwd_chunk_sm90_kernel(mma: str, gate: str, role: str):
+    """The Hopper backward chunk product in one of BWD_ROLES (dq, dk or dv)."""
+    from ._loader import kernel_name
+    return kernel_name("bwd_chunk_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{role}")
 
 
 def segment_combine_kernel(gate: str):
@@ -341,7 +387,9 @@ def all_instantiations():
             if mma != "MmaTF32":
                 names += [step_kernel(mma, gate), step_nm_kernel(mma, gate)]
             if fused_fwd_unsupported(mma, FUSED_DK, FUSED_BV, FUSED_L) is None:
-                names += [fused_fwd_kernel(mma, gate), fused_fwd_kernel(mma, gate, summary=True)]
+                names += [fused_fwd_kernel(mma, gate, mode) for mode in FUSED_MODES]
+            if bwd_sm90_unsupported(mma, BWD_SM90_BLOCK, BWD_SM90_BLOCK, BWD_SM90_L) is None:
+                names += [bwd_chunk_sm90_kernel(mma, gate, role) for role in BWD_ROLES]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
                           segment_combine_kernel(gate)]

@@ -1,0 +1,325 @@
+// tfla_cupy — the Hopper (sm_90a) backward token gradients dq, dk, dv (docs/math.md §6.3): the
+// product of chunk_mainloop.cuh,
+//
+//     acc = diag(row_scale) · X · D  +  (W ⊙ (X · Yᵀ)) · Z,   W[r][u] = exp2(row_log[r] + col_log[u])
+//
+// in its three backward roles (RoleDQ, RoleDK, RoleDV: which tensors X, Y, Z, D are, the direction
+// of the triangle), with the same gate terms (causal_terms / anticausal_terms), on warpgroup MMA.
+//
+// A CTA is one warpgroup: 64 rows r0 .. r0 + 63 of a chunk (L = 128; r0 = 0 or 64) and every output
+// column. Its tiles arrive as one stream of cp.async copies, kStages deep, into the 128-byte
+// swizzled layout wgmma reads (rows past a ragged chunk's end zero-filled):
+//   phase 1, per 64-column block b of the contraction dimension DX:  Y_b (the key rows the
+//            triangle reaches; X_b goes to a resident copy of the CTA's X rows)
+//            S_h += X_b · Y_bᵀ     the score halves h (keys 64h .. 64h + 63) the triangle reaches:
+//                                  causal h <= r0 / 64, anti-causal h >= r0 / 64
+//            then P = W ⊙ S masked, as A fragments in registers (S is dead after it);
+//   phase 2, per 64-column output block n of Z:  D_{n,b} for every b, then Z_n
+//            acc (+)= X_b · D_{n,b}    inter-chunk term (D K-major or MN-major as the role stores it)
+//            acc ← row_scale ⊙ acc,  acc += P · Z_n   (wgmma, A from registers, B = Z_n MN-major)
+//            and the output block's 64 columns (for dq / dk also their row dots q·dq / k·dk, one
+//            part per block) leave.
+// So the scores and the gate terms are formed once per half chunk, not once per output block.
+// One warpgroup per CTA leaves it the registers of two score halves; two CTAs per SM (DX <= 256)
+// overlap one's gate preparation and epilogue with the other's products. Shapes it does not
+// cover use the sm80 kernels (tfla_cupy/config.py: bwd_sm90_unsupported).
+#pragma once
+#include "bwd_chunks.cuh"
+#include "wgmma.cuh"
+
+namespace tfla {
+
+// Shared-memory carve (bytes from a 1024-aligned base): the row terms (64 rows) and gate vectors (L),
+// kStages stream slots of 16 KB (a Y_b or Z_n tile: L rows × 128 bytes; a D tile: 64 rows), then
+// the resident X rows (DX / 64 blocks of 64 rows × 128 bytes).
+struct BwdSm90Smem {
+  static constexpr int kL = 128, kBM = 64, kBX = 64, kBN = 64, kThreads = 128, kStages = 4;
+  static constexpr int kRows = kBM;  // the gate preparation's view: rows per CTA
+  static constexpr int kRowLog = 0, kRowD = kRowLog + 8 * kBM, kRowScale = kRowD + 8 * kBM,
+                       kLam = kRowScale + 4 * kBM, kIota = kLam + 8 * kL, kScan = kIota + 8 * kL,
+                       kColLog = kScan + 8 * kL, kGatesEnd = kColLog + 8 * kL;
+  static constexpr int kSlot = kL * 128, kXBlk = kBM * 128;
+  static constexpr int kStream = (kGatesEnd + 1023) / 1024 * 1024, kX = kStream + kStages * kSlot;
+  // dynamic shared memory for a contraction dimension DX: the carve plus alignment slack
+  __host__ __device__ static constexpr int bytes(int DX) { return kX + (DX / kBX) * kXBlk + 1024; }
+  static_assert(kBX * 2 == 128 && kBN * 2 == 128, "blocks are whole 128-byte swizzle rows");
+  static_assert(kThreads == 128 && kBM == 64 && kL == 2 * kBM, "one warpgroup, half a chunk");
+
+  char* base;
+  __device__ BwdSm90Smem() {
+    char* b = dynamic_smem();
+    base = b + ((1024 - (smem_addr(b) & 1023)) & 1023);
+  }
+  template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
+  __device__ __forceinline__ char* slot(int i) const { return base + kStream + (i % kStages) * kSlot; }
+  __device__ __forceinline__ char* x(int b) const { return base + kX + b * kXBlk; }
+  __device__ __forceinline__ float2* row_log() const { return at<float2>(kRowLog); }
+  __device__ __forceinline__ double* row_d() const { return at<double>(kRowD); }
+  __device__ __forceinline__ float* row_scale() const { return at<float>(kRowScale); }
+  __device__ __forceinline__ double* lam() const { return at<double>(kLam); }
+  __device__ __forceinline__ double* iota() const { return at<double>(kIota); }
+  __device__ __forceinline__ double* scan() const { return at<double>(kScan); }
+  __device__ __forceinline__ float2* col_log() const { return at<float2>(kColLog); }
+};
+
+// cp.async `rows` rows of 64 16-bit elements (row r at g + r·ld) into a 128-byte swizzled tile;
+// rows at or past `valid` are zero-filled (none is read when valid <= 0). One warpgroup.
+template <typename T>
+__device__ __forceinline__ void load_sw128_async(char* s, const T* g, i64 ld, int rows, int valid) {
+#pragma unroll 4
+  for (int idx = threadIdx.x; idx < rows * 8; idx += BwdSm90Smem::kThreads) {
+    const int r = idx >> 3, c = 8 * (idx & 7);
+    const bool ok = r < valid;
+    cp_async16(s + sw128_offset(r, c), ok ? g + r * ld + c : g, ok);  // (g itself is never read when !ok)
+  }
+}
+
+// Score half h (keys 64h .. 64h + 63) of one thread's rows -> the A fragments P[4h .. 4h + 3]:
+// W ⊙ S where the triangle (u <= r causal, u >= r anti-causal) and the chunk (u < Lc) keep it.
+template <typename T, bool kCausal, int h>
+__device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* col_log, float2 rl_lo, float2 rl_hi,
+                                           int row_lo, int row_hi, int t, int Lc, u32 (&P)[8][4]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    float w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = (e & 2) ? row_hi : row_lo, u = 64 * h + 8 * j + 2 * t + (e & 1);
+      const bool keep = u < Lc && (kCausal ? u <= r : u >= r);
+      w[e] = keep ? exp2f(add_split((e & 2) ? rl_hi : rl_lo, col_log[u])) * S[4 * j + e] : 0.f;
+    }
+    const int kk = 4 * h + (j >> 1), hh = (j & 1) * 2;
+    P[kk][hh] = pack2<T>(w[0], w[1]);
+    P[kk][hh + 1] = pack2<T>(w[2], w[3]);
+  }
+}
+
+// The score halves of one contraction block: S_h += X_b · Y_bᵀ (x: the CTA's 64 rows of X_b, y: Y_b,
+// key rows 64h .. at y + 64h·128); `on`: false for the first block (the products overwrite).
+template <typename T, bool kHalf0, bool kHalf1>
+__device__ __forceinline__ void bwd_score_products(float (&S0)[32], float (&S1)[32], const char* x, const char* y,
+                                                   bool on) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int acc_on = on || kk > 0;
+    const u64 da = sw128_desc(x + 32 * kk);
+    if constexpr (kHalf0) wgmma_ss<T, 0, 0>(S0, da, sw128_desc(y + 32 * kk), acc_on);
+    if constexpr (kHalf1) wgmma_ss<T, 0, 0>(S1, da, sw128_desc(y + 64 * 128 + 32 * kk), acc_on);
+  }
+}
+
+// acc (+)= X_b · D_b for one 64 × 64 block of D (K-major [z][x] or MN-major [x][z] as the role stores it).
+template <typename T, bool kDStoredZX>
+__device__ __forceinline__ void bwd_inter_products(float (&acc)[32], const char* x, const char* d, bool on) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int acc_on = on || kk > 0;
+    const u64 da = sw128_desc(x + 32 * kk);
+    if constexpr (kDStoredZX) {
+      wgmma_ss<T, 0, 0>(acc, da, sw128_desc(d + 32 * kk), acc_on);
+    } else {
+      wgmma_ss<T, 0, 1>(acc, da, sw128_desc_mn(d + 2048 * kk, 1024), acc_on);
+    }
+  }
+}
+
+// acc += P[k0 .. k1) · Z rows 16 k0 .. 16 k1 (Z MN-major: rows are keys).
+template <typename T, int k0, int k1>
+__device__ __forceinline__ void bwd_pz_products(float (&acc)[32], const u32 (&P)[8][4], const char* z) {
+#pragma unroll
+  for (int kk = k0; kk < k1; ++kk) wgmma_rs<T, 1>(acc, P[kk], sw128_desc_mn(z + 2048 * kk, 1024), 1);
+}
+
+// Grid: 2 row halves × NC chunk slots × B·NH, flattened, row halves fastest.
+template <typename T, typename Gate, typename Role>
+__global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kernel(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Sm = BwdSm90Smem;
+  constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
+  constexpr bool kDQ = is_same<Role, RoleDQ>::value, kDK = is_same<Role, RoleDK>::value;
+  static_assert(kDQ || kDK || is_same<Role, RoleDV>::value, "a backward role");
+  constexpr int BM = Sm::kBM, kStages = Sm::kStages;
+  const int DX = kDQ || kDK ? p.DV : p.DK, DZ = kDQ || kDK ? p.DK : p.DV;
+  const int nXb = DX / Sm::kBX, nN = DZ / Sm::kBN, ntiles = nXb + nN * (nXb + 1);
+  const int rt = blockIdx.x & 1, r0 = BM * rt;
+  const ChunkAt at(p, (blockIdx.x >> 1) % p.NC, (blockIdx.x >> 1) / p.NC);
+  const int Lc = at.Lc;
+  if (r0 >= Lc) return;  // past a ragged chunk's end, or a surplus slot of packed input
+  const Sm sm;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row_lo = 16 * warp + g, row_hi = row_lo + 8;  // this thread's rows (positions r0 + row)
+  // the score halves the triangle reaches from these rows, and the key rows they need
+  const int h_lo = kCausal ? 0 : rt, h_hi = kCausal ? rt : 1;
+  const int key_lo = 64 * h_lo, keys = 64 * (h_hi + 1) - key_lo, keys_valid = min(keys, Lc - key_lo);
+
+  // the role's operands (chunk_mainloop.cuh's table), each at the chunk's first token
+  const T *X, *Y, *Z;
+  i64 ldX, ldY, ldZ;
+  if constexpr (kDQ) {
+    X = ptr<T>(p.dh) + at.tok(p.st_dh, 0), ldX = p.st_dh.t;
+    Y = ptr<T>(p.v) + at.tok(p.st_v, 0), ldY = p.st_v.t;
+    Z = ptr<T>(p.k) + at.tok(p.st_k, 0), ldZ = p.st_k.t;
+  } else if constexpr (kDK) {
+    X = ptr<T>(p.v) + at.tok(p.st_v, 0), ldX = p.st_v.t;
+    Y = ptr<T>(p.dh) + at.tok(p.st_dh, 0), ldY = p.st_dh.t;
+    Z = ptr<T>(p.q) + at.tok(p.st_q, 0), ldZ = p.st_q.t;
+  } else {
+    X = ptr<T>(p.k) + at.tok(p.st_k, 0), ldX = p.st_k.t;
+    Y = ptr<T>(p.q) + at.tok(p.st_q, 0), ldY = p.st_q.t;
+    Z = ptr<T>(p.dh) + at.tok(p.st_dh, 0), ldZ = p.st_dh.t;
+  }
+  const T* D = ptr<T>(kDQ ? p.C_states : p.dC_states) + at.slot(p) * p.DK * p.DV;
+  // tile i of the stream (the header's order) into slot i % kStages; past the end, nothing
+  auto issue = [&](int i) {
+    if (i >= ntiles) return;
+    char* slot = sm.slot(i);
+    if (i < nXb) {
+      load_sw128_async<T>(sm.x(i), X + r0 * ldX + i * Sm::kBX, ldX, BM, Lc - r0);
+      load_sw128_async<T>(slot + key_lo * 128, Y + key_lo * ldY + i * Sm::kBX, ldY, keys, keys_valid);
+      return;
+    }
+    const int j = i - nXb, n = j / (nXb + 1), b = j % (nXb + 1), n0 = n * Sm::kBN, x0 = b * Sm::kBX;
+    if (b == nXb) {
+      load_sw128_async<T>(slot + key_lo * 128, Z + key_lo * ldZ + n0, ldZ, keys, keys_valid);
+    } else if constexpr (kDStoredZX) {  // D[z][x]: rows n0 .., K-major B
+      load_sw128_async<T>(slot, D + i64(n0) * DX + x0, DX, Sm::kBX, Sm::kBX);
+    } else {                            // D[x][z]: rows x0 .., MN-major B
+      load_sw128_async<T>(slot, D + i64(x0) * DZ + n0, DZ, Sm::kBX, Sm::kBX);
+    }
+  };
+  // the first kStages − 1 tiles are in flight during the gate preparation
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue(i);
+    cp_async_commit();
+  }
+  if constexpr (kCausal) {
+    causal_terms<Gate>(p, sm, at, r0);
+  } else {
+    anticausal_terms<Gate>(p, sm, at, r0);
+  }
+
+  const bool both = h_lo != h_hi;
+  const bool ok_lo = r0 + row_lo < Lc, ok_hi = r0 + row_hi < Lc;
+  // the next tile of the stream has landed for every thread, and the slot of the one before is free
+  auto next_tile = [&](int i) {
+    cp_async_wait<kStages - 2>();
+    fence_async_smem();
+    __syncthreads();
+    issue(i + kStages - 1);
+    cp_async_commit();
+  };
+
+  // ---- phase 1: scores, then P = W ⊙ S --------------------------------------------------------------
+  u32 P[8][4];
+  {
+    float S0[32], S1[32];
+#pragma unroll
+    for (int e = 0; e < 32; ++e) S0[e] = S1[e] = 0.f;
+    for (int i = 0; i < nXb; ++i) {
+      next_tile(i);
+      fence_regs(S0);
+      fence_regs(S1);
+      wgmma_fence();
+      // one straight wgmma sequence per case (a branch inside it would make ptxas fence each product)
+      if (both) {
+        bwd_score_products<T, true, true>(S0, S1, sm.x(i), sm.slot(i), i > 0);
+      } else if (h_lo == 0) {
+        bwd_score_products<T, true, false>(S0, S1, sm.x(i), sm.slot(i), i > 0);
+      } else {
+        bwd_score_products<T, false, true>(S0, S1, sm.x(i), sm.slot(i), i > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(S0);
+      fence_regs(S1);
+    }
+    const float2 rl_lo = sm.row_log()[row_lo], rl_hi = sm.row_log()[row_hi];
+    if (h_lo == 0) bwd_p_half<T, kCausal, 0>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+    if (h_hi == 1) bwd_p_half<T, kCausal, 1>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+  }
+
+  // ---- phase 2: output blocks ----------------------------------------------------------------------
+  const float sc_lo = sm.row_scale()[row_lo], sc_hi = sm.row_scale()[row_hi];
+  T* out;
+  i64 ldo;
+  if constexpr (kDQ) {
+    out = ptr<T>(p.dq) + at.tok(p.st_dq, r0), ldo = p.st_dq.t;
+  } else if constexpr (kDK) {
+    out = ptr<T>(p.dk) + at.tok(p.st_dk, r0), ldo = p.st_dk.t;
+  } else {
+    out = ptr<T>(p.dv) + at.tok(p.st_dv, r0), ldo = p.st_dv.t;
+  }
+  // dq / dk: the rows of q (k) whose dots with the output rows the gate gradients need
+  const T* src = kDQ ? ptr<T>(p.q) + at.tok(p.st_q, r0) : ptr<T>(p.k) + at.tok(p.st_k, r0);
+  const i64 lds = kDQ ? p.st_q.t : p.st_k.t;
+  for (int n = 0; n < nN; ++n) {
+    const int n0 = n * Sm::kBN, i0 = nXb + n * (nXb + 1);
+    float acc[32];
+    for (int b = 0; b < nXb; ++b) {  // acc = X · D_n
+      next_tile(i0 + b);
+      fence_regs(acc);
+      wgmma_fence();
+      bwd_inter_products<T, kDStoredZX>(acc, sm.x(b), sm.slot(i0 + b), b > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc);
+    }
+    // the dot rows of this block, in flight during the last product
+    u32 xs[8][2] = {};
+    if constexpr (kDQ || kDK) {
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        if (ok_lo) xs[jj][0] = *reinterpret_cast<const u32*>(src + row_lo * lds + n0 + 8 * jj + 2 * t);
+        if (ok_hi) xs[jj][1] = *reinterpret_cast<const u32*>(src + row_hi * lds + n0 + 8 * jj + 2 * t);
+      }
+    }
+    next_tile(i0 + nXb);  // Z_n
+#pragma unroll
+    for (int e = 0; e < 32; ++e) acc[e] *= (e & 2) ? sc_hi : sc_lo;
+    fence_regs(acc);
+    fence_regs(P);
+    wgmma_fence();
+    if (both) {
+      bwd_pz_products<T, 0, 8>(acc, P, sm.slot(i0 + nXb));
+    } else if (h_lo == 0) {
+      bwd_pz_products<T, 0, 4>(acc, P, sm.slot(i0 + nXb));
+    } else {
+      bwd_pz_products<T, 4, 8>(acc, P, sm.slot(i0 + nXb));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc);
+    fence_regs(P);
+
+    // the block's 64 columns of dq / dk / dv, and the row dots of dq / dk
+    T* o = out + n0 + 2 * t;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      if (ok_lo) store2(o + row_lo * ldo + 8 * jj, acc[4 * jj], acc[4 * jj + 1]);
+      if (ok_hi) store2(o + row_hi * ldo + 8 * jj, acc[4 * jj + 2], acc[4 * jj + 3]);
+    }
+    if constexpr (kDQ || kDK) {
+      // Σ over the block's columns of dq·q (dk·k), per row: the quad's four threads cover them
+      float dot_lo = 0.f, dot_hi = 0.f;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const T* lo = reinterpret_cast<const T*>(&xs[jj][0]);
+        const T* hi = reinterpret_cast<const T*>(&xs[jj][1]);
+        dot_lo += acc[4 * jj] * to_float(lo[0]) + acc[4 * jj + 1] * to_float(lo[1]);
+        dot_hi += acc[4 * jj + 2] * to_float(hi[0]) + acc[4 * jj + 3] * to_float(hi[1]);
+      }
+      dot_lo = quad_sum(dot_lo);
+      dot_hi = quad_sum(dot_hi);
+      float* dots = (kDQ ? p.qdq : p.kdk) + i64(n) * p.BH * p.S;
+      if (t == 0 && ok_lo) dots[at.scratch_tok(p, r0 + row_lo)] = dot_lo;
+      if (t == 0 && ok_hi) dots[at.scratch_tok(p, r0 + row_hi)] = dot_hi;
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace tfla
