@@ -7,21 +7,22 @@
 // of the triangle), with the same gate terms (causal_terms / anticausal_terms), on warpgroup MMA.
 //
 // A CTA is one warpgroup: 64 rows r0 .. r0 + 63 of a chunk (L = 128; r0 = 0 or 64) and every output
-// column. Its tiles arrive as one stream of cp.async copies, kStages deep, into the 128-byte
-// swizzled layout wgmma reads (rows past a ragged chunk's end zero-filled):
-//   phase 1, per 64-column block b of the contraction dimension DX:  Y_b (the key rows the
-//            triangle reaches; X_b goes to a resident copy of the CTA's X rows)
-//            S_h += X_b · Y_bᵀ     the score halves h (keys 64h .. 64h + 63) the triangle reaches:
-//                                  causal h <= r0 / 64, anti-causal h >= r0 / 64
+// column. Its tiles (64 rows × 64 columns) arrive as one stream of cp.async copies, kStages deep,
+// into the 128-byte swizzled layout wgmma reads (rows past a ragged chunk's end zero-filled). The
+// triangle reaches the key halves h (keys 64h .. 64h + 63) with causal h <= r0 / 64, anti-causal
+// h >= r0 / 64; then
+//   phase 1, per 64-column block b of the contraction dimension DX and reached half h:  Y_{b,h}
+//            (with the first half, X_b into a resident copy of the CTA's X rows)
+//            S_h += X_b · Y_{b,h}ᵀ
 //            then P = W ⊙ S masked, as A fragments in registers (S is dead after it);
-//   phase 2, per 64-column output block n of Z:  D_{n,b} for every b, then Z_n
+//   phase 2, per 64-column output block n of Z:  D_{n,b} for every b, then Z_{n,h} per reached half
 //            acc (+)= X_b · D_{n,b}    inter-chunk term (D K-major or MN-major as the role stores it)
-//            acc ← row_scale ⊙ acc,  acc += P · Z_n   (wgmma, A from registers, B = Z_n MN-major)
+//            acc ← row_scale ⊙ acc,  acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major)
 //            and the output block's 64 columns (for dq / dk also their row dots q·dq / k·dk, one
 //            part per block) leave.
 // So the scores and the gate terms are formed once per half chunk, not once per output block.
-// One warpgroup per CTA leaves it the registers of two score halves; two CTAs per SM (DX <= 256)
-// overlap one's gate preparation and epilogue with the other's products. Shapes it does not
+// One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256)
+// overlap one's gate preparation and epilogue with the others' products. Shapes it does not
 // cover use the sm80 kernels (tfla_cupy/config.py: bwd_sm90_unsupported).
 #pragma once
 #include "bwd_chunks.cuh"
@@ -30,15 +31,15 @@
 namespace tfla {
 
 // Shared-memory carve (bytes from a 1024-aligned base): the row terms (64 rows) and gate vectors (L),
-// kStages stream slots of 16 KB (a Y_b or Z_n tile: L rows × 128 bytes; a D tile: 64 rows), then
-// the resident X rows (DX / 64 blocks of 64 rows × 128 bytes).
+// kStages stream slots of 8 KB (a tile: 64 rows × 128 bytes), then the resident X rows (DX / 64
+// blocks of 64 rows × 128 bytes).
 struct BwdSm90Smem {
   static constexpr int kL = 128, kBM = 64, kBX = 64, kBN = 64, kThreads = 128, kStages = 4;
   static constexpr int kRows = kBM;  // the gate preparation's view: rows per CTA
   static constexpr int kRowLog = 0, kRowD = kRowLog + 8 * kBM, kRowScale = kRowD + 8 * kBM,
                        kLam = kRowScale + 4 * kBM, kIota = kLam + 8 * kL, kScan = kIota + 8 * kL,
                        kColLog = kScan + 8 * kL, kGatesEnd = kColLog + 8 * kL;
-  static constexpr int kSlot = kL * 128, kXBlk = kBM * 128;
+  static constexpr int kSlot = 64 * 128, kXBlk = kBM * 128;
   static constexpr int kStream = (kGatesEnd + 1023) / 1024 * 1024, kX = kStream + kStages * kSlot;
   // dynamic shared memory for a contraction dimension DX: the carve plus alignment slack
   __host__ __device__ static constexpr int bytes(int DX) { return kX + (DX / kBX) * kXBlk + 1024; }
@@ -94,18 +95,12 @@ __device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* c
   }
 }
 
-// The score halves of one contraction block: S_h += X_b · Y_bᵀ (x: the CTA's 64 rows of X_b, y: Y_b,
-// key rows 64h .. at y + 64h·128); `on`: false for the first block (the products overwrite).
-template <typename T, bool kHalf0, bool kHalf1>
-__device__ __forceinline__ void bwd_score_products(float (&S0)[32], float (&S1)[32], const char* x, const char* y,
-                                                   bool on) {
+// One score half of one contraction block: S_h (+)= X_b · Y_{b,h}ᵀ (x: the CTA's 64 rows of X_b, y: the
+// half's 64 key rows); `on`: false for the first block (the products overwrite).
+template <typename T>
+__device__ __forceinline__ void bwd_score_products(float (&S)[32], const char* x, const char* y, bool on) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const int acc_on = on || kk > 0;
-    const u64 da = sw128_desc(x + 32 * kk);
-    if constexpr (kHalf0) wgmma_ss<T, 0, 0>(S0, da, sw128_desc(y + 32 * kk), acc_on);
-    if constexpr (kHalf1) wgmma_ss<T, 0, 0>(S1, da, sw128_desc(y + 64 * 128 + 32 * kk), acc_on);
-  }
+  for (int kk = 0; kk < 4; ++kk) wgmma_ss<T, 0, 0>(S, sw128_desc(x + 32 * kk), sw128_desc(y + 32 * kk), on || kk > 0);
 }
 
 // acc (+)= X_b · D_b for one 64 × 64 block of D (K-major [z][x] or MN-major [x][z] as the role stores it).
@@ -123,16 +118,16 @@ __device__ __forceinline__ void bwd_inter_products(float (&acc)[32], const char*
   }
 }
 
-// acc += P[k0 .. k1) · Z rows 16 k0 .. 16 k1 (Z MN-major: rows are keys).
-template <typename T, int k0, int k1>
+// acc += P_h · Z_h: the A fragments of key half h (P[4h .. 4h + 3]) times its 64 rows of Z (MN-major).
+template <typename T, int h>
 __device__ __forceinline__ void bwd_pz_products(float (&acc)[32], const u32 (&P)[8][4], const char* z) {
 #pragma unroll
-  for (int kk = k0; kk < k1; ++kk) wgmma_rs<T, 1>(acc, P[kk], sw128_desc_mn(z + 2048 * kk, 1024), 1);
+  for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, 1>(acc, P[4 * h + kk], sw128_desc_mn(z + 2048 * kk, 1024), 1);
 }
 
 // Grid: 2 row halves × NC chunk slots × B·NH, flattened, row halves fastest.
 template <typename T, typename Gate, typename Role>
-__global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kernel(const Params p) {
+__global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kernel(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Sm = BwdSm90Smem;
   constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
@@ -140,7 +135,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
   static_assert(kDQ || kDK || is_same<Role, RoleDV>::value, "a backward role");
   constexpr int BM = Sm::kBM, kStages = Sm::kStages;
   const int DX = kDQ || kDK ? p.DV : p.DK, DZ = kDQ || kDK ? p.DK : p.DV;
-  const int nXb = DX / Sm::kBX, nN = DZ / Sm::kBN, ntiles = nXb + nN * (nXb + 1);
+  const int nXb = DX / Sm::kBX, nN = DZ / Sm::kBN;
   const int rt = blockIdx.x & 1, r0 = BM * rt;
   const ChunkAt at(p, (blockIdx.x >> 1) % p.NC, (blockIdx.x >> 1) / p.NC);
   const int Lc = at.Lc;
@@ -150,8 +145,8 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
   const int g = lane >> 2, t = lane & 3;
   const int row_lo = 16 * warp + g, row_hi = row_lo + 8;  // this thread's rows (positions r0 + row)
   // the score halves the triangle reaches from these rows, and the key rows they need
-  const int h_lo = kCausal ? 0 : rt, h_hi = kCausal ? rt : 1;
-  const int key_lo = 64 * h_lo, keys = 64 * (h_hi + 1) - key_lo, keys_valid = min(keys, Lc - key_lo);
+  const int h_lo = kCausal ? 0 : rt, h_hi = kCausal ? rt : 1, nh = h_hi - h_lo + 1;
+  const int n1 = nXb * nh, per_n = nXb + nh, ntiles = n1 + nN * per_n;  // the stream: phase 1, then per block n
 
   // the role's operands (chunk_mainloop.cuh's table), each at the chunk's first token
   const T *X, *Y, *Z;
@@ -174,14 +169,16 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
   auto issue = [&](int i) {
     if (i >= ntiles) return;
     char* slot = sm.slot(i);
-    if (i < nXb) {
-      load_sw128_async<T>(sm.x(i), X + r0 * ldX + i * Sm::kBX, ldX, BM, Lc - r0);
-      load_sw128_async<T>(slot + key_lo * 128, Y + key_lo * ldY + i * Sm::kBX, ldY, keys, keys_valid);
+    if (i < n1) {  // Y_{b,h}, with X_b before the first half
+      const int b = i / nh, h = h_lo + i % nh, x0 = b * Sm::kBX;
+      if (h == h_lo) load_sw128_async<T>(sm.x(b), X + r0 * ldX + x0, ldX, BM, Lc - r0);
+      load_sw128_async<T>(slot, Y + (64 * h) * ldY + x0, ldY, 64, Lc - 64 * h);
       return;
     }
-    const int j = i - nXb, n = j / (nXb + 1), b = j % (nXb + 1), n0 = n * Sm::kBN, x0 = b * Sm::kBX;
-    if (b == nXb) {
-      load_sw128_async<T>(slot + key_lo * 128, Z + key_lo * ldZ + n0, ldZ, keys, keys_valid);
+    const int j = i - n1, n = j / per_n, b = j % per_n, n0 = n * Sm::kBN, x0 = b * Sm::kBX;
+    if (b >= nXb) {  // Z_{n,h}
+      const int h = h_lo + b - nXb;
+      load_sw128_async<T>(slot, Z + (64 * h) * ldZ + n0, ldZ, 64, Lc - 64 * h);
     } else if constexpr (kDStoredZX) {  // D[z][x]: rows n0 .., K-major B
       load_sw128_async<T>(slot, D + i64(n0) * DX + x0, DX, Sm::kBX, Sm::kBX);
     } else {                            // D[x][z]: rows x0 .., MN-major B
@@ -200,7 +197,6 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
     anticausal_terms<Gate>(p, sm, at, r0);
   }
 
-  const bool both = h_lo != h_hi;
   const bool ok_lo = r0 + row_lo < Lc, ok_hi = r0 + row_hi < Lc;
   // the next tile of the stream has landed for every thread, and the slot of the one before is free
   auto next_tile = [&](int i) {
@@ -217,18 +213,16 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
     float S0[32], S1[32];
 #pragma unroll
     for (int e = 0; e < 32; ++e) S0[e] = S1[e] = 0.f;
-    for (int i = 0; i < nXb; ++i) {
+    for (int i = 0; i < n1; ++i) {
       next_tile(i);
+      const int b = i / nh, h = h_lo + i % nh;
       fence_regs(S0);
       fence_regs(S1);
       wgmma_fence();
-      // one straight wgmma sequence per case (a branch inside it would make ptxas fence each product)
-      if (both) {
-        bwd_score_products<T, true, true>(S0, S1, sm.x(i), sm.slot(i), i > 0);
-      } else if (h_lo == 0) {
-        bwd_score_products<T, true, false>(S0, S1, sm.x(i), sm.slot(i), i > 0);
+      if (h == 0) {
+        bwd_score_products<T>(S0, sm.x(b), sm.slot(i), b > 0);
       } else {
-        bwd_score_products<T, false, true>(S0, S1, sm.x(i), sm.slot(i), i > 0);
+        bwd_score_products<T>(S1, sm.x(b), sm.slot(i), b > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -255,7 +249,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
   const T* src = kDQ ? ptr<T>(p.q) + at.tok(p.st_q, r0) : ptr<T>(p.k) + at.tok(p.st_k, r0);
   const i64 lds = kDQ ? p.st_q.t : p.st_k.t;
   for (int n = 0; n < nN; ++n) {
-    const int n0 = n * Sm::kBN, i0 = nXb + n * (nXb + 1);
+    const int n0 = n * Sm::kBN, i0 = n1 + n * per_n;
     float acc[32];
     for (int b = 0; b < nXb; ++b) {  // acc = X · D_n
       next_tile(i0 + b);
@@ -266,7 +260,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
       wgmma_wait<0>();
       fence_regs(acc);
     }
-    // the dot rows of this block, in flight during the last product
+    // the dot rows of this block, in flight during the products with Z
     u32 xs[8][2] = {};
     if constexpr (kDQ || kDK) {
 #pragma unroll
@@ -275,23 +269,23 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 2) bwd_chunk_sm90_kerne
         if (ok_hi) xs[jj][1] = *reinterpret_cast<const u32*>(src + row_hi * lds + n0 + 8 * jj + 2 * t);
       }
     }
-    next_tile(i0 + nXb);  // Z_n
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[e] *= (e & 2) ? sc_hi : sc_lo;
-    fence_regs(acc);
-    fence_regs(P);
-    wgmma_fence();
-    if (both) {
-      bwd_pz_products<T, 0, 8>(acc, P, sm.slot(i0 + nXb));
-    } else if (h_lo == 0) {
-      bwd_pz_products<T, 0, 4>(acc, P, sm.slot(i0 + nXb));
-    } else {
-      bwd_pz_products<T, 4, 8>(acc, P, sm.slot(i0 + nXb));
+    for (int hh = 0; hh < nh; ++hh) {  // acc += P_h · Z_{n,h}
+      next_tile(i0 + nXb + hh);
+      fence_regs(acc);
+      fence_regs(P);
+      wgmma_fence();
+      if (h_lo + hh == 0) {
+        bwd_pz_products<T, 0>(acc, P, sm.slot(i0 + nXb + hh));
+      } else {
+        bwd_pz_products<T, 1>(acc, P, sm.slot(i0 + nXb + hh));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc);
+      fence_regs(P);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc);
-    fence_regs(P);
 
     // the block's 64 columns of dq / dk / dv, and the row dots of dq / dk
     T* o = out + n0 + 2 * t;
