@@ -18,8 +18,8 @@
 //   phase 2, per 64-column output block n of Z:  D_{n,b} for every b, then Z_{n,h} per reached half
 //            acc (+)= X_b · D_{n,b}    inter-chunk term (D K-major or MN-major as the role stores it)
 //            acc ← row_scale ⊙ acc,  acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major)
-//            and the output block's 64 columns (for dq / dk also their row dots q·dq / k·dk, one
-//            part per block) leave.
+//            and the output block's 64 columns leave; dq / dk also add the block's columns to
+//            their row dots q·dq / k·dk (one part: the CTA owns every column).
 // So the scores and the gate terms are formed once per half chunk, not once per output block.
 // One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256)
 // overlap one's gate preparation and epilogue with the others' products. Shapes it does not
@@ -248,6 +248,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
   // dq / dk: the rows of q (k) whose dots with the output rows the gate gradients need
   const T* src = kDQ ? ptr<T>(p.q) + at.tok(p.st_q, r0) : ptr<T>(p.k) + at.tok(p.st_k, r0);
   const i64 lds = kDQ ? p.st_q.t : p.st_k.t;
+  float dot_lo = 0.f, dot_hi = 0.f;  // dq / dk: Σ over every output block of dq·q (dk·k), per row
   for (int n = 0; n < nN; ++n) {
     const int n0 = n * Sm::kBN, i0 = n1 + n * per_n;
     float acc[32];
@@ -294,9 +295,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
       if (ok_lo) store2(o + row_lo * ldo + 8 * jj, acc[4 * jj], acc[4 * jj + 1]);
       if (ok_hi) store2(o + row_hi * ldo + 8 * jj, acc[4 * jj + 2], acc[4 * jj + 3]);
     }
-    if constexpr (kDQ || kDK) {
-      // Σ over the block's columns of dq·q (dk·k), per row: the quad's four threads cover them
-      float dot_lo = 0.f, dot_hi = 0.f;
+    if constexpr (kDQ || kDK) {  // the block's columns of the row dots (this thread's eight pairs)
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
         const T* lo = reinterpret_cast<const T*>(&xs[jj][0]);
@@ -304,12 +303,14 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
         dot_lo += acc[4 * jj] * to_float(lo[0]) + acc[4 * jj + 1] * to_float(lo[1]);
         dot_hi += acc[4 * jj + 2] * to_float(hi[0]) + acc[4 * jj + 3] * to_float(hi[1]);
       }
-      dot_lo = quad_sum(dot_lo);
-      dot_hi = quad_sum(dot_hi);
-      float* dots = (kDQ ? p.qdq : p.kdk) + i64(n) * p.BH * p.S;
-      if (t == 0 && ok_lo) dots[at.scratch_tok(p, r0 + row_lo)] = dot_lo;
-      if (t == 0 && ok_hi) dots[at.scratch_tok(p, r0 + row_hi)] = dot_hi;
     }
+  }
+  if constexpr (kDQ || kDK) {  // the quad's four threads hold a row's columns: one part per row
+    dot_lo = quad_sum(dot_lo);
+    dot_hi = quad_sum(dot_hi);
+    float* dots = kDQ ? p.qdq : p.kdk;
+    if (t == 0 && ok_lo) dots[at.scratch_tok(p, r0 + row_lo)] = dot_lo;
+    if (t == 0 && ok_hi) dots[at.scratch_tok(p, r0 + row_hi)] = dot_hi;
   }
 #else
   __trap();

@@ -202,7 +202,7 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     fused forward — one CTA per (DV block, sequence, head), its thread count and shared memory
     from config.FUSED_FWD, bshd views in place, no chunk states unless kept — and the backward
     recomputes the states with the sm80 family (unless kept), then takes dq, dk, dv from the Hopper chunk kernel
-    (one CTA per half chunk, chunk slot and head; one q·dq / k·dk part per 64 columns of DK)."""
+    (one CTA per half chunk, chunk slot and head, owning every output column: one q·dq / k·dk part)."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
@@ -254,7 +254,7 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
             assert (grid, block, smem) == (2 * NC * NH, config.BWD_SM90_THREADS, config.bwd_sm90_smem_bytes(DX)), name
             assert int(p["gate_a"]) != 0 and int(p["seq_table"]) != 0
         gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
-        assert int(gates["qdq_parts"]) == int(gates["kdk_parts"]) == DK // 64
+        assert int(gates["qdq_parts"]) == int(gates["kdk_parts"]) == 1
     # without kept states the backward recomputes them with the fused kernel in "states" mode (stage
     # 0b first), into the C_states and m_states its dq kernel then reads
     launches.clear()

@@ -27,7 +27,7 @@ from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 import os
 
 from .config import (BWD_SM90_THREADS, bwd_chunk_sm90_kernel, bwd_sm90_smem_bytes, bwd_sm90_unsupported,
-                     BWD_SM90_BLOCK, ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
+                     ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
                      FUSED_TERM_FLOATS, FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA,
                      THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
                      fused_fwd_unsupported, fused_terms_kernel, gates_kernel, pick_config, pick_segments,
@@ -565,8 +565,8 @@ def backward(ctx, dh, dC_last, *, out=None):
             else:
                 run.chunk(kind, params)
 
-        def parts(kind):  # per-token partial dots q·dq, k·dk: one per output block
-            return p.DK // BWD_SM90_BLOCK if hopper else run.parts(kind)
+        def parts(kind):  # per-token partial dots q·dq, k·dk: one per output block (one CTA owns all on sm90)
+            return 1 if hopper else run.parts(kind)
 
         dq = _out(out, "dq", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         qdq = cp.empty((parts("bwd_dq"), BH, p.S), _F32)
