@@ -123,7 +123,8 @@ __all__ = ["cp", "HAS_GPU", "gpu", "DTYPES", "FWD_TOL", "BWD_TOL", "DF_TOL", "GA
 def run_sanitized(tool, script_text, tmp_path):
     """Run ``script_text`` (which prints SANITIZED-RUN-OK at its end) under compute-sanitizer's
     ``tool`` with the library under test importable; skips when compute-sanitizer is missing.
-    Asserts a zero exit status and the end marker; returns the combined output."""
+    Asserts a zero exit status, the end marker and the tool's clean summary (no errors; for
+    racecheck also accepted: no hazards); returns the combined output."""
     exe = shutil.which("compute-sanitizer")
     if exe is None:
         pytest.skip("compute-sanitizer not on PATH")
@@ -138,6 +139,8 @@ def run_sanitized(tool, script_text, tmp_path):
                        capture_output=True, text=True, env=env, timeout=540)
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "SANITIZED-RUN-OK" in out, out[-4000:]
+    clean = "ERROR SUMMARY: 0 errors" in out or (tool == "racecheck" and "RACECHECK SUMMARY: 0 hazards" in out)
+    assert clean, out[-4000:]
     return out
 
 

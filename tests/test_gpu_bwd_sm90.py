@@ -158,5 +158,4 @@ _SANITIZED = textwrap.dedent("""
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_compute_sanitizer_hopper_backward(hopper, tmp_path, tool):
-    out = run_sanitized(tool, _SANITIZED, tmp_path)
-    assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, out[-4000:]
+    run_sanitized(tool, _SANITIZED, tmp_path)  # asserts the clean summary

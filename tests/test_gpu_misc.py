@@ -123,5 +123,4 @@ _SANITIZED = textwrap.dedent("""
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool, tmp_path):
-    out = run_sanitized(tool, _SANITIZED, tmp_path)
-    assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, out[-4000:]
+    run_sanitized(tool, _SANITIZED, tmp_path)  # asserts the clean summary

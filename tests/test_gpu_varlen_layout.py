@@ -267,5 +267,4 @@ _SANITIZED = textwrap.dedent("""
 
 
 def test_compute_sanitizer_memcheck_varlen_bshd(tmp_path):
-    out = run_sanitized("memcheck", _SANITIZED, tmp_path)
-    assert "ERROR SUMMARY: 0 errors" in out, out[-4000:]
+    run_sanitized("memcheck", _SANITIZED, tmp_path)  # asserts the clean summary

@@ -277,55 +277,46 @@ def _forward_family(problem, cfg, mma, device, sms, operands_reason=None):
     the H200 measurements). `operands_reason`: why this call's arrays keep it off the fused forward
     (see _fused_operands_reason), or None. An explicit "sm90" that cannot run is a ValueError
     naming why."""
-    want, where = _want_family(cfg)
-    if want == "sm80":
-        return "sm80"
     p = problem
-    cc = device.compute_capability
     reason = fused_fwd_unsupported(mma, p.DK, p.DV, p.chunk_size)
     if reason is None:
         reason = operands_reason
-    if want == "sm90":
-        if cc != "90":
-            raise ValueError(f"{where}: 'sm90' needs compute capability 9.0, this device has {cc[:-1]}.{cc[-1]}")
-        if reason is not None:
-            raise ValueError(f"{where}: 'sm90' does not cover this call: {reason}")
-        return "sm90"
-    if cc != "90" or reason is not None:
-        return "sm80"
+    few = None
     if p.varlen and (p.DV // FUSED_BV) * p.NSEQ * p.NH < FUSED_AUTO_MIN_CTAS_PER_SM * sms:
-        return "sm80"
-    return "sm90"
+        few = "packed sequences with too few fused CTAs per SM"
+    return _choose_family(cfg, device, reason, auto_reason=few)
 
 
-def _want_family(cfg):
-    """(family asked for, where it was asked): config.family, or with "auto" TFLA_CUPY_FAMILY."""
+def _choose_family(cfg, device, reason, auto_reason=None):
+    """"sm80" or "sm90": config.family, or with "auto" the TFLA_CUPY_FAMILY environment variable,
+    or the default — sm90 on compute capability 9.0 when `reason` (why the sm90 kernels do not
+    cover the call) and `auto_reason` (why the default should not take them though they could run)
+    are None, sm80 otherwise (never an error). An explicit "sm90" that cannot run (another device,
+    a `reason`) is a ValueError naming why."""
     want, where = cfg.family, "config.family"
     if want == "auto":
         want, where = os.environ.get(FAMILY_ENV, "auto") or "auto", FAMILY_ENV
         if want not in FAMILIES:
             raise ValueError(f"{FAMILY_ENV}: expected one of {FAMILIES}, got {want!r}")
-    return want, where
-
-
-def _backward_family(problem, cfg, mma, device):
-    """"sm90" (the Hopper dq / dk / dv kernels) or "sm80" for this call's backward, chosen as
-    _forward_family chooses (config.family, TFLA_CUPY_FAMILY, else sm90 on compute capability 9.0
-    where bwd_sm90_unsupported allows). The state passes and the gate gradients are the sm80
-    family's on both. An explicit "sm90" that cannot run is a ValueError naming why."""
-    want, where = _want_family(cfg)
     if want == "sm80":
         return "sm80"
-    p = problem
     cc = device.compute_capability
-    reason = bwd_sm90_unsupported(mma, p.DK, p.DV, p.chunk_size)
     if want == "sm90":
         if cc != "90":
             raise ValueError(f"{where}: 'sm90' needs compute capability 9.0, this device has {cc[:-1]}.{cc[-1]}")
         if reason is not None:
             raise ValueError(f"{where}: 'sm90' does not cover this call: {reason}")
         return "sm90"
-    return "sm90" if cc == "90" and reason is None else "sm80"
+    return "sm90" if cc == "90" and reason is None and auto_reason is None else "sm80"
+
+
+def _backward_family(problem, cfg, mma, device):
+    """"sm90" (the Hopper dq / dk / dv kernels) or "sm80" for this call's backward token gradients,
+    chosen as the forward's family is (_choose_family) with bwd_sm90_unsupported as the reason. The
+    reverse dC pass and the gate gradients are the sm80 kernels on both; the state recompute
+    follows the forward's family (_recompute_states)."""
+    p = problem
+    return _choose_family(cfg, device, bwd_sm90_unsupported(mma, p.DK, p.DV, p.chunk_size))
 
 
 def _fused_operands_reason(p, strides, h_aligned):
@@ -391,7 +382,6 @@ class _ForwardPlan:
         else:
             self.launches = tuple(launch + (False,) for launch in (
                 run.gates_stage0_launch(), run.states_launch("fwd_states_kernel"), run.chunk_launch("fwd_h")))
-
 
     def states_launches(self):
         """The backward's recompute of the chunk-boundary states on the fused path (sm90 plans):
@@ -518,21 +508,22 @@ def _saved_gates(run, saved):
     return saved["gates"]
 
 
-def _recompute_states(p, device, saved, C_states, m_states, sm80):
-    """The chunk-boundary states (and stabilisers) of a forward whose context did not keep them:
-    where the fused forward covers the call, by its "states" mode (the forward's own launch plan:
-    stage 0b, segments if any, then the state recurrence alone); else by ``sm80()`` (the two-pass
-    forward's state pass). Either gives states consistent with the forward's N and M."""
+def _recompute_states(p, device, saved, C_states, m_states):
+    """The chunk-boundary states (and stabilisers) of a forward whose context did not keep them,
+    where the fused forward covers the call: its "states" mode (the forward's own launch plan:
+    stage 0b, segments if any, then the state recurrence alone). False (nothing launched) where it
+    does not; the caller then runs the two-pass forward's state pass. Either gives states
+    consistent with the forward's N and M."""
     operands = tuple(saved[n] for n in ("q", "k", "v", "i", "f"))
     plan = _forward_plan(p, device, saved["mma"], operands, None)
     if plan.family != "sm90":
-        sm80()
-        return
+        return False
     q, k, v, i32, f32 = operands
     params = bind_pointers(plan.template, q=q, k=k, v=v, i=i32, f=f32, C0=saved["C0"], n0=saved["n0"],
                            m0=saved["m0"], C_states=C_states, m_states=m_states, seq_table=saved["seq_table"],
                            **plan.buffers())
     plan.launch(plan.states_launches(), params, q, k, v)
+    return True
 
 
 def backward(ctx, dh, dC_last, *, out=None):
@@ -554,9 +545,9 @@ def backward(ctx, dh, dC_last, *, out=None):
         if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
             C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
             m_states = cp.empty((BH, run.NM), _F32) if p.has_m else None
-            _recompute_states(p, device, s, C_states, m_states,
-                              lambda: run.states("fwd_states_kernel", run.params(**{**common, "C_last": None},
-                                                                                C_states=C_states, m_states=m_states)))
+            if not _recompute_states(p, device, s, C_states, m_states):
+                run.states("fwd_states_kernel", run.params(**{**common, "C_last": None}, C_states=C_states,
+                                                           m_states=m_states))
         hopper = _backward_family(p, s["cfg"], s["mma"], device) == "sm90"
 
         def token_grads(kind, params):  # dq, dk or dv on the family of this backward
