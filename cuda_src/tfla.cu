@@ -9,6 +9,7 @@
 //   bwd_dstates_kernel   backward boundary-state gradients dC     (bwd_dstates.cuh)
 //   bwd_dq/dk/dv_kernel  backward token gradients                 (bwd_chunks.cuh)
 //   bwd_chunk_sm90_kernel  Hopper backward token gradients, one role per instantiation (bwd_chunks_sm90.cuh)
+//   bwd_dstates_sm90_kernel  Hopper backward boundary-state gradients dC (bwd_dstates_sm90.cuh)
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
 //   step_kernel          one-token recurrence for inference       (step.cuh)
 //   wgmma_probe_kernel   sm_90a warpgroup-MMA primitives, checked by a GPU test (wgmma.cuh)
@@ -23,4 +24,5 @@
 #include "wgmma.cuh"
 #include "fwd_fused_sm90.cuh"
 #include "bwd_chunks_sm90.cuh"
+#include "bwd_dstates_sm90.cuh"
 #include "segments.cuh"

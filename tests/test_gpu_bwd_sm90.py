@@ -1,5 +1,6 @@
-"""The Hopper backward chunk kernel (cuda_src/bwd_chunks_sm90.cuh: dq, dk, dv on warpgroup MMA)
-against the float64 reference, at head dims the fused forward does not take (its forward is then
+"""The Hopper backward kernels (cuda_src/bwd_chunks_sm90.cuh: dq, dk, dv on warpgroup MMA;
+bwd_dstates_sm90.cuh: the reverse dC pass, by bulk tensor copies or, without tensor maps,
+cp.async) against the float64 reference, at head dims the fused forward does not take (its forward is then
 the sm80 family's, "auto" choosing per stage): every gate variant, bf16 and f16, DK and DV from
 64 to 512, ragged chunks (rows past the end of a half chunk, a chunk shorter than half), initial
 states, packed sequences, the (B, S, NH, D) layout, masked tokens; which kernels the backward
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import tfla_cupy
-from tfla_cupy import _loader, config
+from tfla_cupy import _loader, _tma, config
 from gpu_utils import DTYPES, GATE_MODES, cp, gpu, make_inputs, run_sanitized, seed_of
 from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
 
@@ -21,6 +22,7 @@ pytestmark = gpu
 
 L = config.BWD_SM90_L
 SM90 = "bwd_chunk_sm90_kernel"
+DSTATES_SM90, DSTATES_SM80 = "bwd_dstates_sm90_kernel", "bwd_dstates_kernel"
 
 
 @pytest.fixture
@@ -62,6 +64,8 @@ def test_hopper_backward_matches_reference(hopper, monkeypatch, B, NH, S, DK, DV
         host, ref, gate=gate, normalize=normalize, L=L, dt=dt, cu=None, init=init, d_last=d_last,
         seed=seed_of("bwd-sm90-run", S, mode))))
     assert sum(SM90 in n for n in names) == 3 and not any("bwd_dq_kernel" in n for n in names), names
+    assert sum(DSTATES_SM90 in n and n.endswith("true>") for n in names) == 1, names  # bulk tensor copies
+    assert not any(DSTATES_SM80 in n for n in names), names
     got, want = box["r"]
     _assert_within(_errors(got, want, init=init), dt)
 
@@ -74,6 +78,24 @@ def test_hopper_backward_varlen_matches_per_sequence_reference(hopper, mode):
     host, ref = make_inputs(rng, 1, 2, int(cu[-1]), 64, 128, DTYPES["bf16"])
     got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
                      seed=seed_of("bwd-sm90-varlen-run", mode))
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+@pytest.mark.parametrize("mode", list(GATE_MODES))
+def test_hopper_dstates_without_tensor_maps_matches_reference(hopper, monkeypatch, mode):
+    """Where q and dh take no tensor maps (here: cuda-bindings reported missing) the reverse dC pass
+    reads its tiles by cp.async; packed sequences with ragged ends, initial states and d_state."""
+    monkeypatch.setattr(_tma, "unavailable", lambda: "it needs NVIDIA's cuda-bindings package")
+    rng = np.random.default_rng(seed_of("bwd-sm90-no-maps", mode))
+    cu = np.concatenate([[0], np.cumsum(_lengths(rng, "mixed", L))])
+    gate, normalize = GATE_MODES[mode]
+    host, ref = make_inputs(rng, 1, 2, int(cu[-1]), 128, 128, DTYPES["bf16"])
+    box = {}
+    names = _launched(monkeypatch, lambda: box.update(r=_run(
+        host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
+        seed=seed_of("bwd-sm90-no-maps-run", mode))))
+    assert sum(DSTATES_SM90 in n and n.endswith("false>") for n in names) == 1, names
+    got, want = box["r"]
     _assert_within(_errors(got, want, init=True), "bf16")
 
 
@@ -124,7 +146,9 @@ def test_backward_family_choice(hopper, monkeypatch):
 
     def families(call):
         names = _launched(monkeypatch, call)
-        return any(SM90 in n for n in names), any("bwd_dq_kernel" in n for n in names)
+        hopper_ = any(SM90 in n for n in names)
+        assert any(DSTATES_SM90 in n for n in names) == hopper_ != any(DSTATES_SM80 in n for n in names), names
+        return hopper_, any("bwd_dq_kernel" in n for n in names)
 
     assert families(backward(64, 128, L)) == (True, False)
     assert families(backward(64, 128, 64)) == (False, True)     # chunk size 64
@@ -145,12 +169,21 @@ _SANITIZED = textwrap.dedent("""
         i = cp.asarray(rng.standard_normal((1, 1, S)).astype(np.float32))
         f = cp.asarray((3 + rng.standard_normal((1, 1, S))).astype(np.float32))
         return q, k, v, i, f
-    # ragged: 72 rows (the second half chunk has 8) and 40 rows (no second half)
-    for S, DK, DV in ((200, 128, 64), (168, 64, 128)):
+    # ragged: 72 rows (the second half chunk has 8) and 40 rows (no second half); the second case
+    # with an initial state and a last-state gradient (the reverse dC pass reads dC_last, writes dC0)
+    for S, DK, DV, init in ((200, 128, 64, False), (168, 64, 128, True)):
         x = inputs(S, DK, DV)
         for gate, norm in (("exp", True), ("sig", False)):
-            h, last, ctx = tfla_cupy.mlstm_fwd(*x, gate=gate, normalize=norm, chunk_size=128)
-            g = tfla_cupy.mlstm_bwd(ctx, cp.asarray(rng.standard_normal(h.shape).astype(bf)))
+            C0 = cp.asarray(rng.standard_normal((1, 1, DK, DV)).astype(np.float32)) if init else None
+            st = None if C0 is None else (C0, cp.zeros((1, 1, DK), np.float32), cp.zeros((1, 1), np.float32))
+            h, last, ctx = tfla_cupy.mlstm_fwd(*x, gate=gate, normalize=norm, chunk_size=128, initial_state=st)
+            dC = cp.asarray(rng.standard_normal((1, 1, DK, DV)).astype(np.float32)) if init else None
+            g = tfla_cupy.mlstm_bwd(ctx, cp.asarray(rng.standard_normal(h.shape).astype(bf)),
+                                    None if dC is None else (dC, None, None))
+    # the reverse dC pass by cp.async (no tensor maps)
+    from tfla_cupy import _tma
+    _tma.unavailable = lambda: "no tensor maps"
+    g = tfla_cupy.mlstm_bwd(ctx, cp.asarray(rng.standard_normal(h.shape).astype(bf)), (dC, None, None))
     cp.cuda.Device().synchronize()
     print("SANITIZED-RUN-OK")
 """)

@@ -26,7 +26,8 @@ from ._params import bind_pointers, make_params
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 import os
 
-from .config import (BWD_SM90_THREADS, bwd_chunk_sm90_kernel, bwd_sm90_smem_bytes, bwd_sm90_unsupported,
+from .config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD_SM90_BLOCK, BWD_SM90_THREADS,
+                     bwd_chunk_sm90_kernel, bwd_dstates_sm90_kernel, bwd_sm90_smem_bytes, bwd_sm90_unsupported,
                      ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
                      FUSED_TERM_FLOATS, FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA,
                      THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
@@ -251,6 +252,21 @@ class _Launch:
         kernel, grid, threads, smem = self.chunk_sm90_launch(role)
         kernel(grid, threads, params, smem)
 
+    def dstates(self, hopper, params, q, dh):
+        """The reverse dC pass (dC_states, and dC0 where given) on the Hopper kernel (one warpgroup
+        per 64 × 64 block of dC and sequence·head; bulk tensor copies where q and dh take tensor
+        maps, else cp.async) or the sm80 state kernel."""
+        if not hopper:
+            return self.states("bwd_dstates_kernel", params)
+        p = self.p
+        st = self.strides(q=q, dh=dh)
+        tma = _fused_operands_reason(p, (st["st_q"], st["st_dh"]), True) is None
+        maps = (_tma.fused_maps(((q, st["st_q"]), (q, st["st_q"]), (dh, st["st_dh"])), p.S, p.NH, p.B) if tma
+                else np.zeros(1, _tma.FUSED_MAPS_DTYPE))
+        grid = (p.DK // BWD_SM90_BLOCK) * (p.DV // BWD_SM90_BLOCK) * p.NSEQ * p.NH
+        _loader.get_kernel(bwd_dstates_sm90_kernel(self.mma, self.gate, tma))(
+            grid, BWD_DSTATES_SM90_THREADS, (params, maps), BWD_DSTATES_SM90_SMEM_BYTES)
+
     def gates_grad(self, params):
         _loader.get_kernel(gates_kernel(self.gate))(self.p.NSEQ * self.p.NH, _GATE_THREADS, params)
 
@@ -311,9 +327,9 @@ def _choose_family(cfg, device, reason, auto_reason=None):
 
 
 def _backward_family(problem, cfg, mma, device):
-    """"sm90" (the Hopper dq / dk / dv kernels) or "sm80" for this call's backward token gradients,
-    chosen as the forward's family is (_choose_family) with bwd_sm90_unsupported as the reason. The
-    reverse dC pass and the gate gradients are the sm80 kernels on both; the state recompute
+    """"sm90" (the Hopper dq / dk / dv and dC kernels) or "sm80" for this call's backward token gradients,
+    chosen as the forward's family is (_choose_family) with bwd_sm90_unsupported as the reason; the
+    reverse dC pass follows it. The gate gradients are the sm80 kernel on both; the state recompute
     follows the forward's family (_recompute_states)."""
     p = problem
     return _choose_family(cfg, device, bwd_sm90_unsupported(mma, p.DK, p.DV, p.chunk_size))
@@ -566,7 +582,7 @@ def backward(ctx, dh, dC_last, *, out=None):
 
         dC_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
         dC0 = _out(out, "dC0", lambda: cp.empty((p.NSEQ, p.NH, p.DK, p.DV), _F32)) if p.has_initial_state else None
-        run.states("bwd_dstates_kernel", run.params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0))
+        run.dstates(hopper, run.params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0), s["q"], dh)
         dk = _out(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         dv = _out(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
         kdk = cp.empty((parts("bwd_dk"), BH, p.S), _F32)
@@ -655,9 +671,10 @@ def initial_state_grad(ctx, dh, dC_last):
             run.states("fwd_states_kernel", run.params(**common, m_states=m_states))
         dC0 = cp.empty((p.NSEQ, p.NH, p.DK, p.DV), _F32)
         scratch = cp.empty((BH, NC, p.DK, p.DV), p.dtype)  # the kernel also writes every dC^(c)
-        run.states("bwd_dstates_kernel", run.params(**common, dh=_sequence_operand(dh, p.layout, p.dtype),
-                                                    dC_last=None if dC_last is None else _operand(dC_last),
-                                                    m_states=m_states, dC_states=scratch, dC0=dC0))
+        hopper = _backward_family(p, s["cfg"], s["mma"], cp.cuda.Device(s["device"])) == "sm90"
+        dh = _sequence_operand(dh, p.layout, p.dtype)
+        run.dstates(hopper, run.params(**common, dh=dh, dC_last=None if dC_last is None else _operand(dC_last),
+                                       m_states=m_states, dC_states=scratch, dC0=dC0), s["q"], dh)
     return dC0
 
 

@@ -78,6 +78,17 @@ BWD_SM90_L = BWD_SM90["tfla::BwdSm90Smem::kL"]
 BWD_SM90_BLOCK = BWD_SM90["tfla::BwdSm90Smem::kBN"]
 assert BWD_SM90["tfla::BwdSm90Smem::kBX"] == BWD_SM90_BLOCK
 BWD_SM90_THREADS = BWD_SM90["tfla::BwdSm90Smem::kThreads"]
+#: The Hopper reverse dC pass (cuda_src/bwd_dstates_sm90.cuh, struct BwdDStatesSm90Smem): one
+#: warpgroup per 64 × 64 block of dC, its copy-stream depth and dynamic shared memory. It covers
+#: what BWD_SM90 covers (the same chunk size and 64-wide blocks).
+BWD_DSTATES_SM90 = {"tfla::BwdDStatesSm90Smem::kL": 128, "tfla::BwdDStatesSm90Smem::kBK": 64,
+                    "tfla::BwdDStatesSm90Smem::kBV": 64, "tfla::BwdDStatesSm90Smem::kThreads": 128,
+                    "tfla::BwdDStatesSm90Smem::kStages": 3, "tfla::BwdDStatesSm90Smem::kBytes": 99_840}
+assert BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kL"] == BWD_SM90_L
+assert BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBK"] == BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBV"] \
+    == BWD_SM90_BLOCK
+BWD_DSTATES_SM90_THREADS = BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kThreads"]
+BWD_DSTATES_SM90_SMEM_BYTES = BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBytes"]
 
 
 def bwd_sm90_smem_bytes(DX: int) -> int:
@@ -91,8 +102,8 @@ BWD_ROLES = ("RoleDQ", "RoleDK", "RoleDV")
 
 #: Kernel families: "sm80" (mma.sync, every GPU from compute capability 8.0; the fallback),
 #: "sm90" (Hopper: wgmma; the fused forward with the chunk state on chip, and the backward's
-#: dq / dk / dv kernels), "auto" (sm90 where it covers the call, else sm80; the forward and the
-#: backward decide separately). The environment variable TFLA_CUPY_FAMILY overrides "auto".
+#: dq / dk / dv kernels and reverse dC pass), "auto" (sm90 where it covers the call, else sm80;
+#: the forward and the backward decide separately). The environment variable TFLA_CUPY_FAMILY overrides "auto".
 FAMILIES = ("auto", "sm80", "sm90")
 #: With packed sequences (which are not cut into segments) "auto" takes the fused forward when its
 #: grid has at least this many CTAs per SM. Measured on the H200 (bench/NOTES.md, 2026-12-02): one
@@ -317,6 +328,13 @@ def bwd_chunk_sm90_kernel(mma: str, gate: str, role: str):
     return kernel_name("bwd_chunk_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{role}")
 
 
+def bwd_dstates_sm90_kernel(mma: str, gate: str, tma: bool):
+    """The Hopper reverse dC pass (the chunk-boundary state gradients), its tiles read by bulk
+    tensor copies (``tma``: the call's q and dh have tensor maps) or by cp.async."""
+    from ._loader import kernel_name
+    return kernel_name("bwd_dstates_sm90_kernel", STORAGE_TYPE[mma], gate, "true" if tma else "false")
+
+
 def segment_combine_kernel(gate: str):
     from ._loader import kernel_name
     return kernel_name("segment_combine_kernel", gate)
@@ -390,6 +408,7 @@ def all_instantiations():
                 names += [fused_fwd_kernel(mma, gate, mode) for mode in FUSED_MODES]
             if bwd_sm90_unsupported(mma, BWD_SM90_BLOCK, BWD_SM90_BLOCK, BWD_SM90_L) is None:
                 names += [bwd_chunk_sm90_kernel(mma, gate, role) for role in BWD_ROLES]
+                names += [bwd_dstates_sm90_kernel(mma, gate, tma) for tma in (True, False)]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
                           segment_combine_kernel(gate)]
