@@ -112,12 +112,45 @@ struct FusedFwdSmem {
   __device__ __forceinline__ char* ct(int s, int h) const { return nrow(s, h) + kAtom; }
   __device__ __forceinline__ char* k(int s, int h) const { return ct(s, h) + kCtBlk; }
   __device__ __forceinline__ char* v(int s) const { return base + s * kStage + kV; }
-  __device__ __forceinline__ char* vw() const { return base + kVw; }
+  __device__ __forceinline__ char* vw(int) const { return base + kVw; }  // one buffer for both stages
   __device__ __forceinline__ float* abar() const { return at<float>(kAbar); }
   __device__ __forceinline__ float* nvec() const { return at<float>(kNvec); }
   __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }  // kNparts (warps) × kDK
   __device__ __forceinline__ float* terms(int s) const { return at<float>(kTerms + s * kTermBytes); }
 };
+
+// The carve of the states mode (the backward's recompute: no Q, no Cᵀ or n atoms, ā ⊙ V formed in
+// place over the staged V, which that mode reads nowhere else): 109 KB, so two CTAs share an SM.
+// Same accessors as FusedFwdSmem for what the mode touches.
+struct FusedStatesSmem {
+  static constexpr int kL = FusedFwdSmem::kL, kDK = FusedFwdSmem::kDK, kBV = FusedFwdSmem::kBV,
+                       kThreads = FusedFwdSmem::kThreads, kBlk = FusedFwdSmem::kBlk, kStages = 2, kCtasPerSm = 2;
+  static constexpr int kK = 0, kV = 2 * kBlk, kStage = kV + kBlk;
+  static constexpr int kAbar = kStages * kStage, kNvec = kAbar + 4 * kL, kNpart = kNvec + 4 * kDK,
+                       kNparts = kThreads / 32, kTerms = kNpart + 4 * kNparts * kDK,
+                       kTermBytes = FusedFwdSmem::kTermBytes, kEnd = kTerms + kStages * kTermBytes;
+  static constexpr int kBytes = kEnd + 1024;                   // the carve plus alignment slack
+  static constexpr int kStageTxBytes = 3 * kBlk + kTermBytes;  // K halves, V, the gate record
+  static_assert(kStage % 1024 == 0 && kTerms % 16 == 0, "swizzle atoms 1024-aligned, records 16-aligned");
+  static_assert(kCtasPerSm * (kBytes + 1024) <= 228 * 1024, "two CTAs per SM (1 KB reserved per CTA)");
+
+  char* base;
+  __device__ FusedStatesSmem() {
+    char* b = dynamic_smem();
+    base = b + ((1024 - (smem_addr(b) & 1023)) & 1023);
+  }
+  template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
+  __device__ __forceinline__ char* k(int s, int h) const { return base + s * kStage + kK + h * kBlk; }
+  __device__ __forceinline__ char* v(int s) const { return base + s * kStage + kV; }
+  __device__ __forceinline__ char* vw(int s) const { return v(s); }  // in place
+  __device__ __forceinline__ float* abar() const { return at<float>(kAbar); }
+  __device__ __forceinline__ float* nvec() const { return at<float>(kNvec); }
+  __device__ __forceinline__ float* npart() const { return at<float>(kNpart); }
+  __device__ __forceinline__ float* terms(int s) const { return at<float>(kTerms + s * kTermBytes); }
+};
+
+template <bool kCompact> struct FusedCarve { using type = FusedFwdSmem; };
+template <> struct FusedCarve<true> { using type = FusedStatesSmem; };
 
 // Stage 0b: one CTA of 128 threads per chunk slot writes its FusedTerms record, with the same
 // double arithmetic as the two-pass output kernel anchored at row 0 (prepare_causal).
@@ -242,14 +275,16 @@ struct FusedItem {
 //                  and the end state into seg_C / seg_n / seg_m[g];
 //   kFusedStates   the backward's recompute of the chunk-boundary states: as kFusedFull, but
 //                  only the state recurrence (no Q, no h, N, M) and C_states / m_states written.
+// The states mode runs on the compact carve (FusedStatesSmem), two CTAs per SM.
 constexpr int kFusedFull = 0, kFusedSummary = 1, kFusedStates = 2;
 template <typename T, typename Gate, int kMode>
-__global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
+__global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates ? FusedStatesSmem::kCtasPerSm : 1)
     fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(kMode == kFusedFull || kMode == kFusedSummary || kMode == kFusedStates, "a fused mode");
   constexpr bool kOutputs = kMode == kFusedFull, kSegSummary = kMode == kFusedSummary;
-  using Sm = FusedFwdSmem;
+  constexpr bool kCompact = kMode == kFusedStates;  // no Q in the carve
+  using Sm = typename FusedCarve<kCompact>::type;
   constexpr int L = Sm::kL, DK = Sm::kDK, BV = Sm::kBV, NT = Sm::kThreads;
   const int nvb = p.DV / BV;
   const i64 nsh = i64(p.NSEQ) * p.NH;
@@ -271,9 +306,11 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
   if (tid == 0) {
     for (int i = 0; i < Sm::kStages; ++i) mbar_init(&full[i], 1);
   }
-  for (int idx = tid; idx < Sm::kStages * 2 * Sm::kAtom / 16; idx += NT) {  // rows 1..7 of the n atoms stay 0
-    const int atom = idx / (Sm::kAtom / 16), piece = idx % (Sm::kAtom / 16);
-    *reinterpret_cast<uint4*>(sm.nrow(atom >> 1, atom & 1) + 16 * piece) = make_uint4(0u, 0u, 0u, 0u);
+  if constexpr (kOutputs) {
+    for (int idx = tid; idx < Sm::kStages * 2 * Sm::kAtom / 16; idx += NT) {  // rows 1..7 of the n atoms stay 0
+      const int atom = idx / (Sm::kAtom / 16), piece = idx % (Sm::kAtom / 16);
+      *reinterpret_cast<uint4*>(sm.nrow(atom >> 1, atom & 1) + 16 * piece) = make_uint4(0u, 0u, 0u, 0u);
+    }
   }
   __syncthreads();
   auto issue = [&](const FusedItem& it_, int c, int s) {
@@ -285,7 +322,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
                   map_coord(order[2], tok, q.h, q.b), &full[s]);
     };
     fence_async_smem();  // the stage's last generic-proxy accesses (chunk c − 2) before the copies
-    mbar_expect_tx(&full[s], kOutputs ? Sm::kStageTxBytes : Sm::kStageTxBytes - 2 * Sm::kBlk);
+    mbar_expect_tx(&full[s], kOutputs || kCompact ? Sm::kStageTxBytes : Sm::kStageTxBytes - 2 * Sm::kBlk);
     if constexpr (kOutputs) {
       load(sm.q(s), maps.q, maps.order[0], 0);
       load(sm.q(s) + Sm::kBlk, maps.q, maps.order[0], 64);
@@ -368,8 +405,10 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
         for (int idx = tid; idx < (L - Lc) * 8; idx += NT) {
           const int off = sw128_offset(Lc + (idx >> 3), 8 * (idx & 7));
           const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-          *reinterpret_cast<uint4*>(sm.q(s) + off) = z;
-          *reinterpret_cast<uint4*>(sm.q(s) + Sm::kBlk + off) = z;
+          if constexpr (!kCompact) {
+            *reinterpret_cast<uint4*>(sm.q(s) + off) = z;
+            *reinterpret_cast<uint4*>(sm.q(s) + Sm::kBlk + off) = z;
+          }
           *reinterpret_cast<uint4*>(sm.k(s, 0) + off) = z;
           *reinterpret_cast<uint4*>(sm.k(s, 1) + off) = z;
           *reinterpret_cast<uint4*>(sm.v(s) + off) = z;
@@ -424,8 +463,10 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
                             pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
         }
       }
-      if (kOutputs && tid < DK)
-        *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
+      if constexpr (kOutputs) {
+        if (tid < DK)
+          *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
+      }
       fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
       __syncthreads();     // and the row terms to every thread
       TFLA_FUSED_CLOCK(2);
@@ -464,7 +505,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
           const T* pair = reinterpret_cast<const T*>(&xs[h]);
           xs[h] = pack2<T>(w * to_float(pair[0]), w * to_float(pair[1]));
         }
-        *reinterpret_cast<uint4*>(sm.vw() + off) = x;
+        *reinterpret_cast<uint4*>(sm.vw(s) + off) = x;
       }
       float H[32], qn_lo = 0.f, qn_hi = 0.f, rs_lo = 0.f, rs_hi = 0.f;
       u32 P[8][4];
@@ -508,7 +549,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk)
         wgmma_ss<T, 1, 1>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
-                          sw128_desc_mn(sm.vw() + 2048 * kk, 1024), 1);
+                          sw128_desc_mn(sm.vw(s) + 2048 * kk, 1024), 1);
       wgmma_commit();
 
       // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread, 16 keys per warp) and the normalizer

@@ -28,7 +28,7 @@ import os
 
 from .config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD_SM90_BLOCK, BWD_SM90_THREADS,
                      bwd_chunk_sm90_kernel, bwd_dstates_sm90_kernel, bwd_sm90_smem_bytes, bwd_sm90_unsupported,
-                     ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES,
+                     ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
                      FUSED_TERM_FLOATS, FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, MMA,
                      THREADS, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel, fused_fwd_kernel,
                      fused_fwd_unsupported, fused_terms_kernel, gates_kernel, pick_config, pick_segments,
@@ -373,6 +373,7 @@ class _ForwardPlan:
         self.strides = strides
         scratch = (p.NH * p.S, p.S, 1)  # N, M: (B, NH, S) float32
         ctas, sms = (p.DV // FUSED_BV) * p.NSEQ * p.NH, _loader.device_limits(device.id)[0]
+        self.sms = sms
         self.nseg, seg_chunks = 1, 0
         if self.family == "sm90" and not p.varlen:  # long sequences in segments when the walks cannot fill the GPU
             self.nseg, seg_chunks = pick_segments(ctas, run.NC, sms, cfg.segments)
@@ -401,11 +402,13 @@ class _ForwardPlan:
 
     def states_launches(self):
         """The backward's recompute of the chunk-boundary states on the fused path (sm90 plans):
-        the forward's launches with the last in "states" mode (no Q, no outputs)."""
+        the forward's launches with the last in "states" mode (no Q, no outputs; its compact carve
+        lets the persistent grid hold FUSED_STATES_CTAS_PER_SM CTAs per SM)."""
         if self._states_launches is None:
-            _, grid, threads, smem, with_maps = self.launches[-1]
-            last = (_loader.get_kernel(fused_fwd_kernel(self.mma, self.run.gate, mode="states")), grid, threads, smem,
-                    with_maps)
+            p = self.run.p
+            items = (p.DV // FUSED_BV) * p.NSEQ * p.NH * self.nseg
+            last = (_loader.get_kernel(fused_fwd_kernel(self.mma, self.run.gate, mode="states")),
+                    min(items, FUSED_STATES_CTAS_PER_SM * self.sms), FUSED_THREADS, FUSED_STATES_SMEM_BYTES, True)
             self._states_launches = self.launches[:-1] + (last,)
         return self._states_launches
 

@@ -39,6 +39,8 @@ THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateT
 #: compiles static_asserts that these equal the C++ constants).
 FUSED_FWD = {"tfla::FusedFwdSmem::kL": 128, "tfla::FusedFwdSmem::kDK": 128, "tfla::FusedFwdSmem::kBV": 64,
              "tfla::FusedFwdSmem::kThreads": 256, "tfla::FusedFwdSmem::kBytes": 230_432,
+             # the states mode's compact carve (the backward's recompute), two CTAs per SM
+             "tfla::FusedStatesSmem::kBytes": 111_648, "tfla::FusedStatesSmem::kCtasPerSm": 2,
              # stage 0b: the per-chunk gate record it reads, and the kernel that writes it
              "tfla::FusedTerms::kFloats": 900, "tfla::FusedTermsSmem::kThreads": 128,
              "tfla::FusedTermsSmem::kBytes": 5_120,
@@ -55,6 +57,8 @@ FUSED_DK = FUSED_FWD["tfla::FusedFwdSmem::kDK"]
 FUSED_BV = FUSED_FWD["tfla::FusedFwdSmem::kBV"]
 FUSED_THREADS = FUSED_FWD["tfla::FusedFwdSmem::kThreads"]
 FUSED_SMEM_BYTES = FUSED_FWD["tfla::FusedFwdSmem::kBytes"]
+FUSED_STATES_SMEM_BYTES = FUSED_FWD["tfla::FusedStatesSmem::kBytes"]
+FUSED_STATES_CTAS_PER_SM = FUSED_FWD["tfla::FusedStatesSmem::kCtasPerSm"]
 FUSED_TERM_FLOATS = FUSED_FWD["tfla::FusedTerms::kFloats"]
 FUSED_TERMS_THREADS = FUSED_FWD["tfla::FusedTermsSmem::kThreads"]
 FUSED_TERMS_SMEM_BYTES = FUSED_FWD["tfla::FusedTermsSmem::kBytes"]
