@@ -265,7 +265,7 @@ struct FusedItem {
   }
 };
 
-// A persistent grid (at most one CTA per SM) walks the items w = blockIdx.x, + gridDim.x, ...; the
+// A persistent grid (at most one CTA per SM; two in the states mode) walks the items w = blockIdx.x, + gridDim.x, ...; the
 // last chunk of one item already issues the copies of the next item's first chunk, so a CTA's
 // pipeline never drains between items. kMode:
 //   kFusedFull     the forward: segment g > 0 starts from seg_*[g − 1], only the last segment
