@@ -265,9 +265,9 @@ struct FusedItem {
   }
 };
 
-// A persistent grid (at most one CTA per SM; two in the states mode) walks the items w = blockIdx.x, + gridDim.x, ...; the
-// last chunk of one item already issues the copies of the next item's first chunk, so a CTA's
-// pipeline never drains between items. kMode:
+// A persistent grid (at most one CTA per SM; two in the states mode) walks the items w =
+// blockIdx.x, + gridDim.x, ...; the last chunk of one item already issues the copies of the next
+// item's first chunk, so a CTA's pipeline never drains between items. kMode:
 //   kFusedFull     the forward: segment g > 0 starts from seg_*[g − 1], only the last segment
 //                  writes the sequence's last state; chunk-boundary states when C_states is given;
 //   kFusedSummary  pass 1 of segments: items of segments 0 .. nseg − 2, from the initial state
