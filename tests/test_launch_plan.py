@@ -201,8 +201,10 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     """On compute capability 9.0 a covered call (16-bit, L = 128, DK = 128, DV % 64 == 0) runs the
     fused forward — one CTA per (DV block, sequence, head), its thread count and shared memory
     from config.FUSED_FWD, bshd views in place, no chunk states unless kept — and the backward
-    recomputes the states with the sm80 family (unless kept), then takes dq, dk, dv from the Hopper chunk kernel
-    (one CTA per half chunk, chunk slot and head, owning every output column: one q·dq / k·dk part)."""
+    recomputes the states (unless kept) with the fused kernel's states mode (two CTAs per SM), takes
+    dq, dk, dv from the Hopper chunk kernel (one CTA per half chunk, chunk slot and head, owning
+    every output column: one q·dq / k·dk part) and dC from the Hopper reverse pass (one CTA per
+    64 × 64 block of dC, sequence and head, its tiles by tensor maps of q and dh in place)."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
@@ -255,6 +257,14 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
             assert int(p["gate_a"]) != 0 and int(p["seq_table"]) != 0
         gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
         assert int(gates["qdq_parts"]) == int(gates["kdk_parts"]) == 1
+        assert not any("tfla::bwd_dstates_kernel" in n for n in names), names
+        (name, grid, block, p, smem), = _by_kernel(launches, "bwd_dstates_sm90_kernel")
+        assert name == config.bwd_dstates_sm90_kernel("MmaBF16", "tfla::GateExp", True)
+        assert (grid, block, smem) == ((DK // 64) * (DV // 64) * N * NH, config.BWD_DSTATES_SM90_THREADS,
+                                       config.BWD_DSTATES_SM90_SMEM_BYTES)
+        assert int(p["dC_states"]) == int(_by_kernel(launches, "bwd_chunk_sm90_kernel")[1][3]["dC_states"]) != 0
+        qm, _, dhm = tensor_maps[-1][0]
+        assert qm == (q.data.ptr, (S * NH * DK, DK, NH * DK)) and dhm[1] == (S * NH * DV, DV, NH * DV)
     # without kept states the backward recomputes them with the fused kernel in "states" mode (stage
     # 0b first), into the C_states and m_states its dq kernel then reads
     launches.clear()
@@ -263,6 +273,8 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     assert not any("fwd_states_kernel" in n for n in names), names
     (name, grid, block, p, smem), = _by_kernel(launches, "fwd_fused_sm90_kernel")
     assert name == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", mode="states")
+    assert (grid, block, smem) == (min((DV // 64) * N * NH, config.FUSED_STATES_CTAS_PER_SM * 16), config.FUSED_THREADS,
+                                   config.FUSED_STATES_SMEM_BYTES)
     assert names.index(name) > names.index(config.fused_terms_kernel("tfla::GateExp"))
     assert (int(p["h"]), int(p["N"]), int(p["M"])) == (0, 0, 0) and int(p["gate_terms"]) != 0
     dq = _by_kernel(launches, "bwd_chunk_sm90_kernel")[0][3]
