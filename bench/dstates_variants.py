@@ -6,18 +6,13 @@ of compute capability 9.0 (bench/NOTES.md, v17).
 
     python bench/dstates_variants.py
 """
-import os, sys
-import cupy as cp, ml_dtypes
-import tfla_cupy
-from tfla_cupy import _loader, _cuda_path, config
+import cupy as cp
 
-B, NH, S, DK, DV = 8, 16, 8192, 128, 256
-rng = cp.random.default_rng(0)
-bf = ml_dtypes.bfloat16
-q, k = (rng.standard_normal((B, NH, S, DK), dtype=cp.float32).astype(bf) for _ in range(2))
-v = rng.standard_normal((B, NH, S, DV), dtype=cp.float32).astype(bf)
-i, f = (rng.standard_normal((B, NH, S), dtype=cp.float32) for _ in range(2))
-dh = rng.standard_normal((B, NH, S, DV), dtype=cp.float32).astype(bf)
+import tfla_cupy
+from tfla_cupy import _loader, _cuda_path
+from backward_ab import main_shape_inputs
+
+q, k, v, i, f, dh = main_shape_inputs()
 orig_src = _loader.source()
 orig_dstates = _cuda_path._Launch.dstates
 times = []

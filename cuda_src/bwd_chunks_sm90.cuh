@@ -33,7 +33,7 @@ namespace tfla {
 // Shared-memory carve (bytes from a 1024-aligned base): the row terms (64 rows) and gate vectors (L),
 // kStages stream slots of 8 KB (a tile: 64 rows × 128 bytes), then the resident X rows (DX / 64
 // blocks of 64 rows × 128 bytes).
-struct BwdSm90Smem {
+struct BwdSm90Smem : SwizzledCarve {
   static constexpr int kL = 128, kBM = 64, kBX = 64, kBN = 64, kThreads = 128, kStages = 4;
   static constexpr int kRows = kBM;  // the gate preparation's view: rows per CTA
   static constexpr int kRowLog = 0, kRowD = kRowLog + 8 * kBM, kRowScale = kRowD + 8 * kBM,
@@ -46,12 +46,6 @@ struct BwdSm90Smem {
   static_assert(kBX * 2 == 128 && kBN * 2 == 128, "blocks are whole 128-byte swizzle rows");
   static_assert(kThreads == 128 && kBM == 64 && kL == 2 * kBM, "one warpgroup, half a chunk");
 
-  char* base;
-  __device__ BwdSm90Smem() {
-    char* b = dynamic_smem();
-    base = b + ((1024 - (smem_addr(b) & 1023)) & 1023);
-  }
-  template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
   __device__ __forceinline__ char* slot(int i) const { return base + kStream + (i % kStages) * kSlot; }
   __device__ __forceinline__ char* x(int b) const { return base + kX + b * kXBlk; }
   __device__ __forceinline__ float2* row_log() const { return at<float2>(kRowLog); }

@@ -26,21 +26,16 @@ namespace tfla {
 
 // Shared-memory carve (bytes from a 1024-aligned base): kStages stages of [Q block, dH block], each
 // kL rows × 128 bytes, then the chunk's weights w (kL floats).
-struct BwdDStatesSm90Smem {
+struct BwdDStatesSm90Smem : SwizzledCarve {
   static constexpr int kL = 128, kBK = 64, kBV = 64, kThreads = 128, kStages = 3;
   static constexpr int kTile = kL * 128, kStage = 2 * kTile, kW = kStages * kStage, kEnd = kW + 4 * kL;
   static constexpr int kBytes = kEnd + 1024;  // dynamic shared memory: the carve plus alignment slack
   static_assert(kBK * 2 == 128 && kBV * 2 == 128, "blocks are whole 128-byte swizzle rows");
   static_assert(kThreads == kL && kThreads == BwdSm90Smem::kThreads, "one thread per token; the copy loops' stride");
 
-  char* base;
-  __device__ BwdDStatesSm90Smem() {
-    char* b = dynamic_smem();
-    base = b + ((1024 - (smem_addr(b) & 1023)) & 1023);
-  }
   __device__ __forceinline__ char* q(int i) const { return base + (i % kStages) * kStage; }
   __device__ __forceinline__ char* dh(int i) const { return q(i) + kTile; }
-  __device__ __forceinline__ float* w() const { return reinterpret_cast<float*>(base + kW); }
+  __device__ __forceinline__ float* w() const { return at<float>(kW); }
 };
 
 // Grid: DV blocks × DK blocks × sequences·NH, flattened, DV blocks fastest.
@@ -136,35 +131,22 @@ __global__ void __launch_bounds__(BwdDStatesSm90Smem::kThreads, 2)
       sm.w()[tid] = tid < Lc ? (Gate::kNormalize ? x / (N_tok + p.eps) : x) : 0.f;
     }
     load_chunk(c - 1);
+    char* dh = sm.dh(i);
     if constexpr (kTma) {
       mbar_wait(&full[i % kStages], (i / kStages) & 1);  // chunk c's stage landed
+      if (Lc < L) {  // rows past a ragged end: the bulk copies bring the next sequence's tokens there
+        zero_rows_sw128(sm.q(i), Lc, L, tid, Sm::kThreads);
+        zero_rows_sw128(dh, Lc, L, tid, Sm::kThreads);
+      }
     } else {
-      cp_async_wait<kStages - 2>();  // chunk c's stage (this thread's copies) ...
+      cp_async_wait<kStages - 2>();  // chunk c's stage (this thread's copies; they zero-fill past Lc) ...
     }
-    __syncthreads();         // ... every thread's, and the weights
+    __syncthreads();         // ... every thread's, the zeroed rows and the weights
     issue(i + kStages - 1);  // into the stage chunk c + 1 used (its products completed)
     if (!kTma) cp_async_commit();
 
-    // ---- dH ← w ⊙ dH in place, then acc ← γ acc + Qᵀ · dH on the tensor cores --------------------
-    char* dh = sm.dh(i);
-#pragma unroll 4
-    for (int idx = tid; idx < L * 8; idx += Sm::kThreads) {
-      const int r = idx >> 3, off = sw128_offset(r, 8 * (idx & 7));
-      if (r >= Lc) {  // past a ragged end (the bulk copies bring the next sequence's tokens there)
-        *reinterpret_cast<uint4*>(dh + off) = make_uint4(0u, 0u, 0u, 0u);
-        *reinterpret_cast<uint4*>(sm.q(i) + off) = make_uint4(0u, 0u, 0u, 0u);
-        continue;
-      }
-      const float w = sm.w()[r];
-      uint4 x = *reinterpret_cast<const uint4*>(dh + off);
-      u32* xs = reinterpret_cast<u32*>(&x);
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        const T* pair = reinterpret_cast<const T*>(&xs[h]);
-        xs[h] = pack2<T>(w * to_float(pair[0]), w * to_float(pair[1]));
-      }
-      *reinterpret_cast<uint4*>(dh + off) = x;
-    }
+    // ---- dH ← w ⊙ dH in place (w = 0 past Lc), then acc ← γ acc + Qᵀ · dH on the tensor cores ------
+    scale_rows_sw128<T>(dh, dh, sm.w(), L, tid, Sm::kThreads);
     fence_async_smem();  // the generic-proxy writes (w ⊙ dH, zeroed rows; cp.async copies) visible to wgmma
     __syncthreads();
     const float gamma = expf(gch + m_c - m_n);

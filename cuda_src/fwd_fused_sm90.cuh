@@ -82,7 +82,7 @@ struct FusedTerms {
 // Q and K tiles are two 64-column blocks of kL rows × 128 bytes, V one block (per stage); Cᵀ two
 // blocks of kBV rows and n two rows, per stage beside K; ā ⊙ V one block; one FusedTerms record
 // per stage.
-struct FusedFwdSmem {
+struct FusedFwdSmem : SwizzledCarve {
   static constexpr int kL = 128, kDK = 128, kBV = 64, kWarpgroups = 2, kThreads = 128 * kWarpgroups;
   static constexpr int kBlk = kL * 128, kCtBlk = kBV * 128;
   // per stage: Q halves, then per DK half h one swizzle atom whose row 0 is n^(c) (rows 1..7 zero),
@@ -101,12 +101,6 @@ struct FusedFwdSmem {
   static_assert(kThreads == 2 * 16 * kL / 16 && kDK == 128, "Σ ā k: per warp 16 × 8 dimensions, 2 × 8 keys");
   static_assert(kTermBytes % 16 == 0 && kTerms % 16 == 0, "bulk copies move 16-byte multiples to 16-byte addresses");
 
-  char* base;
-  __device__ FusedFwdSmem() {
-    char* b = dynamic_smem();
-    base = b + ((1024 - (smem_addr(b) & 1023)) & 1023);
-  }
-  template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
   __device__ __forceinline__ char* q(int s) const { return base + s * kStage + kQ; }
   __device__ __forceinline__ char* nrow(int s, int h) const { return base + s * kStage + kCtK + h * kCtKHalf; }
   __device__ __forceinline__ char* ct(int s, int h) const { return nrow(s, h) + kAtom; }
@@ -122,7 +116,7 @@ struct FusedFwdSmem {
 // The carve of the states mode (the backward's recompute: no Q, no Cᵀ or n atoms, ā ⊙ V formed in
 // place over the staged V, which that mode reads nowhere else): 109 KB, so two CTAs share an SM.
 // Same accessors as FusedFwdSmem for what the mode touches.
-struct FusedStatesSmem {
+struct FusedStatesSmem : SwizzledCarve {
   static constexpr int kL = FusedFwdSmem::kL, kDK = FusedFwdSmem::kDK, kBV = FusedFwdSmem::kBV,
                        kThreads = FusedFwdSmem::kThreads, kBlk = FusedFwdSmem::kBlk, kStages = 2, kCtasPerSm = 2;
   static constexpr int kK = 0, kV = 2 * kBlk, kStage = kV + kBlk;
@@ -134,12 +128,6 @@ struct FusedStatesSmem {
   static_assert(kStage % 1024 == 0 && kTerms % 16 == 0, "swizzle atoms 1024-aligned, records 16-aligned");
   static_assert(kCtasPerSm * (kBytes + 1024) <= 228 * 1024, "two CTAs per SM (1 KB reserved per CTA)");
 
-  char* base;
-  __device__ FusedStatesSmem() {
-    char* b = dynamic_smem();
-    base = b + ((1024 - (smem_addr(b) & 1023)) & 1023);
-  }
-  template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
   __device__ __forceinline__ char* k(int s, int h) const { return base + s * kStage + kK + h * kBlk; }
   __device__ __forceinline__ char* v(int s) const { return base + s * kStage + kV; }
   __device__ __forceinline__ char* vw(int s) const { return v(s); }  // in place
@@ -402,17 +390,13 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates 
 
       mbar_wait(&full[s], (it >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
       if (Lc < L) {  // ragged last chunk: rows past the sequence may hold the next sequence's tokens
-        for (int idx = tid; idx < (L - Lc) * 8; idx += NT) {
-          const int off = sw128_offset(Lc + (idx >> 3), 8 * (idx & 7));
-          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-          if constexpr (!kCompact) {
-            *reinterpret_cast<uint4*>(sm.q(s) + off) = z;
-            *reinterpret_cast<uint4*>(sm.q(s) + Sm::kBlk + off) = z;
-          }
-          *reinterpret_cast<uint4*>(sm.k(s, 0) + off) = z;
-          *reinterpret_cast<uint4*>(sm.k(s, 1) + off) = z;
-          *reinterpret_cast<uint4*>(sm.v(s) + off) = z;
+        if constexpr (!kCompact) {
+          zero_rows_sw128(sm.q(s), Lc, L, tid, NT);
+          zero_rows_sw128(sm.q(s) + Sm::kBlk, Lc, L, tid, NT);
         }
+        zero_rows_sw128(sm.k(s, 0), Lc, L, tid, NT);
+        zero_rows_sw128(sm.k(s, 1), Lc, L, tid, NT);
+        zero_rows_sw128(sm.v(s), Lc, L, tid, NT);
       }
       __syncthreads();
       TFLA_FUSED_CLOCK(1);
@@ -495,18 +479,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates 
       }
 
       // ... while the CUDA cores form ā ⊙ V (same swizzled places)
-      for (int idx = tid; idx < L * 8; idx += NT) {
-        const int r = idx >> 3, off = sw128_offset(r, 8 * (idx & 7));
-        const float w = sm.abar()[r];
-        uint4 x = *reinterpret_cast<const uint4*>(sm.v(s) + off);
-        u32* xs = reinterpret_cast<u32*>(&x);
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const T* pair = reinterpret_cast<const T*>(&xs[h]);
-          xs[h] = pack2<T>(w * to_float(pair[0]), w * to_float(pair[1]));
-        }
-        *reinterpret_cast<uint4*>(sm.vw(s) + off) = x;
-      }
+      scale_rows_sw128<T>(sm.vw(s), sm.v(s), sm.abar(), L, tid, NT);
       float H[32], qn_lo = 0.f, qn_hi = 0.f, rs_lo = 0.f, rs_hi = 0.f;
       u32 P[8][4];
       if constexpr (kOutputs) {

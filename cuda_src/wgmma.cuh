@@ -15,6 +15,7 @@
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
+#include "tile.cuh"
 
 namespace tfla {
 
@@ -23,6 +24,44 @@ using u64 = unsigned long long;
 // Byte offset of element (r, c) of a 128B-swizzled K-major tile of 16-bit elements.
 __host__ __device__ constexpr int sw128_offset(int r, int c) {
   return r * 128 + ((((c * 2) >> 4) ^ (r & 7)) << 4) + ((c * 2) & 15);
+}
+
+// The base of a shared-memory carve of 128-byte swizzled tiles: the dynamic shared memory rounded
+// up to 1024 bytes (swizzle atoms need that alignment; each carve reserves 1024 bytes of slack for
+// it), and typed views of byte offsets from there. The Hopper kernels' carves derive from it.
+struct SwizzledCarve {
+  char* base;
+  __device__ SwizzledCarve() {
+    char* b = dynamic_smem();
+    base = b + ((1024 - (smem_addr(b) & 1023)) & 1023);
+  }
+  template <typename U> __device__ __forceinline__ U* at(int off) const { return reinterpret_cast<U*>(base + off); }
+};
+
+// Rows [r0, rows) of a 128-byte swizzled tile of 16-bit elements set to zero; the nt calling
+// threads (this one: tid) share its 16-byte pieces.
+__device__ __forceinline__ void zero_rows_sw128(char* tile, int r0, int rows, int tid, int nt) {
+  for (int idx = 8 * r0 + tid; idx < 8 * rows; idx += nt)
+    *reinterpret_cast<uint4*>(tile + sw128_offset(idx >> 3, 8 * (idx & 7))) = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// Row r of dst = w[r] · row r of src for r < rows, 128-byte swizzled tiles of T (16-bit) in the same
+// places (dst may be src); the nt calling threads (this one: tid) share the 16-byte pieces.
+template <typename T>
+__device__ __forceinline__ void scale_rows_sw128(char* dst, const char* src, const float* w, int rows, int tid,
+                                                 int nt) {
+  for (int idx = tid; idx < 8 * rows; idx += nt) {
+    const int off = sw128_offset(idx >> 3, 8 * (idx & 7));
+    const float wr = w[idx >> 3];
+    uint4 x = *reinterpret_cast<const uint4*>(src + off);
+    u32* xs = reinterpret_cast<u32*>(&x);
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const T* pair = reinterpret_cast<const T*>(&xs[h]);
+      xs[h] = pack2<T>(wr * to_float(pair[0]), wr * to_float(pair[1]));
+    }
+    *reinterpret_cast<uint4*>(dst + off) = x;
+  }
 }
 
 __device__ __forceinline__ u64 sw128_desc(const void* smem_tile) {

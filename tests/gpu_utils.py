@@ -120,6 +120,15 @@ __all__ = ["cp", "HAS_GPU", "gpu", "DTYPES", "FWD_TOL", "BWD_TOL", "DF_TOL", "GA
            "poisoned_allocations", "seed_of", "case_id", "make_inputs", "to_gpu", "reference"]
 
 
+def launched_kernels(monkeypatch, call):
+    """Kernel names that ``call`` launches (every kernel goes through _loader.get_kernel)."""
+    names = []
+    real = _loader.get_kernel
+    monkeypatch.setattr(_loader, "get_kernel", lambda name: names.append(name) or real(name))
+    call()
+    return names
+
+
 def run_sanitized(tool, script_text, tmp_path):
     """Run ``script_text`` (which prints SANITIZED-RUN-OK at its end) under compute-sanitizer's
     ``tool`` with the library under test importable; skips when compute-sanitizer is missing.

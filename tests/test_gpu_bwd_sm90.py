@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import tfla_cupy
-from tfla_cupy import _loader, _tma, config
-from gpu_utils import DTYPES, GATE_MODES, cp, gpu, make_inputs, run_sanitized, seed_of
+from tfla_cupy import _tma, config
+from gpu_utils import (DTYPES, GATE_MODES, cp, gpu, launched_kernels, make_inputs, run_sanitized,
+                       seed_of)
 from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
 
 pytestmark = gpu
@@ -30,15 +31,6 @@ def hopper(monkeypatch):
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("needs compute capability 9.0 (the sm90 family)")
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)  # "auto": the backward takes sm90 wherever it covers
-
-
-def _launched(monkeypatch, call):
-    """Kernel names that ``call`` launches."""
-    names = []
-    real = _loader.get_kernel
-    monkeypatch.setattr(_loader, "get_kernel", lambda name: names.append(name) or real(name))
-    call()
-    return names
 
 
 def _cases():
@@ -60,7 +52,7 @@ def test_hopper_backward_matches_reference(hopper, monkeypatch, B, NH, S, DK, DV
     gate, normalize = GATE_MODES[mode]
     host, ref = make_inputs(rng, B, NH, S, DK, DV, DTYPES[dt], f_mean=f_mean)
     box = {}
-    names = _launched(monkeypatch, lambda: box.update(r=_run(
+    names = launched_kernels(monkeypatch, lambda: box.update(r=_run(
         host, ref, gate=gate, normalize=normalize, L=L, dt=dt, cu=None, init=init, d_last=d_last,
         seed=seed_of("bwd-sm90-run", S, mode))))
     assert sum(SM90 in n for n in names) == 3 and not any("bwd_dq_kernel" in n for n in names), names
@@ -91,7 +83,7 @@ def test_hopper_dstates_without_tensor_maps_matches_reference(hopper, monkeypatc
     gate, normalize = GATE_MODES[mode]
     host, ref = make_inputs(rng, 1, 2, int(cu[-1]), 128, 128, DTYPES["bf16"])
     box = {}
-    names = _launched(monkeypatch, lambda: box.update(r=_run(
+    names = launched_kernels(monkeypatch, lambda: box.update(r=_run(
         host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
         seed=seed_of("bwd-sm90-no-maps-run", mode))))
     assert sum(DSTATES_SM90 in n and n.endswith("false>") for n in names) == 1, names
@@ -145,7 +137,7 @@ def test_backward_family_choice(hopper, monkeypatch):
         return lambda: tfla_cupy.mlstm_bwd(ctx, dh)
 
     def families(call):
-        names = _launched(monkeypatch, call)
+        names = launched_kernels(monkeypatch, call)
         hopper_ = any(SM90 in n for n in names)
         assert any(DSTATES_SM90 in n for n in names) == hopper_ != any(DSTATES_SM80 in n for n in names), names
         return hopper_, any("bwd_dq_kernel" in n for n in names)

@@ -11,7 +11,8 @@ import pytest
 
 import tfla_cupy
 from tfla_cupy import _loader, config
-from gpu_utils import DTYPES, GATE_MODES, cp, gpu, make_inputs, run_sanitized, seed_of
+from gpu_utils import (DTYPES, GATE_MODES, cp, gpu, launched_kernels, make_inputs, run_sanitized,
+                       seed_of)
 from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
 
 pytestmark = gpu
@@ -148,7 +149,7 @@ def test_auto_segments_long_single_sequence(hopper, monkeypatch):
     rng = np.random.default_rng(seed_of("fused-seg-auto"))
     host, _ = make_inputs(rng, 1, 2, 128 * 40 + 17, DK, 64, DTYPES["bf16"])
     x = {n: cp.asarray(host[n]) for n in "qkvif"}
-    names = _launched(monkeypatch, lambda: tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L))
+    names = launched_kernels(monkeypatch, lambda: tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L))
     summary = config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", mode="summary")
     assert any("segment_combine_kernel" in n for n in names) and summary in names, names
     h_seg, s_seg = tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L, return_state=True)
@@ -157,15 +158,6 @@ def test_auto_segments_long_single_sequence(hopper, monkeypatch):
     scale = float(cp.abs(h_one.astype(cp.float32)).max())
     assert dh <= 2e-2 * scale, (dh, scale)
     assert float(cp.abs(s_seg.C - s_one.C).max()) <= 1e-3 * float(cp.abs(s_one.C).max())
-
-
-def _launched(monkeypatch, call):
-    """Kernel names that ``call`` launches."""
-    names = []
-    real = _loader.get_kernel
-    monkeypatch.setattr(_loader, "get_kernel", lambda name: names.append(name) or real(name))
-    call()
-    return names
 
 
 def test_family_choice_and_override(monkeypatch):
@@ -182,10 +174,10 @@ def test_family_choice_and_override(monkeypatch):
     fused = "fwd_fused_sm90_kernel"
     if _loader.device_limits(cp.cuda.Device().id)[0] > 132:
         pytest.skip("the auto case needs at most 132 SMs (one fused CTA per SM)")
-    assert any(fused in n for n in _launched(monkeypatch, call(DK)))            # auto: covered -> sm90
-    assert not any(fused in n for n in _launched(monkeypatch, call(64)))        # auto: DK 64 -> sm80
+    assert any(fused in n for n in launched_kernels(monkeypatch, call(DK)))            # auto: covered -> sm90
+    assert not any(fused in n for n in launched_kernels(monkeypatch, call(64)))        # auto: DK 64 -> sm80
     monkeypatch.setenv(config.FAMILY_ENV, "sm80")
-    names = _launched(monkeypatch, call(DK))
+    names = launched_kernels(monkeypatch, call(DK))
     assert not any(fused in n for n in names) and any("fwd_h_kernel" in n for n in names)
     monkeypatch.setenv(config.FAMILY_ENV, "sm90")
     with pytest.raises(ValueError, match=r"TFLA_CUPY_FAMILY: 'sm90' does not cover this call: .*DK = 128, got 64"):

@@ -373,10 +373,11 @@ class _ForwardPlan:
         self.strides = strides
         scratch = (p.NH * p.S, p.S, 1)  # N, M: (B, NH, S) float32
         ctas, sms = (p.DV // FUSED_BV) * p.NSEQ * p.NH, _loader.device_limits(device.id)[0]
-        self.sms = sms
         self.nseg, seg_chunks = 1, 0
         if self.family == "sm90" and not p.varlen:  # long sequences in segments when the walks cannot fill the GPU
             self.nseg, seg_chunks = pick_segments(ctas, run.NC, sms, cfg.segments)
+        # the fused walks' work items (segment, sequence, head, DV block) and the SMs they share
+        self.items, self.sms = ctas * self.nseg, sms
         self.template = make_params(**run.geometry, **dict(zip(("st_q", "st_k", "st_v", "st_i", "st_f"), strides)),
                                     st_h=h_strides, st_N=scratch, st_M=scratch, seg_chunks=seg_chunks, nseg=self.nseg)
         if self.family == "sm90":
@@ -385,7 +386,7 @@ class _ForwardPlan:
                      FUSED_TERMS_SMEM_BYTES, False)
             # persistent grids: at most one CTA per SM, each walking items (segment, sequence, head,
             # DV block) in turn
-            fused = (_loader.get_kernel(fused_fwd_kernel(mma, run.gate)), min(ctas * self.nseg, sms), FUSED_THREADS,
+            fused = (_loader.get_kernel(fused_fwd_kernel(mma, run.gate)), min(self.items, sms), FUSED_THREADS,
                      FUSED_SMEM_BYTES, True)
             if self.nseg == 1:
                 self.launches = (terms, fused)
@@ -405,10 +406,8 @@ class _ForwardPlan:
         the forward's launches with the last in "states" mode (no Q, no outputs; its compact carve
         lets the persistent grid hold FUSED_STATES_CTAS_PER_SM CTAs per SM)."""
         if self._states_launches is None:
-            p = self.run.p
-            items = (p.DV // FUSED_BV) * p.NSEQ * p.NH * self.nseg
             last = (_loader.get_kernel(fused_fwd_kernel(self.mma, self.run.gate, mode="states")),
-                    min(items, FUSED_STATES_CTAS_PER_SM * self.sms), FUSED_THREADS, FUSED_STATES_SMEM_BYTES, True)
+                    min(self.items, FUSED_STATES_CTAS_PER_SM * self.sms), FUSED_THREADS, FUSED_STATES_SMEM_BYTES, True)
             self._states_launches = self.launches[:-1] + (last,)
         return self._states_launches
 
