@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -88,32 +89,59 @@ def _arch_options(cc: str):
     return ("-arch=sm_90a",) if cc == "90" else ()
 
 
-@functools.lru_cache(maxsize=None)
-def _function(device_id: int, cc: str, name: str):
-    cp = _arrays.cupy_module()
-    module = cp.RawModule(code=source(), options=OPTIONS + _arch_options(cc), name_expressions=(name,))
-    try:
-        return module.get_function(name)
-    except cp.cuda.compiler.CompileException as e:
-        raise CompileError(f"NVRTC failed to compile {name} for compute capability {cc}:\n{e}") from None
+class _Once:
+    """A memo that builds each key once and publishes it only when it is complete: the first
+    caller of a key builds it under that key's own lock (other keys build in parallel), later
+    callers of the same key wait for it and get the same object. functools.lru_cache lets two
+    threads build one key twice and hand them different objects."""
+
+    def __init__(self, build):
+        self._build = build
+        self._done = {}
+        self._locks = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, *key):
+        try:
+            return self._done[key]
+        except KeyError:
+            pass
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._done:
+                self._done[key] = self._build(*key)
+        return self._done[key]
 
 
 class Kernel:
-    """A compiled kernel with its dynamic shared-memory opt-in."""
+    """A compiled kernel with its dynamic shared-memory opt-in.
 
-    __slots__ = ("fn", "smem_limit")
+    Thread safety: one Kernel exists per (device, name) (the _Once memo below), and its
+    shared-memory limit only grows, under a lock, the driver attribute first: a launch that
+    reads ``smem_limit >= smem`` is allowed ``smem`` bytes. (A kernel whose shared memory
+    depends on the shape, such as the Hopper backward's, used to be lowered by one thread
+    between another thread's raise and its launch: CUDA_ERROR_INVALID_VALUE.)"""
+
+    __slots__ = ("fn", "smem_limit", "_lock")
 
     def __init__(self, fn):
         self.fn = fn
         self.smem_limit = 0
+        self._lock = threading.Lock()
+
+    def _raise_limit(self, smem):
+        with self._lock:
+            if smem > self.smem_limit:
+                self.fn.max_dynamic_shared_size_bytes = smem
+                self.smem_limit = smem
 
     def __call__(self, grid: int, block: int, params, smem: int = 0):
         """``params``: the kernel's one argument (a Params record), or a tuple of its arguments.
         Record arguments travel as raw bytes: CuPy reads a NumPy argument's __array_interface__,
         whose field description costs ~0.1 ms per launch for a record of ~80 fields."""
         if smem > self.smem_limit:
-            self.fn.max_dynamic_shared_size_bytes = smem
-            self.smem_limit = smem
+            self._raise_limit(smem)
         args = params if isinstance(params, tuple) else (params,)
         self.fn((grid,), (block,), tuple(_raw(a) for a in args), shared_mem=smem)
 
@@ -128,15 +156,22 @@ def _raw(a):
     return a.view(_raw_dtype(a.dtype.itemsize)) if isinstance(a, np.ndarray) and a.dtype.names else a
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(device_id: int, name: str) -> Kernel:
+def _build_kernel(device_id: int, name: str) -> Kernel:
     cp = _arrays.cupy_module()
     cc = cp.cuda.Device(device_id).compute_capability
-    return Kernel(_function(device_id, cc, name))
+    module = cp.RawModule(code=source(), options=OPTIONS + _arch_options(cc), name_expressions=(name,))
+    try:
+        return Kernel(module.get_function(name))
+    except cp.cuda.compiler.CompileException as e:
+        raise CompileError(f"NVRTC failed to compile {name} for compute capability {cc}:\n{e}") from None
+
+
+#: (device id, name) -> Kernel, each compiled once per process
+_kernel = _Once(_build_kernel)
 
 
 def get_kernel(name: str) -> Kernel:
-    """The kernel ``name`` for the current device (compiled on first use)."""
+    """The kernel ``name`` for the current device (compiled on first use; thread-safe)."""
     cp = _arrays.cupy_module()
     return _kernel(cp.cuda.Device().id, name)
 
