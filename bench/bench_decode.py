@@ -5,7 +5,7 @@
 
 NH 8, DK 256, DV 512, bf16 q/k/v, fp32 state, mLSTMexp. A step must read and write the state
 C, n, m once: floor = 2 · state bytes / the device-to-device copy rate, measured in the same run
-(cudaMemcpy of 1 GiB, read + write counted). Rows per B:
+(bench/_common.py: cudaMemcpy of 1 GiB, read + write counted). Rows per B:
 
 * ``mlstm_step``            the plain call: validation, new state buffers, launch
 * ``mlstm_step in place``   ``out_state=state`` (no state allocation)
@@ -16,25 +16,22 @@ C, n, m once: floor = 2 · state bytes / the device-to-device copy rate, measure
 GPU time: CUDA events around one call after a 256 MB L2 flush, 10 warm-ups, median of 30 (the
 protocol of bench/bench.py). Host time: 1000 back-to-back calls without synchronising, divided
 by 1000 (B = 1 shows the launch path's cost). Every tfla_cupy row's h and C are checked against
-the float64 reference step on batch row 0, heads 0–1, before timing; the peer's h too.
+the float64 reference step on batch row 0, heads 0–1, before timing; the peer's h too. Results
+go to bench/results/decode.csv and .json (--out, --tag); the script prints where.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tfla_cupy  # noqa: E402
-from tfla_cupy import MLSTMState  # noqa: E402
-from tfla_cupy.reference import recurrent  # noqa: E402
+import _common
+import tfla_cupy
+from tfla_cupy import MLSTMState
+from tfla_cupy.reference import recurrent
 
 NH, DK, DV = 8, 256, 512
 H_TOL, C_TOL = 3e-2, 1e-5     # bf16 h (rounded output); fp32 state
@@ -42,14 +39,6 @@ H_TOL, C_TOL = 3e-2, 1e-5     # bf16 h (rounded output); fp32 state
 
 def state_bytes(B):
     return 4 * B * NH * (DK * DV + DK + 1)
-
-
-def copy_rate(cp, timer, nbytes=2**30):
-    src, dst = cp.empty(nbytes, cp.uint8), cp.empty(nbytes, cp.uint8)
-    src.fill(1)
-    ms = timer(lambda: dst.data.copy_from_device_async(src.data, nbytes))
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3)
 
 
 def host_us(cp, fn, calls=1000):
@@ -151,13 +140,8 @@ def tfla_rows(cp, timer, B):
 
 
 def peer_step():
-    try:
-        import torch  # noqa: F401
-        from mlstm_kernels.torch.recurrent.triton_step import mlstm_recurrent_step__triton
-    except Exception as e:  # noqa: BLE001
-        print(f"# peer mlstm_kernels Triton step unavailable: {type(e).__name__}: {e}")
-        return None
-    return mlstm_recurrent_step__triton
+    """The fused Triton step kernel of mlstm_kernels, or None."""
+    return _common.import_peer("mlstm_kernels.torch.recurrent.triton_step", "mlstm_recurrent_step__triton")
 
 
 def peer_row(cp, timer, B, fn):
@@ -185,41 +169,34 @@ def peer_row(cp, timer, B, fn):
 
 
 def table(rows, rate):
-    head = ("| B | impl | ms | GB/s (state) | % of copy rate | floor ms | ÷ floor | host µs/call | check |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|---|")
     body = []
     for r in rows:
         by = 2 * state_bytes(r["B"])
         floor = by / rate * 1e3
         gbps = by / (r["ms"] * 1e-3) / 1e9
-        body.append(f"| {r['B']} | {r['impl']} | {r['ms']:.4f} | {gbps:,.0f} | {100 * gbps * 1e9 / rate:.0f} % | "
-                    f"{floor:.4f} | {r['ms'] / floor:.2f} | {r['host_us']:.1f} | {r['check']} |")
-    return "\n".join([head] + body)
+        body.append((r["B"], r["impl"], f"{r['ms']:.4f}", f"{gbps:,.0f}", f"{100 * gbps * 1e9 / rate:.0f} %",
+                     f"{floor:.4f}", f"{r['ms'] / floor:.2f}", f"{r['host_us']:.1f}", r["check"]))
+    return _common.markdown_table(("B", "impl", "ms", "GB/s (state)", "% of copy rate", "floor ms", "÷ floor",
+                                   "host µs/call", "check"), body)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, nargs="*", default=[1, 8, 64, 256])
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--out", default=str(_common.RESULTS), help="folder of the result files (default bench/results)")
+    ap.add_argument("--tag", default="decode", help="file name prefix of the results")
     args = ap.parse_args(argv)
-    try:
-        import cupy as cp
-        has_gpu = cp.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        has_gpu = False
-    if not has_gpu:
+    if any(B < 1 for B in args.B):
+        ap.error(f"argument --B: expected batch sizes >= 1, got {args.B}")
+    cp = _common.gpu()
+    if cp is None:
         print("# no CUDA GPU found: the decode benchmark needs one (the NumPy path is the float64 reference; "
               "examples/generate.py runs it)")
         return 0
-    from bench import Timer
-    dev = cp.cuda.Device()
-    props = cp.cuda.runtime.getDeviceProperties(dev.id)
-    card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    timer = Timer(cp)
-    rate = copy_rate(cp, timer)
-    print(f"# card: {card}, CC {dev.compute_capability}, {props['multiProcessorCount']} SMs; CuPy {cp.__version__}; "
-          f"date {time.strftime('%Y-%m-%d')}")
+    timer = _common.Timer(cp)
+    rate = _common.copy_rate(cp)
+    print(_common.card_line(cp))
     print(f"# decode step NH {NH} DK {DK} DV {DV}, bf16 q/k/v, fp32 state, exp gate; "
           f"D2D copy rate {rate / 1e12:.2f} TB/s (read + write)")
     peer = None if args.no_peers else peer_step()
@@ -237,8 +214,7 @@ def main(argv=None):
         failures += sum(not r["ok"] for r in rows if r["B"] == B and not r["impl"].startswith("mlstm_kernels"))
         cp.get_default_memory_pool().free_all_blocks()
     print("\n" + table(rows, rate))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(card=card, copy_rate=rate, rows=rows), indent=1))
+    _common.write_results(rows, args.out, args.tag, _common.card(cp), copy_rate=rate)
     return 1 if failures else 0
 
 

@@ -17,19 +17,16 @@ together (an all-gather barrier) and the slowest rank's median is reported.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Timer  # noqa: E402
-import tfla_cupy  # noqa: E402
-from tfla_cupy import distributed as dist  # noqa: E402
-from tfla_cupy.distributed import _algebra, _api, _local  # noqa: E402
+import _common
+import tfla_cupy
+from _common import Timer
+from tfla_cupy import distributed as dist
+from tfla_cupy.distributed import _algebra, _api, _local
 
 NH, DK, DV, L = 16, 128, 256, 128
 WEAK_TOKENS = 65536
@@ -143,36 +140,26 @@ def _rows_nccl(cp, comm, one_gpu):
 
 def _print(rows, card):
     print(f"# {card}; NH {NH}, DK {DK}, DV {DV}, bf16, chunk {L}, mLSTMexp")
-    keys = [k for k in rows[0]]
-    print(" | ".join(keys))
-    for row in rows:
-        print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
-
-
-def _save(rows, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"# wrote {path}")
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    print(_common.markdown_table(keys, [[f"{row[k]:.3f}" if isinstance(row.get(k), float) else row.get(k, "")
+                                         for k in keys] for row in rows]))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--virtual", action="store_true", help="one GPU: one-GPU rows and per-rank overheads")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out", default=str(_common.RESULTS), help="folder of the result files (default bench/results)")
     a = ap.parse_args(argv)
-    import cupy as cp
-    if not cp.cuda.is_available():
-        print("bench_distributed.py needs a CUDA GPU; the algebra runs on NumPy in tests/test_distributed.py")
+    cp = _common.gpu()
+    if cp is None:
+        print("# no CUDA GPU found: bench_distributed.py needs one; the algebra runs on NumPy in "
+              "tests/test_distributed.py")
         return 0
-    card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    card = _common.card(cp)
     if a.virtual or "TFLA_RANK" not in os.environ:
         rows = _rows_virtual(cp)
         _print(rows, card)
-        _save(rows, Path(a.out) / "distributed-virtual.csv")
+        _common.write_results(rows, a.out, "distributed-virtual", card)
         return 0
     local = int(os.environ.get("TFLA_LOCAL_RANK", "0"))
     cp.cuda.Device(local).use()
@@ -185,7 +172,7 @@ def main(argv=None):
     rows = _rows_nccl(cp, comm, one)
     if comm.rank == 0:
         _print(rows, f"{comm.size} × {card}")
-        _save(rows, Path(a.out) / f"distributed-nccl-P{comm.size}.csv")
+        _common.write_results(rows, a.out, f"distributed-nccl-P{comm.size}", f"{comm.size} × {card}")
     comm.destroy()
     return 0
 
