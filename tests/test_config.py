@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from tfla_cupy import _loader, config
+from tfla_cupy._gpu import family
 from tfla_cupy.config import ChunkTile, KernelConfig, StateTile
 
 
@@ -128,56 +129,52 @@ class _Problem:
     ("90", "MmaBF16", 64, 256, 128, "sm80"), ("90", "MmaBF16", 128, 96, 128, "sm80"),
     ("90", "MmaBF16", 128, 256, 64, "sm80")])
 def test_auto_family_covers_or_falls_back(monkeypatch, cc, mma, DK, DV, L, want):
-    from tfla_cupy._cuda_path import _forward_family
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
     cfg = config.pick_config(mma, DK, DV, L)
-    assert _forward_family(_Problem(DK, DV, L), cfg, mma, _Device(cc), 132) == want
+    assert family.forward(_Problem(DK, DV, L), cfg, mma, _Device(cc), 132) == want
 
 
 def test_forced_family_and_environment(monkeypatch):
-    from tfla_cupy._cuda_path import _forward_family
     cfg = config.pick_config("MmaBF16", 128, 256, 128)
     monkeypatch.setenv(config.FAMILY_ENV, "sm80")
-    assert _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"), 132) == "sm80"
-    assert _forward_family(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
+    assert family.forward(_Problem(), cfg, "MmaBF16", _Device("90"), 132) == "sm80"
+    assert family.forward(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
     monkeypatch.setenv(config.FAMILY_ENV, "hopper")
     with pytest.raises(ValueError, match=r"TFLA_CUPY_FAMILY: expected one of .*, got 'hopper'"):
-        _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"), 132)
+        family.forward(_Problem(), cfg, "MmaBF16", _Device("90"), 132)
     monkeypatch.delenv(config.FAMILY_ENV)
     forced = dataclasses.replace(cfg, family="sm90")
     with pytest.raises(ValueError, match=r"config.family: 'sm90' needs compute capability 9.0, this device has 8.0"):
-        _forward_family(_Problem(), forced, "MmaBF16", _Device("80"), 132)
+        family.forward(_Problem(), forced, "MmaBF16", _Device("80"), 132)
     with pytest.raises(ValueError, match=r"config.family: 'sm90' does not cover this call: it is built for chunk_size"):
-        _forward_family(_Problem(chunk_size=64), forced, "MmaBF16", _Device("90"), 132)
+        family.forward(_Problem(chunk_size=64), forced, "MmaBF16", _Device("90"), 132)
 
 
 def test_auto_family_small_grids():
     """Fixed-length calls take the fused forward however few its CTAs (segments fill the GPU);
     packed sequences, which are not segmented, need a quarter CTA per SM (33 of 132); forcing sm90
     still runs it."""
-    from tfla_cupy._cuda_path import _forward_family
     cfg = config.pick_config("MmaBF16", 128, 256, 128)
     assert config.FUSED_AUTO_MIN_CTAS_PER_SM == 0.25
     for NH in (16, 9, 8, 1):
-        assert _forward_family(_Problem(NSEQ=1, NH=NH), cfg, "MmaBF16", _Device("90"), 132) == "sm90"
+        assert family.forward(_Problem(NSEQ=1, NH=NH), cfg, "MmaBF16", _Device("90"), 132) == "sm90"
     cu = [0, 5, 9]
-    assert _forward_family(_Problem(NSEQ=9, NH=1, cu_seqlens=cu), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 36
+    assert family.forward(_Problem(NSEQ=9, NH=1, cu_seqlens=cu), cfg, "MmaBF16", _Device("90"), 132) == "sm90"  # 36
     small = _Problem(NSEQ=8, NH=1, cu_seqlens=cu)                                                                # 32
-    assert _forward_family(small, cfg, "MmaBF16", _Device("90"), 132) == "sm80"
-    assert _forward_family(small, dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
+    assert family.forward(small, cfg, "MmaBF16", _Device("90"), 132) == "sm80"
+    assert family.forward(small, dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132) == "sm90"
 
 
 def test_operands_the_fused_forward_cannot_take_fall_back_or_are_refused(monkeypatch):
     """A reason from the call's arrays (here: an out buffer for h that is not 16-byte aligned)
     sends "auto" to the sm80 family and is a clear error when sm90 is forced."""
-    from tfla_cupy._cuda_path import _forward_family
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
     cfg = config.pick_config("MmaBF16", 128, 256, 128)
     why = "its output h must be 16-byte aligned (the out buffer given is not)"
-    assert _forward_family(_Problem(), cfg, "MmaBF16", _Device("90"), 132, why) == "sm80"
+    assert family.forward(_Problem(), cfg, "MmaBF16", _Device("90"), 132, why) == "sm80"
     with pytest.raises(ValueError, match=r"config.family: 'sm90' does not cover this call: its output h must be "
                                          r"16-byte aligned"):
-        _forward_family(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132, why)
+        family.forward(_Problem(), dataclasses.replace(cfg, family="sm90"), "MmaBF16", _Device("90"), 132, why)
 
 
 def test_pick_segments():

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import tfla_cupy
-from tfla_cupy import _arrays, _cuda_path, _loader
+from tfla_cupy import _arrays, _loader
+from tfla_cupy._gpu import fwd as gpu_forward
+from tfla_cupy._gpu.operands import cdiv
 from tfla_cupy._params import PARAMS_DTYPE
 
 
@@ -72,7 +74,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(_arrays, "cupy_module", lambda: cp)
     monkeypatch.setattr(_loader, "get_kernel", get_kernel)
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (132, 232_448))
-    monkeypatch.setattr(_cuda_path, "_PLANS", {})  # cached plans hold the kernels of their test
+    monkeypatch.setattr(gpu_forward, "_PLANS", {})  # cached plans hold the kernels of their test
     return log
 
 
@@ -194,7 +196,7 @@ def test_every_launch_gets_the_geometry(launches):
         assert _strides(p, "i") == (80, 40, 1) and int(p["i"]) == x[3].data.ptr, name
         if int(p["q"]):  # every kernel but stage 0 reads q
             assert _strides(p, "q") == (2 * 40 * 16, 40 * 16, 16) and int(p["q"]) == x[0].data.ptr, name
-        assert _cuda_path._cdiv(40, 16) == int(p["NC"])
+        assert cdiv(40, 16) == int(p["NC"])
 
 
 def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tensor_maps, monkeypatch):
@@ -339,7 +341,7 @@ def test_repeated_signature_reuses_the_plan_with_each_calls_pointers(launches, t
         launches.clear()
         h = tfla_cupy.mlstm(*x, chunk_size=128)
         calls.append((x, h, [(e[0], e[1], e[2], e[4]) for e in launches], _by_kernel(launches, "fwd_fused")[0][3]))
-    assert len(_cuda_path._PLANS) == 1
+    assert len(gpu_forward._PLANS) == 1
     (x0, h0, l0, p0), (x1, h1, l1, p1) = calls
     assert l0 == l1
     for nm, a0, a1 in zip("qkvif", x0, x1):
@@ -349,7 +351,7 @@ def test_repeated_signature_reuses_the_plan_with_each_calls_pointers(launches, t
     monkeypatch.setenv(config.FAMILY_ENV, "sm80")
     launches.clear()
     tfla_cupy.mlstm(*x1, chunk_size=128)
-    assert len(_cuda_path._PLANS) == 2
+    assert len(gpu_forward._PLANS) == 2
     assert "tfla::fwd_h_kernel" in {e[0].split("<")[0] for e in launches}
 
 
@@ -401,12 +403,12 @@ def test_plan_signature_separates_strides_and_kept_states(launches, tensor_maps,
     launches.clear()
     tfla_cupy.mlstm(q_view, *x[1:], chunk_size=128)
     strided = _by_kernel(launches, "fwd_fused")[0][3]
-    assert len(_cuda_path._PLANS) == 2
+    assert len(gpu_forward._PLANS) == 2
     assert _strides(dense, "q") == (NH * S * 128, S * 128, 128)
     assert _strides(strided, "q") == (NH * S * 256, S * 256, 256) and int(strided["q"]) == q_view.data.ptr
     launches.clear()
     _, _, ctx = tfla_cupy.mlstm_fwd(*x, chunk_size=128, keep_states=True)
     kept = _by_kernel(launches, "fwd_fused")[0][3]
-    assert len(_cuda_path._PLANS) == 3
+    assert len(gpu_forward._PLANS) == 3
     assert int(kept["C_states"]) != 0 and int(kept["m_states"]) != 0  # the walk writes the chunk states
     assert int(dense["C_states"]) == 0 and int(dense["m_states"]) == 0

@@ -147,13 +147,13 @@ class Kernel:
 
 
 @functools.lru_cache(maxsize=None)
-def _raw_dtype(itemsize):
+def raw_dtype(itemsize):
     return np.dtype(f"V{itemsize}")
 
 
 def _raw(a):
     """A structured one-element NumPy array as the same bytes with a plain void dtype."""
-    return a.view(_raw_dtype(a.dtype.itemsize)) if isinstance(a, np.ndarray) and a.dtype.names else a
+    return a.view(raw_dtype(a.dtype.itemsize)) if isinstance(a, np.ndarray) and a.dtype.names else a
 
 
 def _build_kernel(device_id: int, name: str) -> Kernel:
@@ -166,14 +166,14 @@ def _build_kernel(device_id: int, name: str) -> Kernel:
         raise CompileError(f"NVRTC failed to compile {name} for compute capability {cc}:\n{e}") from None
 
 
-#: (device id, name) -> Kernel, each compiled once per process
-_kernel = _Once(_build_kernel)
+#: kernel_on(device id, name): the Kernel, compiled once per process and device (thread-safe)
+kernel_on = _Once(_build_kernel)
 
 
 def get_kernel(name: str) -> Kernel:
     """The kernel ``name`` for the current device (compiled on first use; thread-safe)."""
     cp = _arrays.cupy_module()
-    return _kernel(cp.cuda.Device().id, name)
+    return kernel_on(cp.cuda.Device().id, name)
 
 
 @functools.lru_cache(maxsize=None)

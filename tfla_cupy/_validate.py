@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _arrays
 from ._types import MLSTMContext, MLSTMState
+from .config import KernelConfig, default_chunk_size
 from .reference.gates import GATE_SPECS, GATES  # the one gate specification
 
 PRECISIONS = ("default", "tf32")
@@ -69,23 +70,23 @@ class Problem:
         return GATE_SPECS[self.gate].stabilized
 
 
-def _shape_str(shape):
+def shape_str(shape):
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 def _check_rank_and_dtype(name, x, rank, dims_doc):
     if x.ndim != rank:
-        raise ValueError(f"{name}: expected a {rank}-d array {dims_doc}, got shape {_shape_str(x.shape)}")
+        raise ValueError(f"{name}: expected a {rank}-d array {dims_doc}, got shape {shape_str(x.shape)}")
     if not _arrays.is_floating(x.dtype):
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {_arrays.dtype_name(x.dtype)}")
     if any(s == 0 for s in x.shape):
-        raise ValueError(f"{name}: every dimension must be >= 1, got shape {_shape_str(x.shape)}")
+        raise ValueError(f"{name}: every dimension must be >= 1, got shape {shape_str(x.shape)}")
 
 
 def _check_shape(name, x, expected, dims_doc):
     if tuple(x.shape) != tuple(expected):
-        raise ValueError(f"{name}: expected shape {_shape_str(expected)} {dims_doc}, got {_shape_str(x.shape)}")
+        raise ValueError(f"{name}: expected shape {shape_str(expected)} {dims_doc}, got {shape_str(x.shape)}")
 
 
 def _finite_positive(x):
@@ -161,7 +162,7 @@ def check_cu_seqlens(cu_seqlens, *, B, S, kind):
         raise TypeError(f"cu_seqlens: expected None or a 1-d int32 / int64 NumPy or CuPy array, "
                         f"got {type(cu_seqlens).__name__}")
     if cu_seqlens.ndim != 1:
-        raise ValueError(f"cu_seqlens: expected a 1-d array of N + 1 offsets, got shape {_shape_str(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens: expected a 1-d array of N + 1 offsets, got shape {shape_str(cu_seqlens.shape)}")
     if np.dtype(cu_seqlens.dtype) not in (np.dtype(np.int32), np.dtype(np.int64)):
         raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {_arrays.dtype_name(cu_seqlens.dtype)}")
     if cu_seqlens.shape[0] < 2:
@@ -221,14 +222,12 @@ def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_st
         got = f"layout={layout!r}" if layout != "bhsd" else "cu_seqlens"
         raise ValueError(f"normalizer_grad: True is supported with layout='bhsd' and no cu_seqlens, got {got}")
     if config is not None:
-        from .config import KernelConfig
         if not isinstance(config, KernelConfig):
             raise TypeError(f"config: expected None or a tfla_cupy.KernelConfig, got {type(config).__name__}")
     NSEQ = B
     if cu_seqlens is not None:
         cu_seqlens, NSEQ = check_cu_seqlens(cu_seqlens, B=B, S=S, kind=kind)
     if chunk_size is None:
-        from .config import default_chunk_size
         chunk_size = default_chunk_size(S)
     problem = Problem(kind=kind, B=B, NH=NH, S=S, DK=DK, DV=DV, dtype=q.dtype, gate=gate,
                       normalize=bool(normalize), eps=eps, scale=scale, chunk_size=int(chunk_size),
@@ -266,7 +265,7 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None, pool=Fals
         C = _arrays.to_module(f"{name}.C", C, p.kind)
         if C.ndim != 4 or C.shape[0] < 1:
             raise ValueError(f"{name}.C: expected a state pool of shape (P, NH, DK, DV) = (P, {NH}, {DK}, {DV}) "
-                             f"with P >= 1, got {_shape_str(C.shape)}")
+                             f"with P >= 1, got {shape_str(C.shape)}")
         B, lead = C.shape[0], "P"
     entries = [("C", C, (B, NH, DK, DV), f"({lead}, NH, DK, DV)", True),
                ("n", n, (B, NH, DK), f"({lead}, NH, DK)", require_n),
@@ -287,7 +286,7 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None, pool=Fals
                             f"got {_arrays.dtype_name(x.dtype)}")
         if tuple(x.shape) != shape:
             why = " (one state per cu_seqlens sequence)" if p.varlen else ""
-            raise ValueError(f"{full}: expected shape {_shape_str(shape)} {doc}{why}, got {_shape_str(x.shape)}")
+            raise ValueError(f"{full}: expected shape {shape_str(shape)} {doc}{why}, got {shape_str(x.shape)}")
         if state_dtype is not None and x.dtype != state_dtype:
             raise TypeError(f"{full}: the GPU path keeps states in float32, got {_arrays.dtype_name(x.dtype)}")
         out[key] = x
@@ -303,8 +302,8 @@ def backward_args(ctx, dh, d_state):
     dh = _arrays.to_module("dh", dh, p.kind, ctx_kind=True)
     expected = p.seq_shape(p.DV)
     if dh.ndim != 4 or tuple(dh.shape) != expected:
-        raise ValueError(f"dh: expected shape {_shape_str(expected)} {_SEQ_DOC[p.layout][0].format('DV')} of h, "
-                         f"got {_shape_str(dh.shape)}")
+        raise ValueError(f"dh: expected shape {shape_str(expected)} {_SEQ_DOC[p.layout][0].format('DV')} of h, "
+                         f"got {shape_str(dh.shape)}")
     if not _arrays.is_floating(dh.dtype):
         raise TypeError(f"dh: expected a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {_arrays.dtype_name(dh.dtype)}")
@@ -383,7 +382,7 @@ def _state_indices(idx, B, P, kind):
     if np.dtype(idx.dtype) != np.int32:
         raise TypeError(f"state_indices: expected dtype int32, got {_arrays.dtype_name(idx.dtype)}")
     if tuple(idx.shape) != (B,):
-        raise ValueError(f"state_indices: expected shape ({B},) (B,) to match q, got {_shape_str(idx.shape)}")
+        raise ValueError(f"state_indices: expected shape ({B},) (B,) to match q, got {shape_str(idx.shape)}")
     if k == "numpy":
         bad = (idx < -1) | (idx >= P)
         if bad.any():

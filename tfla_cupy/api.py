@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple, Union
 
-from . import _normgrad, _numpy_path, _validate
+from . import _gpu, _normgrad, _validate
+from ._backend import backend
+from ._step_plan import StepPlan
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
 
 Array = Any   # a NumPy or CuPy array, or a DLPack producer (PyTorch, JAX, ...)
@@ -76,13 +78,6 @@ _COMMON_DOC = """
 """
 
 
-def _dispatch(kind):
-    if kind == "numpy":
-        return _numpy_path
-    from . import _cuda_path
-    return _cuda_path
-
-
 def _forward(q, k, v, i, f, *, gate, normalize, initial_state, chunk_size, eps, scale, precision, config,
              keep_states, normalizer_grad, copy_inputs, out_state=None, layout="bhsd", cu_seqlens=None):
     problem, arrays, state = _validate.inputs(
@@ -91,7 +86,7 @@ def _forward(q, k, v, i, f, *, gate, normalize, initial_state, chunk_size, eps, 
         normalizer_grad=normalizer_grad, layout=layout, cu_seqlens=cu_seqlens)
     if copy_inputs is not None and not isinstance(copy_inputs, bool):
         raise TypeError(f"copy_inputs: expected None or a bool, got {type(copy_inputs).__name__}")
-    path = _dispatch(problem.kind)
+    path = backend(problem.kind)
     # None: private copies on the NumPy path (host memory, cheap); none on the GPU path
     kw = dict(copy_saved=problem.kind == "numpy" if copy_inputs is None else copy_inputs)
     if out_state is not None:
@@ -213,8 +208,8 @@ def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None)
     """
     dh, dC_last, dn_last = _validate.backward_args(ctx, dh, d_state)
     if ctx.problem.normalizer_grad:
-        return _normgrad.backward(ctx, dh, dC_last, dn_last, _dispatch(ctx.kind))
-    return _dispatch(ctx.kind).backward(ctx, dh, dC_last)
+        return _normgrad.backward(ctx, dh, dC_last, dn_last, backend(ctx.kind))
+    return backend(ctx.kind).backward(ctx, dh, dC_last)
 
 
 def mlstm_vjp(q: Array, k: Array, v: Array, i: Array, f: Array, *, gate: str = "exp", normalize: bool = True,
@@ -286,7 +281,7 @@ def mlstm_step(q: Array, k: Array, v: Array, i: Array, f: Array, state: Optional
     problem, arrays, st, out, idx = _validate.step_inputs(
         q, k, v, i, f, state, gate=gate, normalize=normalize, eps=eps, scale=scale, out_state=out_state,
         state_indices=state_indices)
-    return _dispatch(problem.kind).step(problem, arrays, st, out, idx)
+    return backend(problem.kind).step(problem, arrays, st, out, idx)
 
 
 def mlstm_step_plan(q, k, v, i, f, state, *, gate="exp", normalize=True, eps=1e-6, scale=None,
@@ -308,5 +303,6 @@ def mlstm_step_plan(q, k, v, i, f, state, *, gate="exp", normalize=True, eps=1e-
     if st is None:
         raise ValueError("state: mlstm_step_plan needs the state it will update (zeros for a fresh sequence), "
                          "got None")
-    from ._step_plan import StepPlan
-    return StepPlan(problem, arrays, st, idx)
+    if problem.kind == "cuda":
+        return _gpu.GpuStepPlan(problem, arrays, st, idx)
+    return StepPlan(problem, st, idx)

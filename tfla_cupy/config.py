@@ -13,9 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._arrays import BFLOAT16
+from ._loader import kernel_name
 from .reference.gates import GATE_SPECS
 
 DEFAULT_CHUNK_SIZE = 128
+#: Head dims the GPU kernels take (multiples of 8 up to these).
+MAX_DK, MAX_DV = 512, 1024
 SMEM_LIMIT_BYTES = 232_448   # H100/H200 opt-in per block; smaller devices are checked at launch
 
 #: The compute policy (C++ ``tfla::Mma*``) per (dtype, precision).
@@ -309,12 +312,10 @@ def pick_config(mma: str, DK: int, DV: int, L: int) -> KernelConfig:
 
 
 def state_kernels(mma: str, gate: str, tile: StateTile):
-    from ._loader import kernel_name
     return {k: kernel_name(k, f"tfla::{mma}", gate, tile.cpp()) for k in ("fwd_states_kernel", "bwd_dstates_kernel")}
 
 
 def chunk_kernel(kind: str, mma: str, gate: str, tile: ChunkTile):
-    from ._loader import kernel_name
     return kernel_name(kind, f"tfla::{mma}", gate, tile.cpp())
 
 
@@ -322,56 +323,46 @@ def fused_fwd_kernel(mma: str, gate: str, mode: str = "full"):
     """The fused Hopper forward in one of FUSED_MODES: "full" (the forward), "summary" (pass 1 of
     segments: segment end states only), "states" (the backward's recompute: chunk-boundary states
     only)."""
-    from ._loader import kernel_name
     return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate, str(FUSED_MODES[mode]))
 
 
 def bwd_chunk_sm90_kernel(mma: str, gate: str, role: str):
     """The Hopper backward chunk product in one of BWD_ROLES (dq, dk or dv)."""
-    from ._loader import kernel_name
     return kernel_name("bwd_chunk_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{role}")
 
 
 def bwd_dstates_sm90_kernel(mma: str, gate: str, tma: bool):
     """The Hopper reverse dC pass (the chunk-boundary state gradients), its tiles read by bulk
     tensor copies (``tma``: the call's q and dh have tensor maps) or by cp.async."""
-    from ._loader import kernel_name
     return kernel_name("bwd_dstates_sm90_kernel", STORAGE_TYPE[mma], gate, "true" if tma else "false")
 
 
 def segment_combine_kernel(gate: str):
-    from ._loader import kernel_name
     return kernel_name("segment_combine_kernel", gate)
 
 
 def fused_terms_kernel(gate: str):
-    from ._loader import kernel_name
     return kernel_name("fused_terms_kernel", gate)
 
 
 def gates_kernel(gate: str):
-    from ._loader import kernel_name
     return kernel_name("bwd_gates_kernel", gate)
 
 
 def chunk_gates_kernel(gate: str):
-    from ._loader import kernel_name
     return kernel_name("chunk_gates_kernel", gate)
 
 
 def seq_table_kernel(index_dtype) -> str:
     """The kernel that builds the chunk table of packed sequences from int32 / int64 cu_seqlens."""
-    from ._loader import kernel_name
     return kernel_name("seq_table_kernel", {4: "int", 8: "long long"}[np.dtype(index_dtype).itemsize])
 
 
 def step_kernel(mma: str, gate: str):
-    from ._loader import kernel_name
     return kernel_name("step_kernel", STORAGE_TYPE[mma], gate)
 
 
 def step_nm_kernel(mma: str, gate: str):
-    from ._loader import kernel_name
     return kernel_name("step_nm_kernel", STORAGE_TYPE[mma], gate)
 
 

@@ -17,13 +17,12 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from . import config
+from . import _arrays, _loader, config
 
 _SHORT = {"bf16": "MmaBF16", "f16": "MmaF16", "f32": "MmaF32", "tf32": "MmaTF32"}
 
 
 def _compile(name):
-    from . import _loader
     _loader.get_kernel(name)
     return name
 
@@ -63,7 +62,6 @@ def _positive(text):
 
 def gpu_problem():
     """Why this machine cannot fill the kernel cache (None when it can)."""
-    from . import _arrays
     cp = _arrays.cupy_module()
     if cp is None:
         return "CuPy is not installed (pip install \".[cuda12]\")"

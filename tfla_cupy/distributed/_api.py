@@ -25,6 +25,7 @@ import numpy as np
 from .. import _arrays, _validate, api
 from .._types import MLSTMGrads, MLSTMState
 from . import _algebra, _local
+from ._comm import NcclComm
 
 _F32 = np.dtype(np.float32)
 
@@ -197,7 +198,6 @@ def mlstm_fwd(q, k, v, i, f, *, comm, gate="exp", normalize=True, initial_state=
     _check_comm(comm)
     opts = _fwd_opts(gate, normalize, chunk_size, eps, scale, precision, config, keep_states)
     problem, arrays, state = _validate_slice((q, k, v, i, f), opts, initial_state)
-    from ._comm import NcclComm
     if problem.kind != "cuda" and isinstance(comm, NcclComm):
         raise TypeError("q: the NCCL path needs GPU arrays (CuPy or a CUDA DLPack producer), got host arrays; "
                         "use virtual_mlstm_fwd for NumPy")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._numpy_path import _QUIET, _f64
+from .. import _gpu
+from .._numpy_path import _QUIET, _f64, _initial
 from ..reference import chunkwise
 from ..reference.gates import log_gates
 from ._algebra import EMPTY_M, Summary
@@ -15,8 +16,7 @@ def summary(problem, arrays, state, *, empty):
     """The slice-end state and G = Σλ (float64) of a validated slice: from the empty state
     (``empty=True``, ranks >= 1) or from ``state`` (None: zeros with m_0 = 0; rank 0)."""
     if problem.kind == "cuda":
-        from .. import _cuda_path
-        last, G = _cuda_path.segment_summary(problem, arrays, state, empty_m=EMPTY_M if empty else None)
+        last, G = _gpu.segment_summary(problem, arrays, state, empty_m=EMPTY_M if empty else None)
         m = None if last.m is None else last.m.astype(np.float64)
         return Summary(last.C, last.n, m, G)
     return _numpy_summary(problem, arrays, state, empty)
@@ -24,7 +24,6 @@ def summary(problem, arrays, state, *, empty):
 
 @np.errstate(**_QUIET)
 def _numpy_summary(p, arrays, state, empty):
-    from .._numpy_path import _initial
     q, k, v, i, f = (_f64(x) for x in arrays)
     C0, n0, m0 = _initial(p, None if empty else state)
     if empty:
@@ -39,8 +38,7 @@ def initial_state_grad(ctx, dh, dC_last):
     """d(initial C) of a local forward for the given dh and slice-end gradient dC_last (None:
     zero), without the token gradients. float32 on the GPU, float64 on NumPy."""
     if ctx.kind == "cuda":
-        from .. import _cuda_path
-        return _cuda_path.initial_state_grad(ctx, dh, dC_last)
+        return _gpu.initial_state_grad(ctx, dh, dC_last)
     return _numpy_initial_state_grad(ctx, dh, dC_last)
 
 

@@ -1,0 +1,126 @@
+"""The GPU backward (docs/math.md §6): the chunk-boundary states again unless the forward kept
+them → dq (and the per-token q·dq) → the reverse dC pass → dk, dv (and k·dk) → the gate
+gradients di, df. On Hopper, where they cover the call, dq, dk, dv and the dC pass are the
+wgmma kernels (bwd_chunk_sm90, bwd_dstates_sm90) and the state recompute is the fused
+forward's states mode; elsewhere the sm80 kernels.
+"""
+
+from __future__ import annotations
+
+from .. import _arrays, _tma
+from .._types import MLSTMGrads, MLSTMState
+from . import family, launch
+from .fwd import out_or_new, recompute_states
+from .launch import Geometry
+from .operands import F32, operand, sequence_operand
+
+#: the Hopper chunk kernel's role per sm80 kernel kind
+_ROLES = {"bwd_dq": "RoleDQ", "bwd_dk": "RoleDK", "bwd_dv": "RoleDV"}
+
+
+def _saved_gates(g, saved):
+    """The context's gate vectors; a fused forward keeps none, so stage 0 runs here then (B·NH·S
+    work) and the context keeps them for a later backward."""
+    if saved["gates"] is None:
+        saved["gates"] = g.gate_vectors(saved["i"], saved["f"])
+    return saved["gates"]
+
+
+def _common(g, s):
+    """The Params fields every backward launch shares."""
+    return dict(q=s["q"], k=s["k"], v=s["v"], i=s["i"], f=s["f"], C0=s["C0"], n0=s["n0"], m0=s["m0"], N=s["N"],
+                M=s["M"], **_saved_gates(g, s))
+
+
+def _dstates(g, hopper, params, q, dh):
+    """The reverse dC pass (dC_states, and dC0 where given) on the Hopper kernel (bulk tensor
+    copies where q and dh take tensor maps, else cp.async) or the sm80 state kernel."""
+    if not hopper:
+        return launch.states(g, "bwd_dstates_kernel")(params)
+    p = g.p
+    st = g.strides(q=q, dh=dh)
+    tma = family.operands_reason(p, (st["st_q"], st["st_dh"]), True) is None
+    maps = (_tma.fused_maps(((q, st["st_q"]), (q, st["st_q"]), (dh, st["st_dh"])), p.S, p.NH, p.B) if tma
+            else launch.no_maps())
+    launch.dstates_sm90(g, tma)(params, maps)
+
+
+def backward(ctx, dh, dC_last, *, out=None):
+    """``out``: optional preallocated outputs dq, dk, dv (dtypes of q, k, v), di, df (float32),
+    dC0 (float32), as for forward()."""
+    cp = _arrays.cupy_module()
+    p, s = ctx.problem, ctx.saved
+    device = cp.cuda.Device(s["device"])
+    if dh.device.id != device.id or (dC_last is not None and dC_last.device.id != device.id):
+        raise ValueError(f"dh, d_state: expected arrays on GPU {device.id}, where the forward ran")
+    with device:
+        g = Geometry(p, s["cfg"], s["mma"], s["seq_table"])
+        BH, NC = g.BH, g.NC
+        dh = sequence_operand(dh, p.layout, p.dtype)
+        dC_last = None if dC_last is None else operand(dC_last)
+        common = dict(_common(g, s), dh=dh, dC_last=dC_last, C_last=s["C_last"])
+        C_states, m_states = s["C_states"], s["m_states"]
+        if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
+            C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
+            m_states = cp.empty((BH, g.NM), F32) if p.has_m else None
+            if not recompute_states(p, device, s, C_states, m_states):
+                launch.states(g, "fwd_states_kernel")(g.params(**{**common, "C_last": None}, C_states=C_states,
+                                                               m_states=m_states))
+        hopper = family.backward(p, s["cfg"], s["mma"], device) == "sm90"
+
+        def token_grads(kind):  # dq, dk or dv on the family of this backward
+            return launch.chunk_sm90(g, _ROLES[kind]) if hopper else launch.chunk(g, kind)
+
+        def parts(kind):  # per-token partial dots q·dq, k·dk: one per output block (one CTA owns all on sm90)
+            return 1 if hopper else launch.dot_parts(g, kind)
+
+        dq = out_or_new(out, "dq", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
+        qdq = cp.empty((parts("bwd_dq"), BH, p.S), F32)
+        token_grads("bwd_dq")(g.params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
+        del C_states  # dq was its last reader (unless the forward keeps it)
+
+        dC_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
+        dC0 = out_or_new(out, "dC0", lambda: cp.empty((p.NSEQ, p.NH, p.DK, p.DV), F32)) if p.has_initial_state else None
+        _dstates(g, hopper, g.params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0), s["q"], dh)
+        dk = out_or_new(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
+        dv = out_or_new(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
+        kdk = cp.empty((parts("bwd_dk"), BH, p.S), F32)
+        params = g.params(**common, m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=kdk)
+        token_grads("bwd_dk")(params)
+        token_grads("bwd_dv")(params)
+        del dC_states
+
+        di = out_or_new(out, "di", lambda: cp.empty(p.seq_shape(), F32))
+        df = out_or_new(out, "df", lambda: cp.empty(p.seq_shape(), F32))
+        launch.gates_grad(g)(g.params(**common, qdq=qdq, kdk=kdk, di=di, df=df, qdq_parts=qdq.shape[0],
+                                      kdk_parts=kdk.shape[0]))
+        di_dtype, df_dtype = s["dtypes"]
+        di, df = di.astype(di_dtype, copy=False), df.astype(df_dtype, copy=False)
+        d_initial = None
+        if p.has_initial_state:
+            d_initial = MLSTMState(dC0, cp.zeros((p.NSEQ, p.NH, p.DK), F32) if p.has_n else None,
+                                   cp.zeros((p.NSEQ, p.NH), F32) if p.has_m else None)
+    return MLSTMGrads(dq, dk, dv, di, df, d_initial)
+
+
+def initial_state_grad(ctx, dh, dC_last):
+    """d(initial C) alone (docs/distributed.md §2): the reverse dC pass of backward() without the
+    token gradients, after recomputing the boundary stabilizers (a state pass, exp only) unless
+    the forward kept them. Returns (B, NH, DK, DV) float32."""
+    cp = _arrays.cupy_module()
+    p, s = ctx.problem, ctx.saved
+    device = cp.cuda.Device(s["device"])
+    with device:
+        g = Geometry(p, s["cfg"], s["mma"], s.get("seq_table"))
+        common = _common(g, s)
+        m_states = s["m_states"]
+        if p.has_m and m_states is None:
+            m_states = cp.empty((g.BH, g.NM), F32)
+            launch.states(g, "fwd_states_kernel")(g.params(**common, m_states=m_states))
+        dC0 = cp.empty((p.NSEQ, p.NH, p.DK, p.DV), F32)
+        scratch = cp.empty((g.BH, g.NC, p.DK, p.DV), p.dtype)  # the kernel also writes every dC^(c)
+        hopper = family.backward(p, s["cfg"], s["mma"], device) == "sm90"
+        dh = sequence_operand(dh, p.layout, p.dtype)
+        _dstates(g, hopper, g.params(**common, dh=dh, dC_last=None if dC_last is None else operand(dC_last),
+                                     m_states=m_states, dC_states=scratch, dC0=dC0), s["q"], dh)
+    return dC0

@@ -1,0 +1,210 @@
+"""Every launch of the GPU path, built in one place: a :class:`LaunchSpec` (kernel, grid,
+block, dynamic shared memory, whether it takes tensor maps) per kernel family, from the
+geometry of one call (:class:`Geometry`: sizes, chunk slots, strides, the Params record).
+
+Grids are 1-d. The sm80 family tiles come from the call's KernelConfig; the Hopper kernels'
+constants from config.py's mirrors of their C++ structs (tests/test_config.py checks both
+sides). Kernels are fetched through ``_loader.get_kernel`` (compiled once per process and
+device, thread-safe).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .. import _arrays, _loader, _tma
+from .._params import make_params
+from ..config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD_SM90_BLOCK, BWD_SM90_THREADS,
+                      ELEMENT_BYTES, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
+                      FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, SEG_COMBINE_THREADS,
+                      STEP_NM_THREADS, STEP_THREADS, THREADS, bwd_chunk_sm90_kernel, bwd_dstates_sm90_kernel,
+                      bwd_sm90_smem_bytes, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
+                      fused_fwd_kernel, fused_terms_kernel, gates_kernel, segment_combine_kernel, seq_table_kernel,
+                      state_kernels, step_kernel, step_lanes, step_nm_kernel)
+from .operands import F32, cdiv, strides
+
+
+class LaunchSpec(NamedTuple):
+    """One kernel launch on the current stream: ``spec(params)``, or ``spec(params, maps)``
+    for the kernels that also take the tensor maps of q, k, v (``maps``)."""
+
+    kernel: Any          # a _loader.Kernel
+    grid: int
+    block: int
+    smem: int = 0        # dynamic shared memory, bytes
+    maps: bool = False   # takes a tensor-map record after its Params
+
+    def __call__(self, params, *more):
+        self.kernel(self.grid, self.block, (params, *more) if more else params, self.smem)
+
+
+class Geometry:
+    """Sizes of one problem under one config, and what every launch of it shares: chunk slots,
+    the sequence table of packed input and the strides of the sequence tensors."""
+
+    def __init__(self, problem, cfg, mma, seq_table=None):
+        p = problem
+        self.p, self.cfg, self.mma = p, cfg, mma
+        self.gate = GATE_POLICY[(p.gate, p.normalize)]
+        self.e = ELEMENT_BYTES[mma]
+        self.BH = p.B * p.NH
+        L = p.chunk_size
+        # chunk slots per batch·head: ceil(S / L), or the bound floor(S / L) + N of packed input
+        self.NC = p.S // L + p.NSEQ if p.varlen else cdiv(p.S, L)
+        self.NM = self.NC + (p.NSEQ if p.varlen else 1)  # m-state slots per batch·head
+        self.seq_table = seq_table
+        self.fields = dict(BH=self.BH, S=p.S, DK=p.DK, DV=p.DV, L=L, NC=self.NC, NH=p.NH, NSEQ=p.NSEQ, NM=self.NM,
+                           seq_table=seq_table, scale=p.scale, eps=p.eps)
+
+    def strides(self, **named):
+        """{st_<name>: (batch, head, token) element strides} of sequence tensors in the call's layout
+        (N and M are internal and always (B, NH, S))."""
+        return {f"st_{name}": strides(x, "bhsd" if name in ("N", "M") else self.p.layout)
+                for name, x in named.items() if x is not None}
+
+    def params(self, **fields):
+        """make_params with the shared sizes and the strides of every sequence tensor given."""
+        seq = {n: fields.get(n) for n in ("q", "k", "v", "i", "f", "h", "dh", "dq", "dk", "dv", "di", "df", "N", "M")}
+        return make_params(**self.fields, **self.strides(**seq), **fields)
+
+    def gate_arrays(self):
+        """The per-chunk log-gate vectors stage 0 writes (chunk-aligned), unfilled."""
+        cp = _arrays.cupy_module()
+        L = self.p.chunk_size
+        return dict(gate_a=cp.empty((self.BH, self.NC, L), F32), gate_b=cp.empty((self.BH, self.NC, L), F32),
+                    gate_g=cp.empty((self.BH, self.NC), F32), gate_amax=cp.empty((self.BH, self.NC), F32))
+
+    def gate_vectors(self, i32, f32):
+        """Stage 0: the per-chunk log-gate vectors (chunk-aligned) every later stage reads."""
+        g = self.gate_arrays()
+        chunk_gates(self)(self.params(i=i32, f=f32, **g))
+        return g
+
+
+# ------------------------------------------------------------------------------------------
+# Both families: gate stages and the packed-sequence table
+# ------------------------------------------------------------------------------------------
+
+
+def seq_table(index_dtype):
+    """Stage −1 of packed sequences: one CTA builds the chunk table from cu_seqlens."""
+    return LaunchSpec(_loader.get_kernel(seq_table_kernel(index_dtype)), 1, THREADS["tfla::kSeqTableThreads"])
+
+
+def chunk_gates(g):
+    """Stage 0: one CTA per chunk slot and batch·head writes the chunk's log-gate vectors."""
+    return LaunchSpec(_loader.get_kernel(chunk_gates_kernel(g.gate)), g.NC * g.BH, THREADS["tfla::kChunkGateThreads"],
+                      chunk_gates_smem_bytes(g.p.chunk_size))
+
+
+def gates_grad(g):
+    """Backward stage 3: di, df, one CTA per sequence·head walking it backwards."""
+    return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), g.p.NSEQ * g.p.NH, THREADS["tfla::kGateThreads"])
+
+
+# ------------------------------------------------------------------------------------------
+# sm80 family (mma.sync)
+# ------------------------------------------------------------------------------------------
+
+
+def states(g, kind):
+    """The chunk recurrence (``fwd_states_kernel`` or the reverse ``bwd_dstates_kernel``): one CTA
+    per state tile, sequence and head."""
+    t, p = g.cfg.states, g.p
+    grid = cdiv(p.DK, t.bk) * cdiv(p.DV, t.bv) * p.NSEQ * p.NH
+    return LaunchSpec(_loader.get_kernel(state_kernels(g.mma, g.gate, t)[kind]), grid, t.threads,
+                      t.smem_bytes(g.e, p.chunk_size))
+
+
+def chunk(g, kind):
+    """A chunk-parallel kernel (``fwd_h``, ``bwd_dq``, ``bwd_dk``, ``bwd_dv``): one CTA per output
+    block, row tile, chunk slot and batch·head."""
+    t, p = getattr(g.cfg, kind), g.p
+    DZ = p.DV if kind in ("fwd_h", "bwd_dv") else p.DK
+    grid = cdiv(DZ, t.bn) * cdiv(p.chunk_size, t.bm) * g.NC * g.BH
+    return LaunchSpec(_loader.get_kernel(chunk_kernel(f"{kind}_kernel", g.mma, g.gate, t)), grid, t.threads,
+                      t.smem_bytes(g.e, p.chunk_size))
+
+
+def dot_parts(g, kind):
+    """Per-token partial dots q·dq / k·dk an sm80 chunk kernel writes: one per output block."""
+    return cdiv(g.p.DK, getattr(g.cfg, kind).bn)
+
+
+# ------------------------------------------------------------------------------------------
+# sm90 family (wgmma, bulk tensor copies)
+# ------------------------------------------------------------------------------------------
+
+
+def fused_terms(g):
+    """Stage 0b of the fused forward: one CTA per chunk slot and batch·head writes its gate record."""
+    return LaunchSpec(_loader.get_kernel(fused_terms_kernel(g.gate)), g.NC * g.BH, FUSED_TERMS_THREADS,
+                      FUSED_TERMS_SMEM_BYTES)
+
+
+def fused(g, mode, items, sms):
+    """The fused forward in ``mode`` ("full", "summary", "states") on a persistent grid: at most
+    one CTA per SM (two in the states mode, whose compact carve fits twice), each walking work
+    items (segment, sequence, head, DV block) in turn."""
+    per_sm, smem = (FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES) if mode == "states" else (1, FUSED_SMEM_BYTES)
+    return LaunchSpec(_loader.get_kernel(fused_fwd_kernel(g.mma, g.gate, mode)), min(items, per_sm * sms),
+                      FUSED_THREADS, smem, True)
+
+
+def segment_combine(g):
+    """The fold of segment summaries into the states entering segments 1 …: one CTA per
+    sequence·head."""
+    return LaunchSpec(_loader.get_kernel(segment_combine_kernel(g.gate)), g.p.NSEQ * g.p.NH, SEG_COMBINE_THREADS)
+
+
+def chunk_sm90(g, role):
+    """The Hopper backward chunk product in ``role`` (RoleDQ, RoleDK, RoleDV): one CTA per (half
+    chunk, chunk slot, batch·head), every output column; shared memory grows with the
+    contraction dimension."""
+    DX = g.p.DK if role == "RoleDV" else g.p.DV
+    return LaunchSpec(_loader.get_kernel(bwd_chunk_sm90_kernel(g.mma, g.gate, role)), 2 * g.NC * g.BH,
+                      BWD_SM90_THREADS, bwd_sm90_smem_bytes(DX))
+
+
+def dstates_sm90(g, tma):
+    """The Hopper reverse dC pass: one warpgroup per 64 × 64 block of dC and sequence·head; tiles
+    by bulk tensor copies (``tma``) or cp.async. It takes a tensor-map record either way."""
+    p = g.p
+    grid = (p.DK // BWD_SM90_BLOCK) * (p.DV // BWD_SM90_BLOCK) * p.NSEQ * p.NH
+    return LaunchSpec(_loader.get_kernel(bwd_dstates_sm90_kernel(g.mma, g.gate, tma)), grid,
+                      BWD_DSTATES_SM90_THREADS, BWD_DSTATES_SM90_SMEM_BYTES, True)
+
+
+def no_maps():
+    """The tensor-map record of a kernel that reads by cp.async."""
+    return np.zeros(1, _tma.FUSED_MAPS_DTYPE)
+
+
+# ------------------------------------------------------------------------------------------
+# The decode step (both families): step_kernel, then step_nm_kernel for in-place n, m
+# ------------------------------------------------------------------------------------------
+
+
+class StepSpecs(NamedTuple):
+    """The two step kernels' CuPy functions (launched directly, no shared memory) and grids, and
+    the DV slab width of the first."""
+
+    k1: Any
+    grid1: tuple
+    k2: Any
+    grid2: tuple
+    lanes: int
+    block1: tuple = (STEP_THREADS,)
+    block2: tuple = (STEP_NM_THREADS,)
+
+
+def step(problem, mma, device_id):
+    p = problem
+    BH = p.B * p.NH
+    lanes = step_lanes(BH, p.DV, _loader.device_limits(device_id)[0])
+    gate = GATE_POLICY[(p.gate, p.normalize)]
+    k1 = _loader.kernel_on(device_id, step_kernel(mma, gate)).fn
+    k2 = _loader.kernel_on(device_id, step_nm_kernel(mma, gate)).fn
+    return StepSpecs(k1, (BH * cdiv(p.DV // 4, lanes),), k2, (BH,), lanes)
