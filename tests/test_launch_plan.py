@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import types
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import tfla_cupy
 from tfla_cupy import _arrays, _loader
+from tfla_cupy._gpu import decode as gpu_decode
 from tfla_cupy._gpu import fwd as gpu_forward
 from tfla_cupy._gpu.operands import cdiv
-from tfla_cupy._params import PARAMS_DTYPE
+from tfla_cupy._params import PARAMS_DTYPE, STEP_PARAMS_DTYPE
 
 
 class FakeArray(np.ndarray):
@@ -22,7 +24,7 @@ class FakeArray(np.ndarray):
 
     @property
     def data(self):
-        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0], device_id=0)
 
     @property
     def device(self):
@@ -75,6 +77,16 @@ def launches(monkeypatch):
     monkeypatch.setattr(_loader, "get_kernel", get_kernel)
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (132, 232_448))
     monkeypatch.setattr(gpu_forward, "_PLANS", {})  # cached plans hold the kernels of their test
+
+    def kernel_on(device_id, name):  # the decode step launches CuPy functions with a raw record
+        def fn(grid, block, args):
+            log.append((name, grid[0], block[0], args[0].view(STEP_PARAMS_DTYPE)[0].copy(), 0))
+        return types.SimpleNamespace(fn=fn)
+
+    monkeypatch.setattr(_loader, "kernel_on", kernel_on)
+    monkeypatch.setattr(gpu_decode, "_SEEN", {})
+    decode_launch = gpu_decode.step_launch.__wrapped__
+    monkeypatch.setattr(gpu_decode, "step_launch", decode_launch)
     return log
 
 
@@ -412,3 +424,48 @@ def test_plan_signature_separates_strides_and_kept_states(launches, tensor_maps,
     assert len(gpu_forward._PLANS) == 3
     assert int(kept["C_states"]) != 0 and int(kept["m_states"]) != 0  # the walk writes the chunk states
     assert int(dense["C_states"]) == 0 and int(dense["m_states"]) == 0
+
+
+def test_plain_step_with_a_seen_signature_skips_validation(launches, monkeypatch):
+    """The second mlstm_step of a signature takes the quick path (no validation) and launches the
+    same kernel with the same record but for its new output pointers; a misaligned operand, an
+    out_state that partly overlaps the state and a new shape take the validated path, which
+    copies, refuses or plans them."""
+    from tfla_cupy import _validate
+    rng = np.random.default_rng(5)
+    B, NH, DK, DV = 2, 3, 16, 32
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    q, k = (_fake(rng.standard_normal((B, NH, DK)).astype(bf16)) for _ in range(2))
+    v = _fake(rng.standard_normal((B, NH, DV)).astype(bf16))
+    i, f = (_fake(rng.standard_normal((B, NH)).astype(np.float32)) for _ in range(2))
+    st = tfla_cupy.MLSTMState(_fake(np.zeros((B, NH, DK, DV), np.float32)), _fake(np.zeros((B, NH, DK), np.float32)),
+                              _fake(np.zeros((B, NH), np.float32)))
+    validated = []
+    real = _validate.step_inputs
+    monkeypatch.setattr(_validate, "step_inputs", lambda *a, **kw: validated.append(1) or real(*a, **kw))
+    h1, s1 = tfla_cupy.mlstm_step(q, k, v, i, f, st)
+    h2, s2 = tfla_cupy.mlstm_step(q, k, v, i, f, st)
+    assert len(validated) == 1 and len(launches) == 2
+    (n1, g1, b1, r1, _), (n2, g2, b2, r2, _) = launches
+    assert (n1, g1, b1) == (n2, g2, b2) and "step_kernel" in n1
+    outs = ("h", "C_last", "n_last", "m_last")
+    for name in STEP_PARAMS_DTYPE.names:
+        if name not in outs:
+            assert r1[name] == r2[name], name
+    assert [int(r2[n]) for n in outs] == [x.data.ptr for x in (h2, *s2)]
+    assert len({x.data.ptr for x in (h1, *s1, h2, *s2)}) == 8   # new buffers each call
+    # a misaligned gate (a view one float in): validated again, and copied to an aligned operand
+    buf = _fake(np.zeros(B * NH + 1, np.float32))
+    i_off = buf[1:].reshape(B, NH)
+    i_off[...] = i
+    tfla_cupy.mlstm_step(q, k, v, i_off, f, st)
+    assert len(validated) == 2 and int(launches[-1][3]["i"]) % 16 == 0 and int(launches[-1][3]["i"]) != i_off.data.ptr
+    # in place twice: the second is quick, and a partial overlap is refused on the quick path too
+    tfla_cupy.mlstm_step(q, k, v, i, f, st, out_state=st)
+    tfla_cupy.mlstm_step(q, k, v, i, f, st, out_state=st)
+    assert len(validated) == 3 and launches[-1][0] == launches[-3][0] and "step_nm_kernel" in launches[-1][0]
+    big = _fake(np.zeros(B * NH * DK * DV + 4, np.float32))
+    other = tfla_cupy.MLSTMState(big[4:].reshape(st.C.shape), st.n, st.m)
+    st2 = tfla_cupy.MLSTMState(big[:-4].reshape(st.C.shape), st.n, st.m)
+    with pytest.raises(ValueError, match=r"^out_state.C: overlaps state.C without being the same buffer"):
+        tfla_cupy.mlstm_step(q, k, v, i, f, st2, out_state=other)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple, Union
 
-from . import _gpu, _normgrad, _validate
+from . import _arrays, _gpu, _normgrad, _validate
 from ._backend import backend
 from ._step_plan import StepPlan
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
@@ -278,10 +278,19 @@ def mlstm_step(q: Array, k: Array, v: Array, i: Array, f: Array, state: Optional
     For loops of equal shapes, :func:`mlstm_step_plan` validates once and launches with a few
     microseconds of host time (and can be captured in a CUDA graph).
     """
+    cp = _arrays.cupy_module()
+    args = (q, k, v, i, f, state, out_state, state_indices, (gate, normalize, eps, scale))
+    if cp is not None:   # a CuPy call whose signature validated before: no validation again
+        result = _gpu.quick_step(cp, *args)
+        if result is not None:
+            return result
     problem, arrays, st, out, idx = _validate.step_inputs(
         q, k, v, i, f, state, gate=gate, normalize=normalize, eps=eps, scale=scale, out_state=out_state,
         state_indices=state_indices)
-    return backend(problem.kind).step(problem, arrays, st, out, idx)
+    result = backend(problem.kind).step(problem, arrays, st, out, idx)
+    if problem.kind == "cuda":
+        _gpu.remember_step(cp, args, problem, arrays, st, idx)
+    return result
 
 
 def mlstm_step_plan(q, k, v, i, f, state, *, gate="exp", normalize=True, eps=1e-6, scale=None,

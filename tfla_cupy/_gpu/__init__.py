@@ -13,7 +13,8 @@ sequence parallelism's state-only passes). Its modules, bottom up:
 from .bwd import backward, initial_state_grad
 from .fwd import context, forward, segment_summary
 from .operands import check_head_dims, check_problem
-from .decode import GpuStepPlan, step
+from .decode import GpuStepPlan, quick_step, step
+from .decode import remember as remember_step
 
-__all__ = ["forward", "backward", "step", "GpuStepPlan", "context", "segment_summary", "initial_state_grad",
+__all__ = ["forward", "backward", "step", "quick_step", "remember_step", "GpuStepPlan", "context", "segment_summary", "initial_state_grad",
            "check_problem", "check_head_dims"]
