@@ -38,7 +38,9 @@ import dataclasses
 import numpy as np
 
 from . import _arrays
+from ._gpu.operands import check_head_dims
 from ._types import MLSTMContext, MLSTMGrads, MLSTMState
+from .config import MAX_DV
 from .reference.gates import LOG_FORGET_FLOOR, LOG_INPUT_FLOOR, ROW_MAX_FLOOR
 
 
@@ -147,8 +149,7 @@ def forward(problem, arrays, state, path, **kw):
     kind, DV = problem.kind, problem.DV
     xp, pad = _xp(kind), _pad(kind)
     if kind == "cuda":
-        from ._cuda_path import MAX_DV, _check_head_dims
-        _check_head_dims(problem.DK, DV)
+        check_head_dims(problem.DK, DV)
         if DV + pad > MAX_DV:
             raise ValueError(f"v: normalizer_grad=True on the GPU path needs DV + {pad} <= {MAX_DV} (an augmented "
                              f"value column, padded to a multiple of 8), got DV={DV}")
