@@ -44,7 +44,7 @@ def test_core_imports_no_framework():
 @pytest.fixture
 def fake_gpu(monkeypatch):
     jax = pytest.importorskip("jax")
-    from tfla_cupy import _cuda_path, _numpy_path
+    from tfla_cupy import _gpu, _numpy_path
     from tfla_cupy import jax as tj
     from tfla_cupy._types import MLSTMContext
 
@@ -72,16 +72,17 @@ def fake_gpu(monkeypatch):
         if "dC0" in out:
             out["dC0"][...] = g.d_initial_state.C
 
-    def step(p, arrays, state, *, out=None):
+    def step(p, arrays, state, out=None, indices=None, *, h_out=None):
         h, st = _numpy_path.step(np_problem(p), arrays, state)
-        out["h"][...], out["C"][...] = h, st.C
-        if "n" in out:
-            out["n"][...] = st.n
-        if "m" in out:
-            out["m"][...] = st.m
+        h_out[...], out.C[...] = h, st.C
+        if out.n is not None:
+            out.n[...] = st.n
+        if out.m is not None:
+            out.m[...] = st.m
+        return h_out, out
 
     for name, fn in (("forward", forward), ("context", context), ("backward", backward), ("step", step)):
-        monkeypatch.setattr(_cuda_path, name, fn)
+        monkeypatch.setattr(_gpu, name, fn)
     monkeypatch.setattr(tj, "_view", lambda b: None if b is None else np.asarray(b))
     monkeypatch.setattr(tj, "_on_xla_stream", lambda ctx, buf: contextlib.nullcontext())
     cpu = jax.devices("cpu")[0]
@@ -92,18 +93,18 @@ def fake_gpu(monkeypatch):
 B, NH, S, DK, DV = 1, 2, 40, 8, 16
 
 
-def _inputs(rng):
-    q, k = rng.standard_normal((2, B, NH, S, DK)).astype(np.float32)
-    v = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
-    i = rng.standard_normal((B, NH, S)).astype(np.float32)
-    f = (2 + rng.standard_normal((B, NH, S))).astype(np.float32)
+def _inputs(rng, b=B):
+    q, k = rng.standard_normal((2, b, NH, S, DK)).astype(np.float32)
+    v = rng.standard_normal((b, NH, S, DV)).astype(np.float32)
+    i = rng.standard_normal((b, NH, S)).astype(np.float32)
+    f = (2 + rng.standard_normal((b, NH, S))).astype(np.float32)
     return q, k, v, i, f
 
 
-def _state(rng):
-    return tfla_cupy.MLSTMState(rng.standard_normal((B, NH, DK, DV)).astype(np.float32),
-                                rng.standard_normal((B, NH, DK)).astype(np.float32),
-                                rng.standard_normal((B, NH)).astype(np.float32))
+def _state(rng, b=B):
+    return tfla_cupy.MLSTMState(rng.standard_normal((b, NH, DK, DV)).astype(np.float32),
+                                rng.standard_normal((b, NH, DK)).astype(np.float32),
+                                rng.standard_normal((b, NH)).astype(np.float32))
 
 
 @pytest.mark.parametrize("normalizer_grad", [False, True], ids=["custom", "normalizer-grad"])
@@ -181,6 +182,140 @@ def test_jax_validation(fake_gpu, rng):
 
 
 # ------------------------------------------------------------------------------------------
+# tfla_cupy.jax under jax.vmap: the mapped axis folded into B (fake GPU entry points as above)
+# ------------------------------------------------------------------------------------------
+
+E = 3   # the mapped axis
+BV = 2  # B of each mapped call (> 1: a fold in the wrong order would mix rows)
+
+
+@pytest.fixture
+def pass_log(fake_gpu, monkeypatch):
+    """The B of every forward / backward / step pass that reaches the (fake) GPU entry points."""
+    from tfla_cupy import _gpu
+    log = []
+    for name, problem_of in (("forward", lambda a: a[0]), ("backward", lambda a: a[0].problem),
+                             ("step", lambda a: a[0])):
+        def logged(*a, _real=getattr(_gpu, name), _name=name, _problem_of=problem_of, **kw):
+            log.append((_name, _problem_of(a).B))
+            return _real(*a, **kw)
+        monkeypatch.setattr(_gpu, name, logged)
+    return log
+
+
+def _stacked(rng, n):
+    return [np.stack(t) for t in zip(*(_inputs(rng, BV) for _ in range(n)))]
+
+
+def _assert_tree_close(got, want, tol, what):
+    jax = pytest.importorskip("jax")
+    g, w = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(g) == len(w), what
+    for j, (a, b) in enumerate(zip(g, w)):
+        assert rel_err(a, b) < tol, (what, j)
+
+
+@pytest.mark.parametrize("gate, normalize, normalizer_grad", [("exp", True, False), ("exp", True, True),
+                                                              ("sig", False, False)],
+                         ids=["exp", "exp-normalizer-grad", "sig-nonorm"])
+def test_jax_vmap_equals_the_loop(fake_gpu, pass_log, rng, gate, normalize, normalizer_grad):
+    """vmap over an ensemble axis (q, k, i and the initial state mapped; v and f shared) equals the
+    loop over it, forward and grad, and runs each pass once with E·B rows."""
+    jax, tj, cpu = fake_gpu
+    jnp = jax.numpy
+    q, k, _, i, _ = (jnp.asarray(a) for a in _stacked(rng, E))
+    _, _, v, _, f = (jnp.asarray(a) for a in _inputs(rng, BV))
+    st = tfla_cupy.MLSTMState(*(jnp.asarray(np.stack(a)) for a in zip(*(_state(rng, BV) for _ in range(E)))))
+    w = jnp.asarray(rng.standard_normal((E, BV, NH, S, DV)).astype(np.float32))
+    wC = jnp.asarray(rng.standard_normal((E, BV, NH, DK, DV)).astype(np.float32))
+    opts = dict(gate=gate, normalize=normalize, chunk_size=16, normalizer_grad=normalizer_grad)
+
+    def one(q, k, v, i, f, state):
+        return tj.mlstm(q, k, v, i, f, initial_state=state, return_state=True, **opts)
+
+    axes = (0, 0, None, 0, None, 0)
+    h, last = jax.jit(jax.vmap(one, in_axes=axes))(q, k, v, i, f, st)
+    assert pass_log == [("forward", E * BV)]
+    one_jit = jax.jit(one)
+    loop = [one_jit(q[e], k[e], v, i[e], f, jax.tree_util.tree_map(lambda a: a[e], st)) for e in range(E)]
+    assert rel_err(h, np.stack([o[0] for o in loop])) < 1e-6
+    assert rel_err(last.C, np.stack([o[1].C for o in loop])) < 1e-6
+    for name in ("n", "m"):
+        want = getattr(loop[0][1], name)
+        assert (getattr(last, name) is None) == (want is None), name
+        if want is not None:
+            assert rel_err(getattr(last, name), np.stack([getattr(o[1], name) for o in loop])) < 1e-6
+
+    def loss(h, last, w, wC):
+        return jnp.sum(h * w) + jnp.sum(last.C * wC)
+
+    def loss_vmapped(*args):
+        h, last = jax.vmap(one, in_axes=axes)(*args)
+        return loss(h, last, w, wC)
+
+    pass_log.clear()
+    g = jax.jit(jax.grad(loss_vmapped, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, i, f, st)
+    assert ("forward", E * BV) in pass_log and ("backward", E * BV) in pass_log
+    assert all(b == E * BV for _, b in pass_log), pass_log
+
+    def loss_one(e, *args):
+        h, last = one(*args)
+        return loss(h, last, w[e], wC[e])
+
+    grad_one = jax.jit(jax.grad(loss_one, argnums=(1, 2, 3, 4, 5, 6)))
+    per = [grad_one(e, q[e], k[e], v, i[e], f, jax.tree_util.tree_map(lambda a: a[e], st)) for e in range(E)]
+    for j, name in enumerate("qkvif"):
+        want = sum(p[j] for p in per) if axes[j] is None else np.stack([p[j] for p in per])
+        assert rel_err(g[j], want) < 1e-5, name
+    _assert_tree_close(g[5], jax.tree_util.tree_map(lambda *a: np.stack(a), *(p[5] for p in per)), 1e-5,
+                       "d initial_state")
+
+
+def test_jax_vmap_moves_a_later_axis_and_nests(fake_gpu, pass_log, rng):
+    """A mapped axis in position 1 (moved to the front, then folded) and two nested vmaps (both
+    folded: one pass with E·2·B rows) equal the loop."""
+    jax, tj, cpu = fake_gpu
+    jnp = jax.numpy
+    x = [np.stack(a, axis=1) for a in zip(*(_stacked(rng, 2) for _ in range(E)))]   # (2, E, B, ...)
+    xj = [jnp.asarray(a) for a in x]
+
+    @jax.jit
+    def one(q, k, v, i, f):
+        return tj.mlstm(q, k, v, i, f, chunk_size=16)
+
+    def loss(q, *rest):
+        return jnp.sum(one(q, *rest) ** 2)
+
+    both = jax.vmap(jax.vmap(one), in_axes=1, out_axes=1)        # the outer map over axis 1 (E)
+    h = both(*xj)
+    assert h.shape == (2, E, BV, NH, S, DV)
+    assert pass_log == [("forward", E * 2 * BV)]
+    pass_log.clear()
+    gq = jax.grad(lambda q: jnp.sum(both(q, *xj[1:]) ** 2))(xj[0])
+    assert ("backward", E * 2 * BV) in pass_log
+
+    grad_one = jax.jit(jax.grad(loss))
+    for r in range(2):
+        for e in range(E):
+            x = [a[r, e] for a in xj]
+            assert rel_err(h[r, e], one(*x)) < 1e-6
+            assert rel_err(gq[r, e], grad_one(*x)) < 1e-5
+
+
+def test_jax_vmap_of_the_step(fake_gpu, pass_log, rng):
+    jax, tj, cpu = fake_gpu
+    jnp = jax.numpy
+    x = [jnp.asarray(a[:, :, :, 0]) for a in _stacked(rng, E)]
+    st = tfla_cupy.MLSTMState(*(jnp.asarray(np.stack(a)) for a in zip(*(_state(rng, BV) for _ in range(E)))))
+    h, new = jax.jit(jax.vmap(tj.mlstm_step))(*x, st)
+    assert pass_log == [("step", E * BV)]
+    step = jax.jit(tj.mlstm_step)
+    for e in range(E):
+        h_e, new_e = step(*(a[e] for a in x), jax.tree_util.tree_map(lambda a: a[e], st))
+        assert rel_err(h[e], h_e) < 1e-6 and rel_err(new.C[e], new_e.C) < 1e-6 and rel_err(new.m[e], new_e.m) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------
 # tfla_cupy.torch on CPU tensors (the float64 NumPy path), where PyTorch is installed
 # ------------------------------------------------------------------------------------------
 
@@ -224,3 +359,154 @@ def test_torch_in_place_edit_is_reported_on_cpu(rng):
         k.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         h.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------
+# tfla_cupy.torch: the custom operators under torch.compile, and opcheck (CPU tensors)
+# ------------------------------------------------------------------------------------------
+
+TORCH_CASES = [  # gate, normalize, normalizer_grad, initial state, return_state, dtype
+    pytest.param("exp", True, False, True, True, np.float64, id="exp-state"),
+    pytest.param("exp", True, True, True, True, np.float32, id="exp-normalizer-grad-f32"),
+    pytest.param("sig", False, False, False, False, np.float64, id="sig-nonorm-h-only"),
+]
+
+
+def _torch_problem(rng, dtype, with_state):
+    x = [a.astype(dtype) for a in _inputs(rng)]
+    st = tfla_cupy.MLSTMState(*(a.astype(dtype) for a in _state(rng))) if with_state else None
+    w = dict(h=rng.standard_normal((B, NH, S, DV)), C=rng.standard_normal((B, NH, DK, DV)),
+             n=rng.standard_normal((B, NH, DK)))
+    return x, st, w
+
+
+def _torch_loss_fn(tt, torch, w, *, gate, normalize, normalizer_grad, return_state):
+    W = {name: torch.tensor(a) for name, a in w.items()}
+
+    def fn(q, k, v, i, f, C0, n0, m0):
+        state = None if C0 is None else tfla_cupy.MLSTMState(C0, n0, m0)
+        out = tt.mlstm(q, k, v, i, f, initial_state=state, return_state=return_state, gate=gate, normalize=normalize,
+                       chunk_size=16, normalizer_grad=normalizer_grad)
+        h, last = out if return_state else (out, None)
+        loss = (h * W["h"]).sum()
+        if last is not None:
+            loss = loss + (last.C * W["C"]).sum()
+            if last.n is not None:
+                loss = loss + (last.n * W["n"]).sum()
+        return h, loss
+
+    return fn
+
+
+@pytest.mark.parametrize("gate, normalize, normalizer_grad, with_state, return_state, dtype", TORCH_CASES)
+def test_torch_compile_equals_eager_and_the_reference(rng, gate, normalize, normalizer_grad, with_state, return_state,
+                                                      dtype):
+    """torch.compile(fullgraph=True) of a function around tt.mlstm: the custom operators trace
+    (fake implementations, the autograd formula) and give eager's values and gradients, which
+    are the float64 API's. The aot_eager backend here (Dynamo and AOTAutograd, no code
+    generation); Inductor in the slow test below."""
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch as tt
+    torch._dynamo.reset()
+    x, st, w = _torch_problem(rng, dtype, with_state)
+    fn = _torch_loss_fn(tt, torch, w, gate=gate, normalize=normalize, normalizer_grad=normalizer_grad,
+                        return_state=return_state)
+    h_ref, _, ctx = tfla_cupy.mlstm_fwd(*x, initial_state=st, gate=gate, normalize=normalize, chunk_size=16,
+                                        normalizer_grad=normalizer_grad)
+    d_state = (w["C"], w["n"] if normalize else None, None) if return_state else None
+    want = tfla_cupy.mlstm_bwd(ctx, w["h"], d_state)
+
+    def run(f):
+        xt = [torch.tensor(a, requires_grad=True) for a in x]
+        stt = [None] * 3 if st is None else [None if a is None else torch.tensor(a, requires_grad=True) for a in st]
+        h, loss = f(*xt, *stt)
+        leaves = xt + [t for t in stt[:3 if normalizer_grad else 2] if t is not None]
+        return h, torch.autograd.grad(loss, leaves)
+
+    h_e, g_e = run(fn)
+    h_c, g_c = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    assert h_c.dtype == h_e.dtype == torch.tensor(x[0]).dtype
+    assert torch.equal(h_c, h_e) and rel_err(h_e.detach(), h_ref) < tol
+    refs = list(want[:5]) + list((want.d_initial_state or [])[:3 if normalizer_grad else 2])
+    assert len(g_e) == len(refs)
+    for got, eager, ref, name in zip(g_c, g_e, refs, ["dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"]):
+        assert got.dtype == eager.dtype
+        assert rel_err(got, eager) < 1e-12, name
+        assert rel_err(eager, ref) < tol, name
+
+
+@pytest.mark.slow
+def test_torch_compile_with_inductor_on_cpu(rng):
+    """The default backend (Inductor: C++ code for the operations around the custom operators; the
+    first compile takes ~25 s on two cores, hence slow)."""
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch as tt
+    torch._dynamo.reset()
+    x, st, w = _torch_problem(rng, np.float64, True)
+    fn = _torch_loss_fn(tt, torch, w, gate="exp", normalize=True, normalizer_grad=True, return_state=True)
+
+    def run(f):
+        xt = [torch.tensor(a, requires_grad=True) for a in x + list(st)]
+        h, loss = f(*xt)
+        return h, torch.autograd.grad(loss, xt[:7])
+
+    (h_e, g_e), (h_c, g_c) = run(fn), run(torch.compile(fn, fullgraph=True))
+    assert rel_err(h_c.detach(), h_e.detach()) < 1e-12
+    for got, eager in zip(g_c, g_e):
+        assert rel_err(got, eager) < 1e-12
+
+
+def test_torch_compile_raises_the_library_errors(rng):
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch as tt
+    torch._dynamo.reset()
+    q, k, v, i, f = (torch.tensor(a) for a in _inputs(rng))
+    with pytest.raises(Exception, match=r"k: expected shape"):
+        torch.compile(lambda *a: tt.mlstm(*a), fullgraph=True, backend="aot_eager")(q, k[:, :, :3], v, i, f)
+    with pytest.raises(ValueError, match="gate"):
+        tt.mlstm(q, k, v, i, f, gate="tanh")
+    with pytest.raises(TypeError, match="normalize: expected a bool"):
+        tt.mlstm(q, k, v, i, f, normalize=1)
+
+
+def test_torch_opcheck(rng):
+    """torch.library.opcheck on the three operators: schema (no mutation, no aliasing), autograd
+    registration, fake implementations against the real outputs, AOT dispatch with dynamic shapes."""
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch  # noqa: F401  (registers the operators)
+    ops = torch.ops.tfla_cupy
+    x, st, w = _torch_problem(rng, np.float64, True)
+    xt = [torch.tensor(a, requires_grad=True) for a in x]
+    stt = [torch.tensor(a, requires_grad=True) for a in st]
+    for gate, normalize, exact, state in (("exp", True, True, stt), ("sig", False, False, [None] * 3)):
+        n0 = state[1] if normalize else None
+        m0 = state[2] if gate == "exp" else None
+        opts = (gate, normalize, 16, 1e-6, None, "default", "", exact)
+        args = (*xt, state[0], n0, m0, *opts)
+        torch.library.opcheck(ops.mlstm_fwd.default, args)
+        with torch.no_grad():
+            h, C, n, m, N, M, C_inner, sign = ops.mlstm_fwd(*args)
+        present = [N if normalize else None, M if gate == "exp" else None, C, h if exact else None,
+                   sign if exact else None]
+        inputs = [None if t is None else t.detach() for t in (*xt, state[0], n0, m0)]
+        torch.library.opcheck(ops.mlstm_bwd.default, (*inputs, *present, torch.tensor(w["h"]), torch.tensor(w["C"]),
+                                                      None, *opts))
+    step = [t.detach()[:, :, 0] for t in xt]
+    torch.library.opcheck(ops.mlstm_step.default, (*step, *(t.detach() for t in stt), "exp", True, 1e-6, None))
+
+
+def test_torch_step_on_cpu_and_compiled(rng):
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch as tt
+    torch._dynamo.reset()
+    q, k, v, i, f = (a[:, :, 0] for a in _inputs(rng))
+    st = _state(rng)
+    for gate, normalize in (("exp", True), ("sig", False)):
+        h_ref, new_ref = tfla_cupy.mlstm_step(q, k, v, i, f, st, gate=gate, normalize=normalize)
+        args = [torch.tensor(a) for a in (q, k, v, i, f)] + [tfla_cupy.MLSTMState(*(torch.tensor(a) for a in st))]
+        fn = lambda *a: tt.mlstm_step(*a, gate=gate, normalize=normalize)   # noqa: E731
+        for h, new in (fn(*args), torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)):
+            assert rel_err(h, h_ref) < 1e-6 and rel_err(new.C, new_ref.C) < 1e-12
+            assert (new.n is None) == (not normalize) and (new.m is None) == (gate != "exp")
+            assert not h.requires_grad

@@ -1,8 +1,10 @@
-"""JAX functions over the CUDA kernels: they work under ``jax.jit``, ``jax.grad`` and ``jax.vjp``.
+"""JAX functions over the CUDA kernels: they work under ``jax.jit``, ``jax.grad``, ``jax.vjp`` and
+``jax.vmap``.
 
     import tfla_cupy.jax as tj
     h = tj.mlstm(q, k, v, i, f)                       # JAX arrays on a CUDA device
     loss, grads = jax.jit(jax.value_and_grad(lambda q: tj.mlstm(q, k, v, i, f).sum()))(q)
+    hs = jax.vmap(lambda q: tj.mlstm(q, k, v, i, f))(qs)   # qs (E, B, NH, S, DK): one call, E·B rows
 
 Each kernel stage runs inside ``jax.experimental.buffer_callback``: XLA hands the callback its
 device buffers and its stream; the kernels read the inputs and write the outputs straight into
@@ -10,13 +12,20 @@ those buffers (zero-copy, no host round trip, ordered on XLA's stream). ``jax.cu
 the gradient onto the manual backward (docs/math.md §6): the forward returns N, M and the last
 state as residuals, so the backward never recomputes the forward outputs.
 
+Under ``jax.vmap`` every pass folds the mapped axis into B (``jax.custom_batching.custom_vmap``
+around each callback): one kernel launch for the whole batch, forward and backward. Every
+operand of a pass leads with B, so the fold is a reshape of the leading axes — free for a mapped
+axis at position 0; another position costs a transpose, and an operand that is not mapped is
+broadcast (a copy). Nested ``vmap`` folds each level in turn (docs/adapters.md §3).
+
 Scratch memory of the kernels (chunk states, their gradients, gate vectors: small next to the
 inputs, docs/performance.md §2) comes from CuPy's memory pool, outside XLA's preallocation: if
 XLA preallocates most of the GPU (its default), lower ``XLA_PYTHON_CLIENT_MEM_FRACTION``.
 
 With ``normalizer_grad=True`` the augmented value column of docs/math.md §6.6 is added and
 removed by XLA operations (a padded copy of v, and h sliced out of the augmented output).
-Not supported: ``jax.vmap`` (batch over B instead), ``keep_states``, CPU devices.
+Not supported: ``keep_states``, ``layout="bshd"``, ``cu_seqlens``, forward-mode differentiation
+(``jax.jvp``), CPU devices.
 
 Needs JAX with CUDA (``pip install 'tfla-cupy[jax]'`` plus JAX's CUDA plugin) and CuPy.
 Inputs must be on one CUDA device; gates and states are computed in float32 (the casts are JAX
@@ -33,19 +42,20 @@ from typing import Any, Optional, Tuple
 try:
     import jax
     import jax.numpy as jnp
+    from jax.custom_batching import custom_vmap
     from jax.experimental.buffer_callback import buffer_callback
 except ImportError as exc:  # pragma: no cover - exercised where JAX is absent
     raise ImportError("tfla_cupy.jax needs JAX (with its CUDA plugin): pip install 'tfla-cupy[jax]' "
                       f"and a CUDA build of jax; the import failed with: {exc}") from exc
 
 
-from . import _arrays, _interop, _normgrad
+from . import _arrays, _gpu, _interop, _normgrad
 from ._types import MLSTMState
 
 __all__ = ["mlstm", "mlstm_step", "MLSTMState"]
 
 _F32 = jnp.float32
-_PAD = 8   # the augmented value column of normalizer_grad, padded to keep DV a multiple of 8
+_PAD = _interop.NORMGRAD_PAD   # the augmented value column of normalizer_grad (docs/math.md §6.6)
 
 
 def _cupy():
@@ -77,6 +87,50 @@ def _on_xla_stream(ctx, buf):
 
 
 # ------------------------------------------------------------------------------------------
+# Batching: the mapped axis of jax.vmap folded into B
+# ------------------------------------------------------------------------------------------
+
+
+def folded_problem(p, size):
+    """The Problem of ``size`` calls of p stacked along B (one sequence per batch row)."""
+    B = size * p.B
+    return dataclasses.replace(p, B=B, NSEQ=B)
+
+
+def _fold(x, batched, size):
+    """(size, B, ...) -> (size·B, ...); an operand that is not mapped is broadcast first."""
+    if x is None:
+        return None
+    if not batched:
+        x = jnp.broadcast_to(x, (size,) + x.shape)
+    return x.reshape((size * x.shape[1],) + x.shape[2:])
+
+
+def _unfold(y, size):
+    return y.reshape((size, y.shape[0] // size) + y.shape[1:])
+
+
+def _batched_over_b(call):
+    """``call(p, *operands)`` (a pass: every operand and every output leads with B; None for an
+    absent operand) with a batching rule: under ``jax.vmap`` the mapped axis (moved to the front by
+    JAX) is folded into B, the pass runs once on the folded Problem and its outputs are unfolded."""
+
+    @functools.wraps(call)
+    def pass_(p, *operands):
+        fn = custom_vmap(lambda *xs: call(p, *xs))
+
+        @fn.def_vmap
+        def rule(size, in_batched, *xs):
+            out = pass_(folded_problem(p, size), *(_fold(x, b, size) for x, b in zip(xs, in_batched)))
+            out = jax.tree_util.tree_map(lambda y: _unfold(y, size), out)
+            return out, jax.tree_util.tree_map(lambda _: True, out)
+
+        return fn(*operands)
+
+    return pass_
+
+
+# ------------------------------------------------------------------------------------------
 # One buffer_callback per pass
 # ------------------------------------------------------------------------------------------
 
@@ -85,9 +139,9 @@ def _sd(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
+@_batched_over_b
 def _fwd_call(p, q, k, v, i, f, C0, n0, m0):
     """The forward kernels: dict h, C_last and, where the variant has them, N, n_last, M, m_last."""
-    from . import _cuda_path
     lead = (p.B, p.NH)
     shapes = dict(h=_sd(lead + (p.S, p.DV), p.dtype), C_last=_sd(lead + (p.DK, p.DV), _F32))
     if p.has_n:
@@ -100,15 +154,14 @@ def _fwd_call(p, q, k, v, i, f, C0, n0, m0):
             arrays = tuple(_view(x) for x in (q, k, v, i, f))
             state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
             outs = {name: _view(b) for name, b in out.items()}
-            _cuda_path.forward(p, arrays, state, out=outs, copy_saved=False)
+            _gpu.forward(p, arrays, state, out=outs, copy_saved=False)
 
     return buffer_callback(callback, shapes)(q, k, v, i, f, C0, n0, m0)
 
 
-def _bwd_call(p, res, dh, dC_last):
+@_batched_over_b
+def _bwd_call(p, q, k, v, i, f, C0, n0, m0, N, M, C_last, dh, dC_last):
     """The backward kernels: dict dq, dk, dv, di, df (float32) and dC0 with an initial state."""
-    from . import _cuda_path
-    q, k, v, i, f, C0, n0, m0, N, M, C_last = res
     shapes = dict(dq=_sd(q.shape, q.dtype), dk=_sd(k.shape, k.dtype), dv=_sd(v.shape, v.dtype),
                   di=_sd(i.shape, _F32), df=_sd(f.shape, _F32))
     if p.has_initial_state:
@@ -119,8 +172,8 @@ def _bwd_call(p, res, dh, dC_last):
             arrays = tuple(_view(x) for x in (q, k, v, i, f))
             state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
             outs = {name: _view(b) for name, b in out.items()}
-            mctx = _cuda_path.context(p, arrays, state, _view(N), _view(M), _view(C_last))
-            _cuda_path.backward(mctx, _view(dh), _view(dC_last), out=outs)
+            mctx = _gpu.context(p, arrays, state, _view(N), _view(M), _view(C_last))
+            _gpu.backward(mctx, _view(dh), _view(dC_last), out=outs)
 
     return buffer_callback(callback, shapes)(q, k, v, i, f, C0, n0, m0, N, M, C_last, dh, dC_last)
 
@@ -182,7 +235,7 @@ def _core_bwd(static, saved, cot):
         inner = p
     if dC_last is not None:
         dC_last = dC_last.astype(_F32)
-    g = _bwd_call(inner, res, dh, dC_last)
+    g = _bwd_call(inner, *res, dh, dC_last)
     dv = g["dv"][..., :DV] if p.normalizer_grad else g["dv"]
     dC0 = dn0 = dm0 = None
     if C0_in is not None:
@@ -263,8 +316,8 @@ def mlstm_step(q: Any, k: Any, v: Any, i: Any, f: Any, state: Optional[Any] = No
     return h, MLSTMState(C, n, m)
 
 
+@_batched_over_b
 def _step_call(p, q, k, v, i, f, C0, n0, m0):
-    from . import _cuda_path
     lead = (p.B, p.NH)
     shapes = dict(h=_sd(lead + (p.DV,), p.dtype), C=_sd(lead + (p.DK, p.DV), _F32))
     if p.has_n:
@@ -279,7 +332,7 @@ def _step_call(p, q, k, v, i, f, C0, n0, m0):
             state = None if C0 is None else MLSTMState(_view(C0), _view(n0), _view(m0))
             outs = {name: _view(b) for name, b in out.items()}
             new_state = MLSTMState(outs["C"], outs.get("n"), outs.get("m"))
-            _cuda_path.step(step_problem, arrays, state, new_state, h_out=outs["h"])
+            _gpu.step(step_problem, arrays, state, new_state, h_out=outs["h"])
 
     o = buffer_callback(callback, shapes)(q, k, v, i, f, C0, n0, m0)
     return o["h"], (o["C"], o.get("n"), o.get("m"))
