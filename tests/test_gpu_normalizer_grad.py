@@ -81,3 +81,37 @@ def test_in_place_edit_after_forward_does_not_change_gradients(dt, normalizer_gr
     for a, b in zip(want[:5], got[:5]):
         assert cp.array_equal(a, b)
     assert cp.array_equal(want.d_initial_state.C, got.d_initial_state.C)
+
+
+@pytest.mark.parametrize("L", [64, 128])
+def test_stabilizer_gradient_at_large_eps(L):
+    """ε = 1e-3 and a stabilizer well above 0 (input gates around 3, initial m around 3): the ε·e^{M}
+    term through the running maximum (§6.6) moves di and df far beyond the fp32 tolerance, and the
+    GPU path's di, df and d_initial_state.m match the float64 NumPy path's; S = 300 is ragged."""
+    rng = np.random.default_rng(seed_of("normgrad-eps", L))
+    B, NH, S, DK, DV = 1, 2, 300, 64, 64
+    host, _ = make_inputs(rng, B, NH, S, DK, DV, np.float32, f_mean=1.0, init=True)
+    host["i"] += np.float32(3.0)
+    host["m0"] += np.float32(3.0)
+    host["q"] *= np.float32(0.1)
+    host["i"][..., 0] = -5.0    # the first token attains no maximum: the m-gradient reaches m_0
+    ref = {n: a.astype(np.float64) for n, a in host.items()}
+    dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
+    opts = dict(chunk_size=L, eps=1e-3, normalizer_grad=True)
+    st_ref = tfla_cupy.MLSTMState(ref["C0"], ref["n0"], ref["m0"])
+    _, _, ctx_ref = tfla_cupy.mlstm_fwd(*(ref[n] for n in "qkvif"), initial_state=st_ref, **opts)
+    g_ref = tfla_cupy.mlstm_bwd(ctx_ref, dh.astype(np.float64))
+    x = {n: cp.asarray(a) for n, a in host.items()}
+    _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), initial_state=tfla_cupy.MLSTMState(x["C0"], x["n0"], x["m0"]),
+                                    **opts)
+    g = tfla_cupy.mlstm_bwd(ctx, cp.asarray(dh))
+    # the part that flows through the stabilizers, from the NumPy path itself
+    from tfla_cupy import _normgrad
+    s = ctx_ref.saved
+    e = -(dh * s["h"][..., :DV]).sum(-1) * 1e-3 / s["hN"]
+    ddi, ddf, dm0 = _normgrad.stabilizer_grads(np, ref["i"], ref["f"], ref["m0"], e)
+    assert rel_err(ddf, np.zeros_like(ddf)) > 0 and np.max(np.abs(ddf)) > 10 * DF_TOL["f32"] * np.max(np.abs(g_ref.df))
+    assert rel_err(g.di, g_ref.di) < BWD_TOL["f32"]
+    assert rel_err(g.df, g_ref.df) < DF_TOL["f32"]
+    assert rel_err(g.d_initial_state.m, g_ref.d_initial_state.m) < BWD_TOL["f32"]
+    assert np.max(np.abs(g_ref.d_initial_state.m)) > 0 and rel_err(g_ref.d_initial_state.m, dm0) < 1e-12
