@@ -402,11 +402,10 @@ SEQUENCE_ERRORS = [
      r"^chunk_size: expected None or an int, got 64\.0$"),
     ("chunk-bool", {}, dict(chunk_size=True), TypeError,
      r"^chunk_size: expected None or an int, got True$"),
-    ("eps-zero", {}, dict(eps=0.0), ValueError, r"^eps: expected a finite number > 0, got 0\.0$"),
-    ("eps-negative", {}, dict(eps=-1e-6), ValueError, r"^eps: expected a finite number > 0, got -1e-06$"),
-    ("eps-nan", {}, dict(eps=float("nan")), ValueError, r"^eps: expected a finite number > 0, got nan$"),
-    ("eps-inf", {}, dict(eps=float("inf")), ValueError, r"^eps: expected a finite number > 0, got inf$"),
-    ("eps-str", {}, dict(eps="1e-6"), TypeError, r"^eps: expected a positive real number, got '1e-6'$"),
+    ("eps-negative", {}, dict(eps=-1e-6), ValueError, r"^eps: expected a finite number >= 0, got -1e-06$"),
+    ("eps-nan", {}, dict(eps=float("nan")), ValueError, r"^eps: expected a finite number >= 0, got nan$"),
+    ("eps-inf", {}, dict(eps=float("inf")), ValueError, r"^eps: expected a finite number >= 0, got inf$"),
+    ("eps-str", {}, dict(eps="1e-6"), TypeError, r"^eps: expected a real number >= 0, got '1e-6'$"),
     ("gate-unknown", {}, dict(gate="tanh"), ValueError,
      r"^gate: expected one of \('exp', 'sig'\), got 'tanh'$"),
     ("exp-nonorm", {}, dict(gate="exp", normalize=False), ValueError,
@@ -542,7 +541,7 @@ STEP_ERRORS = [
      r"^gate: expected one of \('exp', 'sig'\), got 'relu'$"),
     ("exp-nonorm", {}, dict(normalize=False), ValueError,
      r"^normalize: normalize=False is only defined for gate='sig'"),
-    ("eps-zero", {}, dict(eps=0), ValueError, r"^eps: expected a finite number > 0, got 0$"),
+    ("eps-negative-int", {}, dict(eps=-1), ValueError, r"^eps: expected a finite number >= 0, got -1$"),
     ("scale-nan", {}, dict(scale=float("nan")), ValueError,
      r"^scale: expected None or a finite number > 0, got nan$"),
     ("state-m-missing", {}, dict(state=_state_ok()._replace(m=None)), ValueError,
@@ -632,3 +631,23 @@ def test_cupy_inputs_give_cupy_outputs(rng):
     h = tfla_cupy.mlstm(**{n: cupy.asarray(a) for n, a in x.items()})
     assert isinstance(h, cupy.ndarray) and h.dtype == np.float32
     assert rel_err(cupy.asnumpy(h), tfla_cupy.mlstm(**x)) <= 1e-5   # true fp32 (docs/math.md §12)
+
+
+@pytest.mark.parametrize("gate,normalize", [("exp", True), ("sig", True), ("sig", False)])
+def test_eps_zero_is_valid_and_matches_the_step_recurrence(gate, normalize):
+    """ε = 0 is accepted (the denominator is bounded below by e^{−m} or 1) and the chunkwise
+    NumPy path equals the step recurrence run token by token with ε = 0."""
+    rng = np.random.default_rng(11)
+    B, NH, S, DK, DV = 1, 2, 37, 8, 4
+    q, k = rng.standard_normal((2, B, NH, S, DK))
+    v = rng.standard_normal((B, NH, S, DV))
+    i, f = rng.standard_normal((2, B, NH, S))
+    h, last = tfla_cupy.mlstm(q, k, v, i, f, gate=gate, normalize=normalize, eps=0, return_state=True, chunk_size=16)
+    assert np.all(np.isfinite(h))
+    st, hs = None, []
+    for t in range(S):
+        ht, st = tfla_cupy.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], st, gate=gate,
+                                      normalize=normalize, eps=0.0)
+        hs.append(ht)
+    np.testing.assert_allclose(h, np.stack(hs, axis=2), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(last.C, st.C, rtol=1e-9, atol=1e-12)

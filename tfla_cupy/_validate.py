@@ -89,12 +89,12 @@ def _check_shape(name, x, expected, dims_doc):
         raise ValueError(f"{name}: expected shape {shape_str(expected)} {dims_doc}, got {shape_str(x.shape)}")
 
 
-def _finite_positive(x):
+def _finite_positive(x, *, zero=False):
     try:
         x = float(x)
     except OverflowError:  # an int beyond the float range
         return False
-    return math.isfinite(x) and x > 0
+    return math.isfinite(x) and (x >= 0 if zero else x > 0)
 
 
 def _short(x):
@@ -116,9 +116,10 @@ def check_options(*, gate, normalize, eps, scale, chunk_size, precision, DK):
         raise ValueError(f"normalize: normalize={bool(normalize)} is only defined for {where} (the exp variant's "
                          f"numerator is in stabilizer-dependent units); got gate={gate!r}, normalize={bool(normalize)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
-        raise TypeError(f"eps: expected a positive real number, got {eps!r}")
-    if not _finite_positive(eps):
-        raise ValueError(f"eps: expected a finite number > 0, got {_short(eps)}")
+        raise TypeError(f"eps: expected a real number >= 0, got {eps!r}")
+    if not _finite_positive(eps, zero=True):
+        # 0 is valid: the denominator max(|n·q|, e^{-m}) + ε stays >= e^{-m} (exp) or 1 (sig)
+        raise ValueError(f"eps: expected a finite number >= 0, got {_short(eps)}")
     if scale is None:
         scale = 1.0 / math.sqrt(DK)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
