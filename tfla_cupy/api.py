@@ -54,7 +54,7 @@ _COMMON_DOC = """
         Chunk length L, a power of two in [16, 1024]; None picks one from S. The result does
         not depend on it beyond rounding and the ε·e^M term of the −10 row-max floor.
     eps : float
-        ε > 0 of h = num / (max(|den|, exp(−M)) + ε).
+        ε >= 0 of h = num / (max(|den|, exp(−M)) + ε); 0 is valid (the denominator stays >= exp(−M)).
     scale : float, optional
         Query scale; None means 1/sqrt(DK). It multiplies q only: the states accumulate
         unscaled keys.
