@@ -1,6 +1,7 @@
 """tfla_cupy.jax on the GPU: jit ≡ eager ≡ the CuPy call (bit for bit: the same kernels on the same
-buffers), grad ≡ mlstm_bwd, normalizer_grad against the float64 reference, the step, and a jitted
-training step of a tiny model whose loss goes down."""
+buffers), grad ≡ mlstm_bwd, normalizer_grad against the float64 reference, the step, a jitted
+training step of a tiny model whose loss goes down, and jax.vmap (the mapped axis folded into B)
+against the loop over it, forward and grad."""
 
 import numpy as np
 import pytest
@@ -209,3 +210,96 @@ def train_tiny_model(tj, jax, *, steps, lr=0.05, dtype=np.float32):
         loss, params = step(params)
         losses.append(float(loss))
     return losses
+
+
+# ------------------------------------------------------------------------------------------
+# jax.vmap: the mapped axis folded into B
+# ------------------------------------------------------------------------------------------
+
+VMAP_CASES = [("exp", "f32", False), ("exp", "bf16", True), ("signn", "f32", False)]
+
+
+@pytest.mark.parametrize("mode, dt, exact", VMAP_CASES, ids=lambda c: str(c))
+def test_vmap_equals_the_loop_forward_and_grad(monkeypatch, mode, dt, exact):
+    """vmap over an ensemble axis of size E (q, k, v, i and the initial state mapped, f shared)
+    equals the loop over it, forward and jax.grad, each pass launched once for E·B rows; both
+    against the float64 reference. The fold may change the forward's segment count (it depends on
+    the number of CTAs), so vmap and loop agree to rounding, not bit for bit."""
+    tj = _tj()
+    from tfla_cupy import _gpu
+    gate, normalize = GATE_MODES[mode]
+    E, B, NH, S, DK, DV, L = 3, 2, 2, 130, 32, 64, 64
+    rng = np.random.default_rng(seed_of("jax-vmap", mode, dt, exact))
+    cases = [make_inputs(rng, B, NH, S, DK, DV, DTYPES[dt], init=True) for _ in range(E)]
+    stack = {n: np.stack([c[0][n] for c in cases]) for n in cases[0][0]}
+    stack["f"] = cases[0][0]["f"]                                       # shared: not mapped
+    dh = rng.standard_normal((E, B, NH, S, DV)).astype(DTYPES[dt])
+    dC = rng.standard_normal((E, B, NH, DK, DV)).astype(np.float32)
+    opts = dict(gate=gate, normalize=normalize, chunk_size=L, normalizer_grad=exact)
+    passes = []
+    for name in ("forward", "backward"):
+        real = getattr(_gpu, name)
+        monkeypatch.setattr(_gpu, name, lambda *a, _real=real, _name=name, **kw: passes.append(
+            (_name, (a[0] if _name == "forward" else a[0].problem).B)) or _real(*a, **kw))
+
+    xj = {n: jnp.asarray(a) for n, a in stack.items()}
+    dhj, dCj = jnp.asarray(dh), jnp.asarray(dC)
+    axes = (0, 0, 0, 0, None, 0)
+
+    def one(q, k, v, i, f, state):
+        return tj.mlstm(q, k, v, i, f, initial_state=state, return_state=True, **opts)
+
+    def args_of(x):
+        return [x[n] for n in "qkvif"] + [tfla_cupy.MLSTMState(x["C0"], x["n0"], x["m0"])]
+
+    def at(e):
+        return [a if ax is None else jax.tree_util.tree_map(lambda t: t[e], a) for a, ax in zip(args_of(xj), axes)]
+
+    h, last = jax.jit(jax.vmap(one, in_axes=axes))(*args_of(xj))
+    jax.block_until_ready(h)
+    assert passes == [("forward", E * B)]
+    one_jit = jax.jit(one)
+    for e in range(E):
+        h_e, last_e = one_jit(*at(e))
+        assert rel_err(np.asarray(h[e]), np.asarray(h_e)) < FWD_TOL[dt]
+        assert rel_err(np.asarray(last.C[e]), np.asarray(last_e.C)) < FWD_TOL[dt]
+        ref = cases[e][1]
+        st = tfla_cupy.MLSTMState(ref["C0"], ref["n0"], ref["m0"])
+        ref = dict(ref, f=cases[0][1]["f"])
+        h_ref = tfla_cupy.mlstm(*(ref[n] for n in "qkvif"), initial_state=st, gate=gate, normalize=normalize,
+                                chunk_size=L)
+        assert rel_err(np.asarray(h[e]), h_ref) < FWD_TOL[dt]
+
+    def loss(h, last, dh, dC):
+        return jnp.sum((h * dh).astype(jnp.float32)) + jnp.sum(last.C * dC)
+
+    passes.clear()
+    g = jax.jit(jax.grad(lambda *a: loss(*jax.vmap(one, in_axes=axes)(*a), dhj, dCj), argnums=tuple(range(6))))(
+        *args_of(xj))
+    jax.block_until_ready(g)
+    assert ("backward", E * B) in passes and all(b == E * B for _, b in passes), passes
+    grad_one = jax.jit(jax.grad(lambda e, *a: loss(*one(*a), dhj[e], dCj[e]), argnums=tuple(range(1, 7))))
+    per = [grad_one(e, *at(e)) for e in range(E)]
+    for j, name in enumerate(("dq", "dk", "dv", "di", "df")):
+        want = sum(np.asarray(p[j], np.float64) for p in per) if axes[j] is None else np.stack(
+            [np.asarray(p[j]) for p in per])
+        assert rel_err(np.asarray(g[j]), want) < (DF_TOL if name == "df" else BWD_TOL)[dt], name
+    want_C0 = np.stack([np.asarray(p[5].C) for p in per])
+    assert rel_err(np.asarray(g[5].C), want_C0) < BWD_TOL[dt]
+
+
+def test_vmap_of_the_step_equals_the_loop():
+    tj = _tj()
+    E = 3
+    rng = np.random.default_rng(seed_of("jax-vmap-step"))
+    cases = [make_inputs(rng, 2, 3, 1, 32, 64, DTYPES["bf16"], init=True)[0] for _ in range(E)]
+    x = {n: jnp.asarray(np.stack([(c[n][:, :, 0] if n in "qkvif" else c[n]) for c in cases])) for n in cases[0]}
+    args = [x[n] for n in "qkvif"] + [tfla_cupy.MLSTMState(x["C0"], x["n0"], x["m0"])]
+    h, new = jax.jit(jax.vmap(tj.mlstm_step))(*args)
+    step = jax.jit(tj.mlstm_step)
+    for e in range(E):
+        h_e, new_e = step(*jax.tree_util.tree_map(lambda t: t[e], args))
+        # the step kernel's slab width follows B·NH (config.step_lanes): equal up to rounding
+        assert rel_err(np.asarray(h[e]), np.asarray(h_e)) < FWD_TOL["bf16"]
+        assert rel_err(np.asarray(new.C[e]), np.asarray(new_e.C)) < FWD_TOL["f32"]
+        assert rel_err(np.asarray(new.m[e]), np.asarray(new_e.m)) < FWD_TOL["f32"]

@@ -1,6 +1,7 @@
 """tfla_cupy.torch on the GPU: forward and autograd against the float64 reference and the CuPy call,
 PyTorch's current (non-default) stream, normalizer_grad, state passing through autograd, the
-in-place check, and the step."""
+in-place check, the step, torch.compile(fullgraph=True) against eager and the reference, and
+torch.library.opcheck of the custom operators on CUDA tensors."""
 
 import numpy as np
 import pytest
@@ -160,3 +161,84 @@ def test_step_matches_cupy_step():
     h, st = tt.mlstm_step(*(xt[n] for n in "qkvif"), (xt["C0"], xt["n0"], xt["m0"]))
     assert cp.array_equal(cp.from_dlpack(h), h_cp)
     assert cp.array_equal(cp.from_dlpack(st.C), st_cp.C)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile and the custom operators on CUDA tensors
+# ------------------------------------------------------------------------------------------
+
+COMPILE_CASES = [  # B, NH, S, DK, DV, L, mode, dtype, initial state, normalizer_grad
+    (1, 2, 200, 64, 128, 64, "exp", "f32", True, False),
+    (1, 2, 200, 64, 128, 64, "exp", "bf16", True, True),
+    (2, 3, 37, 16, 32, 16, "signn", "f16", False, False),
+]
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_compile_fullgraph_equals_eager_and_the_reference(case):
+    """torch.compile(fullgraph=True) (Inductor) of a loss around tt.mlstm: the same h as eager (the
+    same kernels on the same inputs), the same gradients, and both against the float64 API."""
+    tt = _tt()
+    torch._dynamo.reset()
+    B, NH, S, DK, DV, L, mode, dt, init, exact = case
+    gate, normalize = GATE_MODES[mode]
+    rng = np.random.default_rng(seed_of("torch-compile", *case))
+    host, ref = make_inputs(rng, B, NH, S, DK, DV, DTYPES[dt], init=init)
+    dh = rng.standard_normal((B, NH, S, DV)).astype(DTYPES[dt])
+    dC = rng.standard_normal((B, NH, DK, DV)).astype(np.float32)
+    opts = dict(gate=gate, normalize=normalize, chunk_size=L, normalizer_grad=exact)
+    st_ref = tfla_cupy.MLSTMState(ref["C0"], ref["n0"], ref["m0"]) if init else None
+    h_ref, _, ctx = tfla_cupy.mlstm_fwd(*(ref[n] for n in "qkvif"), initial_state=st_ref, **opts)
+    want = tfla_cupy.mlstm_bwd(ctx, dh.astype(np.float64), (dC.astype(np.float64), None, None))
+    DH, DC = _t(dh), _t(dC)
+
+    def fn(q, k, v, i, f, C0, n0, m0):
+        state = None if C0 is None else tfla_cupy.MLSTMState(C0, n0, m0)
+        h, last = tt.mlstm(q, k, v, i, f, initial_state=state, return_state=True, **opts)
+        return h, (h.float() * DH).sum() + (last.C * DC).sum()
+
+    def run(f):
+        x = {n: _t(host[n].astype(np.float32), dt if n in "qkv" else None, True) for n in "qkvif"}
+        st = [_t(host[n], None, True) for n in ("C0", "n0", "m0")] if init else [None] * 3
+        h, loss = f(*(x[n] for n in "qkvif"), *st)
+        leaves = [x[n] for n in "qkvif"] + ([st[0]] if init else [])
+        return h, torch.autograd.grad(loss, leaves)
+
+    h_e, g_e = run(fn)
+    h_c, g_c = run(torch.compile(fn, fullgraph=True))
+    assert h_c.dtype == TORCH_DTYPE[dt] and h_c.is_cuda
+    assert torch.equal(h_c, h_e)
+    assert rel_err(_np(h_e), h_ref) < FWD_TOL[dt]
+    names = ["dq", "dk", "dv", "di", "df"] + (["dC0"] if init else [])
+    refs = list(want[:5]) + ([want.d_initial_state.C] if init else [])
+    for got, eager, w, name in zip(g_c, g_e, refs, names):
+        assert got.dtype == eager.dtype, name
+        assert rel_err(_np(got), _np(eager)) < 1e-6, name
+        assert rel_err(_np(eager), w) < (DF_TOL if name == "df" else BWD_TOL)[dt], name
+
+
+def test_opcheck_on_cuda_tensors():
+    """torch.library.opcheck of the three operators on CUDA tensors: the fake implementations
+    against the kernels' outputs (shapes, dtypes, strides, device), schema, autograd registration."""
+    _tt()
+    ops = torch.ops.tfla_cupy
+    rng = np.random.default_rng(seed_of("torch-opcheck"))
+    for mode, dt, exact in (("exp", "bf16", True), ("signn", "f32", False)):
+        gate, normalize = GATE_MODES[mode]
+        host, _ = make_inputs(rng, 2, 2, 40, 16, 32, DTYPES[dt], init=True)
+        x = [_t(host[n].astype(np.float32), dt if n in "qkv" else None, True) for n in "qkvif"]
+        C0 = _t(host["C0"], None, True)
+        n0 = _t(host["n0"], None, True) if normalize else None
+        m0 = _t(host["m0"], None, True) if gate == "exp" else None
+        opts = (gate, normalize, 16, 1e-6, None, "default", "", exact)
+        torch.library.opcheck(ops.mlstm_fwd.default, (*x, C0, n0, m0, *opts))
+        with torch.no_grad():
+            h, C, n, m, N, M, C_inner, sign = ops.mlstm_fwd(*x, C0, n0, m0, *opts)
+        assert C_inner.shape == ((2, 2, 16, 32 + 8) if exact else (0,))
+        d = [None if t is None else t.detach() for t in (*x, C0, n0, m0)]
+        present = [N if normalize else None, M if gate == "exp" else None, C_inner if exact else C,
+                   h if exact else None, sign if exact else None]
+        dh = torch.randn(h.shape, device="cuda").to(h.dtype)
+        torch.library.opcheck(ops.mlstm_bwd.default, (*d, *present, dh, torch.randn_like(C), None, *opts))
+    step = [t.detach()[:, :, 0] for t in x]
+    torch.library.opcheck(ops.mlstm_step.default, (*step, C0.detach(), None, None, "sig", False, 1e-6, None))
