@@ -15,6 +15,7 @@ import tfla_cupy
 from tfla_cupy import _arrays, _loader
 from tfla_cupy._gpu import decode as gpu_decode
 from tfla_cupy._gpu import fwd as gpu_forward
+from tfla_cupy._gpu import launch as gpu_launch
 from tfla_cupy._gpu.operands import cdiv
 from tfla_cupy._params import PARAMS_DTYPE, STEP_PARAMS_DTYPE
 
@@ -76,7 +77,8 @@ def launches(monkeypatch):
     monkeypatch.setattr(_arrays, "cupy_module", lambda: cp)
     monkeypatch.setattr(_loader, "get_kernel", get_kernel)
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (132, 232_448))
-    monkeypatch.setattr(gpu_forward, "_PLANS", {})  # cached plans hold the kernels of their test
+    monkeypatch.setattr(gpu_forward, "_PLANS", {})  # cached plans and geometries hold the kernels of their test
+    monkeypatch.setattr(gpu_launch, "_GEOMETRIES", {})
 
     def kernel_on(device_id, name):  # the decode step launches CuPy functions with a raw record
         def fn(grid, block, args):

@@ -90,20 +90,24 @@ def test_step_pointer_slots_address_the_pointer_fields():
     assert record["DK"][0] == 256 and record["eps"][0] == np.float32(1e-6)
 
 
-def test_bind_pointers_equals_make_params_with_the_same_arrays():
-    """The cached-plan path (a template record, then its pointers) builds the very record that
-    make_params builds from everything at once."""
+def test_bind_equals_make_params_with_the_same_fields():
+    """The launch-time path (a base record, then pointers, strides and scalars) builds the very
+    record that make_params builds from everything at once; pointers may be device addresses."""
     import types
-    from tfla_cupy._params import POINTER_FIELDS, bind_pointers
+    from tfla_cupy._params import POINTER_FIELDS, bind
     arrays = {n: types.SimpleNamespace(data=types.SimpleNamespace(ptr=4096 * (j + 1)))
               for j, n in enumerate(POINTER_FIELDS) if j % 3}
-    rest = dict(S=7, NC=3, scale=0.25, eps=1e-6, st_q=(5, 6, 7), st_h=(8, 9, 10))
-    want = make_params(**rest, **arrays)
-    got = bind_pointers(make_params(**rest, q=arrays.get("k")), **arrays)  # template pointers are replaced
+    shared = dict(S=7, NC=3, scale=0.25, eps=1e-6)
+    per_call = dict(st_q=(5, 6, 7), st_h=(8, 9, 10))
+    want = make_params(**shared, **per_call, **arrays, qdq_parts=2)
+    base = make_params(**shared, q=arrays.get("k"), st_q=(1, 1, 1)).tobytes()  # its pointers and strides are replaced
+    got = bind(base, arrays, per_call, dict(qdq_parts=2))
     assert got.tobytes() == want.tobytes()
+    addresses = {n: x.data.ptr for n, x in arrays.items()}
+    assert bind(base, addresses, per_call, dict(qdq_parts=2)).tobytes() == want.tobytes()
     try:
-        bind_pointers(want, S=1)
+        bind(base, {}, None, dict(no_such_field=1))
     except KeyError as e:
-        assert "S" in str(e)
+        assert "no_such_field" in str(e)
     else:
-        raise AssertionError("a non-pointer field accepted")
+        raise AssertionError("an unknown field accepted")

@@ -72,20 +72,31 @@ def make_params(**values):
 
 
 #: The pointer fields, which come first in the record (offsets 0, 8, ...): a call that repeats a
-#: signature packs them into a copy of a record made once with everything else (bind_pointers).
+#: signature packs them into a copy of a record made once with everything else (bind).
 POINTER_FIELDS = tuple(n for n, t in FIELDS if t is _PTR)
 assert all(PARAMS_DTYPE.fields[n][1] == 8 * j for j, n in enumerate(POINTER_FIELDS))
 _POINTER_PACK = struct.Struct(f"<{len(POINTER_FIELDS)}Q")
 
 
-def bind_pointers(template, **arrays):
-    """``template`` (a record from make_params) with its pointer fields set from ``arrays``
-    (name -> array or None; fields not named become null), as a new record."""
-    unknown = set(arrays) - _POINTERS
-    if unknown:
-        raise KeyError(f"unknown Params pointer fields: {sorted(unknown)}")
-    buf = bytearray(template.tobytes())
-    _POINTER_PACK.pack_into(buf, 0, *(0 if (x := arrays.get(n)) is None else x.data.ptr for n in POINTER_FIELDS))
+def _address(x):
+    return 0 if x is None else x if isinstance(x, int) else x.data.ptr
+
+
+def bind(base, pointers, strides=None, scalars=None):
+    """A new record from ``base`` (the bytes of a record made once with the fields every call
+    shares): every pointer field set from ``pointers`` (name -> array, device address or None;
+    fields not named become null), then the (batch, head, token) ``strides`` ({"st_<name>": ...})
+    and ``scalars`` given. (The launch-time form of make_params: one struct call for the pointers.)"""
+    buf = bytearray(base)
+    _POINTER_PACK.pack_into(buf, 0, *(_address(pointers.get(n)) for n in POINTER_FIELDS))
+    for fields in (strides, scalars):
+        if fields:
+            for name, value in fields.items():
+                off, packer = _PACKERS[name]
+                if packer.format == "<qqq":
+                    packer.pack_into(buf, off, *value)
+                else:
+                    packer.pack_into(buf, off, value)
     return np.frombuffer(buf, dtype=PARAMS_DTYPE)
 
 

@@ -11,7 +11,6 @@ from .. import _arrays, _tma
 from .._types import MLSTMGrads, MLSTMState
 from . import family, launch
 from .fwd import out_or_new, recompute_states
-from .launch import Geometry
 from .operands import F32, operand, sequence_operand
 
 #: the Hopper chunk kernel's role per sm80 kernel kind
@@ -19,11 +18,14 @@ _ROLES = {"bwd_dq": "RoleDQ", "bwd_dk": "RoleDK", "bwd_dv": "RoleDV"}
 
 
 def _saved_gates(g, saved):
-    """The context's gate vectors; a fused forward keeps none, so stage 0 runs here then (B·NH·S
-    work) and the context keeps them for a later backward."""
+    """The context's gate vectors ({name: array or device address}); a fused forward keeps none,
+    so stage 0 runs here then (B·NH·S work) and the context keeps them, as (what holds their
+    memory, the vectors), for a later backward."""
     if saved["gates"] is None:
-        saved["gates"] = g.gate_vectors(saved["i"], saved["f"])
-    return saved["gates"]
+        mem, parts = launch.Arena(g.gate_layout()).allocate()
+        launch.chunk_gates(g)(g.params(i=saved["i"], f=saved["f"], **parts))
+        saved["gates"] = (mem, parts)
+    return saved["gates"][1]
 
 
 def _common(g, s):
@@ -45,6 +47,28 @@ def _dstates(g, hopper, params, q, dh):
     launch.dstates_sm90(g, tma)(params, maps)
 
 
+def _dot_parts(g, hopper):
+    """Per-token partial dots q·dq, k·dk: one per output block (one CTA owns all on sm90)."""
+    return (1, 1) if hopper else (launch.dot_parts(g, "bwd_dq"), launch.dot_parts(g, "bwd_dk"))
+
+
+def _arena(g, hopper, kept):
+    """The backward's scratch layout (memoised in the Geometry): the chunk states (recomputed unless
+    the forward kept them) and then, in the same bytes, their gradients; the stabilisers at the
+    chunk boundaries; the per-token dots q·dq and k·dk."""
+    key = ("bwd_arena", hopper, kept)
+    arena = g.specs.get(key)
+    if arena is None:
+        p = g.p
+        qdq, kdk = _dot_parts(g, hopper)
+        parts = [("states", g.BH * g.NC * p.DK * p.DV * g.e), ("qdq", qdq * g.BH * p.S * 4),
+                 ("kdk", kdk * g.BH * p.S * 4)]
+        if p.has_m and not kept:
+            parts.append(("m_states", g.BH * g.NM * 4))
+        arena = g.specs[key] = launch.Arena(parts)
+    return arena
+
+
 def backward(ctx, dh, dC_last, *, out=None):
     """``out``: optional preallocated outputs dq, dk, dv (dtypes of q, k, v), di, df (float32),
     dC0 (float32), as for forward()."""
@@ -54,46 +78,39 @@ def backward(ctx, dh, dC_last, *, out=None):
     if dh.device.id != device.id or (dC_last is not None and dC_last.device.id != device.id):
         raise ValueError(f"dh, d_state: expected arrays on GPU {device.id}, where the forward ran")
     with device:
-        g = Geometry(p, s["cfg"], s["mma"], s["seq_table"])
-        BH, NC = g.BH, g.NC
+        g = launch.geometry(p, s["cfg"], s["mma"], s["seq_table"])
         dh = sequence_operand(dh, p.layout, p.dtype)
         dC_last = None if dC_last is None else operand(dC_last)
-        common = dict(_common(g, s), dh=dh, dC_last=dC_last, C_last=s["C_last"])
-        C_states, m_states = s["C_states"], s["m_states"]
-        if C_states is None:  # recompute the boundary states (default: saves NC·DK·DV per head)
-            C_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
-            m_states = cp.empty((BH, g.NM), F32) if p.has_m else None
-            if not recompute_states(p, device, s, C_states, m_states):
-                launch.states(g, "fwd_states_kernel")(g.params(**{**common, "C_last": None}, C_states=C_states,
-                                                               m_states=m_states))
+        params = g.binder(**_common(g, s), dh=dh, dC_last=dC_last, C_last=s["C_last"])
         hopper = family.backward(p, s["cfg"], s["mma"], device) == "sm90"
+        kept = s["C_states"] is not None
+        scratch, parts = _arena(g, hopper, kept).allocate()
+        # the chunk states and, once dq has read them, their gradients share one part
+        C_states, m_states = (s["C_states"], s["m_states"]) if kept else (parts["states"], parts.get("m_states"))
+        if not kept and not recompute_states(p, device, s, C_states, m_states):  # (default: saves NC·DK·DV per head)
+            launch.states(g, "fwd_states_kernel")(params(C_last=None, C_states=C_states, m_states=m_states))
 
         def token_grads(kind):  # dq, dk or dv on the family of this backward
             return launch.chunk_sm90(g, _ROLES[kind]) if hopper else launch.chunk(g, kind)
 
-        def parts(kind):  # per-token partial dots q·dq, k·dk: one per output block (one CTA owns all on sm90)
-            return 1 if hopper else launch.dot_parts(g, kind)
-
         dq = out_or_new(out, "dq", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
-        qdq = cp.empty((parts("bwd_dq"), BH, p.S), F32)
-        token_grads("bwd_dq")(g.params(**common, C_states=C_states, m_states=m_states, dq=dq, qdq=qdq))
-        del C_states  # dq was its last reader (unless the forward keeps it)
+        token_grads("bwd_dq")(params(C_states=C_states, m_states=m_states, dq=dq, qdq=parts["qdq"]))
 
-        dC_states = cp.empty((BH, NC, p.DK, p.DV), p.dtype)
+        dC_states = parts["states"]   # over the chunk states unless the forward kept them
         dC0 = out_or_new(out, "dC0", lambda: cp.empty((p.NSEQ, p.NH, p.DK, p.DV), F32)) if p.has_initial_state else None
-        _dstates(g, hopper, g.params(**common, m_states=m_states, dC_states=dC_states, dC0=dC0), s["q"], dh)
+        _dstates(g, hopper, params(m_states=m_states, dC_states=dC_states, dC0=dC0), s["q"], dh)
         dk = out_or_new(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         dv = out_or_new(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
-        kdk = cp.empty((parts("bwd_dk"), BH, p.S), F32)
-        params = g.params(**common, m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=kdk)
-        token_grads("bwd_dk")(params)
-        token_grads("bwd_dv")(params)
-        del dC_states
+        rec = params(m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=parts["kdk"])
+        token_grads("bwd_dk")(rec)
+        token_grads("bwd_dv")(rec)
 
         di = out_or_new(out, "di", lambda: cp.empty(p.seq_shape(), F32))
         df = out_or_new(out, "df", lambda: cp.empty(p.seq_shape(), F32))
-        launch.gates_grad(g)(g.params(**common, qdq=qdq, kdk=kdk, di=di, df=df, qdq_parts=qdq.shape[0],
-                                      kdk_parts=kdk.shape[0]))
+        qdq_parts, kdk_parts = _dot_parts(g, hopper)
+        launch.gates_grad(g)(params(qdq=parts["qdq"], kdk=parts["kdk"], di=di, df=df, qdq_parts=qdq_parts,
+                                    kdk_parts=kdk_parts))
+        del scratch  # the stream orders its reuse after the kernels
         di_dtype, df_dtype = s["dtypes"]
         di, df = di.astype(di_dtype, copy=False), df.astype(df_dtype, copy=False)
         d_initial = None
@@ -111,7 +128,7 @@ def initial_state_grad(ctx, dh, dC_last):
     p, s = ctx.problem, ctx.saved
     device = cp.cuda.Device(s["device"])
     with device:
-        g = Geometry(p, s["cfg"], s["mma"], s.get("seq_table"))
+        g = launch.geometry(p, s["cfg"], s["mma"], s.get("seq_table"))
         common = _common(g, s)
         m_states = s["m_states"]
         if p.has_m and m_states is None:

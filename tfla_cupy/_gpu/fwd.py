@@ -15,11 +15,10 @@ import os
 import numpy as np
 
 from .. import _arrays, _loader, _tma
-from .._params import bind_pointers, make_params
+from .._params import bind, make_params
 from .._types import MLSTMContext, MLSTMState
 from ..config import FAMILY_ENV, FUSED_BV, FUSED_TERM_FLOATS, pick_segments
 from . import family, launch
-from .launch import Geometry
 from .operands import F32, check_disjoint, check_state_buffers, gpu_inputs, seq_strides, strides
 
 
@@ -48,18 +47,14 @@ class ForwardPlan:
         h_strides, h_aligned = h_key if h_key is not None else (seq_strides(p, p.DV), True)
         sms = _loader.device_limits(device.id)[0]
         self.family = family.forward(p, cfg, mma, device, sms, family.operands_reason(p, seq_st[:3], h_aligned))
-        self.geo = g = Geometry(p, cfg, mma)
-        # the two-pass forward passes every chunk state between its kernels; the fused one writes
-        # them only when the backward is to keep them
-        self.with_states = self.family == "sm80" or p.keep_states
+        self.geo = g = launch.geometry(p, cfg, mma)
         self.strides = seq_st
-        scratch = (p.NH * p.S, p.S, 1)  # N, M: (B, NH, S) float32
         ctas = (p.DV // FUSED_BV) * p.NSEQ * p.NH
         self.nseg, seg_chunks = 1, 0
         if self.family == "sm90" and not p.varlen:  # long sequences in segments when the walks cannot fill the GPU
             self.nseg, seg_chunks = pick_segments(ctas, g.NC, sms, cfg.segments)
-        self.template = make_params(**g.fields, **dict(zip(("st_q", "st_k", "st_v", "st_i", "st_f"), seq_st)),
-                                    st_h=h_strides, st_N=scratch, st_M=scratch, seg_chunks=seg_chunks, nseg=self.nseg)
+        self.template = bind(g.base, {}, dict(zip(("st_q", "st_k", "st_v", "st_i", "st_f", "st_h"), (*seq_st, h_strides))),
+                             dict(seg_chunks=seg_chunks, nseg=self.nseg)).tobytes()
         if self.family == "sm90":
             # stage 0b computes stage 0's vectors into its records itself: no gate arrays
             items = ctas * self.nseg  # work items (segment, sequence, head, DV block)
@@ -71,6 +66,23 @@ class ForwardPlan:
             self._states = (items, sms)
         else:
             self.launches = (launch.chunk_gates(g), launch.states(g, "fwd_states_kernel"), launch.chunk(g, "fwd_h"))
+        # the call's scratch in one allocation: the chunk states the two-pass forward passes between
+        # its kernels (unless the backward keeps them), or stage 0b's records and the segment
+        # summaries of the fused forward; the sm80 gate vectors, which the backward reuses, apart
+        BH, NC, e = g.BH, g.NC, np.dtype(p.dtype).itemsize
+        if self.family == "sm90":
+            parts = [("gate_terms", BH * NC * FUSED_TERM_FLOATS * 4)]
+            if self.nseg > 1:
+                held = (self.nseg - 1) * p.NSEQ * p.NH
+                parts += [("seg_C", held * p.DK * p.DV * 4), ("seg_n", held * p.DK * 4 if p.has_n else 0),
+                          ("seg_m", held * 4 if p.has_m else 0)]
+        elif p.keep_states:
+            parts = []
+        else:
+            parts = [("C_states", BH * NC * p.DK * p.DV * e), ("n_states", BH * NC * p.DK * 4 if p.has_n else 0),
+                     ("m_states", BH * g.NM * 4 if p.has_m else 0)]
+        self.scratch = launch.Arena([(n, b) for n, b in parts if b])
+        self.gates = launch.Arena(g.gate_layout()) if self.family == "sm80" else None
 
     def states_launches(self):
         """The backward's recompute of the chunk-boundary states on the fused path (sm90 plans): the
@@ -78,21 +90,6 @@ class ForwardPlan:
         so that a forward-only program never compiles that kernel."""
         spec = launch.fused(self.geo, "states", *self._states)
         return self.launches[:-1] + (spec,)
-
-    def buffers(self):
-        """The fused path's scratch: stage 0b's records and, with segments, the segment summaries
-        folded into the states entering segments 1 ..; {} on the sm80 family."""
-        if self.family != "sm90":
-            return {}
-        cp = _arrays.cupy_module()
-        p, g = self.geo.p, self.geo
-        out = dict(gate_terms=cp.empty((g.BH, g.NC, FUSED_TERM_FLOATS), F32))
-        if self.nseg > 1:
-            held = (self.nseg - 1, p.NSEQ, p.NH)
-            out.update(seg_C=cp.empty(held + (p.DK, p.DV), F32),
-                       seg_n=cp.empty(held + (p.DK,), F32) if p.has_n else None,
-                       seg_m=cp.empty(held, F32) if p.has_m else None)
-        return out
 
     def run(self, launches, params, q, k, v):
         """Run ``launches`` (this plan's, or its states_launches) on ``params``; the fused kernels
@@ -166,22 +163,25 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         states = (p.NSEQ, p.NH)
         N = out_or_new(out, "N", lambda: cp.empty((p.B, p.NH, p.S), F32)) if p.has_n else None
         M = out_or_new(out, "M", lambda: cp.empty((p.B, p.NH, p.S), F32)) if p.has_m else None
-        with_states = plan.with_states
-        C_states = cp.empty((g.BH, g.NC, p.DK, p.DV), p.dtype) if with_states else None
-        n_states = cp.empty((g.BH, g.NC, p.DK), F32) if p.has_n and with_states else None
-        m_states = cp.empty((g.BH, g.NM), F32) if p.has_m and with_states else None
         C_last = out_or_new(out, "C_last", lambda: cp.empty(states + (p.DK, p.DV), F32))
         n_last = out_or_new(out, "n_last", lambda: cp.empty(states + (p.DK,), F32)) if p.has_n else None
         m_last = out_or_new(out, "m_last", lambda: cp.empty(states, F32)) if p.has_m else None
-        # the fused forward needs no gate arrays (the backward makes them if it runs), stage 0b's
+        kept = {}
+        if p.keep_states:  # the backward reads the chunk states instead of recomputing them
+            kept = dict(C_states=cp.empty((g.BH, g.NC, p.DK, p.DV), p.dtype),
+                        n_states=cp.empty((g.BH, g.NC, p.DK), F32) if p.has_n else None,
+                        m_states=cp.empty((g.BH, g.NM), F32) if p.has_m else None)
+        scratch, parts = plan.scratch.allocate()
+        # the fused forward needs no gate vectors (the backward makes them if it runs), stage 0b's
         # records instead
-        gates = g.gate_arrays() if plan.family == "sm80" else None
-        params = bind_pointers(plan.template, q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M,
-                               C_last=C_last, n_last=n_last, m_last=m_last, C_states=C_states, n_states=n_states,
-                               m_states=m_states, seq_table=table, **(gates or {}), **plan.buffers())
+        gates = plan.gates.allocate() if plan.gates is not None else None
+        params = bind(plan.template, dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, h=h, N=N, M=M,
+                                          C_last=C_last, n_last=n_last, m_last=m_last, seq_table=table,
+                                          **kept, **parts, **(gates[1] if gates else {})))
         plan.run(plan.launches, params, q, k, v)
+        del scratch  # the stream orders its reuse after the kernels
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
-                 C_states=C_states if p.keep_states else None, m_states=m_states if p.keep_states else None,
+                 C_states=kept.get("C_states"), m_states=kept.get("m_states"),
                  dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=plan.cfg, device=device.id,
                  cu_seqlens=cu, seq_table=table)
     return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
@@ -198,9 +198,9 @@ def recompute_states(p, device, saved, C_states, m_states):
     if plan.family != "sm90":
         return False
     q, k, v, i32, f32 = operands
-    params = bind_pointers(plan.template, q=q, k=k, v=v, i=i32, f=f32, C0=saved["C0"], n0=saved["n0"],
-                           m0=saved["m0"], C_states=C_states, m_states=m_states, seq_table=saved["seq_table"],
-                           **plan.buffers())
+    scratch, parts = plan.scratch.allocate()
+    params = bind(plan.template, dict(q=q, k=k, v=v, i=i32, f=f32, C0=saved["C0"], n0=saved["n0"], m0=saved["m0"],
+                                      C_states=C_states, m_states=m_states, seq_table=saved["seq_table"], **parts))
     plan.run(plan.states_launches(), params, q, k, v)
     return True
 
@@ -215,7 +215,7 @@ def segment_summary(problem, arrays, state, *, empty_m=None):
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = gpu_inputs(problem, arrays, state)
     with device:
         p = problem
-        g = Geometry(p, family.config(p, mma, device), mma)
+        g = launch.geometry(p, family.config(p, mma, device), mma)
         shape = (p.B, p.NH)
         if empty_m is not None:
             C0, n0 = None, None
@@ -238,7 +238,8 @@ def context(problem, arrays, state, N, M, C_last):
     mma, device, (q, k, v, i32, f32), (C0, n0, m0) = gpu_inputs(problem, arrays, state)
     with device:
         cfg = family.config(problem, mma, device)
-        gates = Geometry(problem, cfg, mma).gate_vectors(i32, f32)
+        vectors = launch.geometry(problem, cfg, mma).gate_vectors(i32, f32)
+        gates = (vectors, vectors)
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
                  C_states=None, m_states=None, dtypes=(F32, F32), mma=mma, cfg=cfg, device=device.id,
                  cu_seqlens=None, seq_table=None)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _arrays, _loader, _tma
-from .._params import make_params
+from .._params import POINTER_FIELDS, SEQUENCE_TENSORS, bind, make_params
 from ..config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD_SM90_BLOCK, BWD_SM90_THREADS,
                       ELEMENT_BYTES, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
                       FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, SEG_COMBINE_THREADS,
@@ -24,6 +24,8 @@ from ..config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD
                       fused_fwd_kernel, fused_terms_kernel, gates_kernel, segment_combine_kernel, seq_table_kernel,
                       state_kernels, step_kernel, step_lanes, step_nm_kernel)
 from .operands import F32, cdiv, strides
+
+POINTER_NAMES = frozenset(POINTER_FIELDS)
 
 
 class LaunchSpec(NamedTuple):
@@ -42,7 +44,9 @@ class LaunchSpec(NamedTuple):
 
 class Geometry:
     """Sizes of one problem under one config, and what every launch of it shares: chunk slots,
-    the sequence table of packed input and the strides of the sequence tensors."""
+    the sequence table of packed input, the Params fields every record of the call holds, and
+    the launch specs built so far. Built once per signature (geometry()), except with packed
+    sequences, whose table is an array of the call."""
 
     def __init__(self, problem, cfg, mma, seq_table=None):
         p = problem
@@ -56,31 +60,116 @@ class Geometry:
         self.NM = self.NC + (p.NSEQ if p.varlen else 1)  # m-state slots per batch·head
         self.seq_table = seq_table
         self.fields = dict(BH=self.BH, S=p.S, DK=p.DK, DV=p.DV, L=L, NC=self.NC, NH=p.NH, NSEQ=p.NSEQ, NM=self.NM,
-                           seq_table=seq_table, scale=p.scale, eps=p.eps)
+                           scale=p.scale, eps=p.eps)
+        scratch = (p.NH * p.S, p.S, 1)   # N, M: (B, NH, S) float32
+        self.base = make_params(**self.fields, st_N=scratch, st_M=scratch).tobytes()
+        self.specs = {}
 
     def strides(self, **named):
         """{st_<name>: (batch, head, token) element strides} of sequence tensors in the call's layout
-        (N and M are internal and always (B, NH, S))."""
-        return {f"st_{name}": strides(x, "bhsd" if name in ("N", "M") else self.p.layout)
-                for name, x in named.items() if x is not None}
+        (N and M, internal, are always (B, NH, S) and in the base record)."""
+        lay = self.p.layout
+        return {f"st_{name}": strides(x, lay) for name, x in named.items()
+                if x is not None and name not in ("N", "M")}
+
+    def _split(self, fields):
+        """(pointers, scalars, sequence tensors) of Params fields given by name."""
+        pointers, scalars, seq = {}, {}, {}
+        for name, x in fields.items():
+            if name in POINTER_NAMES:
+                pointers[name] = x
+                if x is not None and name in SEQUENCE_TENSORS and name not in ("N", "M"):
+                    seq[name] = x
+            else:
+                scalars[name] = x
+        return pointers, scalars, seq
+
+    def binder(self, **common):
+        """params() for the launches of one call that share ``common`` fields (their strides are
+        computed once)."""
+        pointers, scalars, seq = self._split(common)
+        pointers.setdefault("seq_table", self.seq_table)
+        st = self.strides(**seq)
+
+        def params(**fields):
+            more_pointers, more_scalars, more_seq = self._split(fields)
+            return bind(self.base, {**pointers, **more_pointers}, {**st, **self.strides(**more_seq)},
+                        {**scalars, **more_scalars})
+        return params
 
     def params(self, **fields):
-        """make_params with the shared sizes and the strides of every sequence tensor given."""
-        seq = {n: fields.get(n) for n in ("q", "k", "v", "i", "f", "h", "dh", "dq", "dk", "dv", "di", "df", "N", "M")}
-        return make_params(**self.fields, **self.strides(**seq), **fields)
+        """A Params record: the base fields, every pointer given (arrays or device addresses), the
+        strides of every sequence tensor given and any other field."""
+        return self.binder()(**fields)
+
+    def gate_layout(self):
+        """The parts of stage 0's per-chunk log-gate vectors (chunk-aligned), for an Arena."""
+        L = self.p.chunk_size
+        return [("gate_a", self.BH * self.NC * L * 4), ("gate_b", self.BH * self.NC * L * 4),
+                ("gate_g", self.BH * self.NC * 4), ("gate_amax", self.BH * self.NC * 4)]
 
     def gate_arrays(self):
-        """The per-chunk log-gate vectors stage 0 writes (chunk-aligned), unfilled."""
+        """Stage 0's vectors as arrays of their own, unfilled (sequence parallelism sums gate_g)."""
         cp = _arrays.cupy_module()
         L = self.p.chunk_size
         return dict(gate_a=cp.empty((self.BH, self.NC, L), F32), gate_b=cp.empty((self.BH, self.NC, L), F32),
                     gate_g=cp.empty((self.BH, self.NC), F32), gate_amax=cp.empty((self.BH, self.NC), F32))
 
     def gate_vectors(self, i32, f32):
-        """Stage 0: the per-chunk log-gate vectors (chunk-aligned) every later stage reads."""
+        """Stage 0 into arrays of their own: the per-chunk log-gate vectors every later stage reads."""
         g = self.gate_arrays()
         chunk_gates(self)(self.params(i=i32, f=f32, **g))
         return g
+
+
+_GEOMETRIES = {}
+
+
+def geometry(problem, cfg, mma, seq_table=None):
+    """The Geometry of a call: cached per (problem, config, policy, device) unless the call has
+    packed sequences. Launch specs memoised in it hold the current device's kernels."""
+    if seq_table is not None or problem.varlen:
+        return Geometry(problem, cfg, mma, seq_table)
+    key = (problem, cfg, mma, _arrays.cupy_module().cuda.Device().id)
+    g = _GEOMETRIES.get(key)
+    if g is None:
+        g = Geometry(problem, cfg, mma)
+        if len(_GEOMETRIES) >= 64:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = g
+    return g
+
+
+class Arena:
+    """One allocation for a call's scratch buffers: the byte layout of named parts is fixed once
+    (``parts``: (name, bytes), each part 256-byte aligned); each call allocates the whole and
+    passes the parts to the kernels as device addresses."""
+
+    def __init__(self, parts):
+        self.offsets, total = {}, 0
+        for name, nbytes in parts:
+            self.offsets[name] = total
+            total += -(-nbytes // 256) * 256
+        self.nbytes = total
+
+    def allocate(self):
+        """(the allocation, {part: device address}); the allocation must outlive the kernels' use."""
+        cp = _arrays.cupy_module()
+        mem = cp.empty(max(self.nbytes, 256), np.uint8)
+        base = mem.data.ptr
+        return mem, {name: base + off for name, off in self.offsets.items()}
+
+
+def _memo(build):
+    """Memoise a launch-spec builder in its Geometry (the first argument)."""
+    def cached(g, *args):
+        key = (build.__name__, *args)
+        spec = g.specs.get(key)
+        if spec is None:
+            spec = g.specs[key] = build(g, *args)
+        return spec
+    cached.__name__, cached.__doc__ = build.__name__, build.__doc__
+    return cached
 
 
 # ------------------------------------------------------------------------------------------
@@ -93,12 +182,14 @@ def seq_table(index_dtype):
     return LaunchSpec(_loader.get_kernel(seq_table_kernel(index_dtype)), 1, THREADS["tfla::kSeqTableThreads"])
 
 
+@_memo
 def chunk_gates(g):
     """Stage 0: one CTA per chunk slot and batch·head writes the chunk's log-gate vectors."""
     return LaunchSpec(_loader.get_kernel(chunk_gates_kernel(g.gate)), g.NC * g.BH, THREADS["tfla::kChunkGateThreads"],
                       chunk_gates_smem_bytes(g.p.chunk_size))
 
 
+@_memo
 def gates_grad(g):
     """Backward stage 3: di, df, one CTA per sequence·head walking it backwards."""
     return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), g.p.NSEQ * g.p.NH, THREADS["tfla::kGateThreads"])
@@ -109,6 +200,7 @@ def gates_grad(g):
 # ------------------------------------------------------------------------------------------
 
 
+@_memo
 def states(g, kind):
     """The chunk recurrence (``fwd_states_kernel`` or the reverse ``bwd_dstates_kernel``): one CTA
     per state tile, sequence and head."""
@@ -118,6 +210,7 @@ def states(g, kind):
                       t.smem_bytes(g.e, p.chunk_size))
 
 
+@_memo
 def chunk(g, kind):
     """A chunk-parallel kernel (``fwd_h``, ``bwd_dq``, ``bwd_dk``, ``bwd_dv``): one CTA per output
     block, row tile, chunk slot and batch·head."""
@@ -138,12 +231,14 @@ def dot_parts(g, kind):
 # ------------------------------------------------------------------------------------------
 
 
+@_memo
 def fused_terms(g):
     """Stage 0b of the fused forward: one CTA per chunk slot and batch·head writes its gate record."""
     return LaunchSpec(_loader.get_kernel(fused_terms_kernel(g.gate)), g.NC * g.BH, FUSED_TERMS_THREADS,
                       FUSED_TERMS_SMEM_BYTES)
 
 
+@_memo
 def fused(g, mode, items, sms):
     """The fused forward in ``mode`` ("full", "summary", "states") on a persistent grid: at most
     one CTA per SM (two in the states mode, whose compact carve fits twice), each walking work
@@ -153,12 +248,14 @@ def fused(g, mode, items, sms):
                       FUSED_THREADS, smem, True)
 
 
+@_memo
 def segment_combine(g):
     """The fold of segment summaries into the states entering segments 1 …: one CTA per
     sequence·head."""
     return LaunchSpec(_loader.get_kernel(segment_combine_kernel(g.gate)), g.p.NSEQ * g.p.NH, SEG_COMBINE_THREADS)
 
 
+@_memo
 def chunk_sm90(g, role):
     """The Hopper backward chunk product in ``role`` (RoleDQ, RoleDK, RoleDV): one CTA per (half
     chunk, chunk slot, batch·head), every output column; shared memory grows with the
@@ -168,6 +265,7 @@ def chunk_sm90(g, role):
                       BWD_SM90_THREADS, bwd_sm90_smem_bytes(DX))
 
 
+@_memo
 def dstates_sm90(g, tma):
     """The Hopper reverse dC pass: one warpgroup per 64 × 64 block of dC and sequence·head; tiles
     by bulk tensor copies (``tma``) or cp.async. It takes a tensor-map record either way."""
