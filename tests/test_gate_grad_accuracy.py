@@ -95,3 +95,28 @@ def test_model_normalizer_grad_matches_finite_differences(rng, eps):
         arr[...] = base
         scale = np.sqrt(np.sum(grad ** 2) * np.sum(u ** 2))
         assert abs(np.sum(grad * u) - (up - down) / (2 * STEP)) < TOL * scale, name
+
+
+@pytest.mark.parametrize("gate,normalize", [("exp", True), ("sig", True), ("sig", False)], ids=["exp", "sig", "sig-nonorm"])
+@pytest.mark.parametrize("L", [16, 32])
+def test_direct_gate_gradients_equal_the_identity(rng, gate, normalize, L):
+    """reference.chunkwise.bwd_gates_direct (chunk-local pair sums, §12.1: the form the kernels are
+    to compute) equals bwd_gates (the reverse sum of q·dq − k·dk plus ⟨dC_last, C_last⟩) in float64,
+    with an initial state, a last-state gradient and a ragged last chunk."""
+    from tfla_cupy.reference import chunkwise
+    from tfla_cupy.reference.gates import log_gates
+    from conftest import Shape, random_inputs, random_state
+    shape = Shape(2, 2, 75, 8, 6, L)
+    x = random_inputs(rng, shape, f_offset=1.0)
+    C0, n0, m0 = random_state(rng, shape, gate)
+    dh = rng.standard_normal((2, 2, 75, 6))
+    dC_last = rng.standard_normal((2, 2, 8, 6))
+    opts = dict(L=L, scale=8 ** -0.5, eps=1e-6, normalize=normalize)
+    q, k, v, i, f = (x[n] for n in "qkvif")
+    *_, di, df, _ = chunkwise.bwd(q, k, v, i, f, C0, n0, m0, dh, dC_last, gate=gate, **opts)
+    h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=gate, **opts)
+    log_i, log_f = log_gates(i, f, gate)
+    dC = chunkwise.bwd_dstates(q, log_i, log_f, m, N, M, dh, dC_last, **opts)
+    parts = chunkwise.gate_grad_parts(q, k, v, log_i, log_f, C, m, dC, N, M, dh, **opts)
+    di2, df2 = chunkwise.bwd_gates_direct(parts, i, f, gate=gate, L=L)
+    assert rel_err(di2, di) < 1e-12 and rel_err(df2, df) < 1e-12

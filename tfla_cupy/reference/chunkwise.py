@@ -13,6 +13,7 @@ Stages (kernel of the same role in parentheses):
   bwd_dstates  boundary-state gradients dC                     (backward reverse state pass)
   bwd_dq, bwd_dk, bwd_dv                                       (backward chunk passes)
   bwd_gates    di, df from q·dq and k·dk                       (gate-gradient pass)
+  gate_grad_parts, bwd_gates_direct  the same di, df from chunk-local pair sums (§12.1)
 
 The backward is the custom one of §6: N, M and every m are constants. It equals the exact
 derivative of the forward with those held fixed, which the ``*_frozen`` arguments of the
@@ -214,6 +215,54 @@ def bwd_gates(q, k, dq, dk, i, f, *, gate, last_state_dot=None):
         d_log_f = d_log_f + last_state_dot[..., None]
     d_i, d_f = d_log_gates(i, f, gate)
     return kdk * d_i, d_log_f * d_f
+
+
+def gate_grad_parts(q, k, v, log_i, log_f, C, m, dC, N, M, dh, *, L, scale, eps, normalize):
+    """The pieces of the direct form of the gate gradients (docs/math.md §12.1), per chunk c with
+    Z_τσ = P_τσ (Ĝ_τ·v_σ) A_τσ (σ <= τ), the derivative of the loss with respect to D̃_τσ:
+
+    R (..., S)   R_t = Σ_{τ >= t} Σ_{σ < t} Z_τσ         intra-chunk pairs crossing t
+    Zc (..., S)  Zc_σ = Σ_{τ >= σ} Z_τσ                  column sums (all pairs with key σ)
+    W (..., S)   W_τ = s β̄_τ q_τᵀ C^(c) Ĝ_τ  = q_τ·dq_τ^inter   (query τ, keys before the chunk)
+    E (..., S)   E_σ = ā_σ k_σᵀ dC^(c+1) v_σ = k_σ·dk_σ^inter   (key σ, queries after the chunk)
+    B (..., NC)  B_c = γ_c ⟨dC^(c+1), C^(c)⟩              (queries after the chunk, keys before it)
+
+    C, m, dC are the boundary states, stabilizers and state gradients (NC + 1 slots; dC's slot NC
+    is dC_last). Every piece is a sum over pairs of one sign structure: nothing cancels between
+    large sums."""
+    S = q.shape[-2]
+    R, Zc, W, E = (np.empty(q.shape[:-1]) for _ in range(4))
+    B = []
+    for c, sl in enumerate(chunk_slices(S, L)):
+        P, G, dP, beta_bar, a_bar = _chunk_backward_tiles(q, k, v, log_i, log_f, m, N, M, dh, c, sl,
+                                                          scale=scale, eps=eps, normalize=normalize)
+        A = scale * np.einsum("...tk,...sk->...ts", q[..., sl, :], k[..., sl, :])
+        Z = P * dP * A
+        X = np.cumsum(Z, -1) - Z                                   # X[τ, t] = Σ_{σ < t} Z[τ, σ]
+        R[..., sl] = np.diagonal(np.flip(np.cumsum(np.flip(X, -2), -2), -2), axis1=-2, axis2=-1)
+        Zc[..., sl] = Z.sum(-2)
+        W[..., sl] = scale * beta_bar * np.einsum("...tk,...kv,...tv->...t", q[..., sl, :], C[..., c, :, :], G)
+        E[..., sl] = a_bar * np.einsum("...sk,...kv,...sv->...s", k[..., sl, :], dC[..., c + 1, :, :], v[..., sl, :])
+        _, g, _ = chunk_gate_vectors(log_i[..., sl], log_f[..., sl])
+        gamma = np.exp(g + m[..., c] - m[..., c + 1])
+        B.append(gamma * np.einsum("...kv,...kv->...", dC[..., c + 1, :, :], C[..., c, :, :]))
+    return dict(R=R, Zc=Zc, W=W, E=E, B=np.stack(B, -1))
+
+
+def bwd_gates_direct(parts, i, f, *, gate, L):
+    """di, df from gate_grad_parts (docs/math.md §12.1): for t in chunk c
+
+        dι_t = Zc_t + E_t,      dλ_t = R_t + Σ_{τ >= t} W_τ + B_c + Σ_{σ < t} E_σ    (sums inside the chunk)
+
+    equal to bwd_gates (with the §6.5 term) in exact arithmetic; no sum runs over more than a chunk."""
+    R, W, E = parts["R"], parts["W"], parts["E"]
+    d_log_f = np.empty(R.shape)
+    for c, sl in enumerate(chunk_slices(R.shape[-1], L)):
+        w_suffix = np.flip(np.cumsum(np.flip(W[..., sl], -1), -1), -1)
+        e_prefix = np.cumsum(E[..., sl], -1) - E[..., sl]
+        d_log_f[..., sl] = R[..., sl] + w_suffix + parts["B"][..., c, None] + e_prefix
+    d_i, d_f = d_log_gates(i, f, gate)
+    return (parts["Zc"] + E) * d_i, d_log_f * d_f
 
 
 def bwd(q, k, v, i, f, C0, n0, m0, dh, dC_last, *, gate, normalize, L, eps, scale, floor=ROW_MAX_FLOOR):
