@@ -3,8 +3,11 @@ and test ids. Every comparison is against a float64 reference on fresh random in
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
+import types
 import zlib
 from dataclasses import dataclass
 
@@ -133,3 +136,65 @@ def state_kwargs(state, names=("C0", "n0", "m0")):
 def rng(request):
     """A generator seeded from the test id: fresh inputs per test, reproducible per run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ------------------------------------------------------------------------------------------
+# NVRTC: the tests that compile through CuPy's NVRTC bindings skip where those are missing
+# (a CPU-only install, `pip install ".[test]"` without the cuda12 / cuda13 extra).
+# ------------------------------------------------------------------------------------------
+
+#: The loader's entry point that compiles through NVRTC without a GPU.
+NVRTC_ENTRY = "compile_for_arch"
+
+
+def _referenced_names(code, module_globals, seen):
+    """The names a code object refers to, through its nested code objects (lambdas,
+    comprehensions) and the helper functions of the same module it calls (not other tests)."""
+    if code in seen:
+        return set()
+    seen.add(code)
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _referenced_names(const, module_globals, seen)
+    for name in list(names):
+        obj = module_globals.get(name)
+        if (isinstance(obj, types.FunctionType) and obj.__globals__ is module_globals
+                and not name.startswith("test")):
+            names |= _referenced_names(obj.__code__, module_globals, seen)
+    return names
+
+
+def uses_nvrtc(function) -> bool:
+    """Whether a test function (or a helper of its module it calls) refers to NVRTC_ENTRY."""
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return False
+    return NVRTC_ENTRY in _referenced_names(code, function.__globals__, set())
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_problem():
+    """None when CuPy's NVRTC bindings import and load the NVRTC library, else why not."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as e:  # noqa: BLE001 - no CuPy, no bindings or no library: the same skip
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that compile through NVRTC (marker ``nvrtc``, or found by uses_nvrtc) and
+    skip them, with the reason, where NVRTC is not available."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if item.get_closest_marker("nvrtc") is None and function is not None and uses_nvrtc(function):
+            item.add_marker(pytest.mark.nvrtc)
+    marked = [item for item in items if item.get_closest_marker("nvrtc") is not None]
+    if marked and nvrtc_problem() is not None:
+        skip = pytest.mark.skip(reason=f"needs NVRTC through CuPy (install the cuda12 or cuda13 extra): "
+                                       f"{nvrtc_problem()}")
+        for item in marked:
+            item.add_marker(skip)

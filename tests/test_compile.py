@@ -96,3 +96,14 @@ def test_source_inlines_every_header():
 def test_compile_error_carries_the_log():
     with pytest.raises(_loader.CompileError, match="error"):
         _loader.compile_for_arch(["tfla::no_such_kernel<int>"], "sm_80", verbose_ptxas=False)
+
+
+def test_conftest_finds_the_tests_that_need_nvrtc():
+    """tests/conftest.py marks (and, without CuPy's NVRTC, skips) the tests that compile: called
+    directly or through a helper of the module, and no other test."""
+    from conftest import uses_nvrtc
+    assert uses_nvrtc(test_compile_error_carries_the_log)
+    assert uses_nvrtc(test_every_instantiation_compiles_without_spills)
+    assert uses_nvrtc(test_one_instantiation_of_every_family_compiles_without_spills)
+    assert not uses_nvrtc(test_source_inlines_every_header)
+    assert not uses_nvrtc(test_one_per_family_covers_every_family)
