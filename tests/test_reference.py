@@ -12,7 +12,7 @@ import pytest
 
 import tfla_cupy
 from tfla_cupy.reference import chunkwise, parallel, recurrent
-from tfla_cupy.reference.gates import ROW_MAX_FLOOR, log_gates
+from tfla_cupy.reference.gates import LOG_FORGET_FLOOR, ROW_MAX_FLOOR, d_log_gates, log_gates
 
 from conftest import (EPS, FD_MISMATCH_MIN, FD_SAMPLES, FD_STEP, GATE_PARAMS, TOL_EXACT, TOL_FD,
                       TOL_FLOOR, TOL_STATE_PASSING, Shape, random_inputs, random_state, ref_opts,
@@ -297,6 +297,25 @@ def test_extreme_gates_stay_finite(rng, shape, gate, normalize):
     grads = tfla_cupy.mlstm_bwd(ctx, dh, (dC_last, None, None))
     outputs = [h, *last, *grads[:5], *grads.d_initial_state]
     assert all(np.isfinite(a).all() for a in outputs if a is not None)
+
+
+def test_log_gates_and_their_derivatives_across_the_line():
+    """logσ and σ over |x| up to 700: logσ(x) = −log(1 + e^{−x}) to rounding (written without
+    cancellation on each side of 0), logσ(x) → x and → −e^{−x} in the tails, and dλ/df̃ = σ(−f̃) = e^{logσ(−f̃)} to rounding also where σ(−f̃) is far
+    below the float64 epsilon (a 1 + tanh form rounds it to 0 there)."""
+    x = np.concatenate([np.linspace(-700, 700, 14001), [-1e6, 1e6]])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        log_i, log_f = log_gates(x, x, "sig")
+        d_i, d_f = d_log_gates(x, x, "sig")
+    mid = x[np.abs(x) <= 30]
+    exact = np.where(mid >= 0, -np.log1p(np.exp(-np.abs(mid))), mid - np.log1p(np.exp(-np.abs(mid))))
+    assert np.allclose(log_f[np.abs(x) <= 30], exact, rtol=1e-14, atol=0)
+    assert log_f[x == -700][0] == -700.0 and log_f[x == 700][0] == pytest.approx(-np.exp(-700.0), rel=1e-12)
+    assert log_f[x == -1e6][0] == LOG_FORGET_FLOOR and d_f[x == -1e6][0] == 0.0   # the forget floor
+    live = log_f > LOG_FORGET_FLOOR
+    assert np.allclose(d_f[live], np.exp(log_gates(-x, -x, "sig")[1][live]), rtol=1e-12, atol=0)
+    assert d_f[x == 700][0] > 0.0
+    assert np.array_equal(log_i[live], log_f[live]) and np.array_equal(d_i[live], d_f[live])
 
 
 # ------------------------------------------------------------------------------------------

@@ -52,6 +52,22 @@ def test_floors_are_the_kernels_constants():
     assert math.exp(LOG_FORGET_FLOOR) == 0.0
 
 
+@pytest.mark.parametrize("tokens", [1, 3], ids=["reset", "reset-then-masked"])
+def test_step_form_without_overflow_when_every_write_has_decayed(rng, tokens):
+    """A reset (f̃ = −∞) of tokens that write nothing (ĩ = −∞) drives the exp variant's m to
+    −1e4 and below, where the normalizer's lower bound e^{−m} is beyond float64: h is exactly 0,
+    as the bound +∞ says, and no floating-point overflow happens on the way."""
+    B, NH, DK, DV = 2, 3, 8, 16
+    q, k = rng.standard_normal((2, B, NH, tokens, DK))
+    v = rng.standard_normal((B, NH, tokens, DV))
+    i, f = np.full((2, B, NH, tokens), -INF)
+    state = (rng.standard_normal((B, NH, DK, DV)), rng.standard_normal((B, NH, DK)), np.zeros((B, NH)))
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        h, C, n, m = _step_form(q, k, v, i, f, "exp", True, state)
+    assert np.all(m <= LOG_FORGET_FLOOR)
+    assert np.all(h == 0.0) and np.isfinite(C).all() and np.isfinite(n).all()
+
+
 @pytest.mark.parametrize("gate,normalize", GATE_PARAMS)
 @pytest.mark.parametrize("where", ["first", "last", "boundary", "chunk", "sequence"])
 def test_masked_tokens_are_finite_and_write_nothing(rng, gate, normalize, where):

@@ -3,6 +3,9 @@
 ``gate="exp"`` (mLSTMexp): log input gate ι = ĩ, log forget gate λ = logσ(f̃), max-stabilized.
 ``gate="sig"`` (mLSTMsig): ι = logσ(ĩ), λ = logσ(f̃); all log gates are <= 0, so no stabilizer
 (m ≡ 0, M ≡ 0) and no row-max floor.
+
+logσ and σ are SciPy's ``log_expit`` and ``expit``: accurate in float64 over the whole line
+(logσ(x) ≈ x for x → −∞ without overflow, σ(±∞) = 1 / 0 exactly, NaN kept).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
+from scipy.special import expit, log_expit
 
 #: Floor of the intra-chunk row maximum of the exp variant (upstream ``MINIMUM_MAX_VAL``).
 ROW_MAX_FLOOR = -10.0
@@ -25,16 +29,6 @@ LOG_INPUT_FLOOR = -1e30
 
 def _floor_keep_nan(x, lo):
     return np.where(x < lo, lo, x)
-
-
-def logsigmoid(x):
-    """log σ(x) = −softplus(−x), computed stably in float64."""
-    return -np.logaddexp(0.0, -x)
-
-
-def sigmoid(x):
-    """σ(x) through tanh, stable for large |x|."""
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 @dataclass(frozen=True)
@@ -56,15 +50,15 @@ class GateSpec:
 
 GATE_SPECS = {
     "exp": GateSpec("exp", True, {True: "tfla::GateExp"}, lambda i: i, np.ones_like),
-    "sig": GateSpec("sig", False, {True: "tfla::GateSig<true>", False: "tfla::GateSig<false>"}, logsigmoid,
-                    lambda i: sigmoid(-i)),
+    "sig": GateSpec("sig", False, {True: "tfla::GateSig<true>", False: "tfla::GateSig<false>"}, log_expit,
+                    lambda i: expit(-i)),
 }
 GATES = tuple(GATE_SPECS)
 
 
 def log_gates(i, f, gate):
     """Return (log_i, log_f) = (ι, λ) for the gate variant, floored as the kernels do."""
-    log_f = _floor_keep_nan(logsigmoid(f), LOG_FORGET_FLOOR)
+    log_f = _floor_keep_nan(log_expit(f), LOG_FORGET_FLOOR)
     log_i = GATE_SPECS[gate].log_input(i)
     return _floor_keep_nan(log_i, LOG_INPUT_FLOOR), log_f
 
@@ -72,8 +66,8 @@ def log_gates(i, f, gate):
 def d_log_gates(i, f, gate):
     """(dι/dĩ, dλ/df̃) of :func:`log_gates`: zero where a floor is active."""
     spec = GATE_SPECS[gate]
-    log_f = logsigmoid(f)
-    d_f = np.where(log_f < LOG_FORGET_FLOOR, 0.0, sigmoid(-f))
+    log_f = log_expit(f)
+    d_f = np.where(log_f < LOG_FORGET_FLOOR, 0.0, expit(-f))
     log_i = spec.log_input(i)
     return np.where(log_i < LOG_INPUT_FLOOR, 0.0, spec.d_log_input(i)), d_f
 

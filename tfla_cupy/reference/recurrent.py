@@ -10,6 +10,9 @@ import numpy as np
 
 from .gates import is_stabilized, log_gates
 
+#: Largest x with a finite e^x in float64.
+_MAX_EXP = float(np.log(np.finfo(np.float64).max))
+
 
 def step(q, k, v, i, f, C, n, m, *, gate, normalize, eps, scale):
     """One token of §2.1. Returns (h, C, n, m) with the new states.
@@ -32,8 +35,13 @@ def step(q, k, v, i, f, C, n, m, *, gate, normalize, eps, scale):
     if not normalize:
         return num, C, n, m_new
     den = np.einsum("...k,...k->...", q_hat, n)
-    N = np.maximum(np.abs(den), np.exp(-m_new))
-    return num / (N + eps)[..., None], C, n, m_new
+    # The lower bound e^{−m'} of the normalizer is 1 in unstabilized units (docs/math.md §2.2).
+    # After ĩ = −∞ tokens m' reaches the floor of ι (−1e30), where e^{−m'} exceeds float64: the
+    # bound is +∞ there and h is exactly 0. That case is taken apart instead of letting exp overflow.
+    beyond = -m_new > _MAX_EXP
+    N = np.maximum(np.abs(den), np.exp(np.where(beyond, 0.0, -m_new)))
+    h = np.where(beyond[..., None], 0.0, num / (N + eps)[..., None])
+    return h, C, n, m_new
 
 
 def fwd_recurrent(q, k, v, i, f, C0, n0, m0, *, gate, normalize, eps, scale):
