@@ -9,7 +9,7 @@ tfla_cupy.distributed, mLSTMexp, B 1, NH 16, DK 128, DV 256, bf16.
 
 Weak scaling: 65,536 tokens per rank (S = 65,536·P); efficiency = T(1 GPU, 65,536) / T(P ranks).
 Strong scaling: S = 262,144 over P ranks; efficiency = T(1 GPU, S) / (P · T(P ranks)).
-"fw" is mlstm_fwd, "fwbw" mlstm_fwd + mlstm_bwd (dh = 1 … random). Timing: CUDA events, L2
+"fw" is mlstm_fwd, "fwbw" mlstm_fwd + mlstm_bwd (dh random). Timing: CUDA events, L2
 flushed before each call, 5 warm-ups, median of 20; with NCCL the ranks start each call
 together (an all-gather barrier) and the slowest rank's median is reported.
 """

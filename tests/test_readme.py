@@ -1,6 +1,8 @@
-"""The README's Python code runs as printed and does what its comments say: on the NumPy path it
-prints what it computed, and the state carried on with the next tokens reproduces one call over
-all tokens. The CUDA part is skipped without a GPU (CUDA_VISIBLE_DEVICES="" hides any GPU)."""
+"""The README is a front page that holds: its Python code runs as printed and does what its
+comments say (on the NumPy path it prints what it computed, and the state carried on with the next
+tokens reproduces one call over all tokens; the CUDA part is skipped without a GPU,
+CUDA_VISIBLE_DEVICES="" hides any GPU); the two set-up commands are the documented ones; every
+headline number names its card and date; status cells stay one short line."""
 
 import os
 import re
@@ -13,8 +15,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def readme():
+    return (REPO / "README.md").read_text()
+
+
 def python_blocks():
-    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", readme(), flags=re.S)
+
+
+def table_after(heading):
+    """The rows (lists of cells) of the first Markdown table below ``heading``, header excluded."""
+    text = readme().split(heading, 1)[1]
+    lines = [ln for ln in text.split("\n## ", 1)[0].splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
 
 
 def test_readme_has_python_code():
@@ -51,3 +64,26 @@ def test_readme_python_blocks_run_on_the_gpu():
                   r.stdout)
     assert m, r.stdout
     assert float(m.group(1)) <= 5e-2
+
+
+def test_the_two_set_up_commands_are_the_documented_ones():
+    text = readme()
+    venv = 'python3 -m venv .venv && .venv/bin/pip install ".[cuda12,test]" && '
+    assert venv + ".venv/bin/python bench/bench.py" in text
+    assert venv + ".venv/bin/pytest -q tests" in text
+    assert (REPO / "bench" / "bench.py").is_file()
+
+
+def test_every_headline_number_names_its_card_and_date():
+    rows = table_after("## Results")
+    assert len(rows) >= 5
+    for row in rows:
+        assert re.search(r"\d ms|\d GB", row[1]), row
+        assert re.fullmatch(r"H[12]00, 20\d\d-\d\d-\d\d", row[-1]), row
+
+
+def test_status_cells_are_one_short_line():
+    rows = table_after("## Status")
+    assert len(rows) >= 8
+    long = [cell for row in rows for cell in row if len(cell) > 100]
+    assert not long, long
