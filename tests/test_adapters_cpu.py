@@ -140,10 +140,34 @@ def test_jax_plumbing(fake_gpu, rng, gate, normalize, with_state, normalizer_gra
         assert rel_err(got, want) < 1e-5, name
     if with_state:
         assert rel_err(g[5].C, g_ref.d_initial_state.C) < 1e-5
-        assert not np.any(np.asarray(g[5].m))   # the stabilizer is stop-gradient (or absent)
+        if normalizer_grad and gate == "exp":   # the ε·e^M term through the stabilizer (docs/math.md §6.6)
+            assert rel_err(g[5].m, g_ref.d_initial_state.m) < 1e-5
+        else:
+            assert not np.any(np.asarray(g[5].m))   # the stabilizer is stop-gradient (or absent)
         if normalize:
             assert rel_err(g[5].n, g_ref.d_initial_state.n) < 1e-5
             assert bool(np.any(np.asarray(g[5].n))) == normalizer_grad
+
+
+def test_jax_normalizer_grad_has_the_stabilizer_term(fake_gpu, rng):
+    """At a large ε the ε·e^M term of normalizer_grad is far above rounding: the adapter's gate and
+    initial-m gradients equal the API's (without the term di is ~1e-2 off)."""
+    jax, tj, cpu = fake_gpu
+    jnp = jax.numpy
+    x, st = _inputs(rng), _state(rng)
+    st = st._replace(m=st.m + 4)   # m_0 above the first tokens' ι: its gradient is not cut at token 1
+    dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
+    opts = dict(chunk_size=16, normalizer_grad=True, eps=1e-2)
+    _, _, ctx = tfla_cupy.mlstm_fwd(*x, initial_state=st, **opts)
+    want = tfla_cupy.mlstm_bwd(ctx, dh)
+    assert np.all(want.d_initial_state.m != 0)
+
+    def loss(i, f, state):
+        return jnp.sum(tj.mlstm(x[0], x[1], x[2], i, f, initial_state=state, **opts) * dh)
+
+    gi, gf, gst = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x[3], x[4], st)
+    assert rel_err(gi, want.di) < 1e-5 and rel_err(gf, want.df) < 1e-5
+    assert rel_err(gst.m, want.d_initial_state.m) < 1e-5
 
 
 def test_jax_step_plumbing(fake_gpu, rng):

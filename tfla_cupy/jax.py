@@ -23,7 +23,9 @@ inputs, docs/performance.md §2) comes from CuPy's memory pool, outside XLA's pr
 XLA preallocates most of the GPU (its default), lower ``XLA_PYTHON_CLIENT_MEM_FRACTION``.
 
 With ``normalizer_grad=True`` the augmented value column of docs/math.md §6.6 is added and
-removed by XLA operations (a padded copy of v, and h sliced out of the augmented output).
+removed by XLA operations (a padded copy of v, and h sliced out of the augmented output); for
+mLSTMexp the gradient through the stabilizers (the ε·e^M term) comes from a callback of its own
+that runs the library's float64 scans on XLA's stream.
 Not supported: ``keep_states``, ``layout="bshd"``, ``cu_seqlens``, forward-mode differentiation
 (``jax.jvp``), CPU devices.
 
@@ -38,6 +40,8 @@ import contextlib
 import dataclasses
 import functools
 from typing import Any, Optional, Tuple
+
+import numpy as np
 
 try:
     import jax
@@ -178,6 +182,26 @@ def _bwd_call(p, q, k, v, i, f, C0, n0, m0, N, M, C_last, dh, dC_last):
     return buffer_callback(callback, shapes)(q, k, v, i, f, C0, n0, m0, N, M, C_last, dh, dC_last)
 
 
+@_batched_over_b
+def _stabilizer_call(p, i, f, m0, dh_h, hN):
+    """normalizer_grad's gradient through the stabilizers of mLSTMexp (docs/math.md §6.6): dict di,
+    df (the additions to the gate gradients) and dm0 (the gradient of m_0), float32, from
+    ``_normgrad.stabilizer_grads`` in float64 on XLA's stream. ``dh_h`` is dh·h per token, ``hN``
+    is N + ε (float32, as the library's backward rounds it)."""
+    shapes = dict(di=_sd(i.shape, _F32), df=_sd(f.shape, _F32), dm0=_sd(i.shape[:-1], _F32))
+
+    def callback(ctx, out, i, f, m0, dh_h, hN):
+        with _on_xla_stream(ctx, i):
+            i, f, m0, dh_h, hN = (_view(x) for x in (i, f, m0, dh_h, hN))
+            xp = np if isinstance(i, np.ndarray) else _cupy()
+            m0 = xp.zeros(i.shape[:-1], np.float64) if m0 is None else m0
+            e = -dh_h.astype(np.float64) * p.eps / hN.astype(np.float64)
+            for name, x in zip(("di", "df", "dm0"), _normgrad.stabilizer_grads(xp, i, f, m0, e)):
+                _view(out[name])[...] = x.astype(np.float32)
+
+    return buffer_callback(callback, shapes)(i, f, m0, dh_h, hN)
+
+
 # ------------------------------------------------------------------------------------------
 # The differentiable core: q, k, v in their dtype; i, f and the states in float32
 # ------------------------------------------------------------------------------------------
@@ -225,8 +249,8 @@ def _core_bwd(static, saved, cot):
     dh = dh.astype(p.dtype)
     if p.normalizer_grad:
         h, sign = extra
-        col = -jnp.sum(dh.astype(_F32) * h.astype(_F32), axis=-1) * sign      # dden·(N + ε)
-        dh = _pad_last(dh, col.astype(p.dtype), _PAD)
+        dh_h = jnp.sum(dh.astype(_F32) * h.astype(_F32), axis=-1)             # dh·h
+        dh = _pad_last(dh, (-dh_h * sign).astype(p.dtype), _PAD)              # dden·(N + ε)
         if dC_last is not None:
             dn = jnp.zeros(dC_last.shape[:-1], _F32) if dn_last is None else dn_last.astype(_F32)
             dC_last = _pad_last(dC_last.astype(_F32), dn, _PAD)
@@ -237,14 +261,18 @@ def _core_bwd(static, saved, cot):
         dC_last = dC_last.astype(_F32)
     g = _bwd_call(inner, *res, dh, dC_last)
     dv = g["dv"][..., :DV] if p.normalizer_grad else g["dv"]
+    di, df, stab = g["di"], g["df"], None
+    if p.normalizer_grad and p.has_m:   # the ε·e^M term through the running maximum (docs/math.md §6.6)
+        stab = _stabilizer_call(p, i, f, m0, dh_h, N + p.eps)
+        di, df = di + stab["di"], df + stab["df"]
     dC0 = dn0 = dm0 = None
     if C0_in is not None:
         dC0 = g["dC0"][..., :DV] if p.normalizer_grad else g["dC0"]
         if n0 is not None:
             dn0 = g["dC0"][..., DV] if p.normalizer_grad else jnp.zeros_like(n0)
-        if m0 is not None:
-            dm0 = jnp.zeros_like(m0)   # the stabilizer is stop-gradient (docs/math.md §6.4)
-    return g["dq"], g["dk"], dv, g["di"], g["df"], dC0, dn0, dm0
+        if m0 is not None:   # the stabilizer is stop-gradient in the custom backward (docs/math.md §6.4)
+            dm0 = jnp.zeros_like(m0) if stab is None else stab["dm0"]
+    return g["dq"], g["dk"], dv, di, df, dC0, dn0, dm0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
