@@ -534,3 +534,25 @@ def test_torch_step_on_cpu_and_compiled(rng):
             assert rel_err(h, h_ref) < 1e-6 and rel_err(new.C, new_ref.C) < 1e-12
             assert (new.n is None) == (not normalize) and (new.m is None) == (gate != "exp")
             assert not h.requires_grad
+
+
+def test_torch_kernel_config_crosses_the_operator_boundary(rng, monkeypatch):
+    """A KernelConfig reaches the library call through its string key, eagerly and compiled (the
+    NumPy path accepts and ignores it); anything else is the library's TypeError."""
+    torch = pytest.importorskip("torch")
+    import tfla_cupy.torch as tt
+    from tfla_cupy import api
+    from tfla_cupy.config import pick_config
+    torch._dynamo.reset()
+    cfg = pick_config("MmaF32", DK, DV, 16)
+    x = [torch.tensor(a) for a in _inputs(rng)]
+    want = tfla_cupy.mlstm(*(t.numpy() for t in x), chunk_size=16)
+    seen = []
+    real = api._forward
+    monkeypatch.setattr(api, "_forward", lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw))
+    fn = lambda *a: tt.mlstm(*a, chunk_size=16, config=cfg)   # noqa: E731
+    for h in (fn(*x), torch.compile(fn, fullgraph=True, backend="aot_eager")(*x)):
+        assert rel_err(h, want) < 1e-6
+    assert len(seen) == 2 and all(c is cfg for c in seen)
+    with pytest.raises(TypeError, match="config: expected None or a tfla_cupy.KernelConfig"):
+        tt.mlstm(*x, config="default")
