@@ -651,3 +651,25 @@ def test_eps_zero_is_valid_and_matches_the_step_recurrence(gate, normalize):
         hs.append(ht)
     np.testing.assert_allclose(h, np.stack(hs, axis=2), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(last.C, st.C, rtol=1e-9, atol=1e-12)
+
+
+def test_a_validated_signature_is_not_revalidated_but_its_options_are_typed(monkeypatch):
+    """A repeated call reuses the Problem of its signature; an option of another type (1 for
+    True) is a new signature and gets its error; so do arrays of another shape."""
+    from tfla_cupy import _validate
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal((2, 1, 2, 9, 8))
+    v = rng.standard_normal((1, 2, 9, 4))
+    i, f = rng.standard_normal((2, 1, 2, 9))
+    calls = []
+    real = _validate._inputs
+    monkeypatch.setattr(_validate, "_inputs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(_validate, "_SEEN", {})
+    h1 = tfla_cupy.mlstm(q, k, v, i, f, gate="sig")
+    h2 = tfla_cupy.mlstm(q, k, v, i, f, gate="sig")
+    assert len(calls) == 1 and np.array_equal(h1, h2)
+    with pytest.raises(TypeError, match=r"^normalize: expected a bool, got 1$"):
+        tfla_cupy.mlstm(q, k, v, i, f, gate="sig", normalize=1)
+    with pytest.raises(ValueError, match=r"^v: expected shape \(1, 2, 9, 4\)"):
+        tfla_cupy.mlstm(q, k, v[:, :, :8], i, f, gate="sig")
+    assert len(calls) == 3

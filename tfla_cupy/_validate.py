@@ -187,11 +187,68 @@ def check_cu_seqlens(cu_seqlens, *, B, S, kind):
     return cu_seqlens, cu_seqlens.shape[0] - 1
 
 
+#: Signatures of sequence calls that validated -> their Problem (inputs_seen)
+_SEEN = {}
+_SEEN_MAX = 256
+
+
+def _signature(arrays, state, options):
+    """What decides a sequence call's validation: the options, and the type, shape and dtype of
+    every array (NumPy or CuPy arrays only; the state as a 3-tuple). None where a call does not
+    qualify (it is validated every time)."""
+    cp = _arrays.cupy_module()
+    types = (np.ndarray,) if cp is None else (np.ndarray, cp.ndarray)
+    if state is not None:
+        if not isinstance(state, tuple) or len(state) != 3:
+            return None
+        arrays = (*arrays, *state)
+    key = [tuple((type(o), o) for o in options)]   # True and 1 validate differently
+    for x in arrays:
+        if x is None:
+            key.append(None)
+        elif type(x) not in types:
+            return None
+        else:
+            key.append((type(x), x.shape, x.dtype))
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:  # an option of an unhashable type: validated every time
+        return None
+    return key
+
+
 def inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_state,
            precision="default", config=None, keep_states=False, normalizer_grad=False, layout="bhsd",
            cu_seqlens=None):
     """Validate a sequence call. Returns (Problem, (q, k, v, i, f), initial_state) with the
-    arrays converted to the call's array module (DLPack producers become CuPy or NumPy arrays)."""
+    arrays converted to the call's array module (DLPack producers become CuPy or NumPy arrays).
+    A call whose signature (options; type, shape and dtype of every array) validated before is
+    not validated again: NumPy and CuPy arrays pass through unconverted, so its Problem holds."""
+    key = None
+    if cu_seqlens is None:
+        key = _signature((q, k, v, i, f), initial_state, (gate, normalize, eps, scale, chunk_size, precision, config,
+                                                          keep_states, normalizer_grad, layout))
+        problem = _SEEN.get(key) if key is not None else None
+        if problem is not None:
+            state = None
+            if initial_state is not None:
+                C, n, m = initial_state
+                state = MLSTMState(C, n if problem.has_n else None, m if problem.has_m else None)
+            return problem, (q, k, v, i, f), state
+    problem, arrays, state = _inputs(q, k, v, i, f, gate=gate, normalize=normalize, eps=eps, scale=scale,
+                                     chunk_size=chunk_size, initial_state=initial_state, precision=precision,
+                                     config=config, keep_states=keep_states, normalizer_grad=normalizer_grad,
+                                     layout=layout, cu_seqlens=cu_seqlens)
+    if key is not None:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[key] = problem
+    return problem, arrays, state
+
+
+def _inputs(q, k, v, i, f, *, gate, normalize, eps, scale, chunk_size, initial_state, precision, config,
+            keep_states, normalizer_grad, layout, cu_seqlens):
     check_layout(layout)
     arrays = _arrays.to_common_module(dict(q=q, k=k, v=v, i=i, f=f))
     kind = arrays.pop("_kind")

@@ -212,7 +212,7 @@ def _signature(cp, q, k, v, i, f, state, out_state, indices, options):
         else:
             arrays += group
     arrays.append(indices)
-    key, ptrs = [options, state is None, out_state is None], []
+    key, ptrs = [tuple((type(o), o) for o in options), state is None, out_state is None], []
     for x in arrays:
         if x is None:
             key.append(None)
