@@ -70,7 +70,7 @@ MAX_SEGMENTS = FUSED_FWD["tfla::kMaxSegments"]
 SEG_COMBINE_THREADS = THREADS["tfla::kSegCombineThreads"]
 #: The segment heuristic's cost of one chunk in summary mode (pass 1: the state recurrence only)
 #: relative to a full chunk of the fused forward, and the fixed cost of the two extra launches in
-#: full chunk walks (estimates; bench/NOTES.md has the measurements).
+#: full chunk walks (estimates; docs/performance.md §8 has the measurements).
 SEGMENT_SUMMARY_COST = 0.3
 SEGMENT_FIXED_COST = 4.0
 
@@ -113,7 +113,7 @@ BWD_ROLES = ("RoleDQ", "RoleDK", "RoleDV")
 #: the forward and the backward decide separately). The environment variable TFLA_CUPY_FAMILY overrides "auto".
 FAMILIES = ("auto", "sm80", "sm90")
 #: With packed sequences (which are not cut into segments) "auto" takes the fused forward when its
-#: grid has at least this many CTAs per SM. Measured on the H200 (bench/NOTES.md, 2026-12-02): one
+#: grid has at least this many CTAs per SM. Measured on the H200 (docs/performance.md §8, 2026-12-02): one
 #: sequence of 65536 tokens, 16 heads = 64 CTAs (0.48 per SM), one walk each: fused 2.73 ms against
 #: sm80 4.90 ms; below that the fused time stays that of one CTA's walk while the two-pass time
 #: shrinks with the work, crossing near a quarter (an estimate from that one point).
