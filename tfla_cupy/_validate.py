@@ -352,8 +352,9 @@ def state_arg(name, state, problem, *, require_m=None, require_n=None, pool=Fals
 
 
 def backward_args(ctx, dh, d_state):
-    """Validate the arguments of mlstm_bwd. Returns (dh, dC_last or None, dn_last or None); dn_last
-    is only read with normalizer_grad=True (the custom backward holds n constant)."""
+    """Validate the arguments of mlstm_bwd. Returns (dh, dC_last or None, dn_last or None, dm_last or
+    None); dn_last and dm_last are only read with normalizer_grad=True (the custom backward holds n
+    and m constant; dm_last with gate="exp", which has a stabilizer)."""
     if not isinstance(ctx, MLSTMContext):
         raise TypeError(f"ctx: expected the context returned by mlstm_fwd, got {type(ctx).__name__}")
     p = ctx.problem
@@ -365,13 +366,14 @@ def backward_args(ctx, dh, d_state):
     if not _arrays.is_floating(dh.dtype):
         raise TypeError(f"dh: expected a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {_arrays.dtype_name(dh.dtype)}")
-    dC = dn = None
+    dC = dn = dm = None
     if d_state is not None:
-        use_n = p.normalizer_grad and isinstance(d_state, (tuple, list)) and len(d_state) == 3 \
-            and d_state[1] is not None
-        st = state_arg("d_state", d_state, p, require_m=False, require_n=use_n)
-        dC, dn = st.C, st.n
-    return dh, dC, dn
+        given = isinstance(d_state, (tuple, list)) and len(d_state) == 3
+        use_n = p.normalizer_grad and given and d_state[1] is not None
+        use_m = p.normalizer_grad and p.has_m and given and d_state[2] is not None
+        st = state_arg("d_state", d_state, p, require_m=use_m, require_n=use_n)
+        dC, dn, dm = st
+    return dh, dC, dn, dm
 
 
 def step_inputs(q, k, v, i, f, state, *, gate, normalize, eps, scale, out_state=None, state_indices=None):

@@ -198,7 +198,9 @@ def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None)
         (N for B with cu_seqlens) is used: the custom backward treats the normalizer and the stabilizers as constants,
         so the gradients of n and m do not propagate (they are zero when d_state comes from
         the ``d_initial_state`` of a later call's backward). With ``normalizer_grad=True`` in
-        the forward dn (B, NH, DK) is used too. dn and dm may be None; dm is never used.
+        the forward dn (B, NH, DK) and, for gate="exp", dm (B, NH) are used too: dm is the gradient of
+        m with the unstabilized state e^{m}·(C, n) held fixed, the convention of the returned
+        ``d_initial_state.m`` (docs/math.md §6.6), so chained calls compose. dn and dm may be None.
 
     Returns
     -------
@@ -206,9 +208,9 @@ def mlstm_bwd(ctx: MLSTMContext, dh: Array, d_state: Optional[StateLike] = None)
         Token gradients in the dtypes and the layout of q, k, v, i, f. The gate gradients include the
         ⟨dC_last, C_last⟩ term of §6.5, so gradients are exact under state passing.
     """
-    dh, dC_last, dn_last = _validate.backward_args(ctx, dh, d_state)
+    dh, dC_last, dn_last, dm_last = _validate.backward_args(ctx, dh, d_state)
     if ctx.problem.normalizer_grad:
-        return _normgrad.backward(ctx, dh, dC_last, dn_last, backend(ctx.kind))
+        return _normgrad.backward(ctx, dh, dC_last, dn_last, backend(ctx.kind), dm_last=dm_last)
     return backend(ctx.kind).backward(ctx, dh, dC_last)
 
 

@@ -145,7 +145,7 @@ def _backward_args(ctx, dh, d_state):
     if d_state is not None and ctx.rank != ctx.size - 1:
         raise ValueError(f"d_state: only the last rank ({ctx.size - 1}) holds the last state; rank {ctx.rank} "
                          "got a d_state (pass None)")
-    dh, dC_last, _ = _validate.backward_args(ctx.local, dh, d_state)  # dn of the last state: see below
+    dh, dC_last, _, _ = _validate.backward_args(ctx.local, dh, d_state)  # dn, dm of the last state: see below
     return dh, dC_last
 
 
