@@ -13,6 +13,9 @@ C, n, m once: floor = 2 · state bytes / the device-to-device copy rate, measure
 * ``StepPlan, CUDA graph``  the plan's step captured once, replayed
 * mlstm_kernels ``mlstm_recurrent_step__triton`` (the fused Triton step kernel), when importable
 
+and then a host-time table of small calls (forward, forward + backward at B 1, NH 2, S 128, DK 64,
+DV 64 against mlstm_kernels' chunkwise TFLA kernels), paced so that the launch queue never fills.
+
 GPU time: CUDA events around one call after a 256 MB L2 flush, 10 warm-ups, median of 30 (the
 protocol of bench/bench.py). Host time: 1000 back-to-back calls without synchronising, divided
 by 1000 (B = 1 shows the launch path's cost). Every tfla_cupy row's h and C are checked against
@@ -50,6 +53,65 @@ def host_us(cp, fn, calls=1000):
     host = (time.perf_counter() - t) / calls * 1e6
     cp.cuda.Device().synchronize()
     return host
+
+
+def host_us_paced(cp, fn, calls=1000, every=50):
+    """Host time per call of ``calls`` calls, synchronising after every ``every`` outside the
+    timed spans: the launch queue never fills, so a call whose GPU work outlasts its host work
+    is still measured by its host work."""
+    fn()
+    cp.cuda.Device().synchronize()
+    total = 0.0
+    for _ in range(calls // every):
+        t = time.perf_counter()
+        for _ in range(every):
+            fn()
+        total += time.perf_counter() - t
+        cp.cuda.Device().synchronize()
+    return total / (calls // every * every) * 1e6
+
+
+#: the small problem of the host-time table: B 1, NH 2, S 128, DK 64, DV 64, bf16
+SMALL = (1, 2, 128, 64, 64)
+
+
+def small_rows(cp, peers):
+    """Host time per call of a small problem, forward and forward + backward: tfla_cupy's mlstm /
+    mlstm_fwd + mlstm_bwd and, when importable, the chunkwise TFLA kernels of mlstm_kernels with
+    PyTorch autograd (host_us_paced). The decode rows above give the step's."""
+    import ml_dtypes
+    B, H, S, K, V = SMALL
+    rng = cp.random.default_rng(1)
+    x = [rng.standard_normal(sh, dtype=cp.float32).astype(ml_dtypes.bfloat16) for sh in ((B, H, S, K),) * 2 + ((B, H, S, V),)]
+    g = [rng.standard_normal((B, H, S), dtype=cp.float32) for _ in range(2)]
+    dh = rng.standard_normal((B, H, S, V), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+
+    def fw():
+        return tfla_cupy.mlstm(*x, *g)
+
+    def fwbw():
+        _, _, ctx = tfla_cupy.mlstm_fwd(*x, *g)
+        return tfla_cupy.mlstm_bwd(ctx, dh)
+
+    rows = [dict(impl="tfla_cupy mlstm", call="fw", host_us=host_us_paced(cp, fw)),
+            dict(impl="tfla_cupy mlstm_fwd + mlstm_bwd", call="fwbw", host_us=host_us_paced(cp, fwbw))]
+    fn = peers and _common.import_peer("mlstm_kernels.torch.chunkwise.triton_xl_chunk", "mlstm_chunkwise__xl_chunk")
+    if fn:
+        import torch
+        t = [torch.from_dlpack(a) for a in (*x, *g)]
+        tg = [a.clone().requires_grad_(True) for a in t]
+
+        def peer_fw():
+            with torch.no_grad():
+                return fn(*t, chunk_size=64)
+
+        def peer_fwbw():
+            out = fn(*tg, chunk_size=64)
+            out.backward(torch.ones_like(out))
+
+        rows += [dict(impl="mlstm_kernels TFLA (Triton)", call="fw", host_us=host_us_paced(cp, peer_fw)),
+                 dict(impl="mlstm_kernels TFLA (Triton), autograd", call="fwbw", host_us=host_us_paced(cp, peer_fwbw))]
+    return rows
 
 
 def inputs(cp, B, seed=0):
@@ -214,7 +276,12 @@ def main(argv=None):
         failures += sum(not r["ok"] for r in rows if r["B"] == B and not r["impl"].startswith("mlstm_kernels"))
         cp.get_default_memory_pool().free_all_blocks()
     print("\n" + table(rows, rate))
-    _common.write_results(rows, args.out, args.tag, _common.card(cp), copy_rate=rate)
+    small = small_rows(cp, not args.no_peers)
+    print(f"\n# small calls (B, NH, S, DK, DV = {SMALL}, bf16): host time per call, paced")
+    print(_common.markdown_table(("impl", "call", "host µs/call"), [(r["impl"], r["call"], f"{r['host_us']:.1f}")
+                                                                    for r in small]))
+    _common.write_results(rows + [dict(B=SMALL[0], **r) for r in small], args.out, args.tag, _common.card(cp),
+                          copy_rate=rate)
     return 1 if failures else 0
 
 
