@@ -10,6 +10,7 @@
 // Grids: (output blocks × row tiles × chunk slots × B·NH), flattened (ChunkCoords).
 #pragma once
 #include "chunk_mainloop.cuh"
+#include "gate_terms.cuh"
 
 namespace tfla {
 
@@ -25,31 +26,6 @@ __device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], c
     if (wrow + r < rows && wcol + c < cols) part[e >> 1] += acc[0][fn][e] * to_float(src[(wrow + r) * ld + wcol + c]);
   });
   reduce_rows<Tile>(part, row_part);
-}
-
-// Row and column gate terms of the causal role dq (rows τ = r0 + r of the chunk):
-//   row_scale[r] = fac_τ · exp(b_{r0} + m^(c) + p_r − M_τ),  row_log[r] = (p_r − M_τ)·log2e + log2 fac_τ,
-// fac_τ = s / (N_τ + ε) (normalized) or s, and prepare_causal's column terms. Sm: a shared-memory
-// view as for prepare_causal with row_scale() and row_log(); ends synchronised.
-template <typename Gate, typename Sm>
-__device__ __forceinline__ void causal_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
-  const int Tend = min(r0 + Sm::kRows, at.Lc), rows = Tend - r0;
-  const double b_r0 = prepare_causal<Gate>(p, sm, at, r0, Tend, at.Lc);
-  const double m_c = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 0)]) : 0.0;
-  const double A0 = b_r0 + m_c;
-  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
-    if (r < rows) {
-      const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, r0 + r)]) : 0.0;
-      const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, r0 + r)] + p.eps) : p.scale;
-      const double pr = sm.row_d()[r];
-      sm.row_scale()[r] = fac * expf(float(A0 + pr - M));
-      sm.row_log()[r] = split((pr - M) * double(kLog2e) + double(log2f(fac)));
-    } else {
-      sm.row_scale()[r] = 0.f;
-      sm.row_log()[r] = make_float2(neg_inf(), 0.f);
-    }
-  }
-  __syncthreads();
 }
 
 template <typename Mma, typename Gate, typename Tile>
@@ -81,33 +57,6 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kerne
   row_dots<Tile>(acc, ptr<T>(p.q) + at.tok(p.st_q, at.r0) + at.n0, p.st_q.t, rows, p.DK - at.n0, sm.row_part());
   for (int r = threadIdx.x; r < rows; r += NT)
     p.qdq[i64(at.jn) * p.BH * p.S + at.scratch_tok(p, at.r0 + r)] = sm.row_part()[r];
-}
-
-// Row and column gate terms of the anti-causal roles:
-//   row_log[r] = (ι_σ − P_σ)·log2e,  row_scale[r] = ā_σ = exp(R_σ + ι_σ − m^(c+1)),
-//   col_log[u] = (P_u − M_u)·log2e + log2(s / (N_u + ε))      (log terms split hi/lo).
-// (rows σ = r0 + r; Sm as for causal_terms).
-template <typename Gate, typename Sm>
-__device__ __forceinline__ void anticausal_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
-  constexpr int BM = Sm::kRows, NT = Sm::kThreads;
-  prepare_anticausal<Gate>(p, sm, at, r0, at.Lc);
-  const double m_next = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 1)]) : 0.0;
-  for (int r = threadIdx.x; r < BM; r += NT) {
-    const int s = r0 + r;
-    if (s < at.Lc) {
-      sm.row_log()[r] = split((sm.iota()[s] - sm.scan()[s]) * double(kLog2e));
-      sm.row_scale()[r] = expf(float(sm.row_d()[r] + sm.iota()[s] - m_next));
-    } else {
-      sm.row_log()[r] = make_float2(neg_inf(), 0.f);
-      sm.row_scale()[r] = 0.f;
-    }
-  }
-  for (int u = r0 + threadIdx.x; u < at.Lc; u += NT) {
-    const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, u)]) : 0.0;
-    const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, u)] + p.eps) : p.scale;
-    sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + double(log2f(fac)));
-  }
-  __syncthreads();
 }
 
 template <typename Mma, typename Gate, typename Tile>

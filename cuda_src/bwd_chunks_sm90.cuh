@@ -1,10 +1,11 @@
 // tfla_cupy — the Hopper (sm_90a) backward token gradients dq, dk, dv (docs/math.md §6.3): the
-// product of chunk_mainloop.cuh,
+// chunk product that chunk_mainloop.cuh computes on sm80,
 //
 //     acc = diag(row_scale) · X · D  +  (W ⊙ (X · Yᵀ)) · Z,   W[r][u] = exp2(row_log[r] + col_log[u])
 //
-// in its three backward roles (RoleDQ, RoleDK, RoleDV: which tensors X, Y, Z, D are, the direction
-// of the triangle), with the same gate terms (causal_terms / anticausal_terms), on warpgroup MMA.
+// in its three backward roles (chunk_roles.cuh: which tensors X, Y, Z, D are, the direction of the
+// triangle), with the same gate terms (gate_terms.cuh: causal_terms / anticausal_terms), on
+// warpgroup MMA.
 //
 // A CTA is one warpgroup: 64 rows r0 .. r0 + 63 of a chunk (L = 128; r0 = 0 or 64) and every output
 // column. Its tiles (64 rows × 64 columns) arrive as one stream of cp.async copies, kStages deep,
@@ -25,7 +26,10 @@
 // overlap one's gate preparation and epilogue with the others' products. Shapes it does not
 // cover use the sm80 kernels (tfla_cupy/config.py: bwd_sm90_unsupported).
 #pragma once
-#include "bwd_chunks.cuh"
+#include "chunk_roles.cuh"
+#include "coords.cuh"
+#include "gate_terms.cuh"
+#include "swizzle.cuh"
 #include "wgmma.cuh"
 
 namespace tfla {
@@ -56,18 +60,6 @@ struct BwdSm90Smem : SwizzledCarve {
   __device__ __forceinline__ double* scan() const { return at<double>(kScan); }
   __device__ __forceinline__ float2* col_log() const { return at<float2>(kColLog); }
 };
-
-// cp.async `rows` rows of 64 16-bit elements (row r at g + r·ld) into a 128-byte swizzled tile;
-// rows at or past `valid` are zero-filled (none is read when valid <= 0). One warpgroup.
-template <typename T>
-__device__ __forceinline__ void load_sw128_async(char* s, const T* g, i64 ld, int rows, int valid) {
-#pragma unroll 4
-  for (int idx = threadIdx.x; idx < rows * 8; idx += BwdSm90Smem::kThreads) {
-    const int r = idx >> 3, c = 8 * (idx & 7);
-    const bool ok = r < valid;
-    cp_async16(s + sw128_offset(r, c), ok ? g + r * ld + c : g, ok);  // (g itself is never read when !ok)
-  }
-}
 
 // Score half h (keys 64h .. 64h + 63) of one thread's rows -> the A fragments P[4h .. 4h + 3]:
 // W ⊙ S where the triangle (u <= r causal, u >= r anti-causal) and the chunk (u < Lc) keep it.
@@ -165,18 +157,18 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
     char* slot = sm.slot(i);
     if (i < n1) {  // Y_{b,h}, with X_b before the first half
       const int b = i / nh, h = h_lo + i % nh, x0 = b * Sm::kBX;
-      if (h == h_lo) load_sw128_async<T>(sm.x(b), X + r0 * ldX + x0, ldX, BM, Lc - r0);
-      load_sw128_async<T>(slot, Y + (64 * h) * ldY + x0, ldY, 64, Lc - 64 * h);
+      if (h == h_lo) load_sw128_async<T, Sm::kThreads>(sm.x(b), X + r0 * ldX + x0, ldX, BM, Lc - r0);
+      load_sw128_async<T, Sm::kThreads>(slot, Y + (64 * h) * ldY + x0, ldY, 64, Lc - 64 * h);
       return;
     }
     const int j = i - n1, n = j / per_n, b = j % per_n, n0 = n * Sm::kBN, x0 = b * Sm::kBX;
     if (b >= nXb) {  // Z_{n,h}
       const int h = h_lo + b - nXb;
-      load_sw128_async<T>(slot, Z + (64 * h) * ldZ + n0, ldZ, 64, Lc - 64 * h);
+      load_sw128_async<T, Sm::kThreads>(slot, Z + (64 * h) * ldZ + n0, ldZ, 64, Lc - 64 * h);
     } else if constexpr (kDStoredZX) {  // D[z][x]: rows n0 .., K-major B
-      load_sw128_async<T>(slot, D + i64(n0) * DX + x0, DX, Sm::kBX, Sm::kBX);
+      load_sw128_async<T, Sm::kThreads>(slot, D + i64(n0) * DX + x0, DX, Sm::kBX, Sm::kBX);
     } else {                            // D[x][z]: rows x0 .., MN-major B
-      load_sw128_async<T>(slot, D + i64(x0) * DZ + n0, DZ, Sm::kBX, Sm::kBX);
+      load_sw128_async<T, Sm::kThreads>(slot, D + i64(x0) * DZ + n0, DZ, Sm::kBX, Sm::kBX);
     }
   };
   // the first kStages − 1 tiles are in flight during the gate preparation

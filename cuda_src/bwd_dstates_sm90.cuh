@@ -19,8 +19,10 @@
 // dC^(0) (fp32) is the initial-state gradient. Shapes it does not cover use the sm80 kernel
 // (tfla_cupy/config.py: bwd_sm90_unsupported).
 #pragma once
-#include "bwd_chunks_sm90.cuh"
-#include "fwd_fused_sm90.cuh"
+#include "coords.cuh"
+#include "swizzle.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
 
 namespace tfla {
 
@@ -31,7 +33,7 @@ struct BwdDStatesSm90Smem : SwizzledCarve {
   static constexpr int kTile = kL * 128, kStage = 2 * kTile, kW = kStages * kStage, kEnd = kW + 4 * kL;
   static constexpr int kBytes = kEnd + 1024;  // dynamic shared memory: the carve plus alignment slack
   static_assert(kBK * 2 == 128 && kBV * 2 == 128, "blocks are whole 128-byte swizzle rows");
-  static_assert(kThreads == kL && kThreads == BwdSm90Smem::kThreads, "one thread per token; the copy loops' stride");
+  static_assert(kThreads == kL, "one thread per token");
 
   __device__ __forceinline__ char* q(int i) const { return base + (i % kStages) * kStage; }
   __device__ __forceinline__ char* dh(int i) const { return q(i) + kTile; }
@@ -78,8 +80,8 @@ __global__ void __launch_bounds__(BwdDStatesSm90Smem::kThreads, 2)
       load(sm.q(i), maps.q, maps.order[0], k0);
       load(sm.dh(i), maps.v, maps.order[2], v0);
     } else {
-      load_sw128_async<T>(sm.q(i), Q + i64(u0) * p.st_q.t, p.st_q.t, L, Lc);
-      load_sw128_async<T>(sm.dh(i), dH + i64(u0) * p.st_dh.t, p.st_dh.t, L, Lc);
+      load_sw128_async<T, Sm::kThreads>(sm.q(i), Q + i64(u0) * p.st_q.t, p.st_q.t, L, Lc);
+      load_sw128_async<T, Sm::kThreads>(sm.dh(i), dH + i64(u0) * p.st_dh.t, p.st_dh.t, L, Lc);
     }
   };
 #pragma unroll

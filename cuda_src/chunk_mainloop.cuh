@@ -22,6 +22,7 @@
 // stays in shared memory for the whole CTA. Loads use cp.async: the Z tile of step j is in
 // flight while the score tile of step j is computed.
 #pragma once
+#include "chunk_roles.cuh"
 #include "config.cuh"
 #include "coords.cuh"
 #include "gates.cuh"
@@ -109,21 +110,6 @@ __device__ __forceinline__ void reduce_rows(float (&part)[2], float* row_part) {
   }
   __syncthreads();
 }
-
-// The four roles of the main loop (the table above): the direction of the intra-chunk triangle
-// and how the boundary state D is stored relative to (X, Z) columns.
-struct RoleH {   // fwd h:  X = q,  Y = k,  Z = v,  D = C^(c)   [DK][DV]
-  static constexpr bool kCausal = true, kDStoredZX = false;
-};
-struct RoleDQ {  // bwd dq: X = dh, Y = v,  Z = k,  D = C^(c)   [DK][DV] read as [Z][X]
-  static constexpr bool kCausal = true, kDStoredZX = true;
-};
-struct RoleDV {  // bwd dv: X = k,  Y = q,  Z = dh, D = dC^(c+1) [DK][DV]
-  static constexpr bool kCausal = false, kDStoredZX = false;
-};
-struct RoleDK {  // bwd dk: X = v,  Y = dh, Z = q,  D = dC^(c+1) [DK][DV] read as [Z][X]
-  static constexpr bool kCausal = false, kDStoredZX = true;
-};
 
 // Operands of one chunk CTA and the cp.async requests of its tiles. X, Y, Z point at the
 // chunk's first token, with token strides ldX, ldY, ldZ (elements; X and Y have DX columns, Z
@@ -280,72 +266,6 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
       cp_async_commit();
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Gate preparation. All in-chunk sums are anchored at the CTA's first row r0 so that the
-// exponents are differences of *small* partial sums (accurate in fp32 even for large L and
-// strong forgetting), never differences of chunk-level cumulative sums.
-// ---------------------------------------------------------------------------------------------
-
-// Causal roles (rows τ = r0 + r, columns u <= τ). In double:
-//   κ_u = ι_u + Σ_{w=u+1..r0} λ_w (u <= r0),   κ_u = ι_u − Σ_{w=r0+1..u} λ_w (u > r0)   -> lam[u]
-//   p_r = Σ_{w=r0+1..r0+r} λ_w                                                         -> row_d[r]
-// and col_log[u] = κ_u·log2e (split). Returns b_{r0} = Σ_{w<=r0} λ_w. Then
-//   D̃[τ][u] = b_τ − b_u + ι_u = p_{τ−r0} + κ_u.
-// Sm: a shared-memory view with lam(), iota(), scan(), col_log(), row_d() and kThreads, kRows
-// (ChunkSmem, or stage 0b's FusedTermsSmem).
-template <typename Gate, typename Sm>
-__device__ __forceinline__ double prepare_causal(const Params& p, const Sm& sm, const ChunkAt& at, int r0, int Tend,
-                                                 int Lc) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, 0, Tend, Lc, sm.lam(),
-                       sm.iota());
-  __syncthreads();
-  __shared__ double b_r0;
-  if (warp == 0) {
-    for (int u = lane; u < Tend; u += 32) sm.scan()[u] = sm.lam()[u];
-    __syncwarp();
-    warp_scan_suffix(sm.scan() + 1, r0);                     // scan[u] = Σ_{w=u..r0} λ_w, 1 <= u <= r0
-    warp_scan_inclusive(sm.scan() + r0 + 1, Tend - r0 - 1);  // scan[u] = Σ_{w=r0+1..u} λ_w, u > r0
-    if (lane == 0) b_r0 = sm.lam()[0] + (r0 >= 1 ? sm.scan()[1] : 0.0);
-  }
-  __syncthreads();
-  for (int u = threadIdx.x; u < Tend; u += Sm::kThreads) {
-    const double rest = u < r0 ? sm.scan()[u + 1] : (u == r0 ? 0.0 : -sm.scan()[u]);
-    const double kappa = sm.iota()[u] + rest;
-    sm.lam()[u] = kappa;  // λ is no longer needed
-    sm.col_log()[u] = split(kappa * double(kLog2e));
-  }
-  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads)
-    sm.row_d()[r] = (r == 0 || r0 + r >= Tend) ? 0.0 : sm.scan()[r0 + r];
-  __syncthreads();
-  return b_r0;
-}
-
-// Anti-causal roles (rows σ = r0 + r, columns u >= σ, up to Lc). In double:
-//   scan[u] = P_u = Σ_{w=r0+1..u} λ_w  for r0 <= u < Lc  (P_{r0} = 0),
-//   row_d[r] = R_σ = Σ_{w=σ+1..Lc−1} λ_w (by its own suffix scan, not P_end − P_σ).
-// Then D̃[u][σ] = P_u − P_σ + ι_σ.
-// Sm: as for prepare_causal.
-template <typename Gate, typename Sm>
-__device__ __forceinline__ void prepare_anticausal(const Params& p, const Sm& sm, const ChunkAt& at, int r0, int Lc) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_log_gates<Gate>(p.i + at.tok(p.st_i, 0), p.st_i.t, p.f + at.tok(p.st_f, 0), p.st_f.t, r0, Lc, Lc, sm.lam(),
-                       sm.iota());
-  __syncthreads();
-  if (warp == 0) {
-    for (int u = r0 + lane; u < Lc; u += 32) sm.scan()[u] = u == r0 ? 0.0 : sm.lam()[u];
-    __syncwarp();
-    warp_scan_inclusive(sm.scan() + r0, Lc - r0);
-    warp_scan_suffix(sm.lam() + r0, Lc - r0);  // lam[w] = Σ_{w'=w..Lc−1} λ
-  }
-  __syncthreads();
-  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
-    const int s = r0 + r;
-    sm.row_d()[r] = (s + 1 < Lc) ? sm.lam()[s + 1] : 0.0;
-  }
-  __syncthreads();
 }
 
 }  // namespace tfla

@@ -29,11 +29,13 @@
 // (keep_states) — the chunk-boundary states. Shapes it does not cover use the sm_80 family
 // (tfla_cupy/config.py: fused_fwd_unsupported).
 #pragma once
-#include "chunk_gates.cuh"
-#include "chunk_mainloop.cuh"
+#include "coords.cuh"
+#include "gate_terms.cuh"
+#include "swizzle.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
-// Profiling build only (-DTFLA_FUSED_CLOCKS, bench/phase_clocks.py): thread 0 of each warpgroup
+// Profiling build only (-DTFLA_FUSED_CLOCKS): thread 0 of each warpgroup
 // adds the clock64() cycles of the seven phases of every chunk and the whole kernel into
 // tfla_fused_clocks[warpgroup][phase] (phase 7: kernel, 8: chunks walked; 9-11 global-timer ns).
 // Off, it is nothing.
@@ -61,22 +63,6 @@ __device__ __forceinline__ unsigned long long globaltimer_ns() {
 #endif
 
 namespace tfla {
-
-// The per-chunk record stage 0b (fused_terms_kernel) writes for the fused forward: everything
-// of the gates that does not depend on the running stabiliser m, so the chunk walk only combines
-// it with m (one fmax and two exps per row) instead of scanning. Offsets in floats; one record is
-// kFloats floats, a whole number of 16-byte pieces (one bulk copy beside the tiles' TMA boxes).
-struct FusedTerms {
-  static constexpr int kL = 128;
-  static constexpr int kColLog = 0,         // float2[L]: split(κ_u · log2 e), κ_u = ι_u − Σ_{w=1..u} λ_w
-      kPr = 2 * kL,                         // double[L]: p_r = Σ_{w=1..r} λ_w (p_0 = 0)
-      kPrPm = 4 * kL,                       // double[L]: p_r + max_{u<=r} κ_u (stabilised gates)
-      kA = 6 * kL,                          // float[L]: gate_a (stage 0)
-      kG = 7 * kL, kAmax = kG + 1,          // gate_g, gate_amax of the chunk
-      kB0 = kG + 2,                         // double: λ_0, the log weight of C^(c) at row 0 less m
-      kFloats = kG + 4;
-  static_assert(kFloats % 4 == 0 && kB0 % 2 == 0, "16-byte pieces, aligned double");
-};
 
 // Shared-memory carve (bytes from a 1024-aligned base; swizzle atoms need that alignment).
 // Q and K tiles are two 64-column blocks of kL rows × 128 bytes, V one block (per stage); Cᵀ two
@@ -192,18 +178,6 @@ __global__ void __launch_bounds__(FusedTermsSmem::kThreads) fused_terms_kernel(c
   }
   if (tid == 0) *reinterpret_cast<double*>(rec + FusedTerms::kB0) = b0;
 }
-
-// The fused forward's tensor maps (kernel parameter, by value): Q, K, V as 4-D maps whose dimension
-// 0 is the feature and dimensions 1..3 are token, head and batch in the order of increasing stride;
-// order[m][i] names the coordinate of map m's dimension 1 + i (0 token, 1 head, 2 batch). Boxes of
-// 64 features × kL tokens, 128-byte swizzle, zeros outside the tensor (tfla_cupy/_tma.py).
-struct FusedMaps {
-  TensorMap q, k, v;
-  int order[3][3];
-};
-
-// (token, head, batch) -> the coordinates of dimensions 1..3 of a map with the given order.
-__device__ __forceinline__ int map_coord(int which, int t, int h, int b) { return which == 0 ? t : which == 1 ? h : b; }
 
 // P block nb (keys 64 nb .. 64 nb + 63) of one thread's two rows from the score registers (S_0 at
 // D[36 ..], S_1 in S1), into the A fragments P[4 nb .. 4 nb + 3] and the row sums. kMode 0: below

@@ -9,6 +9,7 @@
 // Grid: (DV blocks × row tiles × chunk slots × B·NH), flattened (ChunkCoords).
 #pragma once
 #include "chunk_mainloop.cuh"
+#include "gate_terms.cuh"
 
 namespace tfla {
 

@@ -10,7 +10,8 @@
 // place (seg_C[g] becomes the state entering segment g + 1); pass 2 (the fused forward) then runs
 // every segment at once from its incoming state.
 #pragma once
-#include "fwd_fused_sm90.cuh"
+#include "coords.cuh"
+#include "gate_terms.cuh"
 
 namespace tfla {
 

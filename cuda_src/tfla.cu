@@ -1,6 +1,6 @@
 // tfla_cupy — the single translation unit: every kernel family, instantiated by name through
 // NVRTC name expressions (see tfla_cupy/_loader.py). Stages:
-//   seq_table_kernel     chunk table of packed sequences          (coords.cuh)
+//   seq_table_kernel     chunk table of packed sequences          (seq_table.cuh)
 //   chunk_gates_kernel   per-chunk log-gate vectors (stage 0)     (chunk_gates.cuh)
 //   fwd_states_kernel    forward chunk-boundary states            (fwd_states.cuh)
 //   fwd_h_kernel         forward outputs h, N, M                  (fwd_outputs.cuh)
@@ -12,8 +12,8 @@
 //   bwd_dstates_sm90_kernel  Hopper backward boundary-state gradients dC (bwd_dstates_sm90.cuh)
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
 //   step_kernel          one-token recurrence for inference       (step.cuh)
-//   wgmma_probe_kernel   sm_90a warpgroup-MMA primitives, checked by a GPU test (wgmma.cuh)
-#include "coords.cuh"
+//   wgmma_probe_kernel, tma_probe_kernel  the sm_90a primitives, checked by a GPU test (wgmma_probes.cuh)
+#include "seq_table.cuh"
 #include "chunk_gates.cuh"
 #include "fwd_states.cuh"
 #include "fwd_outputs.cuh"
@@ -21,7 +21,7 @@
 #include "bwd_chunks.cuh"
 #include "bwd_gates.cuh"
 #include "step.cuh"
-#include "wgmma.cuh"
+#include "wgmma_probes.cuh"
 #include "fwd_fused_sm90.cuh"
 #include "bwd_chunks_sm90.cuh"
 #include "bwd_dstates_sm90.cuh"
