@@ -28,85 +28,86 @@ __device__ __forceinline__ void row_dots(const float (&acc)[1][Tile::kFNO][4], c
   reduce_rows<Tile>(part, row_part);
 }
 
-template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kernel(const Params p) {
-  using T = typename Mma::T;
-  constexpr int BM = Tile::kBM, NT = Tile::kThreads;
-  const ChunkCoords<Tile> at(p, p.DK);
-  if (at.r0 >= at.Lc) return;
-  const ChunkSmem<T, Tile> sm(p.L);
-  const int warp = threadIdx.x >> 5;
-  const int rows = min(at.r0 + BM, at.Lc) - at.r0;
+// The tensors of a backward role at one chunk (chunk_roles.cuh): X, Y, Z at the chunk's first token
+// with their token strides (elements), and D, the boundary state in the chunk's slot (DK × DV,
+// compute dtype): C^(c) for dq, dC^(c+1) for dk and dv.
+template <typename T, typename Role>
+struct BwdTensors {
+  const T *X, *Y, *Z, *D;
+  i64 ldX, ldY, ldZ;
+  __device__ __forceinline__ BwdTensors(const Params& p, const ChunkAt& at) {
+    if constexpr (is_same<Role, RoleDQ>::value) {
+      X = ptr<T>(p.dh) + at.tok(p.st_dh, 0), ldX = p.st_dh.t;
+      Y = ptr<T>(p.v) + at.tok(p.st_v, 0), ldY = p.st_v.t;
+      Z = ptr<T>(p.k) + at.tok(p.st_k, 0), ldZ = p.st_k.t;
+    } else if constexpr (is_same<Role, RoleDK>::value) {
+      X = ptr<T>(p.v) + at.tok(p.st_v, 0), ldX = p.st_v.t;
+      Y = ptr<T>(p.dh) + at.tok(p.st_dh, 0), ldY = p.st_dh.t;
+      Z = ptr<T>(p.q) + at.tok(p.st_q, 0), ldZ = p.st_q.t;
+    } else {
+      static_assert(is_same<Role, RoleDV>::value, "a backward role");
+      X = ptr<T>(p.k) + at.tok(p.st_k, 0), ldX = p.st_k.t;
+      Y = ptr<T>(p.q) + at.tok(p.st_q, 0), ldY = p.st_q.t;
+      Z = ptr<T>(p.dh) + at.tok(p.st_dh, 0), ldZ = p.st_dh.t;
+    }
+    D = ptr<T>(Role::kCausal ? p.C_states : p.dC_states) + at.slot(p) * p.DK * p.DV;
+  }
+};
 
-  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
-  const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
-  const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
-  const T* C = ptr<T>(p.C_states) + at.slot(p) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, RoleDQ> ops(sm, dH, p.st_dh.t, V, p.st_v.t, K, p.st_k.t, C, p.DV, p.DK, at.n0,
-                                                 at.r0, at.Lc);
-  ops.prologue();
-
-  causal_terms<Gate>(p, sm, at, at.r0);
-
-  float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, RoleDQ, false>(acc, rowsum, ops, [](int) {});
-
-  const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
-  store_acc<T>(acc, ptr<T>(p.dq) + at.tok(p.st_dq, at.r0 + wrow) + at.n0 + wcol, p.st_dq.t, rows - wrow,
-               p.DK - at.n0 - wcol);
-  row_dots<Tile>(acc, ptr<T>(p.q) + at.tok(p.st_q, at.r0) + at.n0, p.st_q.t, rows, p.DK - at.n0, sm.row_part());
-  for (int r = threadIdx.x; r < rows; r += NT)
-    p.qdq[i64(at.jn) * p.BH * p.S + at.scratch_tok(p, at.r0 + r)] = sm.row_part()[r];
-}
-
-template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dv_kernel(const Params p) {
-  using T = typename Mma::T;
-  const ChunkCoords<Tile> at(p, p.DV);
-  if (at.r0 >= at.Lc) return;
-  const ChunkSmem<T, Tile> sm(p.L);
-  const int warp = threadIdx.x >> 5;
-  const int rows = min(Tile::kBM, at.Lc - at.r0);
-  const T* K = ptr<T>(p.k) + at.tok(p.st_k, 0);
-  const T* Q = ptr<T>(p.q) + at.tok(p.st_q, 0);
-  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
-  const T* dC = ptr<T>(p.dC_states) + at.slot(p) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, RoleDV> ops(sm, K, p.st_k.t, Q, p.st_q.t, dH, p.st_dh.t, dC, p.DK, p.DV,
-                                                   at.n0, at.r0, at.Lc);
-  ops.prologue();
-  anticausal_terms<Gate>(p, sm, at, at.r0);
-  float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, RoleDV, false>(acc, rowsum, ops, [](int) {});
-  const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
-  T* out = ptr<T>(p.dv) + at.tok(p.st_dv, at.r0 + wrow) + at.n0 + wcol;
-  store_acc<T>(acc, out, p.st_dv.t, rows - wrow, p.DV - at.n0 - wcol);
-}
-
-template <typename Mma, typename Gate, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dk_kernel(const Params p) {
+// One chunk CTA of a backward role (chunk_roles.cuh): the role's gate terms, the main loop, its
+// output rows and, for dq and dk, the per-token partial dots of this CTA's DK block.
+template <typename Mma, typename Gate, typename Tile, typename Role>
+__device__ __forceinline__ void bwd_chunk(const Params& p) {
   using T = typename Mma::T;
   constexpr int NT = Tile::kThreads;
-  const ChunkCoords<Tile> at(p, p.DK);
+  constexpr bool kDQ = is_same<Role, RoleDQ>::value, kDK = is_same<Role, RoleDK>::value;
+  static_assert(kDQ || kDK || is_same<Role, RoleDV>::value, "a backward role");
+  const int& DX = kDQ || kDK ? p.DV : p.DK;  // the contraction dimension
+  const int& DZ = kDQ || kDK ? p.DK : p.DV;  // the output columns
+  const ChunkCoords<Tile> at(p, DZ);
   if (at.r0 >= at.Lc) return;
   const ChunkSmem<T, Tile> sm(p.L);
   const int warp = threadIdx.x >> 5;
   const int rows = min(Tile::kBM, at.Lc - at.r0);
-  const T* V = ptr<T>(p.v) + at.tok(p.st_v, 0);
-  const T* dH = ptr<T>(p.dh) + at.tok(p.st_dh, 0);
-  const T* Q = ptr<T>(p.q) + at.tok(p.st_q, 0);
-  const T* dC = ptr<T>(p.dC_states) + at.slot(p) * p.DK * p.DV;
-  const ChunkOperands<Mma, Tile, RoleDK> ops(sm, V, p.st_v.t, dH, p.st_dh.t, Q, p.st_q.t, dC, p.DV, p.DK,
-                                                  at.n0, at.r0, at.Lc);
+  const BwdTensors<T, Role> tn(p, at);
+  const ChunkOperands<Mma, Tile, Role> ops(sm, tn.X, tn.ldX, tn.Y, tn.ldY, tn.Z, tn.ldZ, tn.D, DX, DZ, at.n0, at.r0,
+                                           at.Lc);
   ops.prologue();
-  anticausal_terms<Gate>(p, sm, at, at.r0);
+  if constexpr (Role::kCausal) {
+    causal_terms<Gate>(p, sm, at, at.r0);
+  } else {
+    anticausal_terms<Gate>(p, sm, at, at.r0);
+  }
   float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, RoleDK, false>(acc, rowsum, ops, [](int) {});
+  chunk_mainloop<Mma, Tile, Role, false>(acc, rowsum, ops, [](int) {});
+
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
-  store_acc<T>(acc, ptr<T>(p.dk) + at.tok(p.st_dk, at.r0 + wrow) + at.n0 + wcol, p.st_dk.t, rows - wrow,
-               p.DK - at.n0 - wcol);
-  row_dots<Tile>(acc, ptr<T>(p.k) + at.tok(p.st_k, at.r0) + at.n0, p.st_k.t, rows, p.DK - at.n0, sm.row_part());
-  for (int r = threadIdx.x; r < rows; r += NT)
-    p.kdk[i64(at.jn) * p.BH * p.S + at.scratch_tok(p, at.r0 + r)] = sm.row_part()[r];
+  const Strides& st_out = kDQ ? p.st_dq : kDK ? p.st_dk : p.st_dv;
+  T* out = ptr<T>(kDQ ? p.dq : kDK ? p.dk : p.dv) + at.tok(st_out, at.r0 + wrow) + at.n0 + wcol;
+  store_acc<T>(acc, out, st_out.t, rows - wrow, DZ - at.n0 - wcol);
+  if constexpr (kDQ) {
+    row_dots<Tile>(acc, ptr<T>(p.q) + at.tok(p.st_q, at.r0) + at.n0, p.st_q.t, rows, p.DK - at.n0, sm.row_part());
+    for (int r = threadIdx.x; r < rows; r += NT)
+      p.qdq[i64(at.jn) * p.BH * p.S + at.scratch_tok(p, at.r0 + r)] = sm.row_part()[r];
+  } else if constexpr (kDK) {
+    row_dots<Tile>(acc, ptr<T>(p.k) + at.tok(p.st_k, at.r0) + at.n0, p.st_k.t, rows, p.DK - at.n0, sm.row_part());
+    for (int r = threadIdx.x; r < rows; r += NT)
+      p.kdk[i64(at.jn) * p.BH * p.S + at.scratch_tok(p, at.r0 + r)] = sm.row_part()[r];
+  }
+}
+
+// The three roles' entry points (tfla_cupy/config.py names them).
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dq_kernel(const Params p) {
+  bwd_chunk<Mma, Gate, Tile, RoleDQ>(p);
+}
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dk_kernel(const Params p) {
+  bwd_chunk<Mma, Gate, Tile, RoleDK>(p);
+}
+template <typename Mma, typename Gate, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) bwd_dv_kernel(const Params p) {
+  bwd_chunk<Mma, Gate, Tile, RoleDV>(p);
 }
 
 }  // namespace tfla
