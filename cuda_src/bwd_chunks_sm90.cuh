@@ -63,9 +63,10 @@ struct BwdSm90Smem : SwizzledCarve {
 
 // Score half h (keys 64h .. 64h + 63) of one thread's rows -> the A fragments P[4h .. 4h + 3]:
 // W ⊙ S where the triangle (u <= r causal, u >= r anti-causal) and the chunk (u < Lc) keep it.
-template <typename T, bool kCausal, int h>
+template <typename T, bool kCausal, KeyHalf kHalf>
 __device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* col_log, float2 rl_lo, float2 rl_hi,
                                            int row_lo, int row_hi, int t, int Lc, u32 (&P)[8][4]) {
+  constexpr int h = int(kHalf);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     float w[4];
@@ -86,7 +87,8 @@ __device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* c
 template <typename T>
 __device__ __forceinline__ void bwd_score_products(float (&S)[32], const char* x, const char* y, bool on) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_ss<T, 0, 0>(S, sw128_desc(x + 32 * kk), sw128_desc(y + 32 * kk), on || kk > 0);
+  for (int kk = 0; kk < 4; ++kk)
+    wgmma_ss<T, Major::kK, Major::kK>(S, sw128_desc(x + 32 * kk), sw128_desc(y + 32 * kk), on || kk > 0);
 }
 
 // acc (+)= X_b · D_b for one 64 × 64 block of D (K-major [z][x] or MN-major [x][z] as the role stores it).
@@ -97,18 +99,19 @@ __device__ __forceinline__ void bwd_inter_products(float (&acc)[32], const char*
     const int acc_on = on || kk > 0;
     const u64 da = sw128_desc(x + 32 * kk);
     if constexpr (kDStoredZX) {
-      wgmma_ss<T, 0, 0>(acc, da, sw128_desc(d + 32 * kk), acc_on);
+      wgmma_ss<T, Major::kK, Major::kK>(acc, da, sw128_desc(d + 32 * kk), acc_on);
     } else {
-      wgmma_ss<T, 0, 1>(acc, da, sw128_desc_mn(d + 2048 * kk, 1024), acc_on);
+      wgmma_ss<T, Major::kK, Major::kMN>(acc, da, sw128_desc_mn(d + 2048 * kk, 1024), acc_on);
     }
   }
 }
 
 // acc += P_h · Z_h: the A fragments of key half h (P[4h .. 4h + 3]) times its 64 rows of Z (MN-major).
-template <typename T, int h>
+template <typename T, KeyHalf kHalf>
 __device__ __forceinline__ void bwd_pz_products(float (&acc)[32], const u32 (&P)[8][4], const char* z) {
+  constexpr int h = int(kHalf);
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, 1>(acc, P[4 * h + kk], sw128_desc_mn(z + 2048 * kk, 1024), 1);
+  for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, Major::kMN>(acc, P[4 * h + kk], sw128_desc_mn(z + 2048 * kk, 1024), 1);
 }
 
 // Grid: 2 row halves × NC chunk slots × B·NH, flattened, row halves fastest.
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
   const int h_lo = kCausal ? 0 : rt, h_hi = kCausal ? rt : 1, nh = h_hi - h_lo + 1;
   const int n1 = nXb * nh, per_n = nXb + nh, ntiles = n1 + nN * per_n;  // the stream: phase 1, then per block n
 
-  // the role's operands (chunk_mainloop.cuh's table), each at the chunk's first token
+  // the role's operands (chunk_roles.cuh), each at the chunk's first token
   const T *X, *Y, *Z;
   i64 ldX, ldY, ldZ;
   if constexpr (kDQ) {
@@ -216,8 +219,10 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
       fence_regs(S1);
     }
     const float2 rl_lo = sm.row_log()[row_lo], rl_hi = sm.row_log()[row_hi];
-    if (h_lo == 0) bwd_p_half<T, kCausal, 0>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
-    if (h_hi == 1) bwd_p_half<T, kCausal, 1>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+    if (h_lo == 0)
+      bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+    if (h_hi == 1)
+      bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
   }
 
   // ---- phase 2: output blocks ----------------------------------------------------------------------
@@ -264,9 +269,9 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
       fence_regs(P);
       wgmma_fence();
       if (h_lo + hh == 0) {
-        bwd_pz_products<T, 0>(acc, P, sm.slot(i0 + nXb + hh));
+        bwd_pz_products<T, KeyHalf::kLow>(acc, P, sm.slot(i0 + nXb + hh));
       } else {
-        bwd_pz_products<T, 1>(acc, P, sm.slot(i0 + nXb + hh));
+        bwd_pz_products<T, KeyHalf::kHigh>(acc, P, sm.slot(i0 + nXb + hh));
       }
       wgmma_commit();
       wgmma_wait<0>();

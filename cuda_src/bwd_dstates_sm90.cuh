@@ -158,7 +158,8 @@ __global__ void __launch_bounds__(BwdDStatesSm90Smem::kThreads, 2)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-      wgmma_ss<T, 1, 1>(acc, sw128_desc_mn(sm.q(i) + 2048 * kk, 1024), sw128_desc_mn(dh + 2048 * kk, 1024), 1);
+      wgmma_ss<T, Major::kMN, Major::kMN>(acc, sw128_desc_mn(sm.q(i) + 2048 * kk, 1024),
+                                          sw128_desc_mn(dh + 2048 * kk, 1024), 1);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(acc);

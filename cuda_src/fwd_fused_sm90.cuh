@@ -179,24 +179,37 @@ __global__ void __launch_bounds__(FusedTermsSmem::kThreads) fused_terms_kernel(c
   if (tid == 0) *reinterpret_cast<double*>(rec + FusedTerms::kB0) = b0;
 }
 
-// P block nb (keys 64 nb .. 64 nb + 63) of one thread's two rows from the score registers (S_0 at
-// D[36 ..], S_1 in S1), into the A fragments P[4 nb .. 4 nb + 3] and the row sums. kMode 0: below
-// the diagonal, every entry (rows past a ragged end have row exponent −inf, keys past it a zero
-// score: both give 0); 1: the diagonal block, keys u <= r only; 2: above it, zero.
-template <typename T, int nb, int kMode>
+// One thread's two rows of its warpgroup's 64 query rows (rows g and g + 8 of its warp's 16,
+// g = lane / 4) as the gate weights W[r][u] = exp2(row_log[r] + col_log[u]) need them: the rows'
+// exponents, their positions in the chunk, and the thread's column pair t (columns 8j + 2t and
+// 8j + 2t + 1 of every 8-key block j).
+struct ScoreRows {
+  float2 log_lo, log_hi;
+  int lo, hi, t;
+};
+
+// Where a 64-key block lies relative to the diagonal of a warpgroup's 64 query rows: kBelow, every
+// entry counts (rows past a ragged end have row exponent −inf, keys past it a zero score: both
+// give 0); kDiagonal, keys u <= r only; kAbove, none (zero).
+enum class Triangle { kBelow, kDiagonal, kAbove };
+
+// P block of key half kHalf (keys 64 nb .. 64 nb + 63, nb = 0 or 1) of one thread's two rows from
+// the score registers (S_0 at D[36 ..], S_1 in S1), into the A fragments P[4 nb .. 4 nb + 3] and
+// the row sums rs_lo, rs_hi.
+template <typename T, KeyHalf kHalf, Triangle kPart>
 __device__ __forceinline__ void fused_p_block(const float (&D)[68], const float (&S1)[32], const float2* col_log,
-                                              float2 rl_lo, float2 rl_hi, int row_lo, int row_hi, int t,
-                                              float& rs_lo, float& rs_hi, u32 (&P)[8][4]) {
+                                              const ScoreRows& rows, float& rs_lo, float& rs_hi, u32 (&P)[8][4]) {
+  constexpr int nb = int(kHalf);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     float w[4] = {0.f, 0.f, 0.f, 0.f};
-    if constexpr (kMode != 2) {
+    if constexpr (kPart != Triangle::kAbove) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = (e & 2) ? row_hi : row_lo, u = 64 * nb + 8 * j + 2 * t + (e & 1);
-        const float x =
-            exp2f(add_split((e & 2) ? rl_hi : rl_lo, col_log[u])) * (nb == 0 ? D[36 + 4 * j + e] : S1[4 * j + e]);
-        w[e] = (kMode == 0 || u <= r) ? x : 0.f;
+        const int r = (e & 2) ? rows.hi : rows.lo, u = 64 * nb + 8 * j + 2 * rows.t + (e & 1);
+        const float x = exp2f(add_split((e & 2) ? rows.log_hi : rows.log_lo, col_log[u])) *
+                        (nb == 0 ? D[36 + 4 * j + e] : S1[4 * j + e]);
+        w[e] = (kPart == Triangle::kBelow || u <= r) ? x : 0.f;
       }
     }
     rs_lo += w[0] + w[1];
@@ -238,7 +251,8 @@ struct FusedItem {
 //   kFusedStates   the backward's recompute of the chunk-boundary states: as kFusedFull, but
 //                  only the state recurrence (no Q, no h, N, M) and C_states / m_states written.
 // The states mode runs on the compact carve (FusedStatesSmem), two CTAs per SM.
-constexpr int kFusedFull = 0, kFusedSummary = 1, kFusedStates = 2;
+// The kernel's template argument is the mode's number (tfla_cupy/config.py: FUSED_MODES).
+enum FusedMode : int { kFusedFull = 0, kFusedSummary = 1, kFusedStates = 2 };
 template <typename T, typename Gate, int kMode>
 __global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates ? FusedStatesSmem::kCtasPerSm : 1)
     fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
@@ -446,7 +460,7 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates 
 #pragma unroll
           for (int kk = 0; kk < 8; ++kk) {
             const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
-            wgmma_ss<T, 0, 0>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
+            wgmma_ss<T, Major::kK, Major::kK>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
           }
         }
         wgmma_commit();
@@ -465,12 +479,13 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates 
         for (int e = 0; e < 32; ++e) H[e] = D[4 + e] * ((e & 2) ? sc_hi : sc_lo);
         qn_lo = __shfl_sync(0xffffffffu, D[0], lane & ~3);
         qn_hi = __shfl_sync(0xffffffffu, D[2], lane & ~3);
-        if (wg == 0) {
-          fused_p_block<T, 0, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-          fused_p_block<T, 1, 2>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-        } else {
-          fused_p_block<T, 0, 0>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
-          fused_p_block<T, 1, 1>(D, S1, col_log, rl_lo, rl_hi, row_lo, row_hi, t, rs_lo, rs_hi, P);
+        const ScoreRows score_rows{rl_lo, rl_hi, row_lo, row_hi, t};
+        if (wg == 0) {  // query rows 0 .. 63
+          fused_p_block<T, KeyHalf::kLow, Triangle::kDiagonal>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
+          fused_p_block<T, KeyHalf::kHigh, Triangle::kAbove>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
+        } else {        // query rows 64 .. 127
+          fused_p_block<T, KeyHalf::kLow, Triangle::kBelow>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
+          fused_p_block<T, KeyHalf::kHigh, Triangle::kDiagonal>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
         }
       }
       fence_async_smem();  // ā ⊙ V visible to wgmma
@@ -490,13 +505,13 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates 
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
           if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
-          wgmma_rs<T, 1>(H, P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
+          wgmma_rs<T, Major::kMN>(H, P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
         }
       }
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk)
-        wgmma_ss<T, 1, 1>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
-                          sw128_desc_mn(sm.vw(s) + 2048 * kk, 1024), 1);
+        wgmma_ss<T, Major::kMN, Major::kMN>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
+                                            sw128_desc_mn(sm.vw(s) + 2048 * kk, 1024), 1);
       wgmma_commit();
 
       // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread, 16 keys per warp) and the normalizer

@@ -33,6 +33,15 @@ __device__ __forceinline__ u64 sw128_desc_mn(const void* smem_tile, int lbo) {
   return ((addr & 0x3FFFF) >> 4) | (u64((lbo >> 4) & 0x3FFF) << 16) | (u64(1024 >> 4) << 32) | (u64(1) << 62);
 }
 
+// The layout of a wgmma operand in shared memory (the instruction's transpose flag): kK — K-major
+// tiles (sw128_desc: A rows of M, B rows of N, K contiguous), kMN — MN-major tiles (sw128_desc_mn:
+// rows of K, M or N contiguous).
+enum class Major { kK = 0, kMN = 1 };
+
+// The Hopper kernels' chunks of 128 keys as two 64-key halves, each the N extent of a score
+// product X · Yᵀ or the K extent of a product P · Z (m64n64k16 steps).
+enum class KeyHalf { kLow = 0, kHigh = 1 };  // keys 0 .. 63, keys 64 .. 127
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -66,43 +75,42 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
       "+f"(d[30]), "+f"(d[31])
 
 // D[64 × 64] (+)= A[64 × 16] · B[16 × 64], T = bf16 or f16 in, fp32 accumulate; scale_d = 0
-// overwrites D. Operands from shared-memory descriptors: kTransA / kTransB = 0 for K-major
-// tiles (sw128_desc: A rows of M, B rows of N, K contiguous), 1 for MN-major tiles (sw128_desc_mn:
-// rows of K, M or N contiguous) — the hardware transposes 16-bit operands on the fly.
-template <typename T, int kTransA, int kTransB>
+// overwrites D. Operands from shared-memory descriptors of the layout kA / kB names (Major) — the
+// hardware transposes 16-bit operands on the fly.
+template <typename T, Major kA, Major kB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[32], u64 desc_a, u64 desc_b, int scale_d) {
   if constexpr (is_same<T, bf16>::value) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
         : TFLA_WGMMA_D32_OPS(d)
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kA)), "n"(int(kB)));
   } else {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TFLA_WGMMA_D32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
         : TFLA_WGMMA_D32_OPS(d)
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kA)), "n"(int(kB)));
   }
 }
 
 // The same with A from registers: four 32-bit registers of 16-bit pairs in the mma.sync m16k16
 // A-fragment layout, warp w of the warpgroup holding rows 16w .. 16w + 15 (the accumulator
 // layout of columns 16k .. 16k + 15, so a product tile feeds the next MMA without shared memory).
-template <typename T, int kTransB>
+template <typename T, Major kB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[32], const u32 (&a)[4], u64 desc_b, int scale_d) {
   if constexpr (is_same<T, bf16>::value) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TFLA_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
         : TFLA_WGMMA_D32_OPS(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kTransB));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(int(kB)));
   } else {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TFLA_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
         : TFLA_WGMMA_D32_OPS(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kTransB));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(int(kB)));
   }
 }
 

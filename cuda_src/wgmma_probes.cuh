@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   constexpr bool kRegA = kMode == 1 || kMode == 3, kMnB = kMode >= 2;
+  constexpr Major kB = kMnB ? Major::kMN : Major::kK;
   float d[32] = {};
   wgmma_fence();
 #pragma unroll
@@ -62,11 +63,11 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
       a[1] = *reinterpret_cast<const u32*>(sA + sw128_offset(r + 8, c));
       a[2] = *reinterpret_cast<const u32*>(sA + sw128_offset(r, c + 8));
       a[3] = *reinterpret_cast<const u32*>(sA + sw128_offset(r + 8, c + 8));
-      wgmma_rs<bf16, kMnB>(d, a, db, kk > 0);
+      wgmma_rs<bf16, kB>(d, a, db, kk > 0);
     } else if constexpr (kMode == 4) {
-      wgmma_ss<bf16, 1, 1>(d, sw128_desc_mn(sA + 2048 * kk, 1024), db, kk > 0);
+      wgmma_ss<bf16, Major::kMN, Major::kMN>(d, sw128_desc_mn(sA + 2048 * kk, 1024), db, kk > 0);
     } else {
-      wgmma_ss<bf16, 0, kMnB>(d, sw128_desc(sA + 32 * kk), db, kk > 0);
+      wgmma_ss<bf16, Major::kK, kB>(d, sw128_desc(sA + 32 * kk), db, kk > 0);
     }
   }
   wgmma_commit();
@@ -100,7 +101,8 @@ __global__ void __launch_bounds__(128) tma_probe_kernel(const Params p) {
   float d[32] = {};
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_ss<bf16, 0, 0>(d, sw128_desc(sA + 32 * kk), sw128_desc(sB + 32 * kk), kk > 0);
+  for (int kk = 0; kk < 4; ++kk)
+    wgmma_ss<bf16, Major::kK, Major::kK>(d, sw128_desc(sA + 32 * kk), sw128_desc(sB + 32 * kk), kk > 0);
   wgmma_commit();
   wgmma_wait<0>();
   store_m64n64(d, ptr<float>(p.h));
