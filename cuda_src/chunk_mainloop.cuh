@@ -172,6 +172,7 @@ template <typename Mma, typename Tile, typename Role, bool kRowSum, typename OnX
 __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2],
                                                const ChunkOperands<Mma, Tile, Role>& ops, OnXBlock&& on_x_block) {
   constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
+  constexpr Major kDMajor = kDStoredZX ? Major::kK : Major::kMN;  // D as the B operand: [Z][X] or [X][Z]
   using T = typename Mma::T;
   using Sm = ChunkSmem<T, Tile>;
   constexpr int BL = Tile::kBL, BX = Tile::kBX, BN = Tile::kBN;
@@ -196,8 +197,8 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
     }
     __syncthreads();
     // acc[r][z] += Σ_x X[r][x] · D[x][z]
-    warp_gemm<Mma, 1, FNO, false, !kDStoredZX>(acc, sm.Xs(), Sm::ldx, wrow, sm.Ds(),
-                                               kDStoredZX ? Sm::ldx : Sm::ldz, wcol_o, BX);
+    warp_gemm<Mma, 1, FNO, Major::kK, kDMajor>(acc, sm.Xs(), Sm::ldx, wrow, sm.Ds(), kDStoredZX ? Sm::ldx : Sm::ldz,
+                                               wcol_o, BX);
     on_x_block(xb * BX);
     __syncthreads();
   }
@@ -213,7 +214,7 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
       cp_async_wait<1>();
       __syncthreads();
       // s[r][u] = Σ_x X[r][x] · Y[u][x]
-      warp_gemm<Mma, 1, FNS, false, false>(s, sm.Xs(), Sm::ldx, wrow, sm.Ys(), Sm::ldx, wcol_s, BX);
+      warp_gemm<Mma, 1, FNS, Major::kK, Major::kK>(s, sm.Xs(), Sm::ldx, wrow, sm.Ys(), Sm::ldx, wcol_s, BX);
       __syncthreads();
       if (j < j_hi) {  // Y_{j+1} streams in during the weights and W·Z_j
         ops.issue_Y(j + 1, 0);
@@ -232,7 +233,7 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
           cp_async_wait<0>();
         }
         __syncthreads();
-        warp_gemm<Mma, 1, FNS, false, false>(s, sm.Xs(), Sm::ldx, wrow, sm.Ys(), Sm::ldx, wcol_s, BX);
+        warp_gemm<Mma, 1, FNS, Major::kK, Major::kK>(s, sm.Xs(), Sm::ldx, wrow, sm.Ys(), Sm::ldx, wcol_s, BX);
         __syncthreads();
       }
     }
@@ -259,7 +260,7 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
     }
     __syncthreads();
     // acc[r][z] += Σ_u W[r][u] · Z[u][z]
-    warp_gemm<Mma, 1, FNO, false, true>(acc, sm.Ws(), Sm::ldw, wrow, sm.Zs(), Sm::ldz, wcol_o, BL);
+    warp_gemm<Mma, 1, FNO, Major::kK, Major::kMN>(acc, sm.Ws(), Sm::ldw, wrow, sm.Zs(), Sm::ldz, wcol_o, BL);
     __syncthreads();
     if (resident && j < j_hi) {
       ops.issue_Z(j + 1);

@@ -76,6 +76,13 @@ __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)
 template <typename T> __host__ __device__ constexpr T cdiv(T a, T b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
+// Matrix operand layouts in shared memory, named for mma.sync (mma.cuh) and wgmma (wgmma.cuh):
+// kK — K contiguous (A stored [M][K], B stored [N][K]); kMN — M or N contiguous (A stored [K][M],
+// B stored [K][N]), transposed on the way into the MMA.
+// ---------------------------------------------------------------------------------------------
+enum class Major { kK = 0, kMN = 1 };
+
+// ---------------------------------------------------------------------------------------------
 // Asynchronous copies (sm_80+). A 16-byte chunk is copied, or zero-filled when !valid.
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ u32 smem_addr(const void* p) {

@@ -9,9 +9,10 @@
 //   MmaBF16 / MmaF16   mma.sync m16n8k16, operands through ldmatrix (x4 / x4.trans)
 //   MmaTF32            mma.sync m16n8k8 on TF32-rounded fp32 (opt-in, precision="tf32")
 //   MmaF32             true fp32: FFMA outer products producing the same register layout
-// Operand layouts: A is stored [M][K] (kATrans = false) or [K][M] (true); B is stored [N][K]
-// (kBTrans = false) or [K][N] (true). Shared-memory rows are padded by 16 bytes, which makes the
-// 8-row ldmatrix phases and the scalar fragment loads conflict-free.
+// Operand layouts (Major, common.cuh): A is stored [M][K] (Major::kK) or [K][M] (Major::kMN); B is
+// stored [N][K] (kK) or [K][N] (kMN); below warp_gemm, kATrans / kBTrans say "kMN". Shared-memory
+// rows are padded by 16 bytes, which makes the 8-row ldmatrix phases and the scalar fragment loads
+// conflict-free.
 #pragma once
 #include "common.cuh"
 
@@ -120,9 +121,10 @@ __device__ __forceinline__ float b_elem(const T* s, int ld, int k, int n) {
 // ---------------------------------------------------------------------------------------------
 // acc[FM][FN] += A[row0 : row0+16FM, 0:K] · B[0:K, col0 : col0+8FN]
 // ---------------------------------------------------------------------------------------------
-template <typename Mma, int FM, int FN, bool kATrans, bool kBTrans>
+template <typename Mma, int FM, int FN, Major kA, Major kB>
 __device__ __forceinline__ void warp_gemm(float (&acc)[FM][FN][4], const typename Mma::T* A, int lda, int row0,
                                           const typename Mma::T* B, int ldb, int col0, int K) {
+  constexpr bool kATrans = kA == Major::kMN, kBTrans = kB == Major::kMN;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   if constexpr (Mma::kSimt) {

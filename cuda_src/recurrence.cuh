@@ -130,7 +130,7 @@ struct StateStream {
     }
     __syncthreads();
     // acc[dk][dv] += Σ_τ (w_τ X[τ][dk]) · Y[τ][dv]:  A = (w ⊙ X)ᵀ (stored [τ][dk]), B = Y (stored [τ][dv])
-    warp_gemm<Mma, Tile::kFM, Tile::kFN, true, true>(acc, Xs(b), ldx, row0, Ys(b), ldy, col0, BT);
+    warp_gemm<Mma, Tile::kFM, Tile::kFN, Major::kMN, Major::kMN>(acc, Xs(b), ldx, row0, Ys(b), ldy, col0, BT);
     if constexpr (kUpdateN) {
       for (int d = threadIdx.x; d < BK; d += NT) {
         float s = 0.f;

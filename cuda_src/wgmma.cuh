@@ -33,11 +33,6 @@ __device__ __forceinline__ u64 sw128_desc_mn(const void* smem_tile, int lbo) {
   return ((addr & 0x3FFFF) >> 4) | (u64((lbo >> 4) & 0x3FFF) << 16) | (u64(1024 >> 4) << 32) | (u64(1) << 62);
 }
 
-// The layout of a wgmma operand in shared memory (the instruction's transpose flag): kK — K-major
-// tiles (sw128_desc: A rows of M, B rows of N, K contiguous), kMN — MN-major tiles (sw128_desc_mn:
-// rows of K, M or N contiguous).
-enum class Major { kK = 0, kMN = 1 };
-
 // The Hopper kernels' chunks of 128 keys as two 64-key halves, each the N extent of a score
 // product X · Yᵀ or the K extent of a product P · Z (m64n64k16 steps).
 enum class KeyHalf { kLow = 0, kHigh = 1 };  // keys 0 .. 63, keys 64 .. 127
@@ -75,8 +70,9 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
       "+f"(d[30]), "+f"(d[31])
 
 // D[64 × 64] (+)= A[64 × 16] · B[16 × 64], T = bf16 or f16 in, fp32 accumulate; scale_d = 0
-// overwrites D. Operands from shared-memory descriptors of the layout kA / kB names (Major) — the
-// hardware transposes 16-bit operands on the fly.
+// overwrites D. Operands from shared-memory descriptors of the layouts kA, kB (the instruction's
+// transpose flags): Major::kK for K-major tiles (sw128_desc), Major::kMN for MN-major tiles
+// (sw128_desc_mn) — the hardware transposes 16-bit operands on the fly.
 template <typename T, Major kA, Major kB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[32], u64 desc_a, u64 desc_b, int scale_d) {
   if constexpr (is_same<T, bf16>::value) {
