@@ -2,7 +2,7 @@
 
 The driver encodes them (``cuTensorMapEncodeTiled``, through NVIDIA's cuda-bindings package, the
 ``cuda12`` / ``cuda13`` extras); the kernels receive them by value, in a ``tfla::FusedMaps``
-(cuda_src/fwd_fused_sm90.cuh), so a launch needs no device memory and stays capturable in a CUDA
+(cuda_src/tma.cuh), so a launch needs no device memory and stays capturable in a CUDA
 graph.
 
 A sequence tensor (q, k or v, any of the layouts, packed sequences included) is described as a

@@ -24,7 +24,7 @@ from .operands import F32, check_disjoint, check_state_buffers, gpu_inputs, seq_
 
 def seq_table(problem):
     """Stage −1 (packed sequences only): the int32 table [token offsets | first chunk slots |
-    sequence of each chunk slot] built on the device from cu_seqlens (coords.cuh). No host
+    sequence of each chunk slot] built on the device from cu_seqlens (seq_table.cuh). No host
     synchronisation: a NumPy cu_seqlens is uploaded, a CuPy one read by the kernel."""
     cp = _arrays.cupy_module()
     p = problem
