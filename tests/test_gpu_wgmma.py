@@ -1,5 +1,5 @@
 """The sm_90a warpgroup-MMA primitives (cuda_src/wgmma.cuh), through the probe kernels of cuda_src/wgmma_probes.cuh: they compile for every
-architecture (an empty trap below sm_90a) and, on a Hopper GPU, computes A·Bᵀ like NumPy for A
+architecture (an empty trap below sm_90a) and, on a Hopper GPU, compute A·Bᵀ like NumPy for A
 from shared memory and A from registers, K-major and MN-major (transposed) 128-byte swizzled tiles."""
 
 import numpy as np
