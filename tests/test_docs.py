@@ -64,11 +64,12 @@ def test_index_lists_every_document():
     assert not missing, missing
 
 
-#: How the work was organised is not what the documentation describes: which machines were or
-#: were not available, the runs that produced a number, sessions. Say what was measured, on
-#: which card, when, and what has not been run.
-_CIRCUMSTANCES = re.compile(r"\blent\b|\bsessions?\b|\bs\d+call\d+|\bcall \d+\b|device time|device call"
-                            r"|freshly started|a later session", re.I)
+#: How the work was organised is not what the documentation describes (which machines were or were
+#: not available, which run produced a number): say what was measured, on which card, when, and
+#: what has not been run. (The words are spelled with character classes so that this file does
+#: not itself contain them.)
+_CIRCUMSTANCES = re.compile(r"\bl[e]nt\b|\bs[e]ssions?\b|\bs\d+call\d+|\bcall \d+\b|d[e]vice time|d[e]vice call"
+                            r"|freshly started|a later s[e]ssion", re.I)
 
 
 def test_readme_docs_and_bench_speak_of_the_project_only():
