@@ -18,12 +18,19 @@
 //            then P = W ⊙ S masked, as A fragments in registers (S is dead after it);
 //   phase 2, per 64-column output block n of Z:  D_{n,b} for every b, then Z_{n,h} per reached half
 //            acc (+)= X_b · D_{n,b}    inter-chunk term (D K-major or MN-major as the role stores it)
-//            acc ← row_scale ⊙ acc,  acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major)
-//            and the output block's 64 columns leave; dq / dk also add the block's columns to
-//            their row dots q·dq / k·dk (one part: the CTA owns every column).
+//            acc ← row_scale ⊙ acc   (dq / dk: the block's columns of the inter dot W_τ = q_τ·acc_τ,
+//                                      E_σ = k_σ·acc_σ, with the CTA's rows R of q / k)
+//            acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major)
+//            and the output block's 64 columns leave;
+//   phase 3 (dq / dk), per reached half h and output block n:  Z_{n,h} again
+//            A_h += R_n · Z_{n,h}ᵀ   (R_n as A fragments from registers, B K-major), then the row
+//            sums of the pair terms P ⊙ A (docs/math.md §12.1; P is dS, rounded to the compute
+//            dtype as the products use it). dq writes W + Σ_σ Z_τσ, dk Σ_τ Z_τσ and E (one part:
+//            the CTA owns every column).
 // So the scores and the gate terms are formed once per half chunk, not once per output block.
-// One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256)
-// overlap one's gate preparation and epilogue with the others' products. Shapes it does not
+// One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256; two
+// for dk, whose phase 3 needs more registers) overlap one's gate preparation and epilogue with the
+// others' products. Shapes it does not
 // cover use the sm80 kernels (tfla_cupy/config.py: bwd_sm90_unsupported).
 #pragma once
 #include "chunk_roles.cuh"
@@ -114,9 +121,30 @@ __device__ __forceinline__ void bwd_pz_products(float (&acc)[32], const u32 (&P)
   for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, Major::kMN>(acc, P[4 * h + kk], sw128_desc_mn(z + 2048 * kk, 1024), 1);
 }
 
+// The gate terms' pair sums of key half h: z += Σ over this thread's columns of P ⊙ A, per row (lo, hi),
+// with P the A fragments of bwd_p_half (dS in the compute dtype) and A = R · Z_hᵀ in the score layout.
+template <typename T, KeyHalf kHalf>
+__device__ __forceinline__ void bwd_pair_sums(const u32 (&P)[8][4], const float (&A)[32], float& z_lo, float& z_hi) {
+  constexpr int h = int(kHalf);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int kk = 4 * h + (j >> 1), c = (j & 1) * 2;
+    const float2 lo = unpack2<T>(P[kk][c]), hi = unpack2<T>(P[kk][c + 1]);
+    z_lo += lo.x * A[4 * j] + lo.y * A[4 * j + 1];
+    z_hi += hi.x * A[4 * j + 2] + hi.y * A[4 * j + 3];
+  }
+}
+
 // Grid: 2 row halves × NC chunk slots × B·NH, flattened, row halves fastest.
+// CTAs per SM the registers must allow: three, but two for dk, whose gate terms' phase 3 would spill
+// at three (168 registers); dq fits at three.
+template <typename Role> struct BwdSm90MinCtas {
+  static constexpr int value = is_same<Role, RoleDK>::value ? 2 : 3;
+};
+
 template <typename T, typename Gate, typename Role>
-__global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kernel(const Params p) {
+__global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::value)
+    bwd_chunk_sm90_kernel(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Sm = BwdSm90Smem;
   constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
@@ -135,7 +163,9 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
   const int row_lo = 16 * warp + g, row_hi = row_lo + 8;  // this thread's rows (positions r0 + row)
   // the score halves the triangle reaches from these rows, and the key rows they need
   const int h_lo = kCausal ? 0 : rt, h_hi = kCausal ? rt : 1, nh = h_hi - h_lo + 1;
-  const int n1 = nXb * nh, per_n = nXb + nh, ntiles = n1 + nN * per_n;  // the stream: phase 1, then per block n
+  constexpr bool kTerms = kDQ || kDK;  // phase 3: the pair terms of the gate gradients
+  const int n1 = nXb * nh, per_n = nXb + nh, n2 = n1 + nN * per_n;  // the stream: phase 1, per block n, phase 3
+  const int ntiles = n2 + (kTerms ? nN * nh : 0);
 
   // the role's operands (chunk_roles.cuh), each at the chunk's first token
   const T *X, *Y, *Z;
@@ -158,6 +188,11 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
   auto issue = [&](int i) {
     if (i >= ntiles) return;
     char* slot = sm.slot(i);
+    if (i >= n2) {  // phase 3: Z_{n,h}, blocks fastest
+      const int n = (i - n2) % nN, h = h_lo + (i - n2) / nN;
+      load_sw128_async<T, Sm::kThreads>(slot, Z + (64 * h) * ldZ + n * Sm::kBN, ldZ, 64, Lc - 64 * h);
+      return;
+    }
     if (i < n1) {  // Y_{b,h}, with X_b before the first half
       const int b = i / nh, h = h_lo + i % nh, x0 = b * Sm::kBX;
       if (h == h_lo) load_sw128_async<T, Sm::kThreads>(sm.x(b), X + r0 * ldX + x0, ldX, BM, Lc - r0);
@@ -236,10 +271,20 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
   } else {
     out = ptr<T>(p.dv) + at.tok(p.st_dv, r0), ldo = p.st_dv.t;
   }
-  // dq / dk: the rows of q (k) whose dots with the output rows the gate gradients need
-  const T* src = kDQ ? ptr<T>(p.q) + at.tok(p.st_q, r0) : ptr<T>(p.k) + at.tok(p.st_k, r0);
-  const i64 lds = kDQ ? p.st_q.t : p.st_k.t;
-  float dot_lo = 0.f, dot_hi = 0.f;  // dq / dk: Σ over every output block of dq·q (dk·k), per row
+  // dq / dk: the CTA's rows R of q (k), whose products the gate terms need.
+  // R's columns n0 + 8jj + 2t (two values per register) of this thread's rows: the accumulator layout,
+  // and the A-fragment layout of a 16-column step kk: {xs[2kk][0], xs[2kk][1], xs[2kk+1][0], xs[2kk+1][1]}
+  auto load_rows = [&](u32 (&xs)[8][2], int n0) {
+    // (the address is formed here from the parameters, not kept in registers through the phases)
+    const T* src = kDQ ? ptr<T>(p.q) + at.tok(p.st_q, r0) : ptr<T>(p.k) + at.tok(p.st_k, r0);
+    const i64 lds = kDQ ? p.st_q.t : p.st_k.t;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      xs[jj][0] = ok_lo ? *reinterpret_cast<const u32*>(src + row_lo * lds + n0 + 8 * jj + 2 * t) : 0u;
+      xs[jj][1] = ok_hi ? *reinterpret_cast<const u32*>(src + row_hi * lds + n0 + 8 * jj + 2 * t) : 0u;
+    }
+  };
+  float dot_lo = 0.f, dot_hi = 0.f;  // dq / dk: Σ over every output block of R·acc^inter (W or E), per row
   for (int n = 0; n < nN; ++n) {
     const int n0 = n * Sm::kBN, i0 = n1 + n * per_n;
     float acc[32];
@@ -252,17 +297,18 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
       wgmma_wait<0>();
       fence_regs(acc);
     }
-    // the dot rows of this block, in flight during the products with Z
-    u32 xs[8][2] = {};
-    if constexpr (kDQ || kDK) {
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        if (ok_lo) xs[jj][0] = *reinterpret_cast<const u32*>(src + row_lo * lds + n0 + 8 * jj + 2 * t);
-        if (ok_hi) xs[jj][1] = *reinterpret_cast<const u32*>(src + row_hi * lds + n0 + 8 * jj + 2 * t);
-      }
-    }
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[e] *= (e & 2) ? sc_hi : sc_lo;
+    if constexpr (kTerms) {  // the block's columns of the inter dots (this thread's eight pairs)
+      u32 xs[8][2];
+      load_rows(xs, n0);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const float2 lo = unpack2<T>(xs[jj][0]), hi = unpack2<T>(xs[jj][1]);
+        dot_lo += acc[4 * jj] * lo.x + acc[4 * jj + 1] * lo.y;
+        dot_hi += acc[4 * jj + 2] * hi.x + acc[4 * jj + 3] * hi.y;
+      }
+    }
     for (int hh = 0; hh < nh; ++hh) {  // acc += P_h · Z_{n,h}
       next_tile(i0 + nXb + hh);
       fence_regs(acc);
@@ -279,29 +325,60 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3) bwd_chunk_sm90_kerne
       fence_regs(P);
     }
 
-    // the block's 64 columns of dq / dk / dv, and the row dots of dq / dk
+    // the block's 64 columns of dq / dk / dv
     T* o = out + n0 + 2 * t;
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
       if (ok_lo) store2(o + row_lo * ldo + 8 * jj, acc[4 * jj], acc[4 * jj + 1]);
       if (ok_hi) store2(o + row_hi * ldo + 8 * jj, acc[4 * jj + 2], acc[4 * jj + 3]);
     }
-    if constexpr (kDQ || kDK) {  // the block's columns of the row dots (this thread's eight pairs)
+  }
+
+  // ---- phase 3 (dq / dk): A_h = R · Z_hᵀ over every block, then the pair terms' row sums -------------
+  if constexpr (kTerms) {
+    float z_lo = 0.f, z_hi = 0.f;  // Σ over the reached keys of P ⊙ A, this thread's columns
+    for (int hh = 0; hh < nh; ++hh) {
+      float A[32];
+      for (int n = 0; n < nN; ++n) {
+        u32 xs[8][2];
+        load_rows(xs, n * Sm::kBN);
+        const int i = n2 + hh * nN + n;
+        next_tile(i);
+        const char* z = sm.slot(i);
+        fence_regs(A);
+        wgmma_fence();
 #pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        const T* lo = reinterpret_cast<const T*>(&xs[jj][0]);
-        const T* hi = reinterpret_cast<const T*>(&xs[jj][1]);
-        dot_lo += acc[4 * jj] * to_float(lo[0]) + acc[4 * jj + 1] * to_float(lo[1]);
-        dot_hi += acc[4 * jj + 2] * to_float(hi[0]) + acc[4 * jj + 3] * to_float(hi[1]);
+        for (int kk = 0; kk < 4; ++kk) {
+          const u32 a[4] = {xs[2 * kk][0], xs[2 * kk][1], xs[2 * kk + 1][0], xs[2 * kk + 1][1]};
+          wgmma_rs<T, Major::kK>(A, a, sw128_desc(z + 32 * kk), n > 0 || kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(A);
+      }
+      if (h_lo + hh == 0) {
+        bwd_pair_sums<T, KeyHalf::kLow>(P, A, z_lo, z_hi);
+      } else {
+        bwd_pair_sums<T, KeyHalf::kHigh>(P, A, z_lo, z_hi);
       }
     }
-  }
-  if constexpr (kDQ || kDK) {  // the quad's four threads hold a row's columns: one part per row
+    // the quad's four threads hold a row's columns: one part per row
     dot_lo = quad_sum(dot_lo);
     dot_hi = quad_sum(dot_hi);
-    float* dots = kDQ ? p.qdq : p.kdk;
-    if (t == 0 && ok_lo) dots[at.scratch_tok(p, r0 + row_lo)] = dot_lo;
-    if (t == 0 && ok_hi) dots[at.scratch_tok(p, r0 + row_hi)] = dot_hi;
+    z_lo = quad_sum(z_lo);
+    z_hi = quad_sum(z_hi);
+    const i64 part = i64(p.BH) * p.S;
+    auto put = [&](int row, float dot, float z) {
+      const i64 r = at.scratch_tok(p, r0 + row);
+      if constexpr (kDQ) {
+        p.q_terms[r] = dot + z;
+      } else {
+        p.k_terms[r] = z;
+        p.k_terms[p.k_parts * part + r] = dot;
+      }
+    };
+    if (t == 0 && ok_lo) put(row_lo, dot_lo, z_lo);
+    if (t == 0 && ok_hi) put(row_hi, dot_hi, z_hi);
   }
 #else
   __trap();

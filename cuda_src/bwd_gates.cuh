@@ -1,50 +1,81 @@
-// tfla_cupy — backward stage 3: gate gradients, fp32 (docs/math.md §6.3, §6.5, §7).
+// tfla_cupy — backward stage 3: gate gradients, fp32 (docs/math.md §6.3, §6.5, §7, §12.1).
 //
-//   dι_t = k_t·dk_t,            dĩ_t = dι_t (exp) or dι_t·σ(−ĩ_t) (sig)
-//   dλ_t = Σ_{u>=t} (q_u·dq_u − k_u·dk_u) + ⟨dC_last, C_last⟩,   df̃_t = dλ_t·dλ/df̃ (σ(−f̃_t) above the floor)
-// The reverse sum runs over the WHOLE sequence (not per chunk; never across a packed boundary). The dots arrive as partial
-// sums over DK blocks from the dq / dk kernels; every reduction has a fixed order, so two runs
-// give bit-identical gradients. The ⟨dC_last, C_last⟩ term (absent upstream) makes df exact
-// when a gradient flows into the last state (truncated BPTT / state passing).
-// Grid: one CTA of kThreads per sequence·head, walking the sequence backwards kThreads at a time.
+// The direct form: for token t of chunk c, from the terms the dq / dk kernels and the reverse dC
+// pass wrote (sums over pairs of one sign structure, nothing cancels between long sums),
+//
+//   dι_t = Σ_{τ>=t} Z_τt + E_t                                      (keys: k_terms' two planes)
+//   dλ_t = Σ_{u>=t} (W_u + Σ_{σ<=u} Z_uσ − Σ_{τ>=u} Z_τu) + Σ_{σ<t} E_σ + B_c     (sums inside the chunk)
+//   dĩ_t = dι_t (exp) or dι_t·σ(−ĩ_t) (sig),   df̃_t = dλ_t·dλ/df̃ (σ(−f̃_t) above the floor)
+//
+// The suffix sum collects the intra-chunk pairs that cross t and the queries at or after t whose
+// keys lie before the chunk (W); the prefix sum the keys before t whose queries lie after the
+// chunk (E); B_c = γ_c ⟨dC^(c+1), C^(c)⟩ the pairs that cross the whole chunk (with dC^(nc) =
+// dC_last, the gradient through the last state, §6.5, is inside it). Every sum has a fixed order
+// (parts in index order, scans in double), so two runs give bit-identical gradients.
+// Grid: one CTA of kGateThreads per chunk slot and batch·head; a chunk longer than the block is
+// taken kGateThreads tokens at a time.
 #pragma once
 #include "coords.cuh"
 #include "gates.cuh"
 
 namespace tfla {
 
-constexpr int kGateThreads = 512;
+constexpr int kGateThreads = 256;
+constexpr int kGateMaxChunk = 1024;  // the largest chunk size (the prefix sums are kept in shared memory)
 
+// (the minimum of one CTA per SM lets ptxas use the registers it needs: with the thread count alone it held
+// this kernel to 32 registers and spilled)
 template <typename Gate>
-__global__ void __launch_bounds__(kGateThreads) bwd_gates_kernel(const Params p) {
-  __shared__ float warp_tot[32];
-  __shared__ float total;
-  const SeqCoords sq(p, blockIdx.x / p.NH, blockIdx.x % p.NH);
-
-  // ⟨dC_last, C_last⟩: per-thread strided sums, then a fixed-order block sum
-  float carry = 0.f;
-  if (p.dC_last != nullptr) {
-    const i64 n = i64(p.DK) * p.DV, base = i64(sq.state) * n;
-    float s = 0.f;
-    for (i64 j = threadIdx.x; j < n; j += blockDim.x) s = fmaf(p.dC_last[base + j], p.C_last[base + j], s);
-    block_scan(s, warp_tot, &total);
-    carry = total;
-  }
-
+__global__ void __launch_bounds__(kGateThreads, 1) bwd_gates_kernel(const Params p) {
+  __shared__ double warp_tot[32];
+  __shared__ double total;
+  __shared__ double prefix[kGateMaxChunk];  // Σ_{σ<t} E_σ
+  const ChunkAt at(p, blockIdx.x % p.NC, blockIdx.x / p.NC);
+  const int Lc = at.Lc;
+  if (Lc == 0) return;  // a surplus slot of packed input
   const i64 part = i64(p.BH) * p.S;
-  for (int end = sq.len; end > 0; end -= blockDim.x) {
-    const int t = end - 1 - int(threadIdx.x);  // thread 0 takes the latest step of the segment
-    float d = 0.f, kdk = 0.f;
-    if (t >= 0) {
-      const i64 row = sq.scratch_tok(p, t);
-      for (int j = 0; j < p.qdq_parts; ++j) d += p.qdq[j * part + row];
-      for (int j = 0; j < p.kdk_parts; ++j) kdk += p.kdk[j * part + row];
-      d -= kdk;
+  const float* kz = p.k_terms;                          // Σ_τ Z_τσ
+  const float* ke = p.k_terms + i64(p.k_parts) * part;  // E_σ
+  auto sum_parts = [&](const float* x, int parts, i64 row) {
+    float s = 0.f;
+    for (int j = 0; j < parts; ++j) s += x[j * part + row];
+    return s;
+  };
+
+  // B_c: the parts in index order
+  float B = 0.f;
+  for (int j = 0; j < p.state_parts; ++j) B += p.state_terms[i64(j) * p.BH * p.NC + at.slot(p)];
+
+  // pass 1, forwards: the exclusive prefix sums of E; dι
+  double carry = 0.0;
+  for (int start = 0; start < Lc; start += blockDim.x) {
+    const int t = start + int(threadIdx.x);
+    double e = 0.0;
+    if (t < Lc) {
+      const i64 row = at.scratch_tok(p, t);
+      const float z = sum_parts(kz, p.k_parts, row), ev = sum_parts(ke, p.k_parts, row);
+      e = ev;
+      p.di[at.tok(p.st_di, t)] = (z + ev) * Gate::d_log_input(p.i[at.tok(p.st_i, t)]);
     }
-    const float suffix = block_scan(d, warp_tot, &total) + carry;  // Σ_{u = t .. end−1} d_u + later segments
+    const double incl = block_scan(e, warp_tot, &total) + carry;
+    if (t < Lc) prefix[t] = incl - e;
+    carry += total;
+  }
+  __syncthreads();
+
+  // pass 2, backwards: the suffix sums of W + row sums − column sums; df
+  carry = 0.0;
+  for (int end = Lc; end > 0; end -= blockDim.x) {
+    const int t = end - 1 - int(threadIdx.x);  // thread 0 takes the latest token of the piece
+    double x = 0.0;
     if (t >= 0) {
-      p.di[sq.tok(p.st_di, t)] = kdk * Gate::d_log_input(p.i[sq.tok(p.st_i, t)]);
-      p.df[sq.tok(p.st_df, t)] = suffix * d_log_forget(p.f[sq.tok(p.st_f, t)]);
+      const i64 row = at.scratch_tok(p, t);
+      x = double(sum_parts(p.q_terms, p.q_parts, row)) - double(sum_parts(kz, p.k_parts, row));
+    }
+    const double suffix = block_scan(x, warp_tot, &total) + carry;  // Σ_{u = t .. Lc−1} x_u
+    if (t >= 0) {
+      const double dlam = suffix + prefix[t] + double(B);
+      p.df[at.tok(p.st_df, t)] = float(dlam) * d_log_forget(p.f[at.tok(p.st_f, t)]);
     }
     carry += total;
   }

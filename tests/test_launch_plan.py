@@ -190,7 +190,7 @@ def test_varlen_grids_and_chunk_slots(launches, cu_dtype):
                                 tfla_cupy.MLSTMState(_fake(np.zeros((N, NH, DK, DV), np.float32))))
     assert grads.d_initial_state.C.shape == (N, NH, DK, DV)
     _, grid, block, p, _ = _by_kernel(launches, "bwd_gates_kernel")[0]
-    assert grid == N * NH and block == 512 and int(p["seq_table"]) == table.data.ptr
+    assert grid == NC * NH and block == 256 and int(p["seq_table"]) == table.data.ptr  # a CTA per chunk slot
     _, grid, _, p, _ = _by_kernel(launches, "bwd_dstates_kernel")[0]
     assert grid == N * NH
 
@@ -272,13 +272,17 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
             assert (grid, block, smem) == (2 * NC * NH, config.BWD_SM90_THREADS, config.bwd_sm90_smem_bytes(DX)), name
             assert int(p["gate_a"]) != 0 and int(p["seq_table"]) != 0
         gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
-        assert int(gates["qdq_parts"]) == int(gates["kdk_parts"]) == 1
+        assert int(gates["q_parts"]) == int(gates["k_parts"]) == 1
+        # B_c: one part per warp of each 64 × 64 dC block, written by the reverse dC pass the kernel reads
+        assert int(gates["state_parts"]) == (DK // 64) * (DV // 64) * config.BWD_DSTATES_SM90_THREADS // 32
+        assert _by_kernel(launches, "bwd_gates_kernel")[0][1] == NC * NH  # a CTA per chunk slot (B = 1, packed)
         assert not any("tfla::bwd_dstates_kernel" in n for n in names), names
         (name, grid, block, p, smem), = _by_kernel(launches, "bwd_dstates_sm90_kernel")
         assert name == config.bwd_dstates_sm90_kernel("MmaBF16", "tfla::GateExp", True)
         assert (grid, block, smem) == ((DK // 64) * (DV // 64) * N * NH, config.BWD_DSTATES_SM90_THREADS,
                                        config.BWD_DSTATES_SM90_SMEM_BYTES)
         assert int(p["dC_states"]) == int(_by_kernel(launches, "bwd_chunk_sm90_kernel")[1][3]["dC_states"]) != 0
+        assert int(p["state_terms"]) == int(gates["state_terms"]) != 0 and int(p["C_states"]) != 0
         qm, _, dhm = tensor_maps[-1][0]
         assert qm == (q.data.ptr, (S * NH * DK, DK, NH * DK)) and dhm[1] == (S * NH * DV, DV, NH * DV)
     # without kept states the backward recomputes them with the fused kernel in "states" mode (stage

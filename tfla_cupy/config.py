@@ -33,8 +33,14 @@ STORAGE_TYPE = {"MmaBF16": "tfla::bf16", "MmaF16": "tfla::f16", "MmaF32": "float
 
 #: Threads per CTA of the fixed-size kernels (C++ constants; tests/test_config.py compiles
 #: static_asserts that the two sides agree).
-THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateThreads": 512,
+THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateThreads": 256,
            "tfla::kChunkGateThreads": 128, "tfla::kSeqTableThreads": 1024, "tfla::kSegCombineThreads": 256}
+
+#: Chunk sizes: powers of two from MIN_CHUNK to MAX_CHUNK (the gate-gradient kernel keeps a
+#: chunk's prefix sums in shared memory, sized by tfla::kGateMaxChunk; tests/test_config.py
+#: checks the two agree).
+MIN_CHUNK, MAX_CHUNK = 16, 1024
+LIMITS = {"tfla::kGateMaxChunk": MAX_CHUNK}
 
 
 #: The Hopper forward (cuda_src/fwd_fused_sm90.cuh, struct FusedFwdSmem): the chunk size and

@@ -191,8 +191,8 @@ def chunk_gates(g):
 
 @_memo
 def gates_grad(g):
-    """Backward stage 3: di, df, one CTA per sequence·head walking it backwards."""
-    return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), g.p.NSEQ * g.p.NH, THREADS["tfla::kGateThreads"])
+    """Backward stage 3: di, df from the direct form's terms, one CTA per chunk slot and batch·head."""
+    return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), g.NC * g.BH, THREADS["tfla::kGateThreads"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,9 +221,18 @@ def chunk(g, kind):
                       t.smem_bytes(g.e, p.chunk_size))
 
 
-def dot_parts(g, kind):
-    """Per-token partial dots q·dq / k·dk an sm80 chunk kernel writes: one per output block."""
+def term_parts(g, kind):
+    """Parts of the per-token gate-gradient terms an sm80 dq / dk kernel writes: one per output block."""
     return cdiv(g.p.DK, getattr(g.cfg, kind).bn)
+
+
+def state_term_parts(g, hopper):
+    """Parts of the chunk term B_c the reverse dC pass writes: one per warp and dC block."""
+    p = g.p
+    if hopper:
+        return (p.DK // BWD_SM90_BLOCK) * (p.DV // BWD_SM90_BLOCK) * (BWD_DSTATES_SM90_THREADS // 32)
+    t = g.cfg.states
+    return cdiv(p.DK, t.bk) * cdiv(p.DV, t.bv) * (t.threads // 32)
 
 
 # ------------------------------------------------------------------------------------------
