@@ -76,13 +76,15 @@ def _gate_sums(x, di, df):
 
 @pytest.mark.parametrize("f_bias", [3.0, 0.0])
 def test_hopper_bf16_gate_sums_as_accurate_as_sm80(monkeypatch, f_bias):
-    """bfloat16, the Hopper backward (L = 128, the main heads) against the forced sm80 family: the
-    gate-parameter sums of the same problem against float64 (the NumPy path on the rounded inputs),
-    averaged over SEEDS problems, within 3× of each other's error."""
+    """bfloat16, the Hopper backward (L = 128, the main heads; the per-stage kernels and the fused
+    walk) against the forced sm80 family: the gate-parameter sums of the same problem against
+    float64 (the NumPy path on the rounded inputs), averaged over SEEDS problems, within 3× of
+    each other's error."""
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("needs compute capability 9.0 (the sm90 family)")
     B, S, E, NH, DK, DV, L = 1, 2048, 64, 2, 128, 256, 128
-    errs = {"sm90": [], "sm80": []}
+    errs = {"sm90": [], "walk": [], "sm80": []}
+    kernel = {"sm90": "bwd_chunk_sm90_kernel", "walk": "bwd_walk_sm90_kernel"}
     for seed in range(SEEDS):
         rng = np.random.default_rng(7000 + seed)
         model = gm.make_model(rng, E, NH, DK, DV, f_bias=f_bias)
@@ -92,17 +94,21 @@ def test_hopper_bf16_gate_sums_as_accurate_as_sm80(monkeypatch, f_bias):
         h64, vjp64 = tfla_cupy.mlstm_vjp(*(np.asarray(a, np.float64) for a in (q, k, v, i, f)), chunk_size=L, eps=EPS)
         dh = _bf16(gm.loss_and_dh(h64, T1, T2, np.float64)[1])
         ref = _gate_sums(x, *vjp64(np.asarray(dh, np.float64))[3:5])
-        for family in ("sm90", "sm80"):
+        for family in ("sm90", "walk", "sm80"):
             monkeypatch.setenv(config.FAMILY_ENV, "sm80" if family == "sm80" else "auto")
+            monkeypatch.setenv(config.BWD_WALK_ENV, "1" if family == "walk" else "0")
             dev = [cp.asarray(a) for a in (q, k, v, i, f)]
             _, vjp = tfla_cupy.mlstm_vjp(*dev, chunk_size=L, eps=EPS)
             grads = []
             names = launched_kernels(monkeypatch, lambda: grads.append(vjp(cp.asarray(dh))))
             if seed == 0:  # (later seeds reuse the launch specs: no kernel lookups to see)
-                assert any("bwd_chunk_sm90_kernel" in n for n in names) == (family == "sm90"), names
+                for fam, name in kernel.items():
+                    assert any(name in n for n in names) == (family == fam), names
             got = _gate_sums(x, *(cp.asnumpy(g).astype(np.float64) for g in grads[0][3:5]))
             errs[family].append({n: rel_err(got[n], ref[n]) for n in ref})
     mean = {fam: {n: np.mean([e[n] for e in runs]) for n in runs[0]} for fam, runs in errs.items()}
-    report = {n: f"sm90 {mean['sm90'][n]:.2e} vs sm80 {mean['sm80'][n]:.2e}" for n in mean["sm90"]}
-    assert all(np.isfinite(v) for v in mean["sm90"].values()), report
-    assert not [n for n in mean["sm90"] if mean["sm90"][n] > RATIO * mean["sm80"][n]], report
+    report = {n: f"sm90 {mean['sm90'][n]:.2e}, walk {mean['walk'][n]:.2e} vs sm80 {mean['sm80'][n]:.2e}"
+              for n in mean["sm90"]}
+    for fam in ("sm90", "walk"):
+        assert all(np.isfinite(v) for v in mean[fam].values()), report
+        assert not [n for n in mean[fam] if mean[fam][n] > RATIO * mean["sm80"][n]], (fam, report)

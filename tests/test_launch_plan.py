@@ -226,6 +226,7 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     monkeypatch.setattr(_Device, "compute_capability", "90")
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (16, 232_448))  # 30 CTAs fill 16 SMs
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    monkeypatch.delenv(config.BWD_WALK_ENV, raising=False)  # (DV = 192: the fused backward does not cover it)
     lengths = [1, 127, 128, 129, 300]
     S, N, NH, DK, DV = sum(lengths), len(lengths), 2, 128, 192
     cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -300,6 +301,75 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     dq = _by_kernel(launches, "bwd_chunk_sm90_kernel")[0][3]
     assert int(p["C_states"]) == int(dq["C_states"]) != 0 and int(p["m_states"]) == int(dq["m_states"]) != 0
 
+
+
+def _walk_backward(launches, monkeypatch, sms, env):
+    """A packed bshd call with DV = 256 on a Hopper device of ``sms`` SMs, its backward run with
+    TFLA_CUPY_BWD_WALK = ``env`` (None: unset); returns (launch names, the call's sizes)."""
+    from tfla_cupy import config
+    from tfla_cupy._arrays import BFLOAT16
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.setattr(_loader, "device_limits", lambda device_id: (sms, 232_448))
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    if env is None:
+        monkeypatch.delenv(config.BWD_WALK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(config.BWD_WALK_ENV, env)
+    lengths = [1, 127, 128, 129, 300]
+    S, N, NH, DK, DV = sum(lengths), len(lengths), 2, 128, 256
+    cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    rng = np.random.default_rng(5)
+    q, k = (_fake(rng.standard_normal((1, S, NH, DK)).astype(BFLOAT16)) for _ in range(2))
+    v = _fake(rng.standard_normal((1, S, NH, DV)).astype(BFLOAT16))
+    i, f = (_fake(rng.standard_normal((1, S, NH)).astype(np.float32)) for _ in range(2))
+    _, _, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd")
+    launches.clear()
+    tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
+    return [e[0] for e in launches], (N, NH, DK, DV)
+
+
+def test_hopper_plan_fused_backward_walk(launches, tensor_maps, monkeypatch):
+    """Where the fused backward covers a Hopper call (16-bit, L = 128, DK = 128, DV = 64 · parts with
+    parts in 1, 2, 4, 8) and its grid fills the SMs, the backward is the states recompute, one
+    bwd_walk_sm90 launch — a cluster of DV / 64 CTAs per sequence and head, its threads and shared
+    memory from config.BWD_WALK_SM90, reading the recomputed states — and the gate kernel, which
+    adds one term part per value block and the walk's B_c parts; none of the per-stage kernels."""
+    from tfla_cupy import config
+    names, (N, NH, DK, DV) = _walk_backward(launches, monkeypatch, 16, None)
+    families = {n.split("<")[0] for n in names}
+    assert not families & {"tfla::bwd_chunk_sm90_kernel", "tfla::bwd_dstates_sm90_kernel", "tfla::bwd_dq_kernel",
+                           "tfla::bwd_dstates_kernel"}, names
+    (name, grid, block, p, smem), = _by_kernel(launches, "bwd_walk_sm90_kernel")
+    parts = DV // 64
+    assert name == config.bwd_walk_sm90_kernel("MmaBF16", "tfla::GateExp", parts)
+    assert (grid, block, smem) == (parts * N * NH, config.BWD_WALK_THREADS, config.BWD_WALK_SMEM_BYTES)
+    rec = _by_kernel(launches, "fwd_fused_sm90_kernel")[0][3]
+    assert int(p["C_states"]) == int(rec["C_states"]) != 0 and int(p["m_states"]) == int(rec["m_states"]) != 0
+    assert int(p["dC_states"]) == 0 and int(p["gate_g"]) != 0 and int(p["seq_table"]) != 0
+    assert all(int(p[nm]) != 0 for nm in ("dq", "dk", "dv", "q_terms", "k_terms", "state_terms"))
+    gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
+    assert int(gates["q_parts"]) == int(gates["k_parts"]) == int(p["q_parts"]) == int(p["k_parts"]) == parts
+    assert int(gates["state_parts"]) == int(p["state_parts"]) == (DK // 64) * parts * 4
+    for nm in ("q_terms", "k_terms", "state_terms"):
+        assert int(gates[nm]) == int(p[nm]), nm
+    assert names.index(name) < names.index(_by_kernel(launches, "bwd_gates_kernel")[0][0])
+
+
+@pytest.mark.parametrize("sms,env,walk", [(16, "0", False), (132, None, False), (132, "auto", False),
+                                          (132, "1", True)], ids=["off", "few-ctas", "few-ctas-auto", "forced"])
+def test_hopper_plan_walk_choice(launches, tensor_maps, monkeypatch, sms, env, walk):
+    """TFLA_CUPY_BWD_WALK = "0" keeps the per-stage Hopper kernels; by default so does a grid of fewer
+    CTAs than SMs (40 on 132); "1" takes the walk wherever it covers the call."""
+    names, _ = _walk_backward(launches, monkeypatch, sms, env)
+    families = {n.split("<")[0] for n in names}
+    assert ("tfla::bwd_walk_sm90_kernel" in families) == walk, names
+    assert ("tfla::bwd_chunk_sm90_kernel" in families) == (not walk), names
+
+
+def test_walk_env_value_is_checked(launches, tensor_maps, monkeypatch):
+    from tfla_cupy import config
+    with pytest.raises(ValueError, match=f"{config.BWD_WALK_ENV}: expected '0', '1' or 'auto', got 'yes'"):
+        _walk_backward(launches, monkeypatch, 16, "yes")
 
 def _bf16_call_inputs(rng, B, NH, S, DV, DK=128):
     """q, k, v (bf16, bhsd) and i, f (float32) as fake device arrays."""

@@ -103,6 +103,27 @@ assert BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBK"] == BWD_DSTATES_SM90["tf
 BWD_DSTATES_SM90_THREADS = BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kThreads"]
 BWD_DSTATES_SM90_SMEM_BYTES = BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBytes"]
 
+#: The fused Hopper backward (cuda_src/bwd_walk_sm90.cuh, struct BwdWalkSm90Smem): one cluster of
+#: DV / kBV CTAs per sequence·head walks the chunks in reverse with dC on chip. Chunk size, DK, the
+#: value block per CTA, threads, the largest cluster and its dynamic shared memory.
+BWD_WALK_SM90 = {"tfla::BwdWalkSm90Smem::kL": 128, "tfla::BwdWalkSm90Smem::kDK": 128,
+                 "tfla::BwdWalkSm90Smem::kBV": 64, "tfla::BwdWalkSm90Smem::kThreads": 256,
+                 "tfla::BwdWalkSm90Smem::kMaxParts": 8, "tfla::BwdWalkSm90Smem::kBytes": 215_040}
+BWD_WALK_L = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kL"]
+BWD_WALK_DK = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kDK"]
+BWD_WALK_BV = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kBV"]
+BWD_WALK_THREADS = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kThreads"]
+BWD_WALK_SMEM_BYTES = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kBytes"]
+#: The cluster sizes (value blocks per sequence·head) instantiated: DV = 64, 128, 256, 512.
+BWD_WALK_PARTS = (1, 2, 4, 8)
+assert max(BWD_WALK_PARTS) <= BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kMaxParts"]
+#: "auto" takes the fused backward when its grid has at least this many CTAs per SM (one fits an
+#: SM; with fewer, most SMs would idle through a walk that is not cut into segments). A choice
+#: made before any measurement: the walk has not run on a GPU yet.
+BWD_WALK_MIN_CTAS_PER_SM = 1.0
+#: Environment variable that turns the fused backward off ("0") where "auto" would take it.
+BWD_WALK_ENV = "TFLA_CUPY_BWD_WALK"
+
 
 def bwd_sm90_smem_bytes(DX: int) -> int:
     """Dynamic shared memory of the Hopper backward kernel for contraction dimension DX (mirrors
@@ -179,6 +200,19 @@ def bwd_sm90_unsupported(mma: str, DK: int, DV: int, L: int):
         return f"its backward is built for chunk_size {BWD_SM90_L}, got {L}"
     if DK % BWD_SM90_BLOCK or DV % BWD_SM90_BLOCK:
         return f"its backward needs DK and DV multiples of {BWD_SM90_BLOCK}, got DK = {DK}, DV = {DV}"
+    return None
+
+
+def bwd_walk_unsupported(mma: str, DK: int, DV: int, L: int):
+    """None when the fused Hopper backward covers (mma, DK, DV, L), else the reason it does not."""
+    if mma not in ("MmaBF16", "MmaF16"):
+        return "it needs bfloat16 or float16 inputs (float32 and TF32 stay on the sm80 family)"
+    if L != BWD_WALK_L:
+        return f"it is built for chunk_size {BWD_WALK_L}, got {L}"
+    if DK != BWD_WALK_DK:
+        return f"it is built for DK = {BWD_WALK_DK}, got {DK}"
+    if DV % BWD_WALK_BV or DV // BWD_WALK_BV not in BWD_WALK_PARTS:
+        return f"it needs DV in {tuple(BWD_WALK_BV * n for n in BWD_WALK_PARTS)}, got {DV}"
     return None
 
 
@@ -343,6 +377,11 @@ def bwd_dstates_sm90_kernel(mma: str, gate: str, tma: bool):
     return kernel_name("bwd_dstates_sm90_kernel", STORAGE_TYPE[mma], gate, "true" if tma else "false")
 
 
+def bwd_walk_sm90_kernel(mma: str, gate: str, parts: int):
+    """The fused Hopper backward for DV = parts · BWD_WALK_BV (a cluster of ``parts`` CTAs)."""
+    return kernel_name("bwd_walk_sm90_kernel", STORAGE_TYPE[mma], gate, str(parts))
+
+
 def segment_combine_kernel(gate: str):
     return kernel_name("segment_combine_kernel", gate)
 
@@ -410,6 +449,8 @@ def all_instantiations():
             if bwd_sm90_unsupported(mma, BWD_SM90_BLOCK, BWD_SM90_BLOCK, BWD_SM90_L) is None:
                 names += [bwd_chunk_sm90_kernel(mma, gate, role) for role in BWD_ROLES]
                 names += [bwd_dstates_sm90_kernel(mma, gate, tma) for tma in (True, False)]
+            if bwd_walk_unsupported(mma, BWD_WALK_DK, BWD_WALK_BV, BWD_WALK_L) is None:
+                names += [bwd_walk_sm90_kernel(mma, gate, parts) for parts in BWD_WALK_PARTS]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
                           segment_combine_kernel(gate)]

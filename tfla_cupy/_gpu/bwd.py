@@ -3,12 +3,14 @@ them → dq (and the per-token gate terms of the queries) → the reverse dC pas
 term) → dk, dv (and the gate terms of the keys) → the gate gradients di, df from those terms
 (the direct form of docs/math.md §12.1). On Hopper, where they cover the call, dq, dk, dv and the dC pass are the
 wgmma kernels (bwd_chunk_sm90, bwd_dstates_sm90) and the state recompute is the fused
-forward's states mode; elsewhere the sm80 kernels.
+forward's states mode; elsewhere the sm80 kernels. Where the fused backward covers a Hopper call
+(family.backward_walk), one kernel (bwd_walk_sm90) replaces dq, the dC pass, dk and dv: the
+states → the walk → the gate gradients.
 """
 
 from __future__ import annotations
 
-from .. import _arrays, _tma
+from .. import _arrays, _loader, _tma
 from .._types import MLSTMGrads, MLSTMState
 from . import family, launch
 from .fwd import out_or_new, recompute_states
@@ -48,23 +50,27 @@ def _dstates(g, hopper, params, q, dh):  # (params: with state_terms, also C_sta
     launch.dstates_sm90(g, tma)(params, maps)
 
 
-def _term_parts(g, hopper):
+def _term_parts(g, kind):
     """Parts of the gate-gradient terms: per token from dq and dk (one per output block; one CTA
-    owns all on sm90), per chunk from the reverse dC pass (one per warp and dC block)."""
-    q, k = (1, 1) if hopper else (launch.term_parts(g, "bwd_dq"), launch.term_parts(g, "bwd_dk"))
-    return q, k, launch.state_term_parts(g, hopper)
+    owns all on sm90; one per value block in the walk), per chunk from the reverse dC pass (one per
+    warp and dC block). ``kind``: "sm80", "sm90" or "walk"."""
+    if kind == "walk":
+        q = k = launch.walk_parts(g)
+    else:
+        q, k = (1, 1) if kind == "sm90" else (launch.term_parts(g, "bwd_dq"), launch.term_parts(g, "bwd_dk"))
+    return q, k, launch.state_term_parts(g, kind != "sm80")
 
 
-def _arena(g, hopper, kept):
+def _arena(g, kind, kept):
     """The backward's scratch layout (memoised in the Geometry): the chunk states (recomputed unless
-    the forward kept them) and then, in the same bytes, their gradients; the stabilisers at the
-    chunk boundaries; the gate-gradient terms (per token: one plane from dq, two from dk; per
-    chunk: one from the reverse dC pass)."""
-    key = ("bwd_arena", hopper, kept)
+    the forward kept them) and then, in the same bytes, their gradients (not in the walk, whose dC
+    stays on chip); the stabilisers at the chunk boundaries; the gate-gradient terms (per token:
+    planes from dq and dk, per chunk: from the reverse dC pass)."""
+    key = ("bwd_arena", kind, kept)
     arena = g.specs.get(key)
     if arena is None:
         p = g.p
-        qp, kp, sp = _term_parts(g, hopper)
+        qp, kp, sp = _term_parts(g, kind)
         parts = [("states", g.BH * g.NC * p.DK * p.DV * g.e), ("q_terms", qp * g.BH * p.S * 4),
                  ("k_terms", 2 * kp * g.BH * p.S * 4), ("state_terms", sp * g.BH * g.NC * 4)]
         if p.has_m and not kept:
@@ -87,8 +93,10 @@ def backward(ctx, dh, dC_last, *, out=None):
         dC_last = None if dC_last is None else operand(dC_last)
         params = g.binder(**_common(g, s), dh=dh, dC_last=dC_last, C_last=s["C_last"])
         hopper = family.backward(p, s["cfg"], s["mma"], device) == "sm90"
+        walk = hopper and family.backward_walk(p, s["mma"], _loader.device_limits(device.id)[0])
+        kind = "walk" if walk else ("sm90" if hopper else "sm80")
         kept = s["C_states"] is not None
-        scratch, parts = _arena(g, hopper, kept).allocate()
+        scratch, parts = _arena(g, kind, kept).allocate()
         # the chunk states and, once dq has read them, their gradients share one part
         C_states, m_states = (s["C_states"], s["m_states"]) if kept else (parts["states"], parts.get("m_states"))
         if not kept and not recompute_states(p, device, s, C_states, m_states):  # (default: saves NC·DK·DV per head)
@@ -98,21 +106,23 @@ def backward(ctx, dh, dC_last, *, out=None):
             return launch.chunk_sm90(g, _ROLES[kind]) if hopper else launch.chunk(g, kind)
 
         dq = out_or_new(out, "dq", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
-        q_parts, k_parts, state_parts = _term_parts(g, hopper)
+        q_parts, k_parts, state_parts = _term_parts(g, kind)
         terms = dict(q_terms=parts["q_terms"], k_terms=parts["k_terms"], state_terms=parts["state_terms"],
                      q_parts=q_parts, k_parts=k_parts, state_parts=state_parts)
-        token_grads("bwd_dq")(params(C_states=C_states, m_states=m_states, dq=dq, **terms))
-
-        dC_states = parts["states"]   # over the chunk states unless the forward kept them
         dC0 = out_or_new(out, "dC0", lambda: cp.empty((p.NSEQ, p.NH, p.DK, p.DV), F32)) if p.has_initial_state else None
-        # (B_c reads C^(c) from the slot it then overwrites with dC^(c+1), unless the forward kept them)
-        _dstates(g, hopper, params(C_states=C_states, m_states=m_states, dC_states=dC_states, dC0=dC0, **terms),
-                 s["q"], dh)
         dk = out_or_new(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         dv = out_or_new(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
-        rec = params(m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, **terms)
-        token_grads("bwd_dk")(rec)
-        token_grads("bwd_dv")(rec)
+        if walk:  # dq, dk, dv, dC0 and every gate term in one reverse walk
+            launch.walk_sm90(g)(params(C_states=C_states, m_states=m_states, dq=dq, dk=dk, dv=dv, dC0=dC0, **terms))
+        else:
+            token_grads("bwd_dq")(params(C_states=C_states, m_states=m_states, dq=dq, **terms))
+            dC_states = parts["states"]   # over the chunk states unless the forward kept them
+            # (B_c reads C^(c) from the slot it then overwrites with dC^(c+1), unless the forward kept them)
+            _dstates(g, hopper, params(C_states=C_states, m_states=m_states, dC_states=dC_states, dC0=dC0, **terms),
+                     s["q"], dh)
+            rec = params(m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, **terms)
+            token_grads("bwd_dk")(rec)
+            token_grads("bwd_dv")(rec)
 
         di = out_or_new(out, "di", lambda: cp.empty(p.seq_shape(), F32))
         df = out_or_new(out, "df", lambda: cp.empty(p.seq_shape(), F32))
