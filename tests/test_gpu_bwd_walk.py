@@ -118,6 +118,33 @@ def test_walk_is_bit_identical_on_repeat_and_close_to_the_per_stage_kernels(walk
         assert np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b)), name
 
 
+def test_walk_empty_sequences_of_a_device_cu_seqlens(walk, monkeypatch):
+    """A device cu_seqlens is not read on the host, so it may hold empty sequences: their walk has
+    no chunk (d_initial_state.C is the d_state given, bit for bit) and every other gradient equals
+    the per-stage kernels' within the bf16 bound of each other."""
+    rng = np.random.default_rng(seed_of("bwd-walk-empty"))
+    lengths, NH, DV = [0, 200, 0, 129], 2, 128
+    S, N = sum(lengths), len(lengths)
+    cu = cp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    host, _ = make_inputs(rng, 1, NH, S, DK, DV, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    state = tfla_cupy.MLSTMState(cp.asarray((0.5 * rng.standard_normal((N, NH, DK, DV))).astype(np.float32)),
+                                 cp.asarray(rng.standard_normal((N, NH, DK)).astype(np.float32)),
+                                 cp.asarray(rng.standard_normal((N, NH)).astype(np.float32)))
+    dC = cp.asarray(rng.standard_normal((N, NH, DK, DV)).astype(np.float32))
+    dh = cp.asarray(rng.standard_normal((1, NH, S, DV)).astype(DTYPES["bf16"]))
+    _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L, cu_seqlens=cu, initial_state=state)
+    g_walk = tfla_cupy.mlstm_bwd(ctx, dh, tfla_cupy.MLSTMState(dC))
+    monkeypatch.setenv(config.BWD_WALK_ENV, "0")
+    g_stage = tfla_cupy.mlstm_bwd(ctx, dh, tfla_cupy.MLSTMState(dC))
+    for s in (0, 2):
+        assert _same_bits(g_walk.d_initial_state.C[s], dC[s]), s
+    for name in ("dq", "dk", "dv", "di", "df"):
+        a, b = (cp.asnumpy(getattr(g, name)).astype(np.float64) for g in (g_walk, g_stage))
+        assert np.isfinite(a).all() and np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b)), name
+    a, b = (cp.asnumpy(g.d_initial_state.C) for g in (g_walk, g_stage))
+    assert np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b))
+
 _SANITIZED = textwrap.dedent("""
     import os
     os.environ["TFLA_CUPY_BWD_WALK"] = "1"
