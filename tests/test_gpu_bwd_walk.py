@@ -4,8 +4,7 @@ float64 reference: every gate variant, bf16 and f16, DV = 64 … 512 (cluster si
 ragged chunks, initial states and last-state gradients, packed sequences, the (B, S, NH, D)
 layout with kept states, masked tokens; which kernels the backward launches; bit-identical
 repeats; compute-sanitizer on ragged cases. TFLA_CUPY_BWD_WALK=1 takes the walk wherever it
-covers the call (by default it needs a grid of one CTA per SM, more than these small problems
-have). Runs on compute capability 9.0 only."""
+covers the call (by default the per-stage kernels run). Runs on compute capability 9.0 only."""
 
 import textwrap
 

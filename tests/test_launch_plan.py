@@ -329,13 +329,13 @@ def _walk_backward(launches, monkeypatch, sms, env):
 
 
 def test_hopper_plan_fused_backward_walk(launches, tensor_maps, monkeypatch):
-    """Where the fused backward covers a Hopper call (16-bit, L = 128, DK = 128, DV = 64 · parts with
-    parts in 1, 2, 4, 8) and its grid fills the SMs, the backward is the states recompute, one
+    """With TFLA_CUPY_BWD_WALK=1, where the fused backward covers a Hopper call (16-bit, L = 128,
+    DK = 128, DV = 64 · parts with parts in 1, 2, 4, 8), the backward is the states recompute, one
     bwd_walk_sm90 launch — a cluster of DV / 64 CTAs per sequence and head, its threads and shared
     memory from config.BWD_WALK_SM90, reading the recomputed states — and the gate kernel, which
     adds one term part per value block and the walk's B_c parts; none of the per-stage kernels."""
     from tfla_cupy import config
-    names, (N, NH, DK, DV) = _walk_backward(launches, monkeypatch, 16, None)
+    names, (N, NH, DK, DV) = _walk_backward(launches, monkeypatch, 16, "1")
     families = {n.split("<")[0] for n in names}
     assert not families & {"tfla::bwd_chunk_sm90_kernel", "tfla::bwd_dstates_sm90_kernel", "tfla::bwd_dq_kernel",
                            "tfla::bwd_dstates_kernel"}, names
@@ -355,11 +355,11 @@ def test_hopper_plan_fused_backward_walk(launches, tensor_maps, monkeypatch):
     assert names.index(name) < names.index(_by_kernel(launches, "bwd_gates_kernel")[0][0])
 
 
-@pytest.mark.parametrize("sms,env,walk", [(16, "0", False), (132, None, False), (132, "auto", False),
-                                          (132, "1", True)], ids=["off", "few-ctas", "few-ctas-auto", "forced"])
+@pytest.mark.parametrize("sms,env,walk", [(16, "0", False), (16, None, False), (16, "auto", False),
+                                          (132, "1", True)], ids=["off", "default", "auto", "on"])
 def test_hopper_plan_walk_choice(launches, tensor_maps, monkeypatch, sms, env, walk):
-    """TFLA_CUPY_BWD_WALK = "0" keeps the per-stage Hopper kernels; by default so does a grid of fewer
-    CTAs than SMs (40 on 132); "1" takes the walk wherever it covers the call."""
+    """TFLA_CUPY_BWD_WALK = "0", unset or "auto" keep the per-stage Hopper kernels (the walk's first
+    version is slower); "1" takes the walk wherever it covers the call, whatever the grid."""
     names, _ = _walk_backward(launches, monkeypatch, sms, env)
     families = {n.split("<")[0] for n in names}
     assert ("tfla::bwd_walk_sm90_kernel" in families) == walk, names

@@ -117,11 +117,9 @@ BWD_WALK_SMEM_BYTES = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kBytes"]
 #: The cluster sizes (value blocks per sequence·head) instantiated: DV = 64, 128, 256, 512.
 BWD_WALK_PARTS = (1, 2, 4, 8)
 assert max(BWD_WALK_PARTS) <= BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kMaxParts"]
-#: "auto" takes the fused backward when its grid has at least this many CTAs per SM (one fits an
-#: SM; with fewer, most SMs would idle through a walk that is not cut into segments). A choice
-#: made before any measurement: the walk has not run on a GPU yet.
-BWD_WALK_MIN_CTAS_PER_SM = 1.0
-#: Environment variable that turns the fused backward off ("0") where "auto" would take it.
+#: Environment variable that turns the fused backward on ("1", wherever it covers the call). The
+#: default ("auto", or "0") keeps the per-stage kernels: measured on an H100 (2026-12-07, main shape,
+#: docs/performance.md history "walk v1") the first version of the walk is 1.9× slower.
 BWD_WALK_ENV = "TFLA_CUPY_BWD_WALK"
 
 

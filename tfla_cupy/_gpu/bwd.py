@@ -3,14 +3,14 @@ them → dq (and the per-token gate terms of the queries) → the reverse dC pas
 term) → dk, dv (and the gate terms of the keys) → the gate gradients di, df from those terms
 (the direct form of docs/math.md §12.1). On Hopper, where they cover the call, dq, dk, dv and the dC pass are the
 wgmma kernels (bwd_chunk_sm90, bwd_dstates_sm90) and the state recompute is the fused
-forward's states mode; elsewhere the sm80 kernels. Where the fused backward covers a Hopper call
-(family.backward_walk), one kernel (bwd_walk_sm90) replaces dq, the dC pass, dk and dv: the
-states → the walk → the gate gradients.
+forward's states mode; elsewhere the sm80 kernels. With TFLA_CUPY_BWD_WALK=1, where the fused
+backward covers a Hopper call (family.backward_walk), one kernel (bwd_walk_sm90) replaces dq, the
+dC pass, dk and dv: the states → the walk → the gate gradients.
 """
 
 from __future__ import annotations
 
-from .. import _arrays, _loader, _tma
+from .. import _arrays, _tma
 from .._types import MLSTMGrads, MLSTMState
 from . import family, launch
 from .fwd import out_or_new, recompute_states
@@ -93,7 +93,7 @@ def backward(ctx, dh, dC_last, *, out=None):
         dC_last = None if dC_last is None else operand(dC_last)
         params = g.binder(**_common(g, s), dh=dh, dC_last=dC_last, C_last=s["C_last"])
         hopper = family.backward(p, s["cfg"], s["mma"], device) == "sm90"
-        walk = hopper and family.backward_walk(p, s["mma"], _loader.device_limits(device.id)[0])
+        walk = hopper and family.backward_walk(p, s["mma"])
         kind = "walk" if walk else ("sm90" if hopper else "sm80")
         kept = s["C_states"] is not None
         scratch, parts = _arena(g, kind, kept).allocate()

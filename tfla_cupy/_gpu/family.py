@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 from .. import _loader, _tma
-from ..config import (BWD_WALK_BV, BWD_WALK_ENV, BWD_WALK_MIN_CTAS_PER_SM, ELEMENT_BYTES, FAMILIES, FAMILY_ENV,
-                      FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, bwd_sm90_unsupported, bwd_walk_unsupported,
-                      fused_fwd_unsupported, pick_config)
+from ..config import (BWD_WALK_ENV, ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV,
+                      bwd_sm90_unsupported, bwd_walk_unsupported, fused_fwd_unsupported, pick_config)
 
 
 def config(problem, mma, device):
@@ -84,16 +83,13 @@ def backward(problem, cfg, mma, device):
     return choose(cfg, device, bwd_sm90_unsupported(mma, p.DK, p.DV, p.chunk_size))
 
 
-def backward_walk(problem, mma, sms):
+def backward_walk(problem, mma):
     """Whether a backward on the sm90 family runs as the fused reverse walk (bwd_walk_sm90) rather
-    than the per-stage Hopper kernels: where it covers the call (bwd_walk_unsupported) and, by
-    default, where its grid has at least BWD_WALK_MIN_CTAS_PER_SM CTAs per SM (`sms`). The
-    environment variable TFLA_CUPY_BWD_WALK: "0" never, "1" wherever it covers the call, unset or
-    "auto" the default."""
+    than the per-stage Hopper kernels: only where the environment variable TFLA_CUPY_BWD_WALK is
+    "1" and the walk covers the call (bwd_walk_unsupported). Its default ("auto", or "0") is off:
+    the walk's first version is slower than the per-stage kernels (config.BWD_WALK_ENV)."""
     p = problem
     want = os.environ.get(BWD_WALK_ENV, "auto") or "auto"
     if want not in ("0", "1", "auto"):
         raise ValueError(f"{BWD_WALK_ENV}: expected '0', '1' or 'auto', got {want!r}")
-    if want == "0" or bwd_walk_unsupported(mma, p.DK, p.DV, p.chunk_size) is not None:
-        return False
-    return want == "1" or (p.DV // BWD_WALK_BV) * p.NSEQ * p.NH >= BWD_WALK_MIN_CTAS_PER_SM * sms
+    return want == "1" and bwd_walk_unsupported(mma, p.DK, p.DV, p.chunk_size) is None
