@@ -14,8 +14,8 @@
 // rows 64w .. 64w + 63 of dC's 64-column block (DK = 128 rows) and, for the chunk products, rows
 // 64w .. of the chunk (queries for dq, keys for dk and dv). Everything that sums over the value
 // columns — dq, dk, the pair terms Z, the dots W and E — is formed per block and summed over the
-// cluster: dq and dk as fp32 partials in each CTA's shared memory, added in block order by the CTA
-// that owns a slice of the chunk's rows (distributed shared memory, so the sum is deterministic);
+// cluster: dq and dk as fp32 partials pushed into the shared memory of the CTA that owns a slice of
+// the chunk's rows (distributed shared memory), which adds them in block order (deterministic);
 // the gate terms as one plane per block, which the gate kernel adds in order. dv needs no sum.
 //
 // Per chunk c, with dC^(c+1) in registers (32 per thread):
@@ -181,40 +181,48 @@ __device__ __forceinline__ void walk_dq_half(const BwdWalkSm90Smem& sm, const fl
   bwd_p_half<T, true, kHalf>(S, col_log, rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, Pq);
 }
 
-// One thread's part of an accumulator tile (rows row_lo, row_hi of its warpgroup's 64, columns
-// n0 + 8j + 2t + {0, 1}) into the fp32 reduction buffer (rows r0 + row).
-__device__ __forceinline__ void walk_put_partial(float* red, const float (&acc)[32], int r0, int row_lo, int row_hi,
-                                                 int n0, int t) {
-  constexpr int ld = BwdWalkSm90Smem::kRedLd;
+// One thread's part of a partial tile (chunk rows r0 + row_lo, r0 + row_hi, columns n0 + 8j + 2t +
+// {0, 1}) pushed to the CTA that owns the row — the cluster's CTA r / R owns rows R·(r / R) ..,
+// R = 128 / kParts — into its reduction buffer's slab of this CTA's block `part`: buffer row
+// part·R + r % R (the same offsets in every CTA of the cluster).
+template <int kParts>
+__device__ __forceinline__ void walk_push_partial(const float* red, int part, const float (&acc)[32], int r0,
+                                                  int row_lo, int row_hi, int n0, int t) {
+  constexpr int R = BwdWalkSm90Smem::kL / kParts, ld = BwdWalkSm90Smem::kRedLd;
+  const u32 base = smem_addr(red);
+  const int lo = r0 + row_lo, hi = r0 + row_hi;
+  // (each CTA's shared memory is one contiguous range of the cluster window: offsets carry over)
+  const u32 a_lo = cluster_map(base + u32((part * R + lo % R) * ld + n0 + 2 * t) * 4u, lo / R);
+  const u32 a_hi = cluster_map(base + u32((part * R + hi % R) * ld + n0 + 2 * t) * 4u, hi / R);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    *reinterpret_cast<float2*>(red + (r0 + row_lo) * ld + n0 + 8 * j + 2 * t) = make_float2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<float2*>(red + (r0 + row_hi) * ld + n0 + 8 * j + 2 * t) =
-        make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    st_cluster_f2(a_lo + 32u * j, acc[4 * j], acc[4 * j + 1]);
+    st_cluster_f2(a_hi + 32u * j, acc[4 * j + 2], acc[4 * j + 3]);
   }
 }
 
-// The cluster's sum of the reduction buffers for this CTA's slice of the chunk's rows (rows
-// part·128/kParts ..; every DK column), added in block order and written to out (row r at out +
-// r·ld) in the compute dtype for rows < Lc. Between two cluster_sync: the partials are complete
-// before, and no CTA writes its buffer again before all have read it.
+// This CTA's rows of the cluster's sum (chunk rows part·R .. part·R + R − 1, every DK column): its
+// buffer's kParts slabs added in block order (local reads), written to out (row r at out + r·ld) in
+// the compute dtype for rows < Lc. Between two cluster_sync: every block's partial has landed
+// before, and no CTA pushes into this buffer again before it has been read.
 template <typename T, int kParts>
 __device__ __forceinline__ void walk_reduce(const float* red, int part, T* out, i64 ld, int Lc) {
   constexpr int R = BwdWalkSm90Smem::kL / kParts, ldr = BwdWalkSm90Smem::kRedLd, NT = BwdWalkSm90Smem::kThreads;
   constexpr int kQuads = BwdWalkSm90Smem::kDK / 4;
-  const u32 base = smem_addr(red);
+  static_assert(R * kQuads % NT == 0, "whole rounds of the CTA's threads");
+#pragma unroll 4
   for (int idx = threadIdx.x; idx < R * kQuads; idx += NT) {
-    const int r = part * R + idx / kQuads, c = 4 * (idx % kQuads);
-    const u32 a = base + u32(r * ldr + c) * 4u;
-    float4 s = ld_cluster_f4(cluster_map(a, 0));
+    const int rr = idx / kQuads, c = 4 * (idx % kQuads);
+    float4 s = *reinterpret_cast<const float4*>(red + rr * ldr + c);
 #pragma unroll
     for (int j = 1; j < kParts; ++j) {
-      const float4 x = ld_cluster_f4(cluster_map(a, j));
+      const float4 x = *reinterpret_cast<const float4*>(red + (j * R + rr) * ldr + c);
       s.x += x.x;
       s.y += x.y;
       s.z += x.z;
       s.w += x.w;
     }
+    const int r = part * R + rr;
     if (r < Lc) {
       store2(out + r * ld + c, s.x, s.y);
       store2(out + r * ld + c + 2, s.z, s.w);
@@ -361,7 +369,7 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
       wgmma_wait<0>();
       fence_regs(acc);
       fence_regs(Pk);
-      walk_put_partial(sm.red(), acc, r0, row_lo, row_hi, 64 * n, t);
+      walk_push_partial<kParts>(sm.red(), vb, acc, r0, row_lo, row_hi, 64 * n, t);
     }
     {  // the keys' gate terms of this block: Σ_τ Z_τσ and E_σ
       zk_lo = quad_sum(zk_lo);
@@ -404,7 +412,7 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
         if (r0 + row_hi < Lc) store2(o + row_hi * ldo + 8 * j, acc[4 * j + 2], acc[4 * j + 3]);
       }
     }
-    cluster_sync();  // every block's dk partial is in its buffer
+    cluster_sync();  // every block's dk partial has landed in its owner's buffer
     walk_reduce<T, kParts>(sm.red(), vb, ptr<T>(p.dk) + at.tok(p.st_dk, 0), p.st_dk.t, Lc);
     cluster_sync();  // every CTA has read the buffers (and the column sums of Z are complete)
 
@@ -443,7 +451,7 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
         wgmma_wait<0>();
         fence_regs(acc);
         fence_regs(Pq);
-        walk_put_partial(sm.red(), acc, r0, row_lo, row_hi, 64 * n, t);
+        walk_push_partial<kParts>(sm.red(), vb, acc, r0, row_lo, row_hi, 64 * n, t);
       }
       // the queries' gate term of this block: W_τ + Σ_σ Z_τσ (the column sums of every warp whose
       // rows reach τ: warpgroup 0's for τ < 64, both warpgroups' above)
@@ -458,7 +466,7 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
       if (t == 0 && r0 + row_lo < Lc) put(r0 + row_lo, w_lo);
       if (t == 0 && r0 + row_hi < Lc) put(r0 + row_hi, w_hi);
     }
-    cluster_sync();  // every block's dq partial is in its buffer; K, C, V are dead in this CTA
+    cluster_sync();  // every block's dq partial has landed; K, C, V are dead in this CTA
     load_kcv(c - 1);
     cp_async_commit();
     walk_reduce<T, kParts>(sm.red(), vb, ptr<T>(p.dq) + at.tok(p.st_dq, 0), p.st_dq.t, Lc);
@@ -488,7 +496,7 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
 #pragma unroll
       for (int e = 0; e < 4; ++e) p.dC0[sbase + dc_at(j, e)] = acc_dc[4 * j + e];
   }
-  cluster_sync();  // no CTA leaves while another may still read its shared memory
+  cluster_sync();  // (the cluster ends together: no CTA leaves while another may still reach it)
 #else
   __trap();
 #endif

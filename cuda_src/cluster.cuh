@@ -1,5 +1,5 @@
 // tfla_cupy — thread-block clusters (sm_90): the CTAs of a cluster run at once on one GPC and
-// read each other's shared memory (distributed shared memory). A kernel declares its cluster
+// reach each other's shared memory (distributed shared memory). A kernel declares its cluster
 // size at compile time (TFLA_CLUSTER_DIMS), so an ordinary launch of a grid that is a multiple
 // of it forms the clusters; CTA i of a cluster is blockIdx.x % size.
 //
@@ -30,14 +30,10 @@ __device__ __forceinline__ u32 cluster_map(u32 smem, int rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(smem), "r"(rank));
   return out;
 }
-// 16 bytes (four floats) at a cluster shared-memory address (cluster_map).
-__device__ __forceinline__ float4 ld_cluster_f4(u32 addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
+// Two floats to a cluster shared-memory address (cluster_map), 8-byte aligned: visible to the
+// owning CTA after the next cluster_sync.
+__device__ __forceinline__ void st_cluster_f2(u32 addr, float a, float b) {
+  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
