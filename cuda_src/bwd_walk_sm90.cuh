@@ -19,9 +19,10 @@
 // the gate terms as one plane per block, which the gate kernel adds in order. dv needs no sum.
 //
 // Per chunk c, with dC^(c+1) in registers (32 per thread):
-//   0. the chunk's gate terms for both directions (gate_terms.cuh: causal_terms for dq, whose row
-//      scales are also the weights w of the dC update; anticausal_terms for dk and dv), while the
-//      chunk's tiles land (cp.async, issued as the previous chunk's tiles died);
+//   0. the chunk's tiles and its gate record land (cp.async, issued as the previous chunk's tiles
+//      died): the row and column terms of both directions, which a pre-pass (walk_terms_kernel)
+//      formed for every chunk at once (gate_terms.cuh: causal_terms for dq, whose row scales are
+//      also the weights w of the dC update; anticausal_terms for dk and dv);
 //   1. B_c's part γ_c ⟨dC^(c+1), C^(c)⟩ (per warp), and dC^(c+1) into shared memory in the compute
 //      dtype, the B operand of the inter-chunk products of dk and dv;
 //   2. per key half h >= w: the dv scores S = K_w Q_hᵀ (the forward's q·k, unweighted) and the dk
@@ -34,7 +35,7 @@
 //      scaled dH_w · C_nᵀ (W's part: q·that) plus P_dq · K_n, into the buffer; the cluster sums dq;
 //   5. dH ← w ⊙ dH in place, acc ← γ_c acc + Q_wᵀ · dH (warpgroup w's 64 rows of dC).
 // The tiles of chunk c − 1 are issued as those of chunk c die: K, C and V after step 4's products,
-// Q and dH after step 5. dC^(0) (fp32) is the initial-state gradient.
+// Q, dH and the gate record after step 5. dC^(0) (fp32) is the initial-state gradient.
 //
 // Shapes it covers (tfla_cupy/config.py: bwd_walk_unsupported): 16-bit operands, chunk 128, DK 128,
 // DV = 64·kParts with kParts in {1, 2, 4, 8}; the rest use the per-stage Hopper or sm80 kernels.
@@ -51,18 +52,14 @@ namespace tfla {
 // Shared-memory carve (bytes from a 1024-aligned base): the chunk's tiles (128 rows × 128 bytes
 // per 64-column block, 128-byte swizzled: Q and K two blocks each, this CTA's blocks of V and dH,
 // C^(c)'s 128 × 64 block, dC^(c+1)'s staging copy), the fp32 reduction buffer (128 rows of kRedLd
-// floats), the gate terms of both directions and their shared scratch, the column sums of Z.
+// floats), the chunk's gate record (WalkRecord), the column sums of Z.
 struct BwdWalkSm90Smem : SwizzledCarve {
   static constexpr int kL = 128, kDK = 128, kBV = 64, kThreads = 256, kMaxParts = 8;
-  static constexpr int kRows = kL;  // the gate preparation's view: rows of the chunk, anchored at 0
   static constexpr int kTile = kL * 128;  // one 64-column block of 128 rows
   static constexpr int kRedLd = kDK + 8;  // (padded: the rows' float2 stores spread over the banks)
   static constexpr int kQ = 0, kK = kQ + 2 * kTile, kV = kK + 2 * kTile, kDH = kV + kTile, kC = kDH + kTile,
-                       kDC = kC + kTile, kRed = kDC + kTile, kCRowLog = kRed + 4 * kL * kRedLd,
-                       kCRowScale = kCRowLog + 8 * kL, kCColLog = kCRowScale + 4 * kL, kARowLog = kCColLog + 8 * kL,
-                       kARowScale = kARowLog + 8 * kL, kAColLog = kARowScale + 4 * kL, kLam = kAColLog + 8 * kL,
-                       kIota = kLam + 8 * kL, kScan = kIota + 8 * kL, kRowD = kScan + 8 * kL,
-                       kColSum = kRowD + 8 * kL, kEnd = kColSum + 4 * (kThreads / 32) * kL;
+                       kDC = kC + kTile, kRed = kDC + kTile, kRec = kRed + 4 * kL * kRedLd,
+                       kColSum = kRec + 40 * kL, kEnd = kColSum + 4 * (kThreads / 32) * kL;
   static constexpr int kBytes = kEnd + 1024;  // dynamic shared memory: the carve plus alignment slack
   static_assert(kThreads == 2 * 128 && kL == 128 && kDK == 2 * 64, "two warpgroups, two 64-row halves");
   static_assert(kBytes <= 227 * 1024, "one CTA per SM");
@@ -73,22 +70,57 @@ struct BwdWalkSm90Smem : SwizzledCarve {
   __device__ __forceinline__ char* dh() const { return base + kDH; }
   __device__ __forceinline__ char* c() const { return base + kC; }
   __device__ __forceinline__ char* dc() const { return base + kDC; }
+  __device__ __forceinline__ char* rec() const { return base + kRec; }
   __device__ __forceinline__ float* red() const { return at<float>(kRed); }
   __device__ __forceinline__ float* col_sum() const { return at<float>(kColSum); }
 };
 
-// The gate preparation's views of the carve (gate_terms.cuh): the causal (dq) and anti-causal
-// (dk, dv) row and column terms of all 128 rows, over one shared scratch.
-template <bool kCausal> struct WalkTerms : BwdWalkSm90Smem {
-  using Sm = BwdWalkSm90Smem;
-  __device__ __forceinline__ float2* row_log() const { return at<float2>(kCausal ? kCRowLog : kARowLog); }
-  __device__ __forceinline__ float* row_scale() const { return at<float>(kCausal ? kCRowScale : kARowScale); }
-  __device__ __forceinline__ float2* col_log() const { return at<float2>(kCausal ? kCColLog : kAColLog); }
-  __device__ __forceinline__ double* lam() const { return at<double>(kLam); }
-  __device__ __forceinline__ double* iota() const { return at<double>(kIota); }
-  __device__ __forceinline__ double* scan() const { return at<double>(kScan); }
-  __device__ __forceinline__ double* row_d() const { return at<double>(kRowD); }
+// A chunk's gate record for the walk (byte offsets): the causal (dq; its row scales are also the
+// weights w of the dC update) and anti-causal (dk, dv) row and column terms of gate_terms.cuh for
+// all 128 rows, anchored at row 0. walk_terms_kernel writes one per chunk slot to p.gate_terms; the
+// walk copies it whole into its carve with the chunk's tiles.
+struct WalkRecord {
+  static constexpr int kL = BwdWalkSm90Smem::kL;
+  static constexpr int kCRowLog = 0, kCRowScale = kCRowLog + 8 * kL, kCColLog = kCRowScale + 4 * kL,
+                       kARowLog = kCColLog + 8 * kL, kARowScale = kARowLog + 8 * kL, kAColLog = kARowScale + 4 * kL,
+                       kBytes = kAColLog + 8 * kL;
+  static_assert(kBytes == 40 * kL && kBytes % 16 == 0, "the carve's record slot, 16-byte pieces");
 };
+
+// The gate preparation's view (gate_terms.cuh) of a record in shared memory, with a scratch of
+// 4·L doubles (λ, ι, scans, row sums; only walk_terms_kernel prepares, the walk reads the terms).
+template <bool kCausal> struct WalkTermsView {
+  static constexpr int kThreads = BwdWalkSm90Smem::kThreads, kRows = WalkRecord::kL, kL = WalkRecord::kL;
+  char* rec;
+  double* scratch;
+  __device__ __forceinline__ float2* row_log() const {
+    return reinterpret_cast<float2*>(rec + (kCausal ? WalkRecord::kCRowLog : WalkRecord::kARowLog));
+  }
+  __device__ __forceinline__ float* row_scale() const {
+    return reinterpret_cast<float*>(rec + (kCausal ? WalkRecord::kCRowScale : WalkRecord::kARowScale));
+  }
+  __device__ __forceinline__ float2* col_log() const {
+    return reinterpret_cast<float2*>(rec + (kCausal ? WalkRecord::kCColLog : WalkRecord::kAColLog));
+  }
+  __device__ __forceinline__ double* lam() const { return scratch; }
+  __device__ __forceinline__ double* iota() const { return scratch + kL; }
+  __device__ __forceinline__ double* scan() const { return scratch + 2 * kL; }
+  __device__ __forceinline__ double* row_d() const { return scratch + 3 * kL; }
+};
+
+// The walk's pre-pass: every chunk slot's WalkRecord at once. Grid: chunk slots × B·NH, flattened.
+template <typename Gate>
+__global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads) walk_terms_kernel(const Params p) {
+  constexpr int L = WalkRecord::kL, NT = BwdWalkSm90Smem::kThreads;
+  __shared__ __align__(16) char rec[WalkRecord::kBytes];
+  __shared__ double scratch[4 * L];
+  const ChunkAt at(p, blockIdx.x % p.NC, blockIdx.x / p.NC);
+  if (at.Lc == 0) return;  // a surplus slot of packed input
+  causal_terms<Gate>(p, WalkTermsView<true>{rec, scratch}, at, 0);
+  anticausal_terms<Gate>(p, WalkTermsView<false>{rec, scratch}, at, 0);  // (each ends synchronised)
+  uint4* dst = reinterpret_cast<uint4*>(p.gate_terms + at.slot(p) * (WalkRecord::kBytes / 4));
+  for (int i = threadIdx.x; i < WalkRecord::kBytes / 16; i += NT) dst[i] = reinterpret_cast<const uint4*>(rec)[i];
+}
 
 // Two 16-bit values at (row r, columns c, c + 1) of a 128-byte swizzled tile, as float2.
 template <typename T> __device__ __forceinline__ float2 sw128_pair(const char* tile, int r, int c) {
@@ -241,8 +273,8 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
   const int vb = blockIdx.x % kParts, sh = blockIdx.x / kParts;
   const SeqCoords sq(p, sh / p.NH, sh % p.NH);
   const Sm sm;
-  const WalkTerms<true> causal;
-  const WalkTerms<false> anti;
+  const WalkTermsView<true> causal{sm.rec(), nullptr};  // (the chunk's record, copied in with its tiles)
+  const WalkTermsView<false> anti{sm.rec(), nullptr};
   // (the warpgroup index through a shuffle: the compiler then knows it is the same in every lane, and
   // the branches on it around wgmma are not divergent paths)
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid >> 7, 0), gwarp = tid >> 5, warp = gwarp & 3,
@@ -268,13 +300,15 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
     load_sw128_async<T, NT>(sm.c(), Cc, p.DV, Sm::kDK, Sm::kDK);
     load_sw128_async<T, NT>(sm.v(), Vg + i64(u0) * p.st_v.t, p.st_v.t, L, Lc);
   };
-  auto load_qh = [&](int c) {  // Q and dH of chunk c (their last use: the dC update)
+  auto load_qh = [&](int c) {  // Q, dH and the gate record of chunk c (their last use: the dC update)
     if (c < 0) return;
     const int u0 = c * L, Lc = sq.chunk_len(p, c);
 #pragma unroll
     for (int b = 0; b < 2; ++b)
       load_sw128_async<T, NT>(sm.q(b), Qg + i64(u0) * p.st_q.t + 64 * b, p.st_q.t, L, Lc);
     load_sw128_async<T, NT>(sm.dh(), Hg + i64(u0) * p.st_dh.t, p.st_dh.t, L, Lc);
+    const char* rec = reinterpret_cast<const char*>(p.gate_terms + sq.chunk_slot(p, c) * (WalkRecord::kBytes / 4));
+    for (int k = threadIdx.x; k < WalkRecord::kBytes / 16; k += NT) cp_async16(sm.rec() + 16 * k, rec + 16 * k, true);
   };
   load_kcv(nc - 1);
   load_qh(nc - 1);
@@ -293,9 +327,7 @@ __global__ void __launch_bounds__(BwdWalkSm90Smem::kThreads, 1) TFLA_CLUSTER_DIM
     const int c = nc - 1 - i, Lc = sq.chunk_len(p, c);
     const ChunkAt at(p, sq.fc + c, sq.bh(p));
     const i64 slot = sq.chunk_slot(p, c);
-    // ---- 0. the gate terms of both directions while the tiles land ----------------------------------
-    causal_terms<Gate>(p, causal, at, 0);
-    anticausal_terms<Gate>(p, anti, at, 0);
+    // ---- 0. the chunk's scalars while the tiles and the gate record land ----------------------------
     const float m_c = Gate::kStabilized ? p.m_states[sq.m_slot(p, c)] : 0.f;
     const float m_n = Gate::kStabilized ? p.m_states[sq.m_slot(p, c + 1)] : 0.f;
     const float gamma = expf(p.gate_g[slot] + m_c - m_n);

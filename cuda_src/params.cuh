@@ -54,7 +54,8 @@ struct Params {
   float* gate_b;
   float* gate_g;
   float* gate_amax;
-  // the fused Hopper forward's per-chunk records (BH, NC, FusedTerms::kFloats), stage 0b; else null
+  // per-chunk gate records (BH, NC, ·) of a Hopper kernel: the fused forward's FusedTerms (stage 0b),
+  // or the backward walk's WalkRecord (walk_terms_kernel); else null
   float* gate_terms;
   // ---- backward: dh (BH, S, DV); dC_last (BH, DK, DV) fp32 or null;
   //      dC_states (BH, NC, DK, DV) compute dtype, slot c holds dC^(c+1)

@@ -330,8 +330,8 @@ def _walk_backward(launches, monkeypatch, sms, env):
 
 def test_hopper_plan_fused_backward_walk(launches, tensor_maps, monkeypatch):
     """With TFLA_CUPY_BWD_WALK=1, where the fused backward covers a Hopper call (16-bit, L = 128,
-    DK = 128, DV = 64 · parts with parts in 1, 2, 4, 8), the backward is the states recompute, one
-    bwd_walk_sm90 launch — a cluster of DV / 64 CTAs per sequence and head, its threads and shared
+    DK = 128, DV = 64 · parts with parts in 1, 2, 4, 8), the backward is the states recompute, the
+    walk's gate-record pre-pass, one bwd_walk_sm90 launch — a cluster of DV / 64 CTAs per sequence and head, its threads and shared
     memory from config.BWD_WALK_SM90, reading the recomputed states — and the gate kernel, which
     adds one term part per value block and the walk's B_c parts; none of the per-stage kernels."""
     from tfla_cupy import config
@@ -345,6 +345,11 @@ def test_hopper_plan_fused_backward_walk(launches, tensor_maps, monkeypatch):
     assert (grid, block, smem) == (parts * N * NH, config.BWD_WALK_THREADS, config.BWD_WALK_SMEM_BYTES)
     rec = _by_kernel(launches, "fwd_fused_sm90_kernel")[0][3]
     assert int(p["C_states"]) == int(rec["C_states"]) != 0 and int(p["m_states"]) == int(rec["m_states"]) != 0
+    # its pre-pass: one CTA per chunk slot writes the gate records the walk reads (in gate_terms)
+    (tname, tgrid, tblock, tp, tsmem), = _by_kernel(launches, "walk_terms_kernel")
+    assert tname == config.walk_terms_kernel("tfla::GateExp") and names.index(tname) < names.index(name)
+    assert (tgrid, tblock, tsmem) == (int(p["NC"]) * NH, config.BWD_WALK_THREADS, 0)  # (B = 1, packed)
+    assert int(tp["gate_terms"]) == int(p["gate_terms"]) != 0 and int(tp["m_states"]) == int(p["m_states"])
     assert int(p["dC_states"]) == 0 and int(p["gate_g"]) != 0 and int(p["seq_table"]) != 0
     assert all(int(p[nm]) != 0 for nm in ("dq", "dk", "dv", "q_terms", "k_terms", "state_terms"))
     gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]

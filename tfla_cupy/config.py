@@ -108,12 +108,15 @@ BWD_DSTATES_SM90_SMEM_BYTES = BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBytes
 #: value block per CTA, threads, the largest cluster and its dynamic shared memory.
 BWD_WALK_SM90 = {"tfla::BwdWalkSm90Smem::kL": 128, "tfla::BwdWalkSm90Smem::kDK": 128,
                  "tfla::BwdWalkSm90Smem::kBV": 64, "tfla::BwdWalkSm90Smem::kThreads": 256,
-                 "tfla::BwdWalkSm90Smem::kMaxParts": 8, "tfla::BwdWalkSm90Smem::kBytes": 215_040}
+                 "tfla::BwdWalkSm90Smem::kMaxParts": 8, "tfla::BwdWalkSm90Smem::kBytes": 210_944,
+                 "tfla::WalkRecord::kBytes": 5_120}
 BWD_WALK_L = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kL"]
 BWD_WALK_DK = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kDK"]
 BWD_WALK_BV = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kBV"]
 BWD_WALK_THREADS = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kThreads"]
 BWD_WALK_SMEM_BYTES = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kBytes"]
+#: bytes of one chunk's gate record of the walk, written by its pre-pass walk_terms_kernel
+WALK_RECORD_BYTES = BWD_WALK_SM90["tfla::WalkRecord::kBytes"]
 #: The cluster sizes (value blocks per sequence·head) instantiated: DV = 64, 128, 256, 512.
 BWD_WALK_PARTS = (1, 2, 4, 8)
 assert max(BWD_WALK_PARTS) <= BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kMaxParts"]
@@ -380,6 +383,11 @@ def bwd_walk_sm90_kernel(mma: str, gate: str, parts: int):
     return kernel_name("bwd_walk_sm90_kernel", STORAGE_TYPE[mma], gate, str(parts))
 
 
+def walk_terms_kernel(gate: str):
+    """The fused backward's pre-pass: every chunk's gate record (WalkRecord)."""
+    return kernel_name("walk_terms_kernel", gate)
+
+
 def segment_combine_kernel(gate: str):
     return kernel_name("segment_combine_kernel", gate)
 
@@ -451,7 +459,7 @@ def all_instantiations():
                 names += [bwd_walk_sm90_kernel(mma, gate, parts) for parts in BWD_WALK_PARTS]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
-                          segment_combine_kernel(gate)]
+                          segment_combine_kernel(gate), walk_terms_kernel(gate)]
         if mma == "MmaF32":
             names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
         out[mma] = names

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .. import _arrays, _tma
 from .._types import MLSTMGrads, MLSTMState
+from ..config import WALK_RECORD_BYTES
 from . import family, launch
 from .fwd import out_or_new, recompute_states
 from .operands import F32, operand, sequence_operand
@@ -75,6 +76,8 @@ def _arena(g, kind, kept):
                  ("k_terms", 2 * kp * g.BH * p.S * 4), ("state_terms", sp * g.BH * g.NC * 4)]
         if p.has_m and not kept:
             parts.append(("m_states", g.BH * g.NM * 4))
+        if kind == "walk":
+            parts.append(("walk_terms", g.BH * g.NC * WALK_RECORD_BYTES))
         arena = g.specs[key] = launch.Arena(parts)
     return arena
 
@@ -112,8 +115,11 @@ def backward(ctx, dh, dC_last, *, out=None):
         dC0 = out_or_new(out, "dC0", lambda: cp.empty((p.NSEQ, p.NH, p.DK, p.DV), F32)) if p.has_initial_state else None
         dk = out_or_new(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         dv = out_or_new(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
-        if walk:  # dq, dk, dv, dC0 and every gate term in one reverse walk
-            launch.walk_sm90(g)(params(C_states=C_states, m_states=m_states, dq=dq, dk=dk, dv=dv, dC0=dC0, **terms))
+        if walk:  # every chunk's gate record, then dq, dk, dv, dC0 and every gate term in one reverse walk
+            records = params(m_states=m_states, gate_terms=parts["walk_terms"])
+            launch.walk_terms(g)(records)
+            launch.walk_sm90(g)(params(C_states=C_states, m_states=m_states, gate_terms=parts["walk_terms"], dq=dq,
+                                       dk=dk, dv=dv, dC0=dC0, **terms))
         else:
             token_grads("bwd_dq")(params(C_states=C_states, m_states=m_states, dq=dq, **terms))
             dC_states = parts["states"]   # over the chunk states unless the forward kept them

@@ -20,7 +20,7 @@ from ..config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD
                       BWD_WALK_BV, BWD_WALK_SMEM_BYTES, BWD_WALK_THREADS, ELEMENT_BYTES, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
                       FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, SEG_COMBINE_THREADS,
                       STEP_NM_THREADS, STEP_THREADS, THREADS, bwd_chunk_sm90_kernel, bwd_dstates_sm90_kernel,
-                      bwd_sm90_smem_bytes, bwd_walk_sm90_kernel, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
+                      bwd_sm90_smem_bytes, bwd_walk_sm90_kernel, walk_terms_kernel, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
                       fused_fwd_kernel, fused_terms_kernel, gates_kernel, segment_combine_kernel, seq_table_kernel,
                       state_kernels, step_kernel, step_lanes, step_nm_kernel)
 from .operands import F32, cdiv, strides
@@ -297,6 +297,12 @@ def walk_sm90(g):
     parts = walk_parts(g)
     return LaunchSpec(_loader.get_kernel(bwd_walk_sm90_kernel(g.mma, g.gate, parts)), parts * p.NSEQ * p.NH,
                       BWD_WALK_THREADS, BWD_WALK_SMEM_BYTES)
+
+
+@_memo
+def walk_terms(g):
+    """The walk's pre-pass: one CTA per chunk slot and batch·head writes the chunk's gate record."""
+    return LaunchSpec(_loader.get_kernel(walk_terms_kernel(g.gate)), g.NC * g.BH, BWD_WALK_THREADS)
 
 
 def no_maps():
