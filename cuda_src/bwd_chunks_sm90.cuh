@@ -22,11 +22,14 @@
 //                                      E_σ = k_σ·acc_σ, with the CTA's rows R of q / k)
 //            acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major)
 //            and the output block's 64 columns leave;
-//   phase 3 (dq / dk), per reached half h and output block n:  Z_{n,h} again
-//            A_h += R_n · Z_{n,h}ᵀ   (R_n as A fragments from registers, B K-major), then the row
-//            sums of the pair terms P ⊙ A (docs/math.md §12.1; P is dS, rounded to the compute
-//            dtype as the products use it). dq writes W + Σ_σ Z_τσ, dk Σ_τ Z_τσ and E (one part:
-//            the CTA owns every column).
+//   phase 3 (dk), per reached half h and output block n:  Z_{n,h} (q) again
+//            A_h += R_n · Z_{n,h}ᵀ   (R_n: the CTA's rows of k as A fragments from registers, B
+//            K-major), then the pair terms (P + Pr) ⊙ A (docs/math.md §12.1; P is dS rounded to the
+//            compute dtype as the products use it, Pr its rounding residual): their row sums
+//            Σ_τ Z_τσ per key and column sums Σ_σ Z_τσ per query over the CTA's rows, both from the
+//            same values so that they cancel exactly in the gate kernel's suffix sums.
+//            dk writes Σ_τ Z_τσ and E (one part: the CTA owns every column) and its column sums
+//            as plane 1 + r0 / 64 of the queries' terms; dq writes W (plane 0).
 // So the scores and the gate terms are formed once per half chunk, not once per output block.
 // One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256; two
 // for dk, whose phase 3 needs more registers) overlap one's gate preparation and epilogue with the
@@ -64,6 +67,9 @@ struct BwdSm90Smem : SwizzledCarve {
   __device__ __forceinline__ float* row_scale() const { return at<float>(kRowScale); }
   __device__ __forceinline__ double* lam() const { return at<double>(kLam); }
   __device__ __forceinline__ double* iota() const { return at<double>(kIota); }
+  // dk, phase 3: per warp and query the column sums of the pair terms, over λ and ι (dead by then)
+  __device__ __forceinline__ float* col_sum() const { return at<float>(kLam); }
+  static_assert(4 * (kThreads / 32) * kL <= 16 * kL, "the column sums fit in λ and ι");
   __device__ __forceinline__ double* scan() const { return at<double>(kScan); }
   __device__ __forceinline__ float2* col_log() const { return at<float2>(kColLog); }
 };
@@ -96,9 +102,10 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
   const int row_lo = 16 * warp + g, row_hi = row_lo + 8;  // this thread's rows (positions r0 + row)
   // the score halves the triangle reaches from these rows, and the key rows they need
   const int h_lo = kCausal ? 0 : rt, h_hi = kCausal ? rt : 1, nh = h_hi - h_lo + 1;
-  constexpr bool kTerms = kDQ || kDK;  // phase 3: the pair terms of the gate gradients
+  constexpr bool kTerms = kDQ || kDK;  // phase 2's inter dots W, E of the gate gradients
+  constexpr bool kPairs = kDK;         // phase 3: the pair terms (their row and column sums, in dk)
   const int n1 = nXb * nh, per_n = nXb + nh, n2 = n1 + nN * per_n;  // the stream: phase 1, per block n, phase 3
-  const int ntiles = n2 + (kTerms ? nN * nh : 0);
+  const int ntiles = n2 + (kPairs ? nN * nh : 0);
 
   // the role's operands (chunk_roles.cuh), each at the chunk's first token
   const T *X, *Y, *Z;
@@ -166,6 +173,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
 
   // ---- phase 1: scores, then P = W ⊙ S --------------------------------------------------------------
   u32 P[8][4];
+  u32 Pr[kPairs ? 8 : 1][4];  // dk: P's rounding residuals, for the pair terms
   {
     float S0[32], S1[32];
 #pragma unroll
@@ -187,10 +195,17 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
       fence_regs(S1);
     }
     const float2 rl_lo = sm.row_log()[row_lo], rl_hi = sm.row_log()[row_hi];
-    if (h_lo == 0)
-      bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
-    if (h_hi == 1)
-      bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+    if constexpr (kPairs) {
+      if (h_lo == 0)
+        bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P, Pr);
+      if (h_hi == 1)
+        bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P, Pr);
+    } else {
+      if (h_lo == 0)
+        bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+      if (h_hi == 1)
+        bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+    }
   }
 
   // ---- phase 2: output blocks ----------------------------------------------------------------------
@@ -267,9 +282,17 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
     }
   }
 
-  // ---- phase 3 (dq / dk): A_h = R · Z_hᵀ over every block, then the pair terms' row sums -------------
-  if constexpr (kTerms) {
-    float z_lo = 0.f, z_hi = 0.f;  // Σ over the reached keys of P ⊙ A, this thread's columns
+  // ---- phase 3 (dk): A_h = R · Z_hᵀ over every block, then the pair terms' row and column sums ------
+  const i64 part = i64(p.BH) * p.S;  // one plane of per-token gate terms
+  if constexpr (kDQ) {  // W_τ, plane 0 of the queries' terms (their pair sums come from dk)
+    dot_lo = quad_sum(dot_lo);
+    dot_hi = quad_sum(dot_hi);
+    if (t == 0 && ok_lo) p.q_terms[at.scratch_tok(p, r0 + row_lo)] = dot_lo;
+    if (t == 0 && ok_hi) p.q_terms[at.scratch_tok(p, r0 + row_hi)] = dot_hi;
+  }
+  if constexpr (kPairs) {
+    float z_lo = 0.f, z_hi = 0.f;  // Σ over the reached queries of the pair terms, this thread's columns
+    float* col_sum = sm.col_sum();   // [warp][query]: each warp's sums over its 16 rows
     for (int hh = 0; hh < nh; ++hh) {
       float A[32];
       for (int n = 0; n < nN; ++n) {
@@ -289,29 +312,49 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
         wgmma_wait<0>();
         fence_regs(A);
       }
-      if (h_lo + hh == 0) {
-        bwd_pair_sums<T, KeyHalf::kLow>(P, A, z_lo, z_hi);
+      const int h = h_lo + hh;
+      float zc[16];
+      if (h == 0) {
+        bwd_pair_sums<T, KeyHalf::kLow>(P, Pr, A, z_lo, z_hi, zc);
       } else {
-        bwd_pair_sums<T, KeyHalf::kHigh>(P, A, z_lo, z_hi);
+        bwd_pair_sums<T, KeyHalf::kHigh>(P, Pr, A, z_lo, z_hi, zc);
+      }
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {  // over the warp's eight row groups
+        zc[e] += __shfl_xor_sync(0xffffffffu, zc[e], 4);
+        zc[e] += __shfl_xor_sync(0xffffffffu, zc[e], 8);
+        zc[e] += __shfl_xor_sync(0xffffffffu, zc[e], 16);
+      }
+      if (lane < 4) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<float2*>(col_sum + warp * Sm::kL + 64 * h + 8 * j + 2 * lane) = make_float2(zc[2 * j], zc[2 * j + 1]);
       }
     }
-    // the quad's four threads hold a row's columns: one part per row
+    // keys: Σ_τ Z_τσ (row sums; the quad's four threads hold a row's columns) and E_σ, one part
     dot_lo = quad_sum(dot_lo);
     dot_hi = quad_sum(dot_hi);
     z_lo = quad_sum(z_lo);
     z_hi = quad_sum(z_hi);
-    const i64 part = i64(p.BH) * p.S;
     auto put = [&](int row, float dot, float z) {
       const i64 r = at.scratch_tok(p, r0 + row);
-      if constexpr (kDQ) {
-        p.q_terms[r] = dot + z;
-      } else {
-        p.k_terms[r] = z;
-        p.k_terms[p.k_parts * part + r] = dot;
-      }
+      p.k_terms[r] = z;
+      p.k_terms[p.k_parts * part + r] = dot;
     };
     if (t == 0 && ok_lo) put(row_lo, dot_lo, z_lo);
     if (t == 0 && ok_hi) put(row_hi, dot_hi, z_hi);
+    // queries: Σ_σ Z_τσ over this CTA's 64 rows σ (column sums), plane 1 + rt of the queries' terms;
+    // the first half chunk also writes zeros to plane 2 below row 64, which the second never reaches
+    __syncthreads();
+    for (int u = tid; u < Sm::kL; u += Sm::kThreads) {
+      if (u >= Lc) continue;
+      if (u >= 64 * h_lo) {
+        float zs = 0.f;
+        for (int w = 0; w < Sm::kThreads / 32; ++w) zs += col_sum[w * Sm::kL + u];
+        p.q_terms[(1 + rt) * part + at.scratch_tok(p, u)] = zs;
+      }
+      if (rt == 0 && u < 64) p.q_terms[2 * part + at.scratch_tok(p, u)] = 0.f;
+    }
   }
 #else
   __trap();
