@@ -223,13 +223,12 @@ __device__ __forceinline__ void walk_push_partial(const float* red, int part, co
   constexpr int R = BwdWalkSm90Smem::kL / kParts, ld = BwdWalkSm90Smem::kRedLd;
   const u32 base = smem_addr(red);
   const int lo = r0 + row_lo, hi = r0 + row_hi;
-  // (each CTA's shared memory is one contiguous range of the cluster window: offsets carry over)
-  const u32 a_lo = cluster_map(base + u32((part * R + lo % R) * ld + n0 + 2 * t) * 4u, lo / R);
-  const u32 a_hi = cluster_map(base + u32((part * R + hi % R) * ld + n0 + 2 * t) * 4u, hi / R);
+  const u32 a_lo = base + u32((part * R + lo % R) * ld + n0 + 2 * t) * 4u;
+  const u32 a_hi = base + u32((part * R + hi % R) * ld + n0 + 2 * t) * 4u;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    st_cluster_f2(a_lo + 32u * j, acc[4 * j], acc[4 * j + 1]);
-    st_cluster_f2(a_hi + 32u * j, acc[4 * j + 2], acc[4 * j + 3]);
+    st_cluster_f2(cluster_map(a_lo + 32u * j, lo / R), acc[4 * j], acc[4 * j + 1]);
+    st_cluster_f2(cluster_map(a_hi + 32u * j, hi / R), acc[4 * j + 2], acc[4 * j + 3]);
   }
 }
 
