@@ -27,7 +27,8 @@
 //            K-major), then the pair terms (P + Pr) ⊙ A (docs/math.md §12.1; P is dS rounded to the
 //            compute dtype as the products use it, Pr its rounding residual): their row sums
 //            Σ_τ Z_τσ per key and column sums Σ_σ Z_τσ per query over the CTA's rows, both from the
-//            same values so that they cancel exactly in the gate kernel's suffix sums.
+//            same products (grouped differently), so that they cancel to fp32 rounding in the gate
+//            kernel's suffix sums.
 //            dk writes Σ_τ Z_τσ and E (one part: the CTA owns every column) and its column sums
 //            as plane 1 + r0 / 64 of the queries' terms; dq writes W (plane 0).
 // So the scores and the gate terms are formed once per half chunk, not once per output block.
