@@ -4,7 +4,8 @@
 //     acc = diag(row_scale) · X · D  +  (W ⊙ (X · Yᵀ)) · Z,   W[r][u] = exp2(row_log[r] + col_log[u])
 //
 // in its three backward roles (chunk_roles.cuh: which tensors X, Y, Z, D are, the direction of the
-// triangle), with the same gate terms (gate_terms.cuh: causal_terms / anticausal_terms), on
+// triangle), with the same gate terms (gate_terms.cuh: causal_terms / anticausal_terms; dk:
+// dq_matched_terms), on
 // warpgroup MMA.
 //
 // A CTA is one warpgroup: 64 rows r0 .. r0 + 63 of a chunk (L = 128; r0 = 0 or 64) and every output
@@ -18,23 +19,17 @@
 //            then P = W ⊙ S masked, as A fragments in registers (S is dead after it);
 //   phase 2, per 64-column output block n of Z:  D_{n,b} for every b, then Z_{n,h} per reached half
 //            acc (+)= X_b · D_{n,b}    inter-chunk term (D K-major or MN-major as the role stores it)
-//            acc ← row_scale ⊙ acc   (dq / dk: the block's columns of the inter dot W_τ = q_τ·acc_τ,
-//                                      E_σ = k_σ·acc_σ, with the CTA's rows R of q / k)
+//            acc ← row_scale ⊙ acc   (dk: its dot with the CTA's rows R of k, E_σ = k_σ·acc_σ^inter)
 //            acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major)
-//            and the output block's 64 columns leave;
-//   phase 3 (dk), per reached half h and output block n:  Z_{n,h} (q) again
-//            A_h += R_n · Z_{n,h}ᵀ   (R_n: the CTA's rows of k as A fragments from registers, B
-//            K-major), then the pair terms (P + Pr) ⊙ A (docs/math.md §12.1; P is dS rounded to the
-//            compute dtype as the products use it, Pr its rounding residual): their row sums
-//            Σ_τ Z_τσ per key and column sums Σ_σ Z_τσ per query over the CTA's rows, both from the
-//            same products (grouped differently), so that they cancel to fp32 rounding in the gate
-//            kernel's suffix sums.
-//            dk writes Σ_τ Z_τσ and E (one part: the CTA owns every column) and its column sums
-//            as plane 1 + r0 / 64 of the queries' terms; dq writes W (plane 0).
+//            and the output block's 64 columns leave (dq / dk: their dots with R, q_τ·dq_τ, k_σ·dk_σ).
+// The gate gradients' per-token terms (docs/math.md §12.1): dq writes q_τ·dq_τ = W_τ + Σ_σ Z_τσ, dk
+// Σ_τ Z_τσ = k_σ·dk_σ − E_σ and E_σ, where Z_τσ = P_τσ (q_τ·k_σ) are the pair terms. Their row sums
+// (from dq) and column sums (from dk) cancel in the gate kernel's suffix sums to fp32 rounding because
+// both kernels round the same P: the scores dS are the same products (dh·vᵀ, v·dhᵀ) and dk forms W from
+// dq's exponents (gate_terms.cuh: dq_matched_terms).
 // So the scores and the gate terms are formed once per half chunk, not once per output block.
-// One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256; two
-// for dk, whose phase 3 needs more registers) overlap one's gate preparation and epilogue with the
-// others' products. Shapes it does not
+// One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256)
+// overlap one's gate preparation and epilogue with the others' products. Shapes it does not
 // cover use the sm80 kernels (tfla_cupy/config.py: bwd_sm90_unsupported).
 #pragma once
 #include "chunk_products_sm90.cuh"
@@ -53,7 +48,8 @@ struct BwdSm90Smem : SwizzledCarve {
   static constexpr int kRows = kBM;  // the gate preparation's view: rows per CTA
   static constexpr int kRowLog = 0, kRowD = kRowLog + 8 * kBM, kRowScale = kRowD + 8 * kBM,
                        kLam = kRowScale + 4 * kBM, kIota = kLam + 8 * kL, kScan = kIota + 8 * kL,
-                       kColLog = kScan + 8 * kL, kGatesEnd = kColLog + 8 * kL;
+                       kColLog = kScan + 8 * kL, kKeyLogHi = kColLog + 8 * kL, kQueryLog = kKeyLogHi + 8 * kBM,
+                       kGatesEnd = kQueryLog + 8 * kL;
   static constexpr int kSlot = 64 * 128, kXBlk = kBM * 128;
   static constexpr int kStream = (kGatesEnd + 1023) / 1024 * 1024, kX = kStream + kStages * kSlot;
   // dynamic shared memory for a contraction dimension DX: the carve plus alignment slack
@@ -68,22 +64,18 @@ struct BwdSm90Smem : SwizzledCarve {
   __device__ __forceinline__ float* row_scale() const { return at<float>(kRowScale); }
   __device__ __forceinline__ double* lam() const { return at<double>(kLam); }
   __device__ __forceinline__ double* iota() const { return at<double>(kIota); }
-  // dk, phase 3: per warp and query the column sums of the pair terms, over λ and ι (dead by then)
-  __device__ __forceinline__ float* col_sum() const { return at<float>(kLam); }
-  static_assert(4 * (kThreads / 32) * kL <= 16 * kL, "the column sums fit in λ and ι");
+  // dk (dq_matched_terms): the keys' exponents per reached query half (the first over row_log) and
+  // the queries' exponents
+  __device__ __forceinline__ float2* key_log(int h) const { return h == 0 ? row_log() : at<float2>(kKeyLogHi); }
+  __device__ __forceinline__ float2* query_log() const { return at<float2>(kQueryLog); }
   __device__ __forceinline__ double* scan() const { return at<double>(kScan); }
   __device__ __forceinline__ float2* col_log() const { return at<float2>(kColLog); }
 };
 
-// Grid: 2 row halves × NC chunk slots × B·NH, flattened, row halves fastest.
-// CTAs per SM the registers must allow: three, but two for dk, whose gate terms' phase 3 would spill
-// at three (168 registers); dq fits at three.
-template <typename Role> struct BwdSm90MinCtas {
-  static constexpr int value = is_same<Role, RoleDK>::value ? 2 : 3;
-};
-
+// Grid: 2 row halves × NC chunk slots × B·NH, flattened, row halves fastest; three CTAs per SM
+// (168 registers).
 template <typename T, typename Gate, typename Role>
-__global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::value)
+__global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
     bwd_chunk_sm90_kernel(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Sm = BwdSm90Smem;
@@ -103,10 +95,8 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
   const int row_lo = 16 * warp + g, row_hi = row_lo + 8;  // this thread's rows (positions r0 + row)
   // the score halves the triangle reaches from these rows, and the key rows they need
   const int h_lo = kCausal ? 0 : rt, h_hi = kCausal ? rt : 1, nh = h_hi - h_lo + 1;
-  constexpr bool kTerms = kDQ || kDK;  // phase 2's inter dots W, E of the gate gradients
-  constexpr bool kPairs = kDK;         // phase 3: the pair terms (their row and column sums, in dk)
-  const int n1 = nXb * nh, per_n = nXb + nh, n2 = n1 + nN * per_n;  // the stream: phase 1, per block n, phase 3
-  const int ntiles = n2 + (kPairs ? nN * nh : 0);
+  constexpr bool kTerms = kDQ || kDK;  // phase 2's row dots of the gate gradients
+  const int n1 = nXb * nh, per_n = nXb + nh, ntiles = n1 + nN * per_n;  // the stream: phase 1, per block n
 
   // the role's operands (chunk_roles.cuh), each at the chunk's first token
   const T *X, *Y, *Z;
@@ -129,11 +119,6 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
   auto issue = [&](int i) {
     if (i >= ntiles) return;
     char* slot = sm.slot(i);
-    if (i >= n2) {  // phase 3: Z_{n,h}, blocks fastest
-      const int n = (i - n2) % nN, h = h_lo + (i - n2) / nN;
-      load_sw128_async<T, Sm::kThreads>(slot, Z + (64 * h) * ldZ + n * Sm::kBN, ldZ, 64, Lc - 64 * h);
-      return;
-    }
     if (i < n1) {  // Y_{b,h}, with X_b before the first half
       const int b = i / nh, h = h_lo + i % nh, x0 = b * Sm::kBX;
       if (h == h_lo) load_sw128_async<T, Sm::kThreads>(sm.x(b), X + r0 * ldX + x0, ldX, BM, Lc - r0);
@@ -158,6 +143,8 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
   }
   if constexpr (kCausal) {
     causal_terms<Gate>(p, sm, at, r0);
+  } else if constexpr (kDK) {
+    dq_matched_terms<Gate>(p, sm, at, r0);
   } else {
     anticausal_terms<Gate>(p, sm, at, r0);
   }
@@ -174,7 +161,6 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
 
   // ---- phase 1: scores, then P = W ⊙ S --------------------------------------------------------------
   u32 P[8][4];
-  u32 Pr[kPairs ? 8 : 1][4];  // dk: P's rounding residuals, for the pair terms
   {
     float S0[32], S1[32];
 #pragma unroll
@@ -195,17 +181,15 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
       fence_regs(S0);
       fence_regs(S1);
     }
-    const float2 rl_lo = sm.row_log()[row_lo], rl_hi = sm.row_log()[row_hi];
-    if constexpr (kPairs) {
-      if (h_lo == 0)
-        bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P, Pr);
-      if (h_hi == 1)
-        bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P, Pr);
-    } else {
-      if (h_lo == 0)
-        bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
-      if (h_hi == 1)
-        bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, sm.col_log(), rl_lo, rl_hi, r0 + row_lo, r0 + row_hi, t, Lc, P);
+    // dk: the exponents of dq (per reached query half for the keys), so that P is dq's P bit for bit
+    const float2* col_log = kDK ? sm.query_log() : sm.col_log();
+    if (h_lo == 0) {
+      const float2* rl = kDK ? sm.key_log(0) : sm.row_log();
+      bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, col_log, rl[row_lo], rl[row_hi], r0 + row_lo, r0 + row_hi, t, Lc, P);
+    }
+    if (h_hi == 1) {
+      const float2* rl = kDK ? sm.key_log(1) : sm.row_log();
+      bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, col_log, rl[row_lo], rl[row_hi], r0 + row_lo, r0 + row_hi, t, Lc, P);
     }
   }
 
@@ -233,9 +217,21 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
       xs[jj][1] = ok_hi ? *reinterpret_cast<const u32*>(src + row_hi * lds + n0 + 8 * jj + 2 * t) : 0u;
     }
   };
-  float dot_lo = 0.f, dot_hi = 0.f;  // dq / dk: Σ over every output block of R·acc^inter (W or E), per row
+  // this thread's eight column pairs of R·acc, per row
+  auto row_dots = [&](float& lo_sum, float& hi_sum, const float (&acc)[32], const u32 (&xs)[8][2]) {
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      const float2 lo = unpack2<T>(xs[jj][0]), hi = unpack2<T>(xs[jj][1]);
+      lo_sum += acc[4 * jj] * lo.x + acc[4 * jj + 1] * lo.y;
+      hi_sum += acc[4 * jj + 2] * hi.x + acc[4 * jj + 3] * hi.y;
+    }
+  };
+  float dot_lo = 0.f, dot_hi = 0.f;      // dq / dk: Σ over every output block of R·acc (q·dq, k·dk), per row
+  float inter_lo = 0.f, inter_hi = 0.f;  // dk: the same of the inter-chunk term alone, E_σ = k_σ·dk_σ^inter
   for (int n = 0; n < nN; ++n) {
     const int n0 = n * Sm::kBN, i0 = n1 + n * per_n;
+    u32 xs[8][2];  // dq / dk: the block's columns of R, in flight during the products
+    if constexpr (kTerms) load_rows(xs, n0);
     float acc[32];
     for (int b = 0; b < nXb; ++b) {  // acc = X · D_n
       next_tile(i0 + b);
@@ -248,16 +244,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
     }
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[e] *= (e & 2) ? sc_hi : sc_lo;
-    if constexpr (kTerms) {  // the block's columns of the inter dots (this thread's eight pairs)
-      u32 xs[8][2];
-      load_rows(xs, n0);
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        const float2 lo = unpack2<T>(xs[jj][0]), hi = unpack2<T>(xs[jj][1]);
-        dot_lo += acc[4 * jj] * lo.x + acc[4 * jj + 1] * lo.y;
-        dot_hi += acc[4 * jj + 2] * hi.x + acc[4 * jj + 3] * hi.y;
-      }
-    }
+    if constexpr (kDK) row_dots(inter_lo, inter_hi, acc, xs);
     for (int hh = 0; hh < nh; ++hh) {  // acc += P_h · Z_{n,h}
       next_tile(i0 + nXb + hh);
       fence_regs(acc);
@@ -281,80 +268,27 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, BwdSm90MinCtas<Role>::v
       if (ok_lo) store2(o + row_lo * ldo + 8 * jj, acc[4 * jj], acc[4 * jj + 1]);
       if (ok_hi) store2(o + row_hi * ldo + 8 * jj, acc[4 * jj + 2], acc[4 * jj + 3]);
     }
+    if constexpr (kTerms) row_dots(dot_lo, dot_hi, acc, xs);
   }
 
-  // ---- phase 3 (dk): A_h = R · Z_hᵀ over every block, then the pair terms' row and column sums ------
-  const i64 part = i64(p.BH) * p.S;  // one plane of per-token gate terms
-  if constexpr (kDQ) {  // W_τ, plane 0 of the queries' terms (their pair sums come from dk)
+  // ---- the gate gradients' per-token terms (the quad's four threads hold a row's columns) ----------
+  if constexpr (kTerms) {
+    const i64 part = i64(p.BH) * p.S;  // one plane of per-token gate terms
     dot_lo = quad_sum(dot_lo);
     dot_hi = quad_sum(dot_hi);
-    if (t == 0 && ok_lo) p.q_terms[at.scratch_tok(p, r0 + row_lo)] = dot_lo;
-    if (t == 0 && ok_hi) p.q_terms[at.scratch_tok(p, r0 + row_hi)] = dot_hi;
-  }
-  if constexpr (kPairs) {
-    float z_lo = 0.f, z_hi = 0.f;  // Σ over the reached queries of the pair terms, this thread's columns
-    float* col_sum = sm.col_sum();   // [warp][query]: each warp's sums over its 16 rows
-    for (int hh = 0; hh < nh; ++hh) {
-      float A[32];
-      for (int n = 0; n < nN; ++n) {
-        u32 xs[8][2];
-        load_rows(xs, n * Sm::kBN);
-        const int i = n2 + hh * nN + n;
-        next_tile(i);
-        const char* z = sm.slot(i);
-        fence_regs(A);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const u32 a[4] = {xs[2 * kk][0], xs[2 * kk][1], xs[2 * kk + 1][0], xs[2 * kk + 1][1]};
-          wgmma_rs<T, Major::kK>(A, a, sw128_desc(z + 32 * kk), n > 0 || kk > 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(A);
-      }
-      const int h = h_lo + hh;
-      float zc[16];
-      if (h == 0) {
-        bwd_pair_sums<T, KeyHalf::kLow>(P, Pr, A, z_lo, z_hi, zc);
-      } else {
-        bwd_pair_sums<T, KeyHalf::kHigh>(P, Pr, A, z_lo, z_hi, zc);
-      }
-#pragma unroll
-      for (int e = 0; e < 16; ++e) {  // over the warp's eight row groups
-        zc[e] += __shfl_xor_sync(0xffffffffu, zc[e], 4);
-        zc[e] += __shfl_xor_sync(0xffffffffu, zc[e], 8);
-        zc[e] += __shfl_xor_sync(0xffffffffu, zc[e], 16);
-      }
-      if (lane < 4) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          *reinterpret_cast<float2*>(col_sum + warp * Sm::kL + 64 * h + 8 * j + 2 * lane) = make_float2(zc[2 * j], zc[2 * j + 1]);
-      }
-    }
-    // keys: Σ_τ Z_τσ (row sums; the quad's four threads hold a row's columns) and E_σ, one part
-    dot_lo = quad_sum(dot_lo);
-    dot_hi = quad_sum(dot_hi);
-    z_lo = quad_sum(z_lo);
-    z_hi = quad_sum(z_hi);
-    auto put = [&](int row, float dot, float z) {
-      const i64 r = at.scratch_tok(p, r0 + row);
-      p.k_terms[r] = z;
-      p.k_terms[p.k_parts * part + r] = dot;
-    };
-    if (t == 0 && ok_lo) put(row_lo, dot_lo, z_lo);
-    if (t == 0 && ok_hi) put(row_hi, dot_hi, z_hi);
-    // queries: Σ_σ Z_τσ over this CTA's 64 rows σ (column sums), plane 1 + rt of the queries' terms;
-    // the first half chunk also writes zeros to plane 2 below row 64, which the second never reaches
-    __syncthreads();
-    for (int u = tid; u < Sm::kL; u += Sm::kThreads) {
-      if (u >= Lc) continue;
-      if (u >= 64 * h_lo) {
-        float zs = 0.f;
-        for (int w = 0; w < Sm::kThreads / 32; ++w) zs += col_sum[w * Sm::kL + u];
-        p.q_terms[(1 + rt) * part + at.scratch_tok(p, u)] = zs;
-      }
-      if (rt == 0 && u < 64) p.q_terms[2 * part + at.scratch_tok(p, u)] = 0.f;
+    if constexpr (kDQ) {  // queries: q_τ·dq_τ = W_τ + Σ_σ Z_τσ, one plane
+      if (t == 0 && ok_lo) p.q_terms[at.scratch_tok(p, r0 + row_lo)] = dot_lo;
+      if (t == 0 && ok_hi) p.q_terms[at.scratch_tok(p, r0 + row_hi)] = dot_hi;
+    } else {  // keys: Σ_τ Z_τσ = k_σ·dk_σ − E_σ, and E_σ; one part
+      inter_lo = quad_sum(inter_lo);
+      inter_hi = quad_sum(inter_hi);
+      auto put = [&](int row, float dot, float e) {
+        const i64 r = at.scratch_tok(p, r0 + row);
+        p.k_terms[r] = dot - e;
+        p.k_terms[p.k_parts * part + r] = e;
+      };
+      if (t == 0 && ok_lo) put(row_lo, dot_lo, inter_lo);
+      if (t == 0 && ok_hi) put(row_hi, dot_hi, inter_hi);
     }
   }
 #else

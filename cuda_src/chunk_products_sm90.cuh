@@ -5,7 +5,6 @@
 //   bwd_p_half           P = W ⊙ S of one key half as A fragments in registers (triangle, chunk end)
 //   bwd_inter_products   acc (+)= X_b · D_b, the inter-chunk term, D K-major or MN-major
 //   bwd_pz_products      acc += P_h · Z_h, A from registers
-//   bwd_pair_sums        the gate terms' row and column sums of P ⊙ A (docs/math.md §12.1)
 // Tiles are 128-byte swizzled (swizzle.cuh), 64 rows × 128 bytes; W[r][u] = exp2(row_log[r] +
 // col_log[u]) (gate_terms.cuh).
 #pragma once
@@ -33,31 +32,6 @@ __device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* c
     const int kk = 4 * h + (j >> 1), hh = (j & 1) * 2;
     P[kk][hh] = pack2<T>(w[0], w[1]);
     P[kk][hh + 1] = pack2<T>(w[2], w[3]);
-  }
-}
-
-// The same, and the rounding residuals W ⊙ S − P in Pr (same layout, compute dtype): P + Pr carries
-// about twice the compute dtype's digits, for the gate terms' pair sums.
-template <typename T, bool kCausal, KeyHalf kHalf>
-__device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* col_log, float2 rl_lo, float2 rl_hi,
-                                           int row_lo, int row_hi, int t, int Lc, u32 (&P)[8][4],
-                                           u32 (&Pr)[8][4]) {
-  constexpr int h = int(kHalf);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    float w[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = (e & 2) ? row_hi : row_lo, u = 64 * h + 8 * j + 2 * t + (e & 1);
-      const bool keep = u < Lc && (kCausal ? u <= r : u >= r);
-      w[e] = keep ? exp2f(add_split((e & 2) ? rl_hi : rl_lo, col_log[u])) * S[4 * j + e] : 0.f;
-    }
-    const int kk = 4 * h + (j >> 1), hh = (j & 1) * 2;
-    P[kk][hh] = pack2<T>(w[0], w[1]);
-    P[kk][hh + 1] = pack2<T>(w[2], w[3]);
-    const float2 lo = unpack2<T>(P[kk][hh]), hi = unpack2<T>(P[kk][hh + 1]);
-    Pr[kk][hh] = pack2<T>(w[0] - lo.x, w[1] - lo.y);
-    Pr[kk][hh + 1] = pack2<T>(w[2] - hi.x, w[3] - hi.y);
   }
 }
 
@@ -91,28 +65,6 @@ __device__ __forceinline__ void bwd_pz_products(float (&acc)[32], const u32 (&P)
   constexpr int h = int(kHalf);
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, Major::kMN>(acc, P[4 * h + kk], sw128_desc_mn(z + 2048 * kk, 1024), 1);
-}
-
-// The gate terms' pair sums of key half h: z += Σ over this thread's columns of (P + Pr) ⊙ A, per
-// row (lo, hi), and zc[2j + e] = the same pair terms summed over this thread's two rows, per column
-// 64h + 8j + 2t + e; P, Pr the A fragments and rounding residuals of bwd_p_half (dS in about twice
-// the compute dtype's digits), A = R · Z_hᵀ in the score layout.
-template <typename T, KeyHalf kHalf>
-__device__ __forceinline__ void bwd_pair_sums(const u32 (&P)[8][4], const u32 (&Pr)[8][4], const float (&A)[32],
-                                              float& z_lo, float& z_hi, float (&zc)[16]) {
-  constexpr int h = int(kHalf);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int kk = 4 * h + (j >> 1), c = (j & 1) * 2;
-    const float2 lo = unpack2<T>(P[kk][c]), hi = unpack2<T>(P[kk][c + 1]);
-    const float2 rlo = unpack2<T>(Pr[kk][c]), rhi = unpack2<T>(Pr[kk][c + 1]);
-    const float a = (lo.x + rlo.x) * A[4 * j], b = (lo.y + rlo.y) * A[4 * j + 1];
-    const float d = (hi.x + rhi.x) * A[4 * j + 2], e = (hi.y + rhi.y) * A[4 * j + 3];
-    z_lo += a + b;
-    z_hi += d + e;
-    zc[2 * j] = a + d;
-    zc[2 * j + 1] = b + e;
-  }
 }
 
 }  // namespace tfla

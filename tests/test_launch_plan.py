@@ -273,8 +273,8 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
             assert (grid, block, smem) == (2 * NC * NH, config.BWD_SM90_THREADS, config.bwd_sm90_smem_bytes(DX)), name
             assert int(p["gate_a"]) != 0 and int(p["seq_table"]) != 0
         gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
-        # the queries' terms: W from dq, the pair sums from each of dk's two half-chunk CTAs
-        assert (int(gates["q_parts"]), int(gates["k_parts"])) == (3, 1)
+        # one part each: q·dq from dq, the keys' pair sums and E from dk
+        assert (int(gates["q_parts"]), int(gates["k_parts"])) == (1, 1)
         # B_c: one part per warp of each 64 × 64 dC block, written by the reverse dC pass the kernel reads
         assert int(gates["state_parts"]) == (DK // 64) * (DV // 64) * config.BWD_DSTATES_SM90_THREADS // 32
         assert _by_kernel(launches, "bwd_gates_kernel")[0][1] == NC * NH  # a CTA per chunk slot (B = 1, packed)

@@ -86,7 +86,7 @@ SEGMENT_FIXED_COST = 4.0
 #: dimension DX (bwd_sm90_smem_bytes; checked against the C++ constants like FUSED_FWD).
 BWD_SM90 = {"tfla::BwdSm90Smem::kL": 128, "tfla::BwdSm90Smem::kBX": 64, "tfla::BwdSm90Smem::kBN": 64,
             "tfla::BwdSm90Smem::kThreads": 128, "tfla::BwdSm90Smem::kStages": 4,
-            "tfla::BwdSm90Smem::bytes(0)": 39_936, "tfla::BwdSm90Smem::kXBlk": 8_192}
+            "tfla::BwdSm90Smem::bytes(0)": 40_960, "tfla::BwdSm90Smem::kXBlk": 8_192}
 BWD_SM90_L = BWD_SM90["tfla::BwdSm90Smem::kL"]
 BWD_SM90_BLOCK = BWD_SM90["tfla::BwdSm90Smem::kBN"]
 assert BWD_SM90["tfla::BwdSm90Smem::kBX"] == BWD_SM90_BLOCK

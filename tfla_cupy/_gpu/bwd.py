@@ -53,13 +53,12 @@ def _dstates(g, hopper, params, q, dh):  # (params: with state_terms, also C_sta
 
 def _term_parts(g, kind):
     """Parts of the gate-gradient terms: per token from dq and dk (sm80: one per output block; sm90:
-    the queries' W from dq, then their pair sums from each of dk's two half-chunk CTAs, and one part
-    of the keys' terms; the walk: one per value block), per chunk from the reverse dC pass (one per
-    warp and dC block). ``kind``: "sm80", "sm90" or "walk"."""
+    one each, the CTA owns every output column; the walk: one per value block), per chunk from the
+    reverse dC pass (one per warp and dC block). ``kind``: "sm80", "sm90" or "walk"."""
     if kind == "walk":
         q = k = launch.walk_parts(g)
     elif kind == "sm90":
-        q, k = 3, 1
+        q, k = 1, 1
     else:
         q, k = launch.term_parts(g, "bwd_dq"), launch.term_parts(g, "bwd_dk")
     return q, k, launch.state_term_parts(g, kind != "sm80")
