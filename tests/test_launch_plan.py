@@ -190,7 +190,7 @@ def test_varlen_grids_and_chunk_slots(launches, cu_dtype):
                                 tfla_cupy.MLSTMState(_fake(np.zeros((N, NH, DK, DV), np.float32))))
     assert grads.d_initial_state.C.shape == (N, NH, DK, DV)
     _, grid, block, p, _ = _by_kernel(launches, "bwd_gates_kernel")[0]
-    assert grid == NC * NH and block == 256 and int(p["seq_table"]) == table.data.ptr  # a CTA per chunk slot
+    assert grid == -(-NC * NH // 8) and block == 256 and int(p["seq_table"]) == table.data.ptr  # a warp per chunk slot
     _, grid, _, p, _ = _by_kernel(launches, "bwd_dstates_kernel")[0]
     assert grid == N * NH
 
@@ -277,7 +277,7 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
         assert (int(gates["q_parts"]), int(gates["k_parts"])) == (1, 1)
         # B_c: one part per warp of each 64 × 64 dC block, written by the reverse dC pass the kernel reads
         assert int(gates["state_parts"]) == (DK // 64) * (DV // 64) * config.BWD_DSTATES_SM90_THREADS // 32
-        assert _by_kernel(launches, "bwd_gates_kernel")[0][1] == NC * NH  # a CTA per chunk slot (B = 1, packed)
+        assert _by_kernel(launches, "bwd_gates_kernel")[0][1] == -(-NC * NH // 8)  # a warp per chunk slot (B = 1, packed)
         assert not any("tfla::bwd_dstates_kernel" in n for n in names), names
         (name, grid, block, p, smem), = _by_kernel(launches, "bwd_dstates_sm90_kernel")
         assert name == config.bwd_dstates_sm90_kernel("MmaBF16", "tfla::GateExp", True)

@@ -36,11 +36,9 @@ STORAGE_TYPE = {"MmaBF16": "tfla::bf16", "MmaF16": "tfla::f16", "MmaF32": "float
 THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateThreads": 256,
            "tfla::kChunkGateThreads": 128, "tfla::kSeqTableThreads": 1024, "tfla::kSegCombineThreads": 256}
 
-#: Chunk sizes: powers of two from MIN_CHUNK to MAX_CHUNK (the gate-gradient kernel keeps a
-#: chunk's prefix sums in shared memory, sized by tfla::kGateMaxChunk; tests/test_config.py
-#: checks the two agree).
+#: Chunk sizes: powers of two from MIN_CHUNK to MAX_CHUNK (the range the kernels are built and
+#: tested for; the gate preparations keep a chunk's log gates in shared memory, L doubles each).
 MIN_CHUNK, MAX_CHUNK = 16, 1024
-LIMITS = {"tfla::kGateMaxChunk": MAX_CHUNK}
 
 
 #: The Hopper forward (cuda_src/fwd_fused_sm90.cuh, struct FusedFwdSmem): the chunk size and

@@ -191,8 +191,9 @@ def chunk_gates(g):
 
 @_memo
 def gates_grad(g):
-    """Backward stage 3: di, df from the direct form's terms, one CTA per chunk slot and batch·head."""
-    return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), g.NC * g.BH, THREADS["tfla::kGateThreads"])
+    """Backward stage 3: di, df from the direct form's terms, one warp per chunk slot and batch·head."""
+    warps = THREADS["tfla::kGateThreads"] // 32  # one warp per chunk slot and batch·head
+    return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), -(-g.NC * g.BH // warps), THREADS["tfla::kGateThreads"])
 
 
 # ------------------------------------------------------------------------------------------
