@@ -8,6 +8,7 @@
 //   causal_terms, anticausal_terms
 //                         the row and column exponents of the backward roles (the sm80 chunk
 //                         kernels and the Hopper backward);
+//   dq_matched_terms      the Hopper dk kernel's exponents, the bits dq forms;
 //   FusedTerms            the per-chunk record that carries them to the fused forward and the
 //                         segment combine.
 #pragma once
@@ -126,6 +127,22 @@ __device__ __forceinline__ void prepare_anticausal(const Params& p, const Sm& sm
   __syncthreads();
 }
 
+// A query's stabiliser M_τ and factor fac_τ = s / (N_τ + ε) (normalized) or s.
+template <typename Gate>
+__device__ __forceinline__ double query_max(const Params& p, const ChunkAt& at, int tau) {
+  return Gate::kStabilized ? double(p.M[at.tok(p.st_M, tau)]) : 0.0;
+}
+template <typename Gate>
+__device__ __forceinline__ float query_factor(const Params& p, const ChunkAt& at, int tau) {
+  return Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, tau)] + p.eps) : p.scale;
+}
+// dq's row exponent of query τ: (p_r − M_τ)·log2e + log2 fac_τ, split. The operations are pinned
+// (one explicit fma, no contraction left to the compiler), so that the dk kernel, which forms the
+// same exponents (dq_matched_terms), gets the same bits.
+__device__ __forceinline__ float2 causal_row_log(double pr, double M, float fac) {
+  return split(__fma_rn(pr - M, double(kLog2e), double(log2f(fac))));
+}
+
 // Row and column gate terms of the causal role dq (rows τ = r0 + r of the chunk):
 //   row_scale[r] = fac_τ · exp(b_{r0} + m^(c) + p_r − M_τ),  row_log[r] = (p_r − M_τ)·log2e + log2 fac_τ,
 // fac_τ = s / (N_τ + ε) (normalized) or s, and prepare_causal's column terms. Sm: a shared-memory
@@ -138,11 +155,11 @@ __device__ __forceinline__ void causal_terms(const Params& p, const Sm& sm, cons
   const double A0 = b_r0 + m_c;
   for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
     if (r < rows) {
-      const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, r0 + r)]) : 0.0;
-      const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, r0 + r)] + p.eps) : p.scale;
+      const double M = query_max<Gate>(p, at, r0 + r);
+      const float fac = query_factor<Gate>(p, at, r0 + r);
       const double pr = sm.row_d()[r];
       sm.row_scale()[r] = fac * expf(float(A0 + pr - M));
-      sm.row_log()[r] = split((pr - M) * double(kLog2e) + double(log2f(fac)));
+      sm.row_log()[r] = causal_row_log(pr, M, fac);
     } else {
       sm.row_scale()[r] = 0.f;
       sm.row_log()[r] = make_float2(neg_inf(), 0.f);
@@ -171,11 +188,39 @@ __device__ __forceinline__ void anticausal_terms(const Params& p, const Sm& sm, 
     }
   }
   for (int u = r0 + threadIdx.x; u < at.Lc; u += NT) {
-    const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, u)]) : 0.0;
-    const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, u)] + p.eps) : p.scale;
+    const double M = query_max<Gate>(p, at, u);
+    const float fac = query_factor<Gate>(p, at, u);
     sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + double(log2f(fac)));
   }
   __syncthreads();
+}
+
+// The dk role's gate terms in dq's exponents (docs/math.md §12.1): the pair terms' row sums (per
+// key, from dk) and column sums (per query, from dq) cancel in the gate kernel's suffix sums only if
+// both kernels round the same products P = W ⊙ dS, so dk forms W from the exponents dq forms, bit for
+// bit. For the CTA's rows σ = r0 + r (keys) and every query half h it reaches (h >= r0 / 64): dq's
+// preparation anchored at 64h (prepare_causal, the same code on the same inputs), the keys' column
+// exponents κ_σ of that anchor into key_log(h)[r], and the queries' row exponents (causal_row_log) into
+// query_log()[τ]. row_scale (ā_σ, the inter-chunk term) as in anticausal_terms. Sm: a shared-memory view
+// as for anticausal_terms with key_log(h) and query_log(); ends synchronised.
+template <typename Gate, typename Sm>
+__device__ __forceinline__ void dq_matched_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
+  constexpr int BM = Sm::kRows, NT = Sm::kThreads;
+  static_assert(BM == 64, "query halves of 64 rows, as dq's CTAs");
+  anticausal_terms<Gate>(p, sm, at, r0);  // row_scale; its exponents are replaced below
+  const int Lc = at.Lc;
+  for (int h = r0 / BM; h * BM < Lc; ++h) {
+    const int q0 = h * BM, Tend = min(q0 + BM, Lc);
+    prepare_causal<Gate>(p, sm, at, q0, Tend, Lc);  // as dq's CTA h: κ in col_log, p_r in row_d
+    for (int r = threadIdx.x; r < BM; r += NT) {
+      const int s = r0 + r, tau = q0 + r;
+      sm.key_log(h)[r] = s < Tend ? sm.col_log()[s] : make_float2(neg_inf(), 0.f);
+      sm.query_log()[tau] = tau < Tend ? causal_row_log(sm.row_d()[r], query_max<Gate>(p, at, tau),
+                                                        query_factor<Gate>(p, at, tau))
+                                       : make_float2(neg_inf(), 0.f);
+    }
+    __syncthreads();
+  }
 }
 
 // The per-chunk record stage 0b (fused_terms_kernel) writes for the fused forward: everything
