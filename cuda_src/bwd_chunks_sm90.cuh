@@ -4,9 +4,11 @@
 //     acc = diag(row_scale) · X · D  +  (W ⊙ (X · Yᵀ)) · Z,   W[r][u] = exp2(row_log[r] + col_log[u])
 //
 // in its three backward roles (chunk_roles.cuh: which tensors X, Y, Z, D are, the direction of the
-// triangle), with the same gate terms (gate_terms.cuh: causal_terms / anticausal_terms; dk:
-// dq_matched_terms), on
-// warpgroup MMA.
+// triangle), on warpgroup MMA. The gate terms come from a per-chunk record (BwdRecord) that a pre-pass,
+// bwd_terms_sm90_kernel, writes once per chunk: dq's exponents for each query half (causal_terms of
+// gate_terms.cuh anchored at the half's first row) and the keys' inter-chunk factors. All three roles
+// take W from the same exponents, so dq's and dk's P are the same bits by construction, and no CTA
+// scans gates or waits on gate loads: the record lands with the first tile.
 //
 // A CTA is one warpgroup: 64 rows r0 .. r0 + 63 of a chunk (L = 128; r0 = 0 or 64) and every output
 // column. Its tiles (64 rows × 64 columns) arrive as one stream of cp.async copies, kStages deep,
@@ -25,8 +27,8 @@
 // The gate gradients' per-token terms (docs/math.md §12.1): dq writes q_τ·dq_τ = W_τ + Σ_σ Z_τσ, dk
 // Σ_τ Z_τσ = k_σ·dk_σ − E_σ and E_σ, where Z_τσ = P_τσ (q_τ·k_σ) are the pair terms. Their row sums
 // (from dq) and column sums (from dk) cancel in the gate kernel's suffix sums to fp32 rounding because
-// both kernels round the same P: the scores dS are the same products (dh·vᵀ, v·dhᵀ) and dk forms W from
-// dq's exponents (gate_terms.cuh: dq_matched_terms).
+// both kernels round the same P: the scores dS are the same products (dh·vᵀ, v·dhᵀ) and W comes from
+// the same record.
 // So the scores and the gate terms are formed once per half chunk, not once per output block.
 // One warpgroup per CTA leaves it the registers of two score halves; three CTAs per SM (DX <= 256)
 // overlap one's gate preparation and epilogue with the others' products. Shapes it does not
@@ -40,36 +42,93 @@
 
 namespace tfla {
 
-// Shared-memory carve (bytes from a 1024-aligned base): the row terms (64 rows) and gate vectors (L),
-// kStages stream slots of 8 KB (a tile: 64 rows × 128 bytes), then the resident X rows (DX / 64
-// blocks of 64 rows × 128 bytes).
+// A chunk's gate record (byte offsets), for chunk size kL = 128 in query halves of 64 rows:
+//   row_log[τ]     query τ's row exponent (p_r − M_τ)·log2e + log2 fac_τ, anchored at its half's first row;
+//   row_scale[τ]   query τ's inter-chunk factor fac_τ · exp(b_τ + m^(c) − M_τ)     (causal_terms, per half);
+//   col_log[h][u]  κ_u·log2e anchored at half h's first row (keys u < that half's end; −inf past it);
+//   key_scale[σ]   key σ's inter-chunk factor ā_σ = exp(R_σ + ι_σ − m^(c+1))        (key_scales).
+// The weight of pair (τ, σ), σ <= τ, is exp2(row_log[τ] + col_log[τ / 64][σ]) in every role.
+struct BwdRecord {
+  static constexpr int kL = 128, kHalf = 64;
+  static constexpr int kRowLog = 0, kRowScale = kRowLog + 8 * kL, kColLog = kRowScale + 4 * kL,
+                       kKeyScale = kColLog + 2 * 8 * kL, kBytes = kKeyScale + 4 * kL;
+  static_assert(kBytes % 16 == 0 && kL == 2 * kHalf, "16-byte pieces; two query halves");
+};
+
+// The record at `rec` as the gate preparation's view (gate_terms.cuh) of query half h (kRows = 64:
+// causal_terms) or of all keys (kRows = 128, h = 0: prepare_anticausal, key_scales' row_scale is
+// key_scale), with a scratch of 4·L doubles (λ, ι, scans, row sums).
+template <int kRowsV>
+struct BwdRecordView {
+  static constexpr int kThreads = 128, kRows = kRowsV, kL = BwdRecord::kL;
+  char* rec;
+  double* scratch;
+  int h;
+  __device__ __forceinline__ float2* row_log() const {
+    return reinterpret_cast<float2*>(rec + BwdRecord::kRowLog) + BwdRecord::kHalf * h;
+  }
+  __device__ __forceinline__ float* row_scale() const {
+    return reinterpret_cast<float*>(rec + (kRows == kL ? BwdRecord::kKeyScale : BwdRecord::kRowScale)) +
+           BwdRecord::kHalf * h;
+  }
+  __device__ __forceinline__ float2* col_log() const {
+    return reinterpret_cast<float2*>(rec + BwdRecord::kColLog) + kL * h;
+  }
+  __device__ __forceinline__ double* lam() const { return scratch; }
+  __device__ __forceinline__ double* iota() const { return scratch + kL; }
+  __device__ __forceinline__ double* scan() const { return scratch + 2 * kL; }
+  __device__ __forceinline__ double* row_d() const { return scratch + 3 * kL; }
+};
+
+// The pre-pass: every chunk slot's BwdRecord. Grid: chunk slots × B·NH, flattened.
+template <typename Gate>
+__global__ void __launch_bounds__(BwdRecordView<64>::kThreads) bwd_terms_sm90_kernel(const Params p) {
+  constexpr int L = BwdRecord::kL, HB = BwdRecord::kHalf, NT = BwdRecordView<64>::kThreads;
+  __shared__ __align__(16) char rec[BwdRecord::kBytes];
+  __shared__ double scratch[4 * L];
+  const ChunkAt at(p, blockIdx.x % p.NC, blockIdx.x / p.NC);
+  const int Lc = at.Lc;
+  if (Lc == 0) return;  // a surplus slot of packed input
+  // what no preparation writes (rows and keys past the chunk's or a half's end) stays as here
+  for (int u = threadIdx.x; u < L; u += NT) {
+    const float2 none = make_float2(neg_inf(), 0.f);
+    reinterpret_cast<float2*>(rec + BwdRecord::kRowLog)[u] = none;
+    reinterpret_cast<float*>(rec + BwdRecord::kRowScale)[u] = 0.f;
+    reinterpret_cast<float2*>(rec + BwdRecord::kColLog)[u] = none;
+    reinterpret_cast<float2*>(rec + BwdRecord::kColLog)[L + u] = none;
+  }
+  __syncthreads();
+  for (int h = 0; h * HB < Lc; ++h) causal_terms<Gate>(p, BwdRecordView<64>{rec, scratch, h}, at, h * HB);
+  const BwdRecordView<L> keys{rec, scratch, 0};
+  prepare_anticausal<Gate>(p, keys, at, 0, Lc);
+  key_scales<Gate>(p, keys, at, 0);
+  __syncthreads();
+  uint4* dst = reinterpret_cast<uint4*>(p.gate_terms + at.slot(p) * (BwdRecord::kBytes / 4));
+  for (int i = threadIdx.x; i < BwdRecord::kBytes / 16; i += NT) dst[i] = reinterpret_cast<const uint4*>(rec)[i];
+}
+
+// Shared-memory carve (bytes from a 1024-aligned base): the chunk's record, kStages stream slots of
+// 8 KB (a tile: 64 rows × 128 bytes), then the resident X rows (DX / 64 blocks of 64 rows × 128 bytes).
 struct BwdSm90Smem : SwizzledCarve {
   static constexpr int kL = 128, kBM = 64, kBX = 64, kBN = 64, kThreads = 128, kStages = 4;
-  static constexpr int kRows = kBM;  // the gate preparation's view: rows per CTA
-  static constexpr int kRowLog = 0, kRowD = kRowLog + 8 * kBM, kRowScale = kRowD + 8 * kBM,
-                       kLam = kRowScale + 4 * kBM, kIota = kLam + 8 * kL, kScan = kIota + 8 * kL,
-                       kColLog = kScan + 8 * kL, kKeyLogHi = kColLog + 8 * kL, kQueryLog = kKeyLogHi + 8 * kBM,
-                       kGatesEnd = kQueryLog + 8 * kL;
-  static constexpr int kSlot = 64 * 128, kXBlk = kBM * 128;
-  static constexpr int kStream = (kGatesEnd + 1023) / 1024 * 1024, kX = kStream + kStages * kSlot;
+  static constexpr int kRec = 0, kSlot = 64 * 128, kXBlk = kBM * 128;
+  static constexpr int kStream = (kRec + BwdRecord::kBytes + 1023) / 1024 * 1024, kX = kStream + kStages * kSlot;
   // dynamic shared memory for a contraction dimension DX: the carve plus alignment slack
   __host__ __device__ static constexpr int bytes(int DX) { return kX + (DX / kBX) * kXBlk + 1024; }
   static_assert(kBX * 2 == 128 && kBN * 2 == 128, "blocks are whole 128-byte swizzle rows");
   static_assert(kThreads == 128 && kBM == 64 && kL == 2 * kBM, "one warpgroup, half a chunk");
+  static_assert(kL == BwdRecord::kL && kBM == BwdRecord::kHalf, "the record's halves are the CTAs' rows");
 
   __device__ __forceinline__ char* slot(int i) const { return base + kStream + (i % kStages) * kSlot; }
   __device__ __forceinline__ char* x(int b) const { return base + kX + b * kXBlk; }
-  __device__ __forceinline__ float2* row_log() const { return at<float2>(kRowLog); }
-  __device__ __forceinline__ double* row_d() const { return at<double>(kRowD); }
-  __device__ __forceinline__ float* row_scale() const { return at<float>(kRowScale); }
-  __device__ __forceinline__ double* lam() const { return at<double>(kLam); }
-  __device__ __forceinline__ double* iota() const { return at<double>(kIota); }
-  // dk (dq_matched_terms): the keys' exponents per reached query half (the first over row_log) and
-  // the queries' exponents
-  __device__ __forceinline__ float2* key_log(int h) const { return h == 0 ? row_log() : at<float2>(kKeyLogHi); }
-  __device__ __forceinline__ float2* query_log() const { return at<float2>(kQueryLog); }
-  __device__ __forceinline__ double* scan() const { return at<double>(kScan); }
-  __device__ __forceinline__ float2* col_log() const { return at<float2>(kColLog); }
+  __device__ __forceinline__ char* rec() const { return base + kRec; }
+  // the record's fields (BwdRecord): per query τ, per key σ, and the keys' exponents of query half h
+  __device__ __forceinline__ const float2* query_log() const { return at<float2>(kRec + BwdRecord::kRowLog); }
+  __device__ __forceinline__ const float* query_scale() const { return at<float>(kRec + BwdRecord::kRowScale); }
+  __device__ __forceinline__ const float2* key_log(int h) const {
+    return at<float2>(kRec + BwdRecord::kColLog) + BwdRecord::kL * h;
+  }
+  __device__ __forceinline__ const float* key_scale() const { return at<float>(kRec + BwdRecord::kKeyScale); }
 };
 
 // Grid: 2 row halves × NC chunk slots × B·NH, flattened, row halves fastest; three CTAs per SM
@@ -135,18 +194,15 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
       load_sw128_async<T, Sm::kThreads>(slot, D + i64(x0) * DZ + n0, DZ, Sm::kBX, Sm::kBX);
     }
   };
-  // the first kStages − 1 tiles are in flight during the gate preparation
+  // the chunk's gate record, then the first kStages − 1 tiles: the record lands with tile 0
+  {
+    const char* rec = reinterpret_cast<const char*>(p.gate_terms + at.slot(p) * (BwdRecord::kBytes / 4));
+    for (int k = tid; k < BwdRecord::kBytes / 16; k += Sm::kThreads) cp_async16(sm.rec() + 16 * k, rec + 16 * k, true);
+  }
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     issue(i);
     cp_async_commit();
-  }
-  if constexpr (kCausal) {
-    causal_terms<Gate>(p, sm, at, r0);
-  } else if constexpr (kDK) {
-    dq_matched_terms<Gate>(p, sm, at, r0);
-  } else {
-    anticausal_terms<Gate>(p, sm, at, r0);
   }
 
   const bool ok_lo = r0 + row_lo < Lc, ok_hi = r0 + row_hi < Lc;
@@ -181,20 +237,23 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
       fence_regs(S0);
       fence_regs(S1);
     }
-    // dk: the exponents of dq (per reached query half for the keys), so that P is dq's P bit for bit
-    const float2* col_log = kDK ? sm.query_log() : sm.col_log();
+    // W from the record: dq's rows are queries (their half's key exponents), dk's and dv's are keys
+    // (their exponents in each query half they reach, against every query's row exponent)
     if (h_lo == 0) {
-      const float2* rl = kDK ? sm.key_log(0) : sm.row_log();
-      bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, col_log, rl[row_lo], rl[row_hi], r0 + row_lo, r0 + row_hi, t, Lc, P);
+      const float2 *cl = kCausal ? sm.key_log(rt) : sm.query_log(), *rl = kCausal ? sm.query_log() : sm.key_log(0);
+      bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, cl, rl[r0 + row_lo], rl[r0 + row_hi], r0 + row_lo, r0 + row_hi, t,
+                                              Lc, P);
     }
     if (h_hi == 1) {
-      const float2* rl = kDK ? sm.key_log(1) : sm.row_log();
-      bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, col_log, rl[row_lo], rl[row_hi], r0 + row_lo, r0 + row_hi, t, Lc, P);
+      const float2 *cl = kCausal ? sm.key_log(rt) : sm.query_log(), *rl = kCausal ? sm.query_log() : sm.key_log(1);
+      bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, cl, rl[r0 + row_lo], rl[r0 + row_hi], r0 + row_lo, r0 + row_hi, t,
+                                               Lc, P);
     }
   }
 
   // ---- phase 2: output blocks ----------------------------------------------------------------------
-  const float sc_lo = sm.row_scale()[row_lo], sc_hi = sm.row_scale()[row_hi];
+  const float* scale = kCausal ? sm.query_scale() : sm.key_scale();
+  const float sc_lo = scale[r0 + row_lo], sc_hi = scale[r0 + row_hi];
   T* out;
   i64 ldo;
   if constexpr (kDQ) {

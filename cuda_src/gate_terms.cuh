@@ -8,7 +8,7 @@
 //   causal_terms, anticausal_terms
 //                         the row and column exponents of the backward roles (the sm80 chunk
 //                         kernels and the Hopper backward);
-//   dq_matched_terms      the Hopper dk kernel's exponents, the bits dq forms;
+//   key_scales            the keys' inter-chunk factors ā (also the Hopper backward's record);
 //   FusedTerms            the per-chunk record that carries them to the fused forward and the
 //                         segment combine.
 #pragma once
@@ -136,9 +136,8 @@ template <typename Gate>
 __device__ __forceinline__ float query_factor(const Params& p, const ChunkAt& at, int tau) {
   return Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, tau)] + p.eps) : p.scale;
 }
-// dq's row exponent of query τ: (p_r − M_τ)·log2e + log2 fac_τ, split. The operations are pinned
-// (one explicit fma, no contraction left to the compiler), so that the dk kernel, which forms the
-// same exponents (dq_matched_terms), gets the same bits.
+// dq's row exponent of query τ: (p_r − M_τ)·log2e + log2 fac_τ, split (one explicit fma: the same
+// bits wherever it is compiled).
 __device__ __forceinline__ float2 causal_row_log(double pr, double M, float fac) {
   return split(__fma_rn(pr - M, double(kLog2e), double(log2f(fac))));
 }
@@ -168,6 +167,17 @@ __device__ __forceinline__ void causal_terms(const Params& p, const Sm& sm, cons
   __syncthreads();
 }
 
+// The keys' inter-chunk factors ā_σ = exp(R_σ + ι_σ − m^(c+1)) of rows σ = r0 + r (0 past Lc) into
+// row_scale[r], from prepare_anticausal's row_d and iota (Sm as there, with row_scale()).
+template <typename Gate, typename Sm>
+__device__ __forceinline__ void key_scales(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
+  const double m_next = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 1)]) : 0.0;
+  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
+    const int s = r0 + r;
+    sm.row_scale()[r] = s < at.Lc ? expf(float(sm.row_d()[r] + sm.iota()[s] - m_next)) : 0.f;
+  }
+}
+
 // Row and column gate terms of the anti-causal roles:
 //   row_log[r] = (ι_σ − P_σ)·log2e,  row_scale[r] = ā_σ = exp(R_σ + ι_σ − m^(c+1)),
 //   col_log[u] = (P_u − M_u)·log2e + log2(s / (N_u + ε))      (log terms split hi/lo).
@@ -176,16 +186,10 @@ template <typename Gate, typename Sm>
 __device__ __forceinline__ void anticausal_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
   constexpr int BM = Sm::kRows, NT = Sm::kThreads;
   prepare_anticausal<Gate>(p, sm, at, r0, at.Lc);
-  const double m_next = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 1)]) : 0.0;
+  key_scales<Gate>(p, sm, at, r0);
   for (int r = threadIdx.x; r < BM; r += NT) {
     const int s = r0 + r;
-    if (s < at.Lc) {
-      sm.row_log()[r] = split((sm.iota()[s] - sm.scan()[s]) * double(kLog2e));
-      sm.row_scale()[r] = expf(float(sm.row_d()[r] + sm.iota()[s] - m_next));
-    } else {
-      sm.row_log()[r] = make_float2(neg_inf(), 0.f);
-      sm.row_scale()[r] = 0.f;
-    }
+    sm.row_log()[r] = s < at.Lc ? split((sm.iota()[s] - sm.scan()[s]) * double(kLog2e)) : make_float2(neg_inf(), 0.f);
   }
   for (int u = r0 + threadIdx.x; u < at.Lc; u += NT) {
     const double M = query_max<Gate>(p, at, u);
@@ -193,34 +197,6 @@ __device__ __forceinline__ void anticausal_terms(const Params& p, const Sm& sm, 
     sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + double(log2f(fac)));
   }
   __syncthreads();
-}
-
-// The dk role's gate terms in dq's exponents (docs/math.md §12.1): the pair terms' row sums (per
-// key, from dk) and column sums (per query, from dq) cancel in the gate kernel's suffix sums only if
-// both kernels round the same products P = W ⊙ dS, so dk forms W from the exponents dq forms, bit for
-// bit. For the CTA's rows σ = r0 + r (keys) and every query half h it reaches (h >= r0 / 64): dq's
-// preparation anchored at 64h (prepare_causal, the same code on the same inputs), the keys' column
-// exponents κ_σ of that anchor into key_log(h)[r], and the queries' row exponents (causal_row_log) into
-// query_log()[τ]. row_scale (ā_σ, the inter-chunk term) as in anticausal_terms. Sm: a shared-memory view
-// as for anticausal_terms with key_log(h) and query_log(); ends synchronised.
-template <typename Gate, typename Sm>
-__device__ __forceinline__ void dq_matched_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
-  constexpr int BM = Sm::kRows, NT = Sm::kThreads;
-  static_assert(BM == 64, "query halves of 64 rows, as dq's CTAs");
-  anticausal_terms<Gate>(p, sm, at, r0);  // row_scale; its exponents are replaced below
-  const int Lc = at.Lc;
-  for (int h = r0 / BM; h * BM < Lc; ++h) {
-    const int q0 = h * BM, Tend = min(q0 + BM, Lc);
-    prepare_causal<Gate>(p, sm, at, q0, Tend, Lc);  // as dq's CTA h: κ in col_log, p_r in row_d
-    for (int r = threadIdx.x; r < BM; r += NT) {
-      const int s = r0 + r, tau = q0 + r;
-      sm.key_log(h)[r] = s < Tend ? sm.col_log()[s] : make_float2(neg_inf(), 0.f);
-      sm.query_log()[tau] = tau < Tend ? causal_row_log(sm.row_d()[r], query_max<Gate>(p, at, tau),
-                                                        query_factor<Gate>(p, at, tau))
-                                       : make_float2(neg_inf(), 0.f);
-    }
-    __syncthreads();
-  }
 }
 
 // The per-chunk record stage 0b (fused_terms_kernel) writes for the fused forward: everything

@@ -84,11 +84,14 @@ SEGMENT_FIXED_COST = 4.0
 #: dimension DX (bwd_sm90_smem_bytes; checked against the C++ constants like FUSED_FWD).
 BWD_SM90 = {"tfla::BwdSm90Smem::kL": 128, "tfla::BwdSm90Smem::kBX": 64, "tfla::BwdSm90Smem::kBN": 64,
             "tfla::BwdSm90Smem::kThreads": 128, "tfla::BwdSm90Smem::kStages": 4,
-            "tfla::BwdSm90Smem::bytes(0)": 40_960, "tfla::BwdSm90Smem::kXBlk": 8_192}
+            "tfla::BwdSm90Smem::bytes(0)": 37_888, "tfla::BwdSm90Smem::kXBlk": 8_192,
+            "tfla::BwdRecord::kBytes": 4_096}
 BWD_SM90_L = BWD_SM90["tfla::BwdSm90Smem::kL"]
 BWD_SM90_BLOCK = BWD_SM90["tfla::BwdSm90Smem::kBN"]
 assert BWD_SM90["tfla::BwdSm90Smem::kBX"] == BWD_SM90_BLOCK
 BWD_SM90_THREADS = BWD_SM90["tfla::BwdSm90Smem::kThreads"]
+#: bytes of one chunk's gate record of the Hopper backward, written by its pre-pass bwd_terms_sm90_kernel
+BWD_SM90_RECORD_BYTES = BWD_SM90["tfla::BwdRecord::kBytes"]
 #: The Hopper reverse dC pass (cuda_src/bwd_dstates_sm90.cuh, struct BwdDStatesSm90Smem): one
 #: warpgroup per 64 × 64 block of dC, its copy-stream depth and dynamic shared memory. It covers
 #: what BWD_SM90 covers (the same chunk size and 64-wide blocks).
@@ -381,6 +384,11 @@ def bwd_walk_sm90_kernel(mma: str, gate: str, parts: int):
     return kernel_name("bwd_walk_sm90_kernel", STORAGE_TYPE[mma], gate, str(parts))
 
 
+def bwd_terms_sm90_kernel(gate: str):
+    """The Hopper backward's pre-pass: every chunk's gate record (BwdRecord), read by dq, dk and dv."""
+    return kernel_name("bwd_terms_sm90_kernel", gate)
+
+
 def walk_terms_kernel(gate: str):
     """The fused backward's pre-pass: every chunk's gate record (WalkRecord)."""
     return kernel_name("walk_terms_kernel", gate)
@@ -457,7 +465,7 @@ def all_instantiations():
                 names += [bwd_walk_sm90_kernel(mma, gate, parts) for parts in BWD_WALK_PARTS]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
-                          segment_combine_kernel(gate), walk_terms_kernel(gate)]
+                          segment_combine_kernel(gate), walk_terms_kernel(gate), bwd_terms_sm90_kernel(gate)]
         if mma == "MmaF32":
             names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
         out[mma] = names

@@ -1,9 +1,10 @@
 """The GPU backward (docs/math.md §6): the chunk-boundary states again unless the forward kept
 them → dq (and the per-token gate terms of the queries) → the reverse dC pass (and the per-chunk
 term) → dk, dv (and the gate terms of the keys) → the gate gradients di, df from those terms
-(the direct form of docs/math.md §12.1). On Hopper, where they cover the call, dq, dk, dv and the dC pass are the
-wgmma kernels (bwd_chunk_sm90, bwd_dstates_sm90) and the state recompute is the fused
-forward's states mode; elsewhere the sm80 kernels. With TFLA_CUPY_BWD_WALK=1, where the fused
+(the direct form of docs/math.md §12.1). On Hopper, where they cover the call, dq, dk, dv and the dC
+pass are the wgmma kernels (bwd_chunk_sm90, bwd_dstates_sm90; dq, dk and dv read one gate record per
+chunk that a pre-pass, bwd_terms_sm90, writes first) and the state recompute is the fused forward's
+states mode; elsewhere the sm80 kernels. With TFLA_CUPY_BWD_WALK=1, where the fused
 backward covers a Hopper call (family.backward_walk), one kernel (bwd_walk_sm90) replaces dq, the
 dC pass, dk and dv: the states → the walk → the gate gradients.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from .. import _arrays, _tma
 from .._types import MLSTMGrads, MLSTMState
-from ..config import WALK_RECORD_BYTES
+from ..config import BWD_SM90_RECORD_BYTES, WALK_RECORD_BYTES
 from . import family, launch
 from .fwd import out_or_new, recompute_states
 from .operands import F32, operand, sequence_operand
@@ -80,6 +81,8 @@ def _arena(g, kind, kept):
             parts.append(("m_states", g.BH * g.NM * 4))
         if kind == "walk":
             parts.append(("walk_terms", g.BH * g.NC * WALK_RECORD_BYTES))
+        elif kind == "sm90":
+            parts.append(("gate_record", g.BH * g.NC * BWD_SM90_RECORD_BYTES))
         arena = g.specs[key] = launch.Arena(parts)
     return arena
 
@@ -123,6 +126,9 @@ def backward(ctx, dh, dC_last, *, out=None):
             launch.walk_sm90(g)(params(C_states=C_states, m_states=m_states, gate_terms=parts["walk_terms"], dq=dq,
                                        dk=dk, dv=dv, dC0=dC0, **terms))
         else:
+            if hopper:  # every chunk's gate record, which dq, dk and dv read
+                launch.terms_sm90(g)(params(m_states=m_states, gate_terms=parts["gate_record"]))
+                terms["gate_terms"] = parts["gate_record"]
             token_grads("bwd_dq")(params(C_states=C_states, m_states=m_states, dq=dq, **terms))
             dC_states = parts["states"]   # over the chunk states unless the forward kept them
             # (B_c reads C^(c) from the slot it then overwrites with dC^(c+1), unless the forward kept them)

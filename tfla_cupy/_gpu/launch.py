@@ -20,7 +20,7 @@ from ..config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD
                       BWD_WALK_BV, BWD_WALK_SMEM_BYTES, BWD_WALK_THREADS, ELEMENT_BYTES, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
                       FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, SEG_COMBINE_THREADS,
                       STEP_NM_THREADS, STEP_THREADS, THREADS, bwd_chunk_sm90_kernel, bwd_dstates_sm90_kernel,
-                      bwd_sm90_smem_bytes, bwd_walk_sm90_kernel, walk_terms_kernel, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
+                      bwd_sm90_smem_bytes, bwd_terms_sm90_kernel, bwd_walk_sm90_kernel, walk_terms_kernel, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
                       fused_fwd_kernel, fused_terms_kernel, gates_kernel, segment_combine_kernel, seq_table_kernel,
                       state_kernels, step_kernel, step_lanes, step_nm_kernel)
 from .operands import F32, cdiv, strides
@@ -273,6 +273,13 @@ def chunk_sm90(g, role):
     DX = g.p.DK if role == "RoleDV" else g.p.DV
     return LaunchSpec(_loader.get_kernel(bwd_chunk_sm90_kernel(g.mma, g.gate, role)), 2 * g.NC * g.BH,
                       BWD_SM90_THREADS, bwd_sm90_smem_bytes(DX))
+
+
+@_memo
+def terms_sm90(g):
+    """The Hopper backward's pre-pass: one CTA per chunk slot and batch·head writes the chunk's gate
+    record, which dq, dk and dv read."""
+    return LaunchSpec(_loader.get_kernel(bwd_terms_sm90_kernel(g.gate)), g.NC * g.BH, BWD_SM90_THREADS)
 
 
 @_memo
