@@ -219,7 +219,8 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     from config.FUSED_FWD, bshd views in place, no chunk states unless kept — and the backward
     recomputes the states (unless kept) with the fused kernel's states mode (two CTAs per SM), takes
     dq, dk, dv from the Hopper chunk kernel (one CTA per half chunk, chunk slot and head, owning
-    every output column; the gate terms: W from dq, pair sums from dk) and dC from the Hopper reverse pass (one CTA per
+    every output column; the gate terms: W from dq, pair sums from dk; the weights from one gate record
+    per chunk, written first by bwd_terms_sm90) and dC from the Hopper reverse pass (one CTA per
     64 × 64 block of dC, sequence and head, its tiles by tensor maps of q and dh in place)."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
@@ -269,9 +270,16 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
         assert [e[0] for e in sm90] == [config.bwd_chunk_sm90_kernel("MmaBF16", "tfla::GateExp", role)
                                         for role in ("RoleDQ", "RoleDK", "RoleDV")]
         NC = int(sm90[0][3]["NC"])
+        # the gate record: one CTA per chunk slot writes it before dq; dq, dk and dv read the same one
+        (tname, tgrid, tblock, tp, tsmem), = _by_kernel(launches, "bwd_terms_sm90_kernel")
+        assert tname == config.bwd_terms_sm90_kernel("tfla::GateExp")
+        assert (tgrid, tblock, tsmem) == (NC * NH, config.BWD_SM90_THREADS, 0)  # (B = 1, packed)
+        assert [e[0] for e in launches].index(tname) < [e[0] for e in launches].index(sm90[0][0])
+        assert int(tp["gate_a"]) != 0 and int(tp["m_states"]) == int(sm90[0][3]["m_states"])
         for (name, grid, block, p, smem), DX in zip(sm90, (DV, DV, DK)):
             assert (grid, block, smem) == (2 * NC * NH, config.BWD_SM90_THREADS, config.bwd_sm90_smem_bytes(DX)), name
             assert int(p["gate_a"]) != 0 and int(p["seq_table"]) != 0
+            assert int(p["gate_terms"]) == int(tp["gate_terms"]) != 0, name
         gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
         # one part each: q·dq from dq, the keys' pair sums and E from dk
         assert (int(gates["q_parts"]), int(gates["k_parts"])) == (1, 1)
