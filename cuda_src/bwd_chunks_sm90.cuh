@@ -22,7 +22,8 @@
 //   phase 2, per 64-column output block n of Z:  D_{n,b} for every b, then Z_{n,h} per reached half
 //            acc (+)= X_b · D_{n,b}    inter-chunk term (D K-major or MN-major as the role stores it)
 //            acc ← row_scale ⊙ acc   (dk: its dot with the CTA's rows R of k, E_σ = k_σ·acc_σ^inter)
-//            acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major)
+//            acc += P_h · Z_{n,h}   (wgmma, A from registers, B MN-major; dq, dk: P and its rounding
+//                                    residual Plo, so the pair products carry twice the dtype's digits)
 //            and the output block's 64 columns leave (dq / dk: their dots with R, q_τ·dq_τ, k_σ·dk_σ).
 // The gate gradients' per-token terms (docs/math.md §12.1): dq writes q_τ·dq_τ = W_τ + Σ_σ Z_τσ, dk
 // Σ_τ Z_τσ = k_σ·dk_σ − E_σ and E_σ, where Z_τσ = P_τσ (q_τ·k_σ) are the pair terms. Their row sums
@@ -216,7 +217,10 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
   };
 
   // ---- phase 1: scores, then P = W ⊙ S --------------------------------------------------------------
-  u32 P[8][4];
+  // dq, dk: P + Plo, the pair products to twice the compute dtype's digits, so that the gate terms
+  // (dots of the accumulators) are not P's rounding
+  constexpr bool kResidual = kTerms;
+  u32 P[8][4], Plo[8][4];
   {
     float S0[32], S1[32];
 #pragma unroll
@@ -241,13 +245,13 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
     // (their exponents in each query half they reach, against every query's row exponent)
     if (h_lo == 0) {
       const float2 *cl = kCausal ? sm.key_log(rt) : sm.query_log(), *rl = kCausal ? sm.query_log() : sm.key_log(0);
-      bwd_p_half<T, kCausal, KeyHalf::kLow>(S0, cl, rl[r0 + row_lo], rl[r0 + row_hi], r0 + row_lo, r0 + row_hi, t,
-                                              Lc, P);
+      bwd_p_half_parts<T, kCausal, KeyHalf::kLow, kResidual>(S0, cl, rl[r0 + row_lo], rl[r0 + row_hi], r0 + row_lo,
+                                                             r0 + row_hi, t, Lc, P, Plo);
     }
     if (h_hi == 1) {
       const float2 *cl = kCausal ? sm.key_log(rt) : sm.query_log(), *rl = kCausal ? sm.query_log() : sm.key_log(1);
-      bwd_p_half<T, kCausal, KeyHalf::kHigh>(S1, cl, rl[r0 + row_lo], rl[r0 + row_hi], r0 + row_lo, r0 + row_hi, t,
-                                               Lc, P);
+      bwd_p_half_parts<T, kCausal, KeyHalf::kHigh, kResidual>(S1, cl, rl[r0 + row_lo], rl[r0 + row_hi], r0 + row_lo,
+                                                              r0 + row_hi, t, Lc, P, Plo);
     }
   }
 
@@ -289,8 +293,7 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
   float inter_lo = 0.f, inter_hi = 0.f;  // dk: the same of the inter-chunk term alone, E_σ = k_σ·dk_σ^inter
   for (int n = 0; n < nN; ++n) {
     const int n0 = n * Sm::kBN, i0 = n1 + n * per_n;
-    u32 xs[8][2];  // dq / dk: the block's columns of R, in flight during the products
-    if constexpr (kTerms) load_rows(xs, n0);
+    u32 xs[8][2];  // dq / dk: the block's columns of R, loaded where a dot needs them (registers are short)
     float acc[32];
     for (int b = 0; b < nXb; ++b) {  // acc = X · D_n
       next_tile(i0 + b);
@@ -303,21 +306,28 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
     }
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[e] *= (e & 2) ? sc_hi : sc_lo;
-    if constexpr (kDK) row_dots(inter_lo, inter_hi, acc, xs);
+    if constexpr (kDK) {
+      load_rows(xs, n0);
+      row_dots(inter_lo, inter_hi, acc, xs);
+    }
     for (int hh = 0; hh < nh; ++hh) {  // acc += P_h · Z_{n,h}
       next_tile(i0 + nXb + hh);
       fence_regs(acc);
       fence_regs(P);
+      if constexpr (kResidual) fence_regs(Plo);
       wgmma_fence();
       if (h_lo + hh == 0) {
         bwd_pz_products<T, KeyHalf::kLow>(acc, P, sm.slot(i0 + nXb + hh));
+        if constexpr (kResidual) bwd_pz_products<T, KeyHalf::kLow>(acc, Plo, sm.slot(i0 + nXb + hh));
       } else {
         bwd_pz_products<T, KeyHalf::kHigh>(acc, P, sm.slot(i0 + nXb + hh));
+        if constexpr (kResidual) bwd_pz_products<T, KeyHalf::kHigh>(acc, Plo, sm.slot(i0 + nXb + hh));
       }
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(acc);
       fence_regs(P);
+      if constexpr (kResidual) fence_regs(Plo);
     }
 
     // the block's 64 columns of dq / dk / dv
@@ -327,7 +337,10 @@ __global__ void __launch_bounds__(BwdSm90Smem::kThreads, 3)
       if (ok_lo) store2(o + row_lo * ldo + 8 * jj, acc[4 * jj], acc[4 * jj + 1]);
       if (ok_hi) store2(o + row_hi * ldo + 8 * jj, acc[4 * jj + 2], acc[4 * jj + 3]);
     }
-    if constexpr (kTerms) row_dots(dot_lo, dot_hi, acc, xs);
+    if constexpr (kTerms) {  // (R's block loaded here, not during the products: with Plo, no registers are left)
+      load_rows(xs, n0);
+      row_dots(dot_lo, dot_hi, acc, xs);
+    }
   }
 
   // ---- the gate gradients' per-token terms (the quad's four threads hold a row's columns) ----------

@@ -2,7 +2,8 @@
 // (bwd_chunks_sm90.cuh, bwd_walk_sm90.cuh) compose: for one warpgroup's 64 rows of a chunk of 128
 // and the two key halves (KeyHalf) of the chunk,
 //   bwd_score_products   S_h (+)= X_b · Y_{b,h}ᵀ over one 64-column block of the contraction
-//   bwd_p_half           P = W ⊙ S of one key half as A fragments in registers (triangle, chunk end)
+//   bwd_p_half           P = W ⊙ S of one key half as A fragments in registers (triangle, chunk end);
+//                        bwd_p_half_parts: also its rounding residual
 //   bwd_inter_products   acc (+)= X_b · D_b, the inter-chunk term, D K-major or MN-major
 //   bwd_pz_products      acc += P_h · Z_h, A from registers
 // Tiles are 128-byte swizzled (swizzle.cuh), 64 rows × 128 bytes; W[r][u] = exp2(row_log[r] +
@@ -15,10 +16,13 @@
 namespace tfla {
 
 // Score half h (keys 64h .. 64h + 63) of one thread's rows -> the A fragments P[4h .. 4h + 3]:
-// W ⊙ S where the triangle (u <= r causal, u >= r anti-causal) and the chunk (u < Lc) keep it.
-template <typename T, bool kCausal, KeyHalf kHalf>
-__device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* col_log, float2 rl_lo, float2 rl_hi,
-                                           int row_lo, int row_hi, int t, int Lc, u32 (&P)[8][4]) {
+// W ⊙ S where the triangle (u <= r causal, u >= r anti-causal) and the chunk (u < Lc) keep it. With
+// kResidual, also its rounding residual W ⊙ S − P in the compute dtype into Plo (the same layout):
+// P + Plo carries W ⊙ S to about twice the dtype's digits.
+template <typename T, bool kCausal, KeyHalf kHalf, bool kResidual>
+__device__ __forceinline__ void bwd_p_half_parts(const float (&S)[32], const float2* col_log, float2 rl_lo,
+                                                 float2 rl_hi, int row_lo, int row_hi, int t, int Lc, u32 (&P)[8][4],
+                                                 u32 (&Plo)[8][4]) {
   constexpr int h = int(kHalf);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
@@ -32,7 +36,17 @@ __device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* c
     const int kk = 4 * h + (j >> 1), hh = (j & 1) * 2;
     P[kk][hh] = pack2<T>(w[0], w[1]);
     P[kk][hh + 1] = pack2<T>(w[2], w[3]);
+    if constexpr (kResidual) {
+      const float2 a = unpack2<T>(P[kk][hh]), b = unpack2<T>(P[kk][hh + 1]);
+      Plo[kk][hh] = pack2<T>(w[0] - a.x, w[1] - a.y);
+      Plo[kk][hh + 1] = pack2<T>(w[2] - b.x, w[3] - b.y);
+    }
   }
+}
+template <typename T, bool kCausal, KeyHalf kHalf>
+__device__ __forceinline__ void bwd_p_half(const float (&S)[32], const float2* col_log, float2 rl_lo, float2 rl_hi,
+                                           int row_lo, int row_hi, int t, int Lc, u32 (&P)[8][4]) {
+  bwd_p_half_parts<T, kCausal, kHalf, false>(S, col_log, rl_lo, rl_hi, row_lo, row_hi, t, Lc, P, P);
 }
 
 // One score half of one contraction block: S_h (+)= X_b · Y_{b,h}ᵀ (x: the CTA's 64 rows of X_b, y: the
