@@ -12,7 +12,10 @@
 //      copies that thread 0 issues on the fused forward's tensor maps (FusedMaps: q, and dh in the
 //      v slot), counted by an mbarrier; without, cp.async by every thread. The copies of the chunk
 //      kStages − 1 further back are issued;
-//   2. dC^(c+1) leaves for slot c of dC_states (compute dtype) — the dk / dv passes read it;
+//   2. dC^(c+1) leaves for slot c of dC_states (compute dtype) — the dk / dv passes read it — after
+//      each warp added its part of γ_c ⟨dC^(c+1), C^(c)⟩ (C^(c) from slot c of C_states, loaded a
+//      chunk ahead, before the write where the two share memory) to state_terms: the gate
+//      gradients' chunk term B_c;
 //   3. thread τ forms w_τ from b_τ, M_τ and N_τ, which it loaded one chunk ahead (with m^(c), g);
 //   4. dH ← w ⊙ dH in place (rows past a ragged end, of dH and Q, zeroed), then
 //      acc ← γ_c acc + Qᵀ · dH (eight m64n64k16 wgmma, both operands MN-major from shared memory).
@@ -114,12 +117,38 @@ __global__ void __launch_bounds__(BwdDStatesSm90Smem::kThreads, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[4 * j + e] = p.dC_last != nullptr ? p.dC_last[sbase + acc_at(j, e)] : 0.f;
 
+  // B_c's operand: this thread's elements of C^(c), loaded a chunk ahead (slot c − 1 still holds
+  // C^(c−1) then: this thread overwrites exactly these elements with dC^(c) one iteration later)
+  u32 c_pre[8][2];
+  auto load_state = [&](int c) {
+    if (p.state_terms == nullptr || c < 0) return;
+    const T* Cc = ptr<T>(p.C_states) + sq.chunk_slot(p, c) * p.DK * p.DV + i64(k0) * p.DV + v0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      c_pre[j][0] = *reinterpret_cast<const u32*>(Cc + acc_at(j, 0));
+      c_pre[j][1] = *reinterpret_cast<const u32*>(Cc + acc_at(j, 2));
+    }
+  };
+  load_state(nc - 1);
+
   float m_n = (Gate::kStabilized && nc > 0) ? p.m_states[sq.m_slot(p, nc)] : 0.f;  // m^(c+1)
   for (int i = 0; i < nc; ++i) {
     const int c = nc - 1 - i, Lc = sq.chunk_len(p, c);
     const i64 slot = sq.chunk_slot(p, c);
     const float m_c = m_chunk, gch = g_chunk;
-    // ---- dC^(c+1) into slot c, while chunk c's copies land --------------------------------------
+    const float gamma = expf(gch + m_c - m_n);
+    // ---- B_c's part, then dC^(c+1) into slot c, while chunk c's copies land -------------------------
+    if (p.state_terms != nullptr) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float2 lo = unpack2<T>(c_pre[j][0]), hi = unpack2<T>(c_pre[j][1]);
+        s += acc[4 * j] * lo.x + acc[4 * j + 1] * lo.y + acc[4 * j + 2] * hi.x + acc[4 * j + 3] * hi.y;
+      }
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0) p.state_terms[i64((kb * nvb + vb) * 4 + warp) * p.BH * p.NC + slot] = gamma * s;
+    }
     T* out = ptr<T>(p.dC_states) + slot * p.DK * p.DV + i64(k0) * p.DV + v0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -133,6 +162,7 @@ __global__ void __launch_bounds__(BwdDStatesSm90Smem::kThreads, 2)
       sm.w()[tid] = tid < Lc ? (Gate::kNormalize ? x / (N_tok + p.eps) : x) : 0.f;
     }
     load_chunk(c - 1);
+    load_state(c - 1);
     char* dh = sm.dh(i);
     if constexpr (kTma) {
       mbar_wait(&full[i % kStages], (i / kStages) & 1);  // chunk c's stage landed
@@ -151,7 +181,6 @@ __global__ void __launch_bounds__(BwdDStatesSm90Smem::kThreads, 2)
     scale_rows_sw128<T>(dh, dh, sm.w(), L, tid, Sm::kThreads);
     fence_async_smem();  // the generic-proxy writes (w ⊙ dH, zeroed rows; cp.async copies) visible to wgmma
     __syncthreads();
-    const float gamma = expf(gch + m_c - m_n);
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[e] *= gamma;
     fence_regs(acc);

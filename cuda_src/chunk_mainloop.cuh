@@ -123,12 +123,14 @@ struct ChunkOperands {
   const Sm& sm;
   const T *X, *Y, *Z, *D;
   const float* nvec;  // forward: n^(c) (length DX), copied block by block beside X
-  i64 ldX, ldY, ldZ;
+  const T* R;         // backward dq / dk: the rows whose products with Z weight the gate terms (q or k)
+  i64 ldX, ldY, ldZ, ldR;
   int DX, DZ, n0, r0, Lc, rows, nXb, j_lo, j_hi;
   __device__ ChunkOperands(const Sm& sm_, const T* X_, i64 ldX_, const T* Y_, i64 ldY_, const T* Z_, i64 ldZ_,
-                           const T* D_, int DX_, int DZ_, int n0_, int r0_, int Lc_, const float* nvec_ = nullptr)
-      : sm(sm_), X(X_), Y(Y_), Z(Z_), D(D_), nvec(nvec_), ldX(ldX_), ldY(ldY_), ldZ(ldZ_), DX(DX_), DZ(DZ_),
-        n0(n0_), r0(r0_), Lc(Lc_) {
+                           const T* D_, int DX_, int DZ_, int n0_, int r0_, int Lc_, const float* nvec_ = nullptr,
+                           const T* R_ = nullptr, i64 ldR_ = 0)
+      : sm(sm_), X(X_), Y(Y_), Z(Z_), D(D_), nvec(nvec_), R(R_), ldX(ldX_), ldY(ldY_), ldZ(ldZ_), ldR(ldR_), DX(DX_),
+        DZ(DZ_), n0(n0_), r0(r0_), Lc(Lc_) {
     rows = min(BM, Lc - r0);
     nXb = cdiv(DX, BX);
     j_lo = kCausal ? 0 : r0 / BL;
@@ -154,6 +156,12 @@ struct ChunkOperands {
     if (nvec != nullptr) load_tile_async<float, 1, BX, NT>(sm.nvec(), BX, nvec + x0, 0, 1, DX - x0);
     cp_async_commit();
   }
+  // The CTA's rows of R (columns n0 .. n0 + BN) into the D tile, which the inter-chunk term has
+  // finished with: the A operand of the gate terms' products R · Z_jᵀ.
+  static_assert(Tile::d_elems(int(sizeof(T))) >= BM * Sm::ldz, "the R rows must fit the D tile");
+  __device__ __forceinline__ void issue_R() const {
+    load_tile_async<T, BM, BN, NT>(sm.Ds(), Sm::ldz, R + r0 * ldR + n0, ldR, rows, DZ - n0);
+  }
   // The first requests, issued before the gate preparation so that they overlap it: groups
   // {X, D} (first contraction block) and, with X resident, {Y_jlo} and {Z_jlo}.
   __device__ __forceinline__ void prologue() const {
@@ -167,10 +175,14 @@ struct ChunkOperands {
   }
 };
 
-// Expects ops.prologue() to have been issued.
-template <typename Mma, typename Tile, typename Role, bool kRowSum, typename OnXBlock>
-__device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2],
-                                               const ChunkOperands<Mma, Tile, Role>& ops, OnXBlock&& on_x_block) {
+// Expects ops.prologue() to have been issued. kRowSum: rowsum gets the row sums of the weighted
+// scores (the forward's denominator). kZSum (backward dq / dk): zsum gets the row sums of the
+// pair terms Z = (W ⊙ S) ⊙ (R · Zᵀ) over the triangle, this CTA's columns of the contraction
+// R · Zᵀ (docs/math.md §12.1), and on_inter(acc) sees the inter-chunk term alone, scaled.
+template <typename Mma, typename Tile, typename Role, bool kRowSum, bool kZSum, typename OnXBlock, typename OnInter>
+__device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], float (&rowsum)[2], float (&zsum)[2],
+                                               const ChunkOperands<Mma, Tile, Role>& ops, OnXBlock&& on_x_block,
+                                               OnInter&& on_inter) {
   constexpr bool kCausal = Role::kCausal, kDStoredZX = Role::kDStoredZX;
   constexpr Major kDMajor = kDStoredZX ? Major::kK : Major::kMN;  // D as the B operand: [Z][X] or [X][Z]
   using T = typename Mma::T;
@@ -203,9 +215,15 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
     __syncthreads();
   }
   for_each_acc<1, FNO>([&](int, int fn, int e, int r, int) { acc[0][fn][e] *= sm.row_scale()[wrow + r]; });
+  on_inter(acc);
+  if constexpr (kZSum) {  // (lands by the first Z_j: the waits below leave at most the newest group out)
+    ops.issue_R();
+    cp_async_commit();
+  }
 
   // ---- intra-chunk term over column tiles ------------------------------------------------------
   rowsum[0] = rowsum[1] = 0.f;
+  zsum[0] = zsum[1] = 0.f;
   for (int j = j_lo; j <= j_hi; ++j) {
     const int u0 = j * BL;
     float s[1][FNS][4];
@@ -259,6 +277,12 @@ __device__ __forceinline__ void chunk_mainloop(float (&acc)[1][Tile::kFNO][4], f
       cp_async_wait<0>();
     }
     __syncthreads();
+    if constexpr (kZSum) {  // zsum[r] += Σ_u (W ⊙ S)[r][u] · Σ_z R[r][z] · Z[u][z]
+      float a[1][FNS][4];
+      zero(a);
+      warp_gemm<Mma, 1, FNS, Major::kK, Major::kK>(a, sm.Ds(), Sm::ldz, wrow, sm.Zs(), Sm::ldz, wcol_s, BN);
+      for_each_acc<1, FNS>([&](int, int fn, int e, int, int) { zsum[e >> 1] = fmaf(s[0][fn][e], a[0][fn][e], zsum[e >> 1]); });
+    }
     // acc[r][z] += Σ_u W[r][u] · Z[u][z]
     warp_gemm<Mma, 1, FNO, Major::kK, Major::kMN>(acc, sm.Ws(), Sm::ldw, wrow, sm.Zs(), Sm::ldz, wcol_o, BL);
     __syncthreads();

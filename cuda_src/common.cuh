@@ -55,6 +55,12 @@ template <> __device__ __forceinline__ u32 pack2<f16>(float lo, float hi) {
   return r;
 }
 
+// The two 16-bit values of one register (pack2's layout) as floats: low half first.
+template <typename T> __device__ __forceinline__ float2 unpack2(u32 r) {
+  const u16 lo = u16(r & 0xffffu), hi = u16(r >> 16);
+  return make_float2(to_float(T{lo}), to_float(T{hi}));
+}
+
 // Store two consecutive elements (from fp32) to global or shared memory.
 template <typename T> __device__ __forceinline__ void store2(T* p, float a, float b) {
   if constexpr (sizeof(T) == 2) {

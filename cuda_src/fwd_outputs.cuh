@@ -91,8 +91,9 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks) fwd_h_kernel
       if (part == 0) sm.row_aux()[r] += s;
     }
   };
-  float acc[1][Tile::kFNO][4], rowsum[2];
-  chunk_mainloop<Mma, Tile, RoleH, Gate::kNormalize>(acc, rowsum, ops, q_dot_n);
+  float acc[1][Tile::kFNO][4], rowsum[2], unused[2];
+  chunk_mainloop<Mma, Tile, RoleH, Gate::kNormalize, false>(acc, rowsum, unused, ops, q_dot_n,
+                                                            [](const float (&)[1][Tile::kFNO][4]) {});
 
   const int wrow = (warp / Tile::kWN) * 16, wcol = (warp % Tile::kWN) * (Tile::kBN / Tile::kWN);
   if constexpr (Gate::kNormalize) {

@@ -8,6 +8,7 @@
 //   causal_terms, anticausal_terms
 //                         the row and column exponents of the backward roles (the sm80 chunk
 //                         kernels and the Hopper backward);
+//   key_scales            the keys' inter-chunk factors ā (also the Hopper backward's record);
 //   FusedTerms            the per-chunk record that carries them to the fused forward and the
 //                         segment combine.
 #pragma once
@@ -126,6 +127,21 @@ __device__ __forceinline__ void prepare_anticausal(const Params& p, const Sm& sm
   __syncthreads();
 }
 
+// A query's stabiliser M_τ and factor fac_τ = s / (N_τ + ε) (normalized) or s.
+template <typename Gate>
+__device__ __forceinline__ double query_max(const Params& p, const ChunkAt& at, int tau) {
+  return Gate::kStabilized ? double(p.M[at.tok(p.st_M, tau)]) : 0.0;
+}
+template <typename Gate>
+__device__ __forceinline__ float query_factor(const Params& p, const ChunkAt& at, int tau) {
+  return Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, tau)] + p.eps) : p.scale;
+}
+// dq's row exponent of query τ: (p_r − M_τ)·log2e + log2 fac_τ, split (one explicit fma: the same
+// bits wherever it is compiled).
+__device__ __forceinline__ float2 causal_row_log(double pr, double M, float fac) {
+  return split(__fma_rn(pr - M, double(kLog2e), double(log2f(fac))));
+}
+
 // Row and column gate terms of the causal role dq (rows τ = r0 + r of the chunk):
 //   row_scale[r] = fac_τ · exp(b_{r0} + m^(c) + p_r − M_τ),  row_log[r] = (p_r − M_τ)·log2e + log2 fac_τ,
 // fac_τ = s / (N_τ + ε) (normalized) or s, and prepare_causal's column terms. Sm: a shared-memory
@@ -138,17 +154,28 @@ __device__ __forceinline__ void causal_terms(const Params& p, const Sm& sm, cons
   const double A0 = b_r0 + m_c;
   for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
     if (r < rows) {
-      const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, r0 + r)]) : 0.0;
-      const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, r0 + r)] + p.eps) : p.scale;
+      const double M = query_max<Gate>(p, at, r0 + r);
+      const float fac = query_factor<Gate>(p, at, r0 + r);
       const double pr = sm.row_d()[r];
       sm.row_scale()[r] = fac * expf(float(A0 + pr - M));
-      sm.row_log()[r] = split((pr - M) * double(kLog2e) + double(log2f(fac)));
+      sm.row_log()[r] = causal_row_log(pr, M, fac);
     } else {
       sm.row_scale()[r] = 0.f;
       sm.row_log()[r] = make_float2(neg_inf(), 0.f);
     }
   }
   __syncthreads();
+}
+
+// The keys' inter-chunk factors ā_σ = exp(R_σ + ι_σ − m^(c+1)) of rows σ = r0 + r (0 past Lc) into
+// row_scale[r], from prepare_anticausal's row_d and iota (Sm as there, with row_scale()).
+template <typename Gate, typename Sm>
+__device__ __forceinline__ void key_scales(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
+  const double m_next = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 1)]) : 0.0;
+  for (int r = threadIdx.x; r < Sm::kRows; r += Sm::kThreads) {
+    const int s = r0 + r;
+    sm.row_scale()[r] = s < at.Lc ? expf(float(sm.row_d()[r] + sm.iota()[s] - m_next)) : 0.f;
+  }
 }
 
 // Row and column gate terms of the anti-causal roles:
@@ -159,20 +186,14 @@ template <typename Gate, typename Sm>
 __device__ __forceinline__ void anticausal_terms(const Params& p, const Sm& sm, const ChunkAt& at, int r0) {
   constexpr int BM = Sm::kRows, NT = Sm::kThreads;
   prepare_anticausal<Gate>(p, sm, at, r0, at.Lc);
-  const double m_next = Gate::kStabilized ? double(p.m_states[at.m_slot(p, 1)]) : 0.0;
+  key_scales<Gate>(p, sm, at, r0);
   for (int r = threadIdx.x; r < BM; r += NT) {
     const int s = r0 + r;
-    if (s < at.Lc) {
-      sm.row_log()[r] = split((sm.iota()[s] - sm.scan()[s]) * double(kLog2e));
-      sm.row_scale()[r] = expf(float(sm.row_d()[r] + sm.iota()[s] - m_next));
-    } else {
-      sm.row_log()[r] = make_float2(neg_inf(), 0.f);
-      sm.row_scale()[r] = 0.f;
-    }
+    sm.row_log()[r] = s < at.Lc ? split((sm.iota()[s] - sm.scan()[s]) * double(kLog2e)) : make_float2(neg_inf(), 0.f);
   }
   for (int u = r0 + threadIdx.x; u < at.Lc; u += NT) {
-    const double M = Gate::kStabilized ? double(p.M[at.tok(p.st_M, u)]) : 0.0;
-    const float fac = Gate::kNormalize ? p.scale / (p.N[at.tok(p.st_N, u)] + p.eps) : p.scale;
+    const double M = query_max<Gate>(p, at, u);
+    const float fac = query_factor<Gate>(p, at, u);
     sm.col_log()[u] = split((sm.scan()[u] - M) * double(kLog2e) + double(log2f(fac)));
   }
   __syncthreads();

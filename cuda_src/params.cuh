@@ -7,7 +7,7 @@
 // own Strides (batch, head, token; in elements; the feature dimension contiguous), so any
 // layout, (B, NH, S, D), (B, S, NH, D) or a strided view, is read and written in place. Kernels
 // never form a token offset themselves: coords.cuh maps (sequence, head, token) to an offset.
-// Internal scratch (chunk states, gate vectors, q·dq / k·dk partials) is packed, indexed by
+// Internal scratch (chunk states, gate vectors, gate-gradient terms) is packed, indexed by
 // (batch·head, chunk slot) as described per field below.
 // A null pointer means "not present" (no initial state) or "not wanted" (no last state).
 #pragma once
@@ -54,7 +54,8 @@ struct Params {
   float* gate_b;
   float* gate_g;
   float* gate_amax;
-  // the fused Hopper forward's per-chunk records (BH, NC, FusedTerms::kFloats), stage 0b; else null
+  // per-chunk gate records (BH, NC, ·) of a Hopper kernel: the fused forward's FusedTerms (stage 0b),
+  // or the backward walk's WalkRecord (walk_terms_kernel); else null
   float* gate_terms;
   // ---- backward: dh (BH, S, DV); dC_last (BH, DK, DV) fp32 or null;
   //      dC_states (BH, NC, DK, DV) compute dtype, slot c holds dC^(c+1)
@@ -68,10 +69,15 @@ struct Params {
   float* di;
   float* df;
   float* dC0;
-  // ---- per-token partial dots of the gate gradients: (parts, BH, S) fp32 packed, one part per
-  //      DK block of the dq / dk kernels
-  float* qdq;
-  float* kdk;
+  // ---- the terms of the gate gradients' direct form (docs/math.md §12.1), fp32 packed, partial
+  //      sums the gate kernel adds in a fixed order: q_terms (q_parts, BH, S) from the dq kernel,
+  //      W_τ + Σ_{σ<=τ} Z_τσ; k_terms (2, k_parts, BH, S) from the dk kernel, Σ_{τ>=σ} Z_τσ then
+  //      E_σ (one part per DK block on sm80, one on sm90); state_terms (state_parts, BH, NC) from
+  //      the reverse dC pass, γ_c ⟨dC^(c+1), C^(c)⟩ by chunk slot (one part per warp and dC block;
+  //      null: not wanted)
+  float* q_terms;
+  float* k_terms;
+  float* state_terms;
   // ---- packed variable-length sequences (null: NSEQ = B sequences of length S). cu_seqlens
   //      (NSEQ + 1 offsets, int32 or int64) is read by seq_table_kernel only, which writes
   //      seq_table = [token offsets (NSEQ + 1) | first chunk slots (NSEQ + 1) | sequence of each
@@ -110,12 +116,13 @@ struct Params {
   int NH;       // heads
   int NSEQ;     // sequences: B, or the number of cu_seqlens intervals
   int NM;       // m-state slots per batch·head: NC + sequences per batch entry
-  int qdq_parts;
-  int kdk_parts;
+  int q_parts;
+  int k_parts;
   int seg_chunks;  // chunks per segment (0: one segment per sequence)
   int nseg;        // segments per sequence (1 without)
   float scale;  // query scale s
   float eps;    // ε of the normalizer
+  int state_parts;
 };
 
 template <typename T> __device__ __forceinline__ const T* ptr(const void* p) { return static_cast<const T*>(p); }

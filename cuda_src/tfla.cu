@@ -10,6 +10,8 @@
 //   bwd_dq/dk/dv_kernel  backward token gradients                 (bwd_chunks.cuh)
 //   bwd_chunk_sm90_kernel  Hopper backward token gradients, one role per instantiation (bwd_chunks_sm90.cuh)
 //   bwd_dstates_sm90_kernel  Hopper backward boundary-state gradients dC (bwd_dstates_sm90.cuh)
+//   bwd_walk_sm90_kernel  Hopper fused backward: the reverse dC walk with dq, dk, dv and the gate
+//                        terms of every chunk, one cluster per sequence·head (bwd_walk_sm90.cuh)
 //   bwd_gates_kernel     backward gate gradients di, df           (bwd_gates.cuh)
 //   step_kernel          one-token recurrence for inference       (step.cuh)
 //   wgmma_probe_kernel, tma_probe_kernel  the sm_90a primitives, checked by a GPU test (wgmma_probes.cuh)
@@ -25,4 +27,5 @@
 #include "fwd_fused_sm90.cuh"
 #include "bwd_chunks_sm90.cuh"
 #include "bwd_dstates_sm90.cuh"
+#include "bwd_walk_sm90.cuh"
 #include "segments.cuh"

@@ -190,7 +190,7 @@ def test_varlen_grids_and_chunk_slots(launches, cu_dtype):
                                 tfla_cupy.MLSTMState(_fake(np.zeros((N, NH, DK, DV), np.float32))))
     assert grads.d_initial_state.C.shape == (N, NH, DK, DV)
     _, grid, block, p, _ = _by_kernel(launches, "bwd_gates_kernel")[0]
-    assert grid == N * NH and block == 512 and int(p["seq_table"]) == table.data.ptr
+    assert grid == -(-NC * NH // 8) and block == 256 and int(p["seq_table"]) == table.data.ptr  # a warp per chunk slot
     _, grid, _, p, _ = _by_kernel(launches, "bwd_dstates_kernel")[0]
     assert grid == N * NH
 
@@ -219,13 +219,15 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     from config.FUSED_FWD, bshd views in place, no chunk states unless kept — and the backward
     recomputes the states (unless kept) with the fused kernel's states mode (two CTAs per SM), takes
     dq, dk, dv from the Hopper chunk kernel (one CTA per half chunk, chunk slot and head, owning
-    every output column: one q·dq / k·dk part) and dC from the Hopper reverse pass (one CTA per
+    every output column; the gate terms: W from dq, pair sums from dk; the weights from one gate record
+    per chunk, written first by bwd_terms_sm90) and dC from the Hopper reverse pass (one CTA per
     64 × 64 block of dC, sequence and head, its tiles by tensor maps of q and dh in place)."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (16, 232_448))  # 30 CTAs fill 16 SMs
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    monkeypatch.delenv(config.BWD_WALK_ENV, raising=False)  # (DV = 192: the fused backward does not cover it)
     lengths = [1, 127, 128, 129, 300]
     S, N, NH, DK, DV = sum(lengths), len(lengths), 2, 128, 192
     cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -268,17 +270,29 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
         assert [e[0] for e in sm90] == [config.bwd_chunk_sm90_kernel("MmaBF16", "tfla::GateExp", role)
                                         for role in ("RoleDQ", "RoleDK", "RoleDV")]
         NC = int(sm90[0][3]["NC"])
+        # the gate record: one CTA per chunk slot writes it before dq; dq, dk and dv read the same one
+        (tname, tgrid, tblock, tp, tsmem), = _by_kernel(launches, "bwd_terms_sm90_kernel")
+        assert tname == config.bwd_terms_sm90_kernel("tfla::GateExp")
+        assert (tgrid, tblock, tsmem) == (NC * NH, config.BWD_SM90_THREADS, 0)  # (B = 1, packed)
+        assert [e[0] for e in launches].index(tname) < [e[0] for e in launches].index(sm90[0][0])
+        assert int(tp["gate_a"]) != 0 and int(tp["m_states"]) == int(sm90[0][3]["m_states"])
         for (name, grid, block, p, smem), DX in zip(sm90, (DV, DV, DK)):
             assert (grid, block, smem) == (2 * NC * NH, config.BWD_SM90_THREADS, config.bwd_sm90_smem_bytes(DX)), name
             assert int(p["gate_a"]) != 0 and int(p["seq_table"]) != 0
+            assert int(p["gate_terms"]) == int(tp["gate_terms"]) != 0, name
         gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
-        assert int(gates["qdq_parts"]) == int(gates["kdk_parts"]) == 1
+        # one part each: q·dq from dq, the keys' pair sums and E from dk
+        assert (int(gates["q_parts"]), int(gates["k_parts"])) == (1, 1)
+        # B_c: one part per warp of each 64 × 64 dC block, written by the reverse dC pass the kernel reads
+        assert int(gates["state_parts"]) == (DK // 64) * (DV // 64) * config.BWD_DSTATES_SM90_THREADS // 32
+        assert _by_kernel(launches, "bwd_gates_kernel")[0][1] == -(-NC * NH // 8)  # a warp per chunk slot (B = 1, packed)
         assert not any("tfla::bwd_dstates_kernel" in n for n in names), names
         (name, grid, block, p, smem), = _by_kernel(launches, "bwd_dstates_sm90_kernel")
         assert name == config.bwd_dstates_sm90_kernel("MmaBF16", "tfla::GateExp", True)
         assert (grid, block, smem) == ((DK // 64) * (DV // 64) * N * NH, config.BWD_DSTATES_SM90_THREADS,
                                        config.BWD_DSTATES_SM90_SMEM_BYTES)
         assert int(p["dC_states"]) == int(_by_kernel(launches, "bwd_chunk_sm90_kernel")[1][3]["dC_states"]) != 0
+        assert int(p["state_terms"]) == int(gates["state_terms"]) != 0 and int(p["C_states"]) != 0
         qm, _, dhm = tensor_maps[-1][0]
         assert qm == (q.data.ptr, (S * NH * DK, DK, NH * DK)) and dhm[1] == (S * NH * DV, DV, NH * DV)
     # without kept states the backward recomputes them with the fused kernel in "states" mode (stage
@@ -296,6 +310,80 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
     dq = _by_kernel(launches, "bwd_chunk_sm90_kernel")[0][3]
     assert int(p["C_states"]) == int(dq["C_states"]) != 0 and int(p["m_states"]) == int(dq["m_states"]) != 0
 
+
+
+def _walk_backward(launches, monkeypatch, sms, env):
+    """A packed bshd call with DV = 256 on a Hopper device of ``sms`` SMs, its backward run with
+    TFLA_CUPY_BWD_WALK = ``env`` (None: unset); returns (launch names, the call's sizes)."""
+    from tfla_cupy import config
+    from tfla_cupy._arrays import BFLOAT16
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.setattr(_loader, "device_limits", lambda device_id: (sms, 232_448))
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    if env is None:
+        monkeypatch.delenv(config.BWD_WALK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(config.BWD_WALK_ENV, env)
+    lengths = [1, 127, 128, 129, 300]
+    S, N, NH, DK, DV = sum(lengths), len(lengths), 2, 128, 256
+    cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    rng = np.random.default_rng(5)
+    q, k = (_fake(rng.standard_normal((1, S, NH, DK)).astype(BFLOAT16)) for _ in range(2))
+    v = _fake(rng.standard_normal((1, S, NH, DV)).astype(BFLOAT16))
+    i, f = (_fake(rng.standard_normal((1, S, NH)).astype(np.float32)) for _ in range(2))
+    _, _, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd")
+    launches.clear()
+    tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
+    return [e[0] for e in launches], (N, NH, DK, DV)
+
+
+def test_hopper_plan_fused_backward_walk(launches, tensor_maps, monkeypatch):
+    """With TFLA_CUPY_BWD_WALK=1, where the fused backward covers a Hopper call (16-bit, L = 128,
+    DK = 128, DV = 64 · parts with parts in 1, 2, 4, 8), the backward is the states recompute, the
+    walk's gate-record pre-pass, one bwd_walk_sm90 launch — a cluster of DV / 64 CTAs per sequence and head, its threads and shared
+    memory from config.BWD_WALK_SM90, reading the recomputed states — and the gate kernel, which
+    adds one term part per value block and the walk's B_c parts; none of the per-stage kernels."""
+    from tfla_cupy import config
+    names, (N, NH, DK, DV) = _walk_backward(launches, monkeypatch, 16, "1")
+    families = {n.split("<")[0] for n in names}
+    assert not families & {"tfla::bwd_chunk_sm90_kernel", "tfla::bwd_dstates_sm90_kernel", "tfla::bwd_dq_kernel",
+                           "tfla::bwd_dstates_kernel"}, names
+    (name, grid, block, p, smem), = _by_kernel(launches, "bwd_walk_sm90_kernel")
+    parts = DV // 64
+    assert name == config.bwd_walk_sm90_kernel("MmaBF16", "tfla::GateExp", parts)
+    assert (grid, block, smem) == (parts * N * NH, config.BWD_WALK_THREADS, config.BWD_WALK_SMEM_BYTES)
+    rec = _by_kernel(launches, "fwd_fused_sm90_kernel")[0][3]
+    assert int(p["C_states"]) == int(rec["C_states"]) != 0 and int(p["m_states"]) == int(rec["m_states"]) != 0
+    # its pre-pass: one CTA per chunk slot writes the gate records the walk reads (in gate_terms)
+    (tname, tgrid, tblock, tp, tsmem), = _by_kernel(launches, "walk_terms_kernel")
+    assert tname == config.walk_terms_kernel("tfla::GateExp") and names.index(tname) < names.index(name)
+    assert (tgrid, tblock, tsmem) == (int(p["NC"]) * NH, config.BWD_WALK_THREADS, 0)  # (B = 1, packed)
+    assert int(tp["gate_terms"]) == int(p["gate_terms"]) != 0 and int(tp["m_states"]) == int(p["m_states"])
+    assert int(p["dC_states"]) == 0 and int(p["gate_g"]) != 0 and int(p["seq_table"]) != 0
+    assert all(int(p[nm]) != 0 for nm in ("dq", "dk", "dv", "q_terms", "k_terms", "state_terms"))
+    gates = _by_kernel(launches, "bwd_gates_kernel")[0][3]
+    assert int(gates["q_parts"]) == int(gates["k_parts"]) == int(p["q_parts"]) == int(p["k_parts"]) == parts
+    assert int(gates["state_parts"]) == int(p["state_parts"]) == (DK // 64) * parts * 4
+    for nm in ("q_terms", "k_terms", "state_terms"):
+        assert int(gates[nm]) == int(p[nm]), nm
+    assert names.index(name) < names.index(_by_kernel(launches, "bwd_gates_kernel")[0][0])
+
+
+@pytest.mark.parametrize("sms,env,walk", [(16, "0", False), (16, None, False), (16, "auto", False),
+                                          (132, "1", True)], ids=["off", "default", "auto", "on"])
+def test_hopper_plan_walk_choice(launches, tensor_maps, monkeypatch, sms, env, walk):
+    """TFLA_CUPY_BWD_WALK = "0", unset or "auto" keep the per-stage Hopper kernels (the walk's first
+    version is slower); "1" takes the walk wherever it covers the call, whatever the grid."""
+    names, _ = _walk_backward(launches, monkeypatch, sms, env)
+    families = {n.split("<")[0] for n in names}
+    assert ("tfla::bwd_walk_sm90_kernel" in families) == walk, names
+    assert ("tfla::bwd_chunk_sm90_kernel" in families) == (not walk), names
+
+
+def test_walk_env_value_is_checked(launches, tensor_maps, monkeypatch):
+    from tfla_cupy import config
+    with pytest.raises(ValueError, match=f"{config.BWD_WALK_ENV}: expected '0', '1' or 'auto', got 'yes'"):
+        _walk_backward(launches, monkeypatch, 16, "yes")
 
 def _bf16_call_inputs(rng, B, NH, S, DV, DK=128):
     """q, k, v (bf16, bhsd) and i, f (float32) as fake device arrays."""

@@ -99,12 +99,12 @@ def test_bind_equals_make_params_with_the_same_fields():
               for j, n in enumerate(POINTER_FIELDS) if j % 3}
     shared = dict(S=7, NC=3, scale=0.25, eps=1e-6)
     per_call = dict(st_q=(5, 6, 7), st_h=(8, 9, 10))
-    want = make_params(**shared, **per_call, **arrays, qdq_parts=2)
+    want = make_params(**shared, **per_call, **arrays, q_parts=2)
     base = make_params(**shared, q=arrays.get("k"), st_q=(1, 1, 1)).tobytes()  # its pointers and strides are replaced
-    got = bind(base, arrays, per_call, dict(qdq_parts=2))
+    got = bind(base, arrays, per_call, dict(q_parts=2))
     assert got.tobytes() == want.tobytes()
     addresses = {n: x.data.ptr for n, x in arrays.items()}
-    assert bind(base, addresses, per_call, dict(qdq_parts=2)).tobytes() == want.tobytes()
+    assert bind(base, addresses, per_call, dict(q_parts=2)).tobytes() == want.tobytes()
     try:
         bind(base, {}, None, dict(no_such_field=1))
     except KeyError as e:

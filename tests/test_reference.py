@@ -332,3 +332,26 @@ def test_sig_chunkwise_ignores_m0(rng):
     h_ref, *_ = recurrent.fwd_recurrent(**x, C0=C0, n0=n0, m0=m0, **opts)
     h, *_ = chunkwise.fwd(**x, C0=C0, n0=n0, m0=m0, L=shape.L, **opts)
     assert rel_err(h, h_ref) <= TOL_EXACT
+
+
+@pytest.mark.parametrize("gate,normalize", GATE_PARAMS)
+@pytest.mark.parametrize("L,parts", [(16, 1), (16, 3), (32, 2)])
+def test_reverse_walk_equals_the_stages(rng, gate, normalize, L, parts):
+    """chunkwise.bwd_walk (the fused backward's reverse walk, value columns in parts) gives the
+    stages' dq, dk, dv and dC0, and its gate terms (bwd_gates_walk) the identity's di, df, in
+    float64, with an initial state, a last-state gradient and a ragged last chunk."""
+    shape = Shape(2, 2, 75, 8, 6, L)
+    x = random_inputs(rng, shape, f_offset=1.0)
+    C0, n0, m0 = random_state(rng, shape, gate)
+    dh = rng.standard_normal((2, 2, 75, 6))
+    dC_last = rng.standard_normal((2, 2, 8, 6))
+    opts = dict(L=L, scale=8 ** -0.5, eps=1e-6, normalize=normalize)
+    q, k, v, i, f = (x[n] for n in "qkvif")
+    want = chunkwise.bwd(q, k, v, i, f, C0, n0, m0, dh, dC_last, gate=gate, **opts)
+    h, N, M, (C, n, m) = chunkwise.fwd(q, k, v, i, f, C0, n0, m0, gate=gate, **opts)
+    log_i, log_f = log_gates(i, f, gate)
+    dq, dk, dv, dC0, terms = chunkwise.bwd_walk(q, k, v, log_i, log_f, C, m, N, M, dh, dC_last, parts=parts, **opts)
+    di, df = chunkwise.bwd_gates_walk(terms, i, f, gate=gate, L=L)
+    for name, got, ref in zip(("dq", "dk", "dv", "di", "df", "dC0"), (dq, dk, dv, di, df, dC0), want):
+        assert rel_err(got, ref) < 1e-12, name
+    assert terms["q_terms"].shape == (parts, 2, 2, 75) and terms["k_terms"].shape == (2, parts, 2, 2, 75)

@@ -25,13 +25,13 @@ FIELDS = (
     ("gate_a", _PTR), ("gate_b", _PTR), ("gate_g", _PTR), ("gate_amax", _PTR), ("gate_terms", _PTR),
     ("dh", _PTR), ("dC_last", _PTR), ("dC_states", _PTR),
     ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("di", _PTR), ("df", _PTR), ("dC0", _PTR),
-    ("qdq", _PTR), ("kdk", _PTR),
+    ("q_terms", _PTR), ("k_terms", _PTR), ("state_terms", _PTR),
     ("cu_seqlens", _PTR), ("seq_table", _PTR), ("seg_C", _PTR), ("seg_n", _PTR), ("seg_m", _PTR),
     *((f"st_{n}", STRIDES_DTYPE) for n in SEQUENCE_TENSORS),
     ("BH", _INT), ("S", _INT), ("DK", _INT), ("DV", _INT), ("L", _INT), ("NC", _INT),
     ("NH", _INT), ("NSEQ", _INT), ("NM", _INT),
-    ("qdq_parts", _INT), ("kdk_parts", _INT), ("seg_chunks", _INT), ("nseg", _INT),
-    ("scale", _FLOAT), ("eps", _FLOAT),
+    ("q_parts", _INT), ("k_parts", _INT), ("seg_chunks", _INT), ("nseg", _INT),
+    ("scale", _FLOAT), ("eps", _FLOAT), ("state_parts", _INT),
 )
 
 PARAMS_DTYPE = np.dtype([(n, t) for n, t in FIELDS], align=True)

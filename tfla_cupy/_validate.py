@@ -11,12 +11,11 @@ import numpy as np
 
 from . import _arrays
 from ._types import MLSTMContext, MLSTMState
-from .config import KernelConfig, default_chunk_size
+from .config import MAX_CHUNK, MIN_CHUNK, KernelConfig, default_chunk_size
 from .reference.gates import GATE_SPECS, GATES  # the one gate specification
 
 PRECISIONS = ("default", "tf32")
 LAYOUTS = ("bhsd", "bshd")
-MIN_CHUNK, MAX_CHUNK = 16, 1024
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,12 @@ STORAGE_TYPE = {"MmaBF16": "tfla::bf16", "MmaF16": "tfla::f16", "MmaF32": "float
 
 #: Threads per CTA of the fixed-size kernels (C++ constants; tests/test_config.py compiles
 #: static_asserts that the two sides agree).
-THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateThreads": 512,
+THREADS = {"tfla::kStepThreads": 256, "tfla::kStepNmThreads": 128, "tfla::kGateThreads": 256,
            "tfla::kChunkGateThreads": 128, "tfla::kSeqTableThreads": 1024, "tfla::kSegCombineThreads": 256}
+
+#: Chunk sizes: powers of two from MIN_CHUNK to MAX_CHUNK (the range the kernels are built and
+#: tested for; the gate preparations keep a chunk's log gates in shared memory, L doubles each).
+MIN_CHUNK, MAX_CHUNK = 16, 1024
 
 
 #: The Hopper forward (cuda_src/fwd_fused_sm90.cuh, struct FusedFwdSmem): the chunk size and
@@ -80,11 +84,14 @@ SEGMENT_FIXED_COST = 4.0
 #: dimension DX (bwd_sm90_smem_bytes; checked against the C++ constants like FUSED_FWD).
 BWD_SM90 = {"tfla::BwdSm90Smem::kL": 128, "tfla::BwdSm90Smem::kBX": 64, "tfla::BwdSm90Smem::kBN": 64,
             "tfla::BwdSm90Smem::kThreads": 128, "tfla::BwdSm90Smem::kStages": 4,
-            "tfla::BwdSm90Smem::bytes(0)": 39_936, "tfla::BwdSm90Smem::kXBlk": 8_192}
+            "tfla::BwdSm90Smem::bytes(0)": 37_888, "tfla::BwdSm90Smem::kXBlk": 8_192,
+            "tfla::BwdRecord::kBytes": 4_096}
 BWD_SM90_L = BWD_SM90["tfla::BwdSm90Smem::kL"]
 BWD_SM90_BLOCK = BWD_SM90["tfla::BwdSm90Smem::kBN"]
 assert BWD_SM90["tfla::BwdSm90Smem::kBX"] == BWD_SM90_BLOCK
 BWD_SM90_THREADS = BWD_SM90["tfla::BwdSm90Smem::kThreads"]
+#: bytes of one chunk's gate record of the Hopper backward, written by its pre-pass bwd_terms_sm90_kernel
+BWD_SM90_RECORD_BYTES = BWD_SM90["tfla::BwdRecord::kBytes"]
 #: The Hopper reverse dC pass (cuda_src/bwd_dstates_sm90.cuh, struct BwdDStatesSm90Smem): one
 #: warpgroup per 64 × 64 block of dC, its copy-stream depth and dynamic shared memory. It covers
 #: what BWD_SM90 covers (the same chunk size and 64-wide blocks).
@@ -96,6 +103,28 @@ assert BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBK"] == BWD_DSTATES_SM90["tf
     == BWD_SM90_BLOCK
 BWD_DSTATES_SM90_THREADS = BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kThreads"]
 BWD_DSTATES_SM90_SMEM_BYTES = BWD_DSTATES_SM90["tfla::BwdDStatesSm90Smem::kBytes"]
+
+#: The fused Hopper backward (cuda_src/bwd_walk_sm90.cuh, struct BwdWalkSm90Smem): one cluster of
+#: DV / kBV CTAs per sequence·head walks the chunks in reverse with dC on chip. Chunk size, DK, the
+#: value block per CTA, threads, the largest cluster and its dynamic shared memory.
+BWD_WALK_SM90 = {"tfla::BwdWalkSm90Smem::kL": 128, "tfla::BwdWalkSm90Smem::kDK": 128,
+                 "tfla::BwdWalkSm90Smem::kBV": 64, "tfla::BwdWalkSm90Smem::kThreads": 256,
+                 "tfla::BwdWalkSm90Smem::kMaxParts": 8, "tfla::BwdWalkSm90Smem::kBytes": 210_944,
+                 "tfla::WalkRecord::kBytes": 5_120}
+BWD_WALK_L = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kL"]
+BWD_WALK_DK = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kDK"]
+BWD_WALK_BV = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kBV"]
+BWD_WALK_THREADS = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kThreads"]
+BWD_WALK_SMEM_BYTES = BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kBytes"]
+#: bytes of one chunk's gate record of the walk, written by its pre-pass walk_terms_kernel
+WALK_RECORD_BYTES = BWD_WALK_SM90["tfla::WalkRecord::kBytes"]
+#: The cluster sizes (value blocks per sequence·head) instantiated: DV = 64, 128, 256, 512.
+BWD_WALK_PARTS = (1, 2, 4, 8)
+assert max(BWD_WALK_PARTS) <= BWD_WALK_SM90["tfla::BwdWalkSm90Smem::kMaxParts"]
+#: Environment variable that turns the fused backward on ("1", wherever it covers the call). The
+#: default ("auto", or "0") keeps the per-stage kernels: measured on an H100 (2026-12-07, main shape,
+#: docs/performance.md history "walk v1") the first version of the walk is 1.9× slower.
+BWD_WALK_ENV = "TFLA_CUPY_BWD_WALK"
 
 
 def bwd_sm90_smem_bytes(DX: int) -> int:
@@ -173,6 +202,19 @@ def bwd_sm90_unsupported(mma: str, DK: int, DV: int, L: int):
         return f"its backward is built for chunk_size {BWD_SM90_L}, got {L}"
     if DK % BWD_SM90_BLOCK or DV % BWD_SM90_BLOCK:
         return f"its backward needs DK and DV multiples of {BWD_SM90_BLOCK}, got DK = {DK}, DV = {DV}"
+    return None
+
+
+def bwd_walk_unsupported(mma: str, DK: int, DV: int, L: int):
+    """None when the fused Hopper backward covers (mma, DK, DV, L), else the reason it does not."""
+    if mma not in ("MmaBF16", "MmaF16"):
+        return "it needs bfloat16 or float16 inputs (float32 and TF32 stay on the sm80 family)"
+    if L != BWD_WALK_L:
+        return f"it is built for chunk_size {BWD_WALK_L}, got {L}"
+    if DK != BWD_WALK_DK:
+        return f"it is built for DK = {BWD_WALK_DK}, got {DK}"
+    if DV % BWD_WALK_BV or DV // BWD_WALK_BV not in BWD_WALK_PARTS:
+        return f"it needs DV in {tuple(BWD_WALK_BV * n for n in BWD_WALK_PARTS)}, got {DV}"
     return None
 
 
@@ -337,6 +379,21 @@ def bwd_dstates_sm90_kernel(mma: str, gate: str, tma: bool):
     return kernel_name("bwd_dstates_sm90_kernel", STORAGE_TYPE[mma], gate, "true" if tma else "false")
 
 
+def bwd_walk_sm90_kernel(mma: str, gate: str, parts: int):
+    """The fused Hopper backward for DV = parts · BWD_WALK_BV (a cluster of ``parts`` CTAs)."""
+    return kernel_name("bwd_walk_sm90_kernel", STORAGE_TYPE[mma], gate, str(parts))
+
+
+def bwd_terms_sm90_kernel(gate: str):
+    """The Hopper backward's pre-pass: every chunk's gate record (BwdRecord), read by dq, dk and dv."""
+    return kernel_name("bwd_terms_sm90_kernel", gate)
+
+
+def walk_terms_kernel(gate: str):
+    """The fused backward's pre-pass: every chunk's gate record (WalkRecord)."""
+    return kernel_name("walk_terms_kernel", gate)
+
+
 def segment_combine_kernel(gate: str):
     return kernel_name("segment_combine_kernel", gate)
 
@@ -404,9 +461,11 @@ def all_instantiations():
             if bwd_sm90_unsupported(mma, BWD_SM90_BLOCK, BWD_SM90_BLOCK, BWD_SM90_L) is None:
                 names += [bwd_chunk_sm90_kernel(mma, gate, role) for role in BWD_ROLES]
                 names += [bwd_dstates_sm90_kernel(mma, gate, tma) for tma in (True, False)]
+            if bwd_walk_unsupported(mma, BWD_WALK_DK, BWD_WALK_BV, BWD_WALK_L) is None:
+                names += [bwd_walk_sm90_kernel(mma, gate, parts) for parts in BWD_WALK_PARTS]
             if mma == "MmaF32":
                 names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
-                          segment_combine_kernel(gate)]
+                          segment_combine_kernel(gate), walk_terms_kernel(gate), bwd_terms_sm90_kernel(gate)]
         if mma == "MmaF32":
             names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
         out[mma] = names

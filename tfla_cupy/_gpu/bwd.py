@@ -1,14 +1,19 @@
 """The GPU backward (docs/math.md §6): the chunk-boundary states again unless the forward kept
-them → dq (and the per-token q·dq) → the reverse dC pass → dk, dv (and k·dk) → the gate
-gradients di, df. On Hopper, where they cover the call, dq, dk, dv and the dC pass are the
-wgmma kernels (bwd_chunk_sm90, bwd_dstates_sm90) and the state recompute is the fused
-forward's states mode; elsewhere the sm80 kernels.
+them → dq (and the per-token gate terms of the queries) → the reverse dC pass (and the per-chunk
+term) → dk, dv (and the gate terms of the keys) → the gate gradients di, df from those terms
+(the direct form of docs/math.md §12.1). On Hopper, where they cover the call, dq, dk, dv and the dC
+pass are the wgmma kernels (bwd_chunk_sm90, bwd_dstates_sm90; dq, dk and dv read one gate record per
+chunk that a pre-pass, bwd_terms_sm90, writes first) and the state recompute is the fused forward's
+states mode; elsewhere the sm80 kernels. With TFLA_CUPY_BWD_WALK=1, where the fused
+backward covers a Hopper call (family.backward_walk), one kernel (bwd_walk_sm90) replaces dq, the
+dC pass, dk and dv: the states → the walk → the gate gradients.
 """
 
 from __future__ import annotations
 
 from .. import _arrays, _tma
 from .._types import MLSTMGrads, MLSTMState
+from ..config import BWD_SM90_RECORD_BYTES, WALK_RECORD_BYTES
 from . import family, launch
 from .fwd import out_or_new, recompute_states
 from .operands import F32, operand, sequence_operand
@@ -34,7 +39,7 @@ def _common(g, s):
                 M=s["M"], **_saved_gates(g, s))
 
 
-def _dstates(g, hopper, params, q, dh):
+def _dstates(g, hopper, params, q, dh):  # (params: with state_terms, also C_states and state_parts)
     """The reverse dC pass (dC_states, and dC0 where given) on the Hopper kernel (bulk tensor
     copies where q and dh take tensor maps, else cp.async) or the sm80 state kernel."""
     if not hopper:
@@ -47,24 +52,37 @@ def _dstates(g, hopper, params, q, dh):
     launch.dstates_sm90(g, tma)(params, maps)
 
 
-def _dot_parts(g, hopper):
-    """Per-token partial dots q·dq, k·dk: one per output block (one CTA owns all on sm90)."""
-    return (1, 1) if hopper else (launch.dot_parts(g, "bwd_dq"), launch.dot_parts(g, "bwd_dk"))
+def _term_parts(g, kind):
+    """Parts of the gate-gradient terms: per token from dq and dk (sm80: one per output block; sm90:
+    one each, the CTA owns every output column; the walk: one per value block), per chunk from the
+    reverse dC pass (one per warp and dC block). ``kind``: "sm80", "sm90" or "walk"."""
+    if kind == "walk":
+        q = k = launch.walk_parts(g)
+    elif kind == "sm90":
+        q, k = 1, 1
+    else:
+        q, k = launch.term_parts(g, "bwd_dq"), launch.term_parts(g, "bwd_dk")
+    return q, k, launch.state_term_parts(g, kind != "sm80")
 
 
-def _arena(g, hopper, kept):
+def _arena(g, kind, kept):
     """The backward's scratch layout (memoised in the Geometry): the chunk states (recomputed unless
-    the forward kept them) and then, in the same bytes, their gradients; the stabilisers at the
-    chunk boundaries; the per-token dots q·dq and k·dk."""
-    key = ("bwd_arena", hopper, kept)
+    the forward kept them) and then, in the same bytes, their gradients (not in the walk, whose dC
+    stays on chip); the stabilisers at the chunk boundaries; the gate-gradient terms (per token:
+    planes from dq and dk, per chunk: from the reverse dC pass)."""
+    key = ("bwd_arena", kind, kept)
     arena = g.specs.get(key)
     if arena is None:
         p = g.p
-        qdq, kdk = _dot_parts(g, hopper)
-        parts = [("states", g.BH * g.NC * p.DK * p.DV * g.e), ("qdq", qdq * g.BH * p.S * 4),
-                 ("kdk", kdk * g.BH * p.S * 4)]
+        qp, kp, sp = _term_parts(g, kind)
+        parts = [("states", g.BH * g.NC * p.DK * p.DV * g.e), ("q_terms", qp * g.BH * p.S * 4),
+                 ("k_terms", 2 * kp * g.BH * p.S * 4), ("state_terms", sp * g.BH * g.NC * 4)]
         if p.has_m and not kept:
             parts.append(("m_states", g.BH * g.NM * 4))
+        if kind == "walk":
+            parts.append(("walk_terms", g.BH * g.NC * WALK_RECORD_BYTES))
+        elif kind == "sm90":
+            parts.append(("gate_record", g.BH * g.NC * BWD_SM90_RECORD_BYTES))
         arena = g.specs[key] = launch.Arena(parts)
     return arena
 
@@ -83,8 +101,10 @@ def backward(ctx, dh, dC_last, *, out=None):
         dC_last = None if dC_last is None else operand(dC_last)
         params = g.binder(**_common(g, s), dh=dh, dC_last=dC_last, C_last=s["C_last"])
         hopper = family.backward(p, s["cfg"], s["mma"], device) == "sm90"
+        walk = hopper and family.backward_walk(p, s["mma"])
+        kind = "walk" if walk else ("sm90" if hopper else "sm80")
         kept = s["C_states"] is not None
-        scratch, parts = _arena(g, hopper, kept).allocate()
+        scratch, parts = _arena(g, kind, kept).allocate()
         # the chunk states and, once dq has read them, their gradients share one part
         C_states, m_states = (s["C_states"], s["m_states"]) if kept else (parts["states"], parts.get("m_states"))
         if not kept and not recompute_states(p, device, s, C_states, m_states):  # (default: saves NC·DK·DV per head)
@@ -94,22 +114,33 @@ def backward(ctx, dh, dC_last, *, out=None):
             return launch.chunk_sm90(g, _ROLES[kind]) if hopper else launch.chunk(g, kind)
 
         dq = out_or_new(out, "dq", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
-        token_grads("bwd_dq")(params(C_states=C_states, m_states=m_states, dq=dq, qdq=parts["qdq"]))
-
-        dC_states = parts["states"]   # over the chunk states unless the forward kept them
+        q_parts, k_parts, state_parts = _term_parts(g, kind)
+        terms = dict(q_terms=parts["q_terms"], k_terms=parts["k_terms"], state_terms=parts["state_terms"],
+                     q_parts=q_parts, k_parts=k_parts, state_parts=state_parts)
         dC0 = out_or_new(out, "dC0", lambda: cp.empty((p.NSEQ, p.NH, p.DK, p.DV), F32)) if p.has_initial_state else None
-        _dstates(g, hopper, params(m_states=m_states, dC_states=dC_states, dC0=dC0), s["q"], dh)
         dk = out_or_new(out, "dk", lambda: cp.empty(p.seq_shape(p.DK), p.dtype))
         dv = out_or_new(out, "dv", lambda: cp.empty(p.seq_shape(p.DV), p.dtype))
-        rec = params(m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, kdk=parts["kdk"])
-        token_grads("bwd_dk")(rec)
-        token_grads("bwd_dv")(rec)
+        if walk:  # every chunk's gate record, then dq, dk, dv, dC0 and every gate term in one reverse walk
+            records = params(m_states=m_states, gate_terms=parts["walk_terms"])
+            launch.walk_terms(g)(records)
+            launch.walk_sm90(g)(params(C_states=C_states, m_states=m_states, gate_terms=parts["walk_terms"], dq=dq,
+                                       dk=dk, dv=dv, dC0=dC0, **terms))
+        else:
+            if hopper:  # every chunk's gate record, which dq, dk and dv read
+                launch.terms_sm90(g)(params(m_states=m_states, gate_terms=parts["gate_record"]))
+                terms["gate_terms"] = parts["gate_record"]
+            token_grads("bwd_dq")(params(C_states=C_states, m_states=m_states, dq=dq, **terms))
+            dC_states = parts["states"]   # over the chunk states unless the forward kept them
+            # (B_c reads C^(c) from the slot it then overwrites with dC^(c+1), unless the forward kept them)
+            _dstates(g, hopper, params(C_states=C_states, m_states=m_states, dC_states=dC_states, dC0=dC0, **terms),
+                     s["q"], dh)
+            rec = params(m_states=m_states, dC_states=dC_states, dk=dk, dv=dv, **terms)
+            token_grads("bwd_dk")(rec)
+            token_grads("bwd_dv")(rec)
 
         di = out_or_new(out, "di", lambda: cp.empty(p.seq_shape(), F32))
         df = out_or_new(out, "df", lambda: cp.empty(p.seq_shape(), F32))
-        qdq_parts, kdk_parts = _dot_parts(g, hopper)
-        launch.gates_grad(g)(params(qdq=parts["qdq"], kdk=parts["kdk"], di=di, df=df, qdq_parts=qdq_parts,
-                                    kdk_parts=kdk_parts))
+        launch.gates_grad(g)(params(di=di, df=df, **terms))
         del scratch  # the stream orders its reuse after the kernels
         di_dtype, df_dtype = s["dtypes"]
         di, df = di.astype(di_dtype, copy=False), df.astype(df_dtype, copy=False)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from .. import _loader, _tma
-from ..config import (ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, bwd_sm90_unsupported,
-                      fused_fwd_unsupported, pick_config)
+from ..config import (BWD_WALK_ENV, ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV,
+                      bwd_sm90_unsupported, bwd_walk_unsupported, fused_fwd_unsupported, pick_config)
 
 
 def config(problem, mma, device):
@@ -81,3 +81,15 @@ def backward(problem, cfg, mma, device):
     both; the state recompute follows the forward's family."""
     p = problem
     return choose(cfg, device, bwd_sm90_unsupported(mma, p.DK, p.DV, p.chunk_size))
+
+
+def backward_walk(problem, mma):
+    """Whether a backward on the sm90 family runs as the fused reverse walk (bwd_walk_sm90) rather
+    than the per-stage Hopper kernels: only where the environment variable TFLA_CUPY_BWD_WALK is
+    "1" and the walk covers the call (bwd_walk_unsupported). Its default ("auto", or "0") is off:
+    the walk's first version is slower than the per-stage kernels (config.BWD_WALK_ENV)."""
+    p = problem
+    want = os.environ.get(BWD_WALK_ENV, "auto") or "auto"
+    if want not in ("0", "1", "auto"):
+        raise ValueError(f"{BWD_WALK_ENV}: expected '0', '1' or 'auto', got {want!r}")
+    return want == "1" and bwd_walk_unsupported(mma, p.DK, p.DV, p.chunk_size) is None

@@ -17,10 +17,10 @@ import numpy as np
 from .. import _arrays, _loader, _tma
 from .._params import POINTER_FIELDS, SEQUENCE_TENSORS, bind, make_params
 from ..config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD_SM90_BLOCK, BWD_SM90_THREADS,
-                      ELEMENT_BYTES, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
+                      BWD_WALK_BV, BWD_WALK_SMEM_BYTES, BWD_WALK_THREADS, ELEMENT_BYTES, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
                       FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, SEG_COMBINE_THREADS,
                       STEP_NM_THREADS, STEP_THREADS, THREADS, bwd_chunk_sm90_kernel, bwd_dstates_sm90_kernel,
-                      bwd_sm90_smem_bytes, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
+                      bwd_sm90_smem_bytes, bwd_terms_sm90_kernel, bwd_walk_sm90_kernel, walk_terms_kernel, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
                       fused_fwd_kernel, fused_terms_kernel, gates_kernel, segment_combine_kernel, seq_table_kernel,
                       state_kernels, step_kernel, step_lanes, step_nm_kernel)
 from .operands import F32, cdiv, strides
@@ -191,8 +191,9 @@ def chunk_gates(g):
 
 @_memo
 def gates_grad(g):
-    """Backward stage 3: di, df, one CTA per sequence·head walking it backwards."""
-    return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), g.p.NSEQ * g.p.NH, THREADS["tfla::kGateThreads"])
+    """Backward stage 3: di, df from the direct form's terms, one warp per chunk slot and batch·head."""
+    warps = THREADS["tfla::kGateThreads"] // 32  # one warp per chunk slot and batch·head
+    return LaunchSpec(_loader.get_kernel(gates_kernel(g.gate)), -(-g.NC * g.BH // warps), THREADS["tfla::kGateThreads"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,9 +222,18 @@ def chunk(g, kind):
                       t.smem_bytes(g.e, p.chunk_size))
 
 
-def dot_parts(g, kind):
-    """Per-token partial dots q·dq / k·dk an sm80 chunk kernel writes: one per output block."""
+def term_parts(g, kind):
+    """Parts of the per-token gate-gradient terms an sm80 dq / dk kernel writes: one per output block."""
     return cdiv(g.p.DK, getattr(g.cfg, kind).bn)
+
+
+def state_term_parts(g, hopper):
+    """Parts of the chunk term B_c the reverse dC pass writes: one per warp and dC block."""
+    p = g.p
+    if hopper:
+        return (p.DK // BWD_SM90_BLOCK) * (p.DV // BWD_SM90_BLOCK) * (BWD_DSTATES_SM90_THREADS // 32)
+    t = g.cfg.states
+    return cdiv(p.DK, t.bk) * cdiv(p.DV, t.bv) * (t.threads // 32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -266,6 +276,13 @@ def chunk_sm90(g, role):
 
 
 @_memo
+def terms_sm90(g):
+    """The Hopper backward's pre-pass: one CTA per chunk slot and batch·head writes the chunk's gate
+    record, which dq, dk and dv read."""
+    return LaunchSpec(_loader.get_kernel(bwd_terms_sm90_kernel(g.gate)), g.NC * g.BH, BWD_SM90_THREADS)
+
+
+@_memo
 def dstates_sm90(g, tma):
     """The Hopper reverse dC pass: one warpgroup per 64 × 64 block of dC and sequence·head; tiles
     by bulk tensor copies (``tma``) or cp.async. It takes a tensor-map record either way."""
@@ -273,6 +290,27 @@ def dstates_sm90(g, tma):
     grid = (p.DK // BWD_SM90_BLOCK) * (p.DV // BWD_SM90_BLOCK) * p.NSEQ * p.NH
     return LaunchSpec(_loader.get_kernel(bwd_dstates_sm90_kernel(g.mma, g.gate, tma)), grid,
                       BWD_DSTATES_SM90_THREADS, BWD_DSTATES_SM90_SMEM_BYTES, True)
+
+
+def walk_parts(g):
+    """Value blocks of the fused Hopper backward: CTAs per cluster, and parts of its gate terms."""
+    return g.p.DV // BWD_WALK_BV
+
+
+@_memo
+def walk_sm90(g):
+    """The fused Hopper backward: one cluster of walk_parts CTAs (one 64-column value block each)
+    per sequence·head walks the chunks in reverse."""
+    p = g.p
+    parts = walk_parts(g)
+    return LaunchSpec(_loader.get_kernel(bwd_walk_sm90_kernel(g.mma, g.gate, parts)), parts * p.NSEQ * p.NH,
+                      BWD_WALK_THREADS, BWD_WALK_SMEM_BYTES)
+
+
+@_memo
+def walk_terms(g):
+    """The walk's pre-pass: one CTA per chunk slot and batch·head writes the chunk's gate record."""
+    return LaunchSpec(_loader.get_kernel(walk_terms_kernel(g.gate)), g.NC * g.BH, BWD_WALK_THREADS)
 
 
 def no_maps():

@@ -14,6 +14,8 @@ Stages (kernel of the same role in parentheses):
   bwd_dq, bwd_dk, bwd_dv                                       (backward chunk passes)
   bwd_gates    di, df from q·dq and k·dk                       (gate-gradient pass)
   gate_grad_parts, bwd_gates_direct  the same di, df from chunk-local pair sums (§12.1)
+  bwd_walk, bwd_gates_walk            dq, dk, dv, dC0 and those sums in one reverse walk over the
+                                      chunks, value columns in parts      (fused Hopper backward)
 
 The backward is the custom one of §6: N, M and every m are constants. It equals the exact
 derivative of the forward with those held fixed, which the ``*_frozen`` arguments of the
@@ -263,6 +265,74 @@ def bwd_gates_direct(parts, i, f, *, gate, L):
         d_log_f[..., sl] = R[..., sl] + w_suffix + parts["B"][..., c, None] + e_prefix
     d_i, d_f = d_log_gates(i, f, gate)
     return (parts["Zc"] + E) * d_i, d_log_f * d_f
+
+
+def bwd_walk(q, k, v, log_i, log_f, C, m, N, M, dh, dC_last, *, L, scale, eps, normalize, parts=1):
+    """The fused backward's reverse walk (the Hopper kernel bwd_walk_sm90, docs/architecture.md):
+    one pass over the chunks of a sequence from the last, dC^(c+1) carried from chunk to chunk,
+    every token gradient of chunk c formed beside it. The value columns are cut into ``parts``
+    equal blocks (one CTA each on the GPU): a part owns its columns of dC, dv and Ĝ, v, and adds
+    its share of everything that sums over the value columns (dq, dk, the pair terms Z, the dots
+    W and E); dq and dk are those shares summed in part order. In chunk c and part j, with the
+    weights P = exp(D̃ − M) (zero above the diagonal) and A = s·q·kᵀ:
+
+        dP_j = Ĝ_j v_jᵀ,  Z_j = P ⊙ dP_j ⊙ A
+        dq += s (P ⊙ dP_j) k + s β̄ Ĝ_j C_jᵀ           dk += s (P ⊙ dP_j)ᵀ q + ā v_j dC_jᵀ
+        dv_j = (P ⊙ A)ᵀ Ĝ_j + ā k dC_j
+        q_terms[j] = W_j + Σ_σ Z_j[τ, σ],  k_terms[0][j] = Σ_τ Z_j[τ, σ],  k_terms[1][j] = E_j
+    then B_c = γ_c ⟨dC^(c+1), C^(c)⟩ and dC^(c) = γ_c dC^(c+1) + Σ_τ s β̄_τ q_τ Ĝ_τᵀ.
+
+    C, m: boundary states and stabilizers (NC + 1 slots, as fwd returns them). Returns dq, dk,
+    dv, dC0 and the gate terms (q_terms (parts, ..., S), k_terms (2, parts, ..., S), B (..., NC)),
+    which bwd_gates_walk turns into di, df."""
+    S, DV = dh.shape[-2], dh.shape[-1]
+    if DV % parts:
+        raise ValueError(f"parts: expected a divisor of DV = {DV}, got {parts}")
+    cols = [slice(j * DV // parts, (j + 1) * DV // parts) for j in range(parts)]
+    G = scaled_dh(dh, N, eps=eps, normalize=normalize)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.empty(v.shape)
+    q_terms, k_terms = np.empty((parts,) + q.shape[:-1]), np.empty((2, parts) + q.shape[:-1])
+    slices = chunk_slices(S, L)
+    B = np.empty(q.shape[:-2] + (len(slices),))
+    dC = np.zeros(q.shape[:-2] + (q.shape[-1], DV)) if dC_last is None else np.asarray(dC_last, dtype=np.float64)
+    for c in reversed(range(len(slices))):
+        sl = slices[c]
+        P, Gc, _, beta_bar, a_bar = _chunk_backward_tiles(q, k, v, log_i, log_f, m, N, M, dh, c, sl,
+                                                          scale=scale, eps=eps, normalize=normalize)
+        qc, kc = q[..., sl, :], k[..., sl, :]
+        A = scale * np.einsum("...tk,...sk->...ts", qc, kc)
+        _, g, _ = chunk_gate_vectors(log_i[..., sl], log_f[..., sl])
+        gamma = np.exp(g + m[..., c] - m[..., c + 1])
+        B[..., c] = gamma * np.einsum("...kv,...kv->...", dC, C[..., c, :, :])
+        for j, cj in enumerate(cols):
+            Gj, vj, dCj, Cj = Gc[..., cj], v[..., sl, cj], dC[..., :, cj], C[..., c, :, cj]
+            dS = scale * P * np.einsum("...tv,...sv->...ts", Gj, vj)
+            Z = dS * A / scale
+            dq_inter = (scale * beta_bar)[..., None] * np.einsum("...tv,...kv->...tk", Gj, Cj)
+            dk_inter = a_bar[..., None] * np.einsum("...kv,...sv->...sk", dCj, vj)
+            dq[..., sl, :] += dS @ kc + dq_inter
+            dk[..., sl, :] += np.swapaxes(dS, -1, -2) @ qc + dk_inter
+            dv[..., sl, cj] = np.swapaxes(P * A, -1, -2) @ Gj + a_bar[..., None] * np.einsum("...kv,...sk->...sv", dCj, kc)
+            q_terms[j][..., sl] = np.einsum("...tk,...tk->...t", qc, dq_inter) + Z.sum(-1)
+            k_terms[0, j][..., sl] = Z.sum(-2)
+            k_terms[1, j][..., sl] = np.einsum("...sk,...sk->...s", kc, dk_inter)
+        dC = gamma[..., None, None] * dC + np.einsum("...t,...tk,...tv->...kv", scale * beta_bar, qc, Gc)
+    return dq, dk, dv, dC, dict(q_terms=q_terms, k_terms=k_terms, B=B)
+
+
+def bwd_gates_walk(terms, i, f, *, gate, L):
+    """di, df from bwd_walk's terms, as the gate kernel forms them (docs/math.md §12.1): with the
+    parts summed, Q_τ = W_τ + Σ_{σ<=τ} Z_τσ, Zc_σ = Σ_{τ>=σ} Z_τσ, for t in chunk c
+
+        dι_t = Zc_t + E_t,      dλ_t = Σ_{τ >= t} (Q_τ − Zc_τ) + B_c + Σ_{σ < t} E_σ   (sums inside the chunk)"""
+    Q = terms["q_terms"].sum(0)
+    Zc, E = terms["k_terms"].sum(1)
+    d_log_f = np.empty(Q.shape)
+    for c, sl in enumerate(chunk_slices(Q.shape[-1], L)):
+        suffix = np.flip(np.cumsum(np.flip(Q[..., sl] - Zc[..., sl], -1), -1), -1)
+        d_log_f[..., sl] = suffix + terms["B"][..., c, None] + np.cumsum(E[..., sl], -1) - E[..., sl]
+    d_i, d_f = d_log_gates(i, f, gate)
+    return (Zc + E) * d_i, d_log_f * d_f
 
 
 def bwd(q, k, v, i, f, C0, n0, m0, dh, dC_last, *, gate, normalize, L, eps, scale, floor=ROW_MAX_FLOOR):
