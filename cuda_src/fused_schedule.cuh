@@ -1,5 +1,5 @@
-// tfla_cupy — the tile scheduler of the Hopper forward kernels (fwd_fused_sm90.cuh,
-// fwd_ws_sm90.cuh): a work item is (segment, sequence·head, DV block), and a persistent grid
+// tfla_cupy — the tile scheduler of the Hopper forward (fwd_fused_sm90.cuh and any kernel that
+// walks the same items): a work item is (segment, sequence·head, DV block), and a persistent grid
 // walks the items in a fixed order (docs/architecture.md, "Kernel families").
 #pragma once
 #include "coords.cuh"
