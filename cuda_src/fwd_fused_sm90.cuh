@@ -30,6 +30,7 @@
 // (tfla_cupy/config.py: fused_fwd_unsupported).
 #pragma once
 #include "coords.cuh"
+#include "fused_schedule.cuh"
 #include "gate_terms.cuh"
 #include "swizzle.cuh"
 #include "tma.cuh"
@@ -220,94 +221,472 @@ __device__ __forceinline__ void fused_p_block(const float (&D)[68], const float 
   }
 }
 
-// Work item w of a fused launch: (segment, sequence·head, DV block), DV blocks fastest (the CTAs
-// of one head run side by side and share its Q and K in L2). Segment g (segments.cuh; p.seg_chunks
-// > 0) covers chunks [g·seg_chunks, (g + 1)·seg_chunks) of its sequence, without segments all.
-struct FusedItem {
-  SeqCoords sq;
-  int vb, seg, cb, ce;  // DV block, segment, its chunks [cb, ce)
-  bool valid;           // false: a segment past a short sequence's end (nothing to do)
-  __device__ __forceinline__ FusedItem(const Params& p, int w, int nvb)
-      : FusedItem(p, w % nvb, (w / nvb) % (p.NSEQ * p.NH), w / (nvb * p.NSEQ * p.NH)) {}
-  __device__ __forceinline__ bool last() const { return ce == sq.nc; }
+// ================================================================================================
+// The fused walk in parts: its modes, the tile scheduler, the producer, the consumer's per-chunk
+// steps and the epilogue. fwd_fused_sm90_kernel below strings them together in the order of the
+// file header's steps 1-4.
+// ================================================================================================
 
- private:
-  __device__ __forceinline__ FusedItem(const Params& p, int vb_, int sh, int seg_)
-      : sq(p, sh / p.NH, sh % p.NH), vb(vb_), seg(seg_) {
-    cb = p.seg_chunks > 0 ? seg * p.seg_chunks : 0;
-    ce = p.seg_chunks > 0 ? min(cb + p.seg_chunks, sq.nc) : sq.nc;
-    valid = seg == 0 || cb < sq.nc;
+// The modes of the walk (the kernel's Mode policy; tfla_cupy/config.py: FUSED_MODES):
+//   FusedFull     the forward: segment g > 0 starts from seg_*[g − 1], only the last segment
+//                 writes the sequence's last state; chunk-boundary states when C_states is given;
+//   FusedSummary  pass 1 of segments: items of segments 0 .. nseg − 2, from the initial state
+//                 (segment 0) or the empty state, only the state recurrence — no Q, no outputs —
+//                 and the end state into seg_C / seg_n / seg_m[g];
+//   FusedStates   the backward's recompute of the chunk-boundary states: as FusedFull, but only
+//                 the state recurrence (no Q, no h, N, M) and C_states / m_states written, on the
+//                 compact carve (FusedStatesSmem), two CTAs per SM.
+struct FusedFull {
+  static constexpr bool kOutputs = true, kSummary = false, kCompact = false;
+  static constexpr int kCtasPerSm = 1;
+  using Carve = FusedFwdSmem;
+};
+struct FusedSummary {
+  static constexpr bool kOutputs = false, kSummary = true, kCompact = false;
+  static constexpr int kCtasPerSm = 1;
+  using Carve = FusedFwdSmem;
+};
+struct FusedStates {
+  static constexpr bool kOutputs = false, kSummary = false, kCompact = true;  // no Q in the carve
+  static constexpr int kCtasPerSm = FusedStatesSmem::kCtasPerSm;
+  using Carve = FusedStatesSmem;
+};
+
+// ---- thread geometry ----------------------------------------------------------------------------
+
+// One thread's place in the CTA: warpgroup wg (query rows 64·wg .., state rows 64·wg ..), warp and
+// lane within it, and its two accumulator rows (rows g and g + 8 of its warp's 16, g = lane / 4;
+// columns 8j + 2t, + 1 of every 8-column block j, t = lane % 4).
+struct FusedLanes {
+  int tid, warp, lane, wg, g, t, row_lo, row_hi;
+  __device__ __forceinline__ FusedLanes() : tid(threadIdx.x), warp((tid >> 5) & 3), lane(tid & 31) {
+    wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: the wgmma branches are not divergent
+    g = lane >> 2;
+    t = lane & 3;
+    row_lo = 64 * wg + 16 * warp + g;
+    row_hi = row_lo + 8;
+  }
+  // element e of accumulator block j in a DK × DV fp32 state whose column v0 starts at base
+  __device__ __forceinline__ i64 acc_at(const Params& p, i64 base, int j, int e) const {
+    const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
+    return base + i64(r) * p.DV + col;
   }
 };
 
-// A persistent grid (at most one CTA per SM; two in the states mode) walks the items w =
-// blockIdx.x, + gridDim.x, ...; the last chunk of one item already issues the copies of the next
-// item's first chunk, so a CTA's pipeline never drains between items. kMode:
-//   kFusedFull     the forward: segment g > 0 starts from seg_*[g − 1], only the last segment
-//                  writes the sequence's last state; chunk-boundary states when C_states is given;
-//   kFusedSummary  pass 1 of segments: items of segments 0 .. nseg − 2, from the initial state
-//                  (segment 0) or the empty state, only the state recurrence — no Q, no outputs —
-//                  and the end state into seg_C / seg_n / seg_m[g];
-//   kFusedStates   the backward's recompute of the chunk-boundary states: as kFusedFull, but
-//                  only the state recurrence (no Q, no h, N, M) and C_states / m_states written.
-// The states mode runs on the compact carve (FusedStatesSmem), two CTAs per SM.
-// The kernel's template argument is the mode's number (tfla_cupy/config.py: FUSED_MODES).
-enum FusedMode : int { kFusedFull = 0, kFusedSummary = 1, kFusedStates = 2 };
-template <typename T, typename Gate, int kMode>
-__global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates ? FusedStatesSmem::kCtasPerSm : 1)
-    fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(kMode == kFusedFull || kMode == kFusedSummary || kMode == kFusedStates, "a fused mode");
-  constexpr bool kOutputs = kMode == kFusedFull, kSegSummary = kMode == kFusedSummary;
-  constexpr bool kCompact = kMode == kFusedStates;  // no Q in the carve
-  using Sm = typename FusedCarve<kCompact>::type;
-  constexpr int L = Sm::kL, DK = Sm::kDK, BV = Sm::kBV, NT = Sm::kThreads;
-  const int nvb = p.DV / BV;
-  const i64 nsh = i64(p.NSEQ) * p.NH;
-  const int items = nvb * int(nsh) * (kSegSummary ? p.nseg - 1 : p.nseg);
-  const Sm sm;
-  const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: the wgmma branches are not divergent
-  const int g = lane >> 2, t = lane & 3;
-  const int row_lo = 64 * wg + 16 * warp + g, row_hi = row_lo + 8;  // this thread's accumulator rows
-  // element e of the state accumulator Cacc in a DK × DV fp32 state whose column v0 starts at base
-  auto acc_at = [&](i64 base, int j, int e) {
-    const int r = (e & 2) ? row_hi : row_lo, col = 8 * j + 2 * t + (e & 1);
-    return base + i64(r) * p.DV + col;
-  };
+// ---- producer -----------------------------------------------------------------------------------
 
-  // Chunk c into stage s, by bulk copies that thread 0 issues and full[s] counts: Q and K as two
-  // 64-feature boxes, this CTA's V block, the chunk's gate record.
-  __shared__ __align__(8) u64 full[Sm::kStages];
-  if (tid == 0) {
-    for (int i = 0; i < Sm::kStages; ++i) mbar_init(&full[i], 1);
-  }
-  if constexpr (kOutputs) {
-    for (int idx = tid; idx < Sm::kStages * 2 * Sm::kAtom / 16; idx += NT) {  // rows 1..7 of the n atoms stay 0
-      const int atom = idx / (Sm::kAtom / 16), piece = idx % (Sm::kAtom / 16);
-      *reinterpret_cast<uint4*>(sm.nrow(atom >> 1, atom & 1) + 16 * piece) = make_uint4(0u, 0u, 0u, 0u);
+// Chunk c into stage s, by bulk copies that thread 0 issues and full[s] counts: Q (outputs only)
+// and K as two 64-feature boxes, this CTA's V block, the chunk's gate record. Rows past a ragged
+// chunk's end are zeroed once the stage has landed.
+template <typename Mode>
+struct FusedProducer {
+  using Sm = typename Mode::Carve;
+  static constexpr int kTxBytes = Mode::kOutputs || Mode::kCompact ? Sm::kStageTxBytes : Sm::kStageTxBytes - 2 * Sm::kBlk;
+  const Params& p;
+  const FusedMaps& maps;
+  const Sm& sm;
+  u64* full;  // one mbarrier per stage
+  int tid;
+
+  // the barriers; in the forward also rows 1..7 of the n atoms, which stay zero
+  __device__ __forceinline__ void init(int nt) const {
+    if (tid == 0) {
+      for (int i = 0; i < Sm::kStages; ++i) mbar_init(&full[i], 1);
+    }
+    if constexpr (Mode::kOutputs) {
+      for (int idx = tid; idx < Sm::kStages * 2 * Sm::kAtom / 16; idx += nt) {
+        const int atom = idx / (Sm::kAtom / 16), piece = idx % (Sm::kAtom / 16);
+        *reinterpret_cast<uint4*>(sm.nrow(atom >> 1, atom & 1) + 16 * piece) = make_uint4(0u, 0u, 0u, 0u);
+      }
     }
   }
-  __syncthreads();
-  auto issue = [&](const FusedItem& it_, int c, int s) {
+  __device__ __forceinline__ void issue(const FusedItem& it, int c, int s) const {
     if (tid != 0) return;
-    const SeqCoords& q = it_.sq;
-    const int tok = q.t0 + c * L;  // the chunk's first token in the tensors' token coordinate
+    const SeqCoords& q = it.sq;
+    const int tok = q.t0 + c * Sm::kL;  // the chunk's first token in the tensors' token coordinate
     auto load = [&](char* dst, const TensorMap& map, const int (&order)[3], int x) {
       tma_load_4d(dst, &map, x, map_coord(order[0], tok, q.h, q.b), map_coord(order[1], tok, q.h, q.b),
                   map_coord(order[2], tok, q.h, q.b), &full[s]);
     };
     fence_async_smem();  // the stage's last generic-proxy accesses (chunk c − 2) before the copies
-    mbar_expect_tx(&full[s], kOutputs || kCompact ? Sm::kStageTxBytes : Sm::kStageTxBytes - 2 * Sm::kBlk);
-    if constexpr (kOutputs) {
+    mbar_expect_tx(&full[s], kTxBytes);
+    if constexpr (Mode::kOutputs) {
       load(sm.q(s), maps.q, maps.order[0], 0);
       load(sm.q(s) + Sm::kBlk, maps.q, maps.order[0], 64);
     }
     load(sm.k(s, 0), maps.k, maps.order[1], 0);
     load(sm.k(s, 1), maps.k, maps.order[1], 64);
-    load(sm.v(s), maps.v, maps.order[2], it_.vb * BV);
+    load(sm.v(s), maps.v, maps.order[2], it.vb * Sm::kBV);
     bulk_load(sm.terms(s), p.gate_terms + q.chunk_slot(p, c) * FusedTerms::kFloats, Sm::kTermBytes, &full[s]);
+  }
+  // After chunk c of ``item`` (stage s): the item's next chunk, or the next item's first one, into
+  // the other stage, so that the pipeline never drains between items. True when that was the
+  // next item's.
+  __device__ __forceinline__ bool issue_next(const FusedSchedule& sched, int w, const FusedItem& item, int c,
+                                             int s) const {
+    if (c + 1 < item.ce) {
+      issue(item, c + 1, s ^ 1);
+    } else if (sched.has(sched.next(w))) {
+      const FusedItem next = sched.item(p, sched.next(w));
+      if (next.valid && next.cb < next.ce) {
+        issue(next, next.cb, s ^ 1);
+        return true;
+      }
+    }
+    return false;
+  }
+  // Chunk ``it`` of this CTA (stage it & 1) landed; rows Lc .. of a ragged chunk zeroed (they may
+  // hold the next sequence's tokens). The caller synchronises the CTA.
+  __device__ __forceinline__ void land(int it, int Lc, int nt) const {
+    const int s = it & 1;
+    mbar_wait(&full[s], (it >> 1) & 1);  // the next chunk may be in flight
+    if (Lc < Sm::kL) {
+      if constexpr (!Mode::kCompact) {
+        zero_rows_sw128(sm.q(s), Lc, Sm::kL, tid, nt);
+        zero_rows_sw128(sm.q(s) + Sm::kBlk, Lc, Sm::kL, tid, nt);
+      }
+      zero_rows_sw128(sm.k(s, 0), Lc, Sm::kL, tid, nt);
+      zero_rows_sw128(sm.k(s, 1), Lc, Sm::kL, tid, nt);
+      zero_rows_sw128(sm.v(s), Lc, Sm::kL, tid, nt);
+    }
+  }
+};
+
+// ---- the state a walk starts from and ends with -------------------------------------------------
+
+// The incoming state of ``item``: C rows 64·wg + (16·warp + g, +8), columns v0 + 8j + 2t (+1) into
+// Cacc, n into shared memory, m returned. Segment 0 starts from the initial state, a later one
+// from the empty state in summary mode, else from seg_*[g − 1].
+template <typename Gate, typename Mode, typename Sm>
+__device__ __forceinline__ float fused_state_in(const Params& p, const Sm& sm, const FusedLanes& ln,
+                                                const FusedItem& item, float (&Cacc)[32]) {
+  constexpr int DK = Sm::kDK;
+  const i64 nsh = i64(p.NSEQ) * p.NH;
+  const int seg = item.seg;
+  const float *C_in = p.C0, *n_in = p.n0, *m_in = p.m0;
+  i64 in_state = item.sq.state;
+  if (seg > 0) {
+    C_in = Mode::kSummary ? nullptr : p.seg_C;
+    n_in = Mode::kSummary ? nullptr : p.seg_n;
+    m_in = Mode::kSummary ? nullptr : p.seg_m;
+    in_state = (seg - 1) * nsh + item.sq.state;
+  }
+  const i64 in_base = in_state * DK * p.DV + item.vb * Sm::kBV;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) Cacc[4 * j + e] = C_in != nullptr ? C_in[ln.acc_at(p, in_base, j, e)] : 0.f;
+  if (ln.tid < DK) sm.nvec()[ln.tid] = (Gate::kNormalize && n_in != nullptr) ? n_in[in_state * DK + ln.tid] : 0.f;
+  return (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (Mode::kSummary && seg > 0 ? kEmptyM : 0.f);
+}
+
+// The state a walk ends with, fp32: in summary mode the segment's end state into seg_*[g]; else,
+// by the sequence's last segment, the state after its last step (C_last, n_last, m_last, and
+// the final m-state slot).
+template <typename Gate, typename Mode, typename Sm>
+__device__ __forceinline__ void fused_state_out(const Params& p, const Sm& sm, const FusedLanes& ln,
+                                                const FusedItem& item, const float (&Cacc)[32], float m) {
+  constexpr int DK = Sm::kDK;
+  const SeqCoords& sq = item.sq;
+  const int tid = ln.tid;
+  if constexpr (Mode::kSummary) {
+    const i64 out_state = item.seg * (i64(p.NSEQ) * p.NH) + sq.state, obase = out_state * DK * p.DV + item.vb * Sm::kBV;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p.seg_C[ln.acc_at(p, obase, j, e)] = Cacc[4 * j + e];
+    if (item.owns_nm() && Gate::kNormalize && tid < DK) p.seg_n[out_state * DK + tid] = sm.nvec()[tid];
+    if (item.owns_nm() && Gate::kStabilized && tid == 0) p.seg_m[out_state] = m;
+  } else if (item.last()) {
+    if (item.owns_nm() && tid == 0 && Gate::kStabilized) {
+      if (p.m_states != nullptr) p.m_states[sq.m_slot(p, sq.nc)] = m;
+      if (p.m_last != nullptr) p.m_last[sq.state] = m;
+    }
+    if (p.C_last != nullptr) {
+      const i64 cbase = i64(sq.state) * DK * p.DV + item.vb * Sm::kBV;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p.C_last[ln.acc_at(p, cbase, j, e)] = Cacc[4 * j + e];
+    }
+    if (item.owns_nm() && Gate::kNormalize && p.n_last != nullptr && tid < DK)
+      p.n_last[i64(sq.state) * DK + tid] = sm.nvec()[tid];
+  }
+}
+
+// The state entering chunk c (keep_states, and the states mode): C^(c) in the compute dtype, n and
+// m at the chunk boundary.
+template <typename T, typename Gate, typename Mode, typename Sm>
+__device__ __forceinline__ void fused_boundary_state(const Params& p, const Sm& sm, const FusedLanes& ln,
+                                                     const FusedItem& item, int c, const float (&Cacc)[32], float m) {
+  if constexpr (!Mode::kSummary) {
+    constexpr int DK = Sm::kDK;
+    const SeqCoords& sq = item.sq;
+    const i64 slot = sq.chunk_slot(p, c);
+    const int tid = ln.tid;
+    if (p.C_states != nullptr) {
+      T* Cs = ptr<T>(p.C_states) + slot * DK * p.DV + item.vb * Sm::kBV;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        store2(Cs + i64(ln.row_lo) * p.DV + 8 * j + 2 * ln.t, Cacc[4 * j], Cacc[4 * j + 1]);
+        store2(Cs + i64(ln.row_hi) * p.DV + 8 * j + 2 * ln.t, Cacc[4 * j + 2], Cacc[4 * j + 3]);
+      }
+    }
+    if (item.owns_nm() && Gate::kNormalize && p.n_states != nullptr && tid < DK) p.n_states[slot * DK + tid] = sm.nvec()[tid];
+    if (item.owns_nm() && Gate::kStabilized && p.m_states != nullptr && tid == 0) p.m_states[sq.m_slot(p, c)] = m;
+  }
+}
+
+// ---- consumer: the per-chunk step ---------------------------------------------------------------
+
+// Step 2: the chunk's gates for one thread, from the staged record and the running stabiliser m:
+// m after the chunk, the state's decay γ, ā's shift, and — in the forward — the thread's two rows
+// (M_r, the row scale s·exp(A0 + p_r − M_r) and the split row exponent; zeros past Lc).
+struct FusedChunkGates {
+  float m_next, gamma, shift;
+  float M_lo, M_hi, sc_lo, sc_hi;
+  float2 rl_lo, rl_hi;
+};
+template <typename Gate, bool kRows>
+__device__ __forceinline__ FusedChunkGates fused_chunk_gates(const Params& p, const float* tr, float m, int Lc,
+                                                             const FusedLanes& ln, double log2_scale) {
+  FusedChunkGates gt;
+  const double A0 = *reinterpret_cast<const double*>(tr + FusedTerms::kB0) + double(m);  // row 0's C^(c) weight
+  const float gch = tr[FusedTerms::kG], amax = tr[FusedTerms::kAmax];
+  gt.m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
+  gt.gamma = expf(gch + m - gt.m_next);
+  gt.shift = amax - gt.m_next;
+  auto row_terms = [&](int r, float& M_r, float& scale_r, float2& log_r) {
+    if (r < Lc) {
+      const double pr = reinterpret_cast<const double*>(tr + FusedTerms::kPr)[r];
+      double M = 0.0;
+      if constexpr (Gate::kStabilized) {
+        const double prpm = reinterpret_cast<const double*>(tr + FusedTerms::kPrPm)[r];
+        M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), prpm))));
+      }
+      M_r = float(M);
+      scale_r = p.scale * expf(float(A0 + pr - M));
+      log_r = split((pr - M) * double(kLog2e) + log2_scale);
+    } else {
+      M_r = 0.f;
+      scale_r = 0.f;
+      log_r = make_float2(neg_inf(), 0.f);
+    }
   };
+  gt.M_lo = gt.M_hi = gt.sc_lo = gt.sc_hi = 0.f;
+  gt.rl_lo = gt.rl_hi = make_float2(0.f, 0.f);
+  if constexpr (kRows) {
+    row_terms(ln.row_lo, gt.M_lo, gt.sc_lo, gt.rl_lo);
+    row_terms(ln.row_hi, gt.M_hi, gt.sc_hi, gt.rl_hi);
+  }
+  return gt;
+}
+
+// Step 2: Cᵀ and n for the first product, beside K (the state rows of warpgroup w are Cᵀ columns
+// 64w ..). stmatrix .trans: 8 × 8 blocks (j, hh) of C (rows 16·warp + 8hh + .., columns 8j + ..)
+// become 16-byte pieces of Cᵀ rows 8j + .. (lane 8i + b addresses stored row b of block i).
+template <typename T, typename Sm>
+__device__ __forceinline__ void fused_stage_state(const Sm& sm, const FusedLanes& ln, int s, const float (&Cacc)[32]) {
+  const int i = ln.lane >> 3, b = ln.lane & 7, hh = i & 1;
+#pragma unroll
+  for (int q4 = 0; q4 < 4; ++q4) {
+    const int j = 2 * q4 + (i >> 1);
+    stmatrix_x4_trans(sm.ct(s, ln.wg) + sw128_offset(8 * j + b, 16 * ln.warp + 8 * hh),
+                      pack2<T>(Cacc[8 * q4], Cacc[8 * q4 + 1]), pack2<T>(Cacc[8 * q4 + 2], Cacc[8 * q4 + 3]),
+                      pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
+  }
+  if (ln.tid < Sm::kDK)
+    *reinterpret_cast<T*>(sm.nrow(s, ln.tid >> 6) + sw128_offset(0, ln.tid & 63)) = from_float<T>(sm.nvec()[ln.tid]);
+}
+
+// Step 3, first products (issued, committed, not waited for): D = Q_w · [n; Cᵀ; K_0]ᵀ (N = 136:
+// q·n in column 0 = D[0] / D[2] of the quads' first threads, H = D[4, 36), the score block S_0 =
+// D[36, 68)) and, for warpgroup 1, S_1 = Q_w · K_1ᵀ (the upper block of warpgroup 0 is never
+// formed).
+template <typename T, typename Sm>
+__device__ __forceinline__ void fused_scores_mma(const Sm& sm, int wg, int s, float (&Cacc)[32], float (&D)[68],
+                                                 float (&S1)[32]) {
+  fence_regs(Cacc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
+    wgmma_ss_wide<T, 136>(D, da, sw128_desc(sm.nrow(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
+  }
+  if (wg == 1) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
+      wgmma_ss<T, Major::kK, Major::kK>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
+    }
+  }
+  wgmma_commit();
+}
+
+// Step 3, once the first products landed: H ← s·β̄ ⊙ H (the inter-chunk term), q·n of the
+// thread's rows, and the gated, masked scores P = exp2(row + col) ⊙ S as A fragments with their
+// row sums.
+struct FusedScores {
+  float H[32], qn_lo, qn_hi, rs_lo, rs_hi;
+  u32 P[8][4];
+};
+template <typename T>
+__device__ __forceinline__ void fused_score_tiles(const FusedLanes& ln, const FusedChunkGates& gt,
+                                                  const float2* col_log, float (&D)[68], float (&S1)[32],
+                                                  FusedScores& sc) {
+  fence_regs(D);
+  fence_regs(S1);
+#pragma unroll
+  for (int e = 0; e < 32; ++e) sc.H[e] = D[4 + e] * ((e & 2) ? gt.sc_hi : gt.sc_lo);
+  sc.qn_lo = __shfl_sync(0xffffffffu, D[0], ln.lane & ~3);
+  sc.qn_hi = __shfl_sync(0xffffffffu, D[2], ln.lane & ~3);
+  const ScoreRows score_rows{gt.rl_lo, gt.rl_hi, ln.row_lo, ln.row_hi, ln.t};
+  if (ln.wg == 0) {  // query rows 0 .. 63
+    fused_p_block<T, KeyHalf::kLow, Triangle::kDiagonal>(D, S1, col_log, score_rows, sc.rs_lo, sc.rs_hi, sc.P);
+    fused_p_block<T, KeyHalf::kHigh, Triangle::kAbove>(D, S1, col_log, score_rows, sc.rs_lo, sc.rs_hi, sc.P);
+  } else {           // query rows 64 .. 127
+    fused_p_block<T, KeyHalf::kLow, Triangle::kBelow>(D, S1, col_log, score_rows, sc.rs_lo, sc.rs_hi, sc.P);
+    fused_p_block<T, KeyHalf::kHigh, Triangle::kDiagonal>(D, S1, col_log, score_rows, sc.rs_lo, sc.rs_hi, sc.P);
+  }
+}
+
+// Step 3, second products (issued, committed, not waited for): H += P · V (A from registers, B = V
+// MN-major; keys past the warpgroup's last row skipped) in the forward, and the state update
+// C ← γ C + Kᵀ · (ā ⊙ V) (A = K MN-major, B = ā ⊙ V MN-major).
+template <typename T, typename Mode, typename Sm>
+__device__ __forceinline__ void fused_update_mma(const Sm& sm, int wg, int s, float gamma, float (&Cacc)[32],
+                                                 FusedScores& sc) {
+#pragma unroll
+  for (int e = 0; e < 32; ++e) Cacc[e] *= gamma;
+  fence_regs(Cacc);
+  if constexpr (Mode::kOutputs) {
+    fence_regs(sc.H);
+    fence_regs(sc.P);
+  }
+  wgmma_fence();
+  if constexpr (Mode::kOutputs) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
+      wgmma_rs<T, Major::kMN>(sc.H, sc.P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    wgmma_ss<T, Major::kMN, Major::kMN>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
+                                        sw128_desc_mn(sm.vw(s) + 2048 * kk, 1024), 1);
+  wgmma_commit();
+}
+
+// Step 4 (CUDA cores, beside the second products): this warp's part of Σ ā k (8 keys × 8
+// dimensions per thread, 16 keys per warp) into npart.
+template <typename T, typename Sm>
+__device__ __forceinline__ void fused_key_sum_part(const Sm& sm, const FusedLanes& ln, int s) {
+  const int tid = ln.tid, d8 = tid & 15, tg = tid >> 4;
+  const char* kb = sm.k(s, d8 >> 3);
+  float acc[8] = {};
+#pragma unroll
+  for (int uu = 0; uu < 8; ++uu) {
+    const int u = 8 * tg + uu;
+    const float w = sm.abar()[u];
+    const uint4 x = *reinterpret_cast<const uint4*>(kb + sw128_offset(u, 8 * (d8 & 7)));
+    const T* e8 = reinterpret_cast<const T*>(&x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, to_float(e8[e]), acc[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);  // the warp's two key groups
+  if (ln.lane < 16) {
+    float4* np = reinterpret_cast<float4*>(sm.npart() + (tid >> 5) * Sm::kDK + 8 * d8);
+    np[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    np[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  }
+}
+
+// Step 4: the normalizer of the thread's two rows, N = max(|s·β̄ q·n + Σ P|, e^{−M}) (N and M
+// written by the item's first DV block); returns 1 / (N + ε) in inv_lo, inv_hi.
+template <typename Gate>
+__device__ __forceinline__ void fused_normalizer(const Params& p, const FusedLanes& ln, const FusedItem& item,
+                                                 const FusedChunkGates& gt, FusedScores& sc, int Lc, int u0,
+                                                 float& inv_lo, float& inv_hi) {
+  const SeqCoords& sq = item.sq;
+  sc.rs_lo = quad_sum(sc.rs_lo);
+  sc.rs_hi = quad_sum(sc.rs_hi);
+  const float den_lo = gt.sc_lo * sc.qn_lo + sc.rs_lo, den_hi = gt.sc_hi * sc.qn_hi + sc.rs_hi;
+  const float N_lo = fmaxf(fabsf(den_lo), expf(-gt.M_lo));
+  const float N_hi = fmaxf(fabsf(den_hi), expf(-gt.M_hi));
+  inv_lo = 1.f / (N_lo + p.eps);
+  inv_hi = 1.f / (N_hi + p.eps);
+  if (item.owns_nm() && ln.t == 0) {
+    if (ln.row_lo < Lc) {
+      p.N[sq.tok(p.st_N, u0 + ln.row_lo)] = N_lo;
+      if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + ln.row_lo)] = gt.M_lo;
+    }
+    if (ln.row_hi < Lc) {
+      p.N[sq.tok(p.st_N, u0 + ln.row_hi)] = N_hi;
+      if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + ln.row_hi)] = gt.M_hi;
+    }
+  }
+}
+
+// ---- epilogue of a chunk ------------------------------------------------------------------------
+
+// h = H / (N + ε) of the warpgroup's 64 rows, through shared memory (its Cᵀ tile, free since the
+// first products) so that each row leaves in 16-byte pieces; swizzled, so without bank conflicts.
+template <typename T, typename Sm>
+__device__ __forceinline__ void fused_store_h(const Params& p, const Sm& sm, const FusedLanes& ln,
+                                              const FusedItem& item, int s, const float (&H)[32], float inv_lo,
+                                              float inv_hi, int Lc, int u0) {
+  char* hs = sm.ct(s, ln.wg);
+  const int rl = 16 * ln.warp + ln.g;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    *reinterpret_cast<u32*>(hs + sw128_offset(rl, 8 * j + 2 * ln.t)) = pack2<T>(H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
+    *reinterpret_cast<u32*>(hs + sw128_offset(rl + 8, 8 * j + 2 * ln.t)) =
+        pack2<T>(H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
+  }
+  named_barrier_sync(1 + ln.wg, 128);
+  T* Hg = ptr<T>(p.h) + item.sq.tok(p.st_h, u0) + item.vb * Sm::kBV;
+#pragma unroll
+  for (int idx = ln.tid & 127; idx < 64 * 8; idx += 128) {
+    const int r = idx >> 3, j = idx & 7;
+    if (64 * ln.wg + r < Lc)
+      *reinterpret_cast<uint4*>(Hg + i64(64 * ln.wg + r) * p.st_h.t + 8 * j) =
+          *reinterpret_cast<const uint4*>(hs + sw128_offset(r, 8 * j));
+  }
+}
+
+// n ← γ n + Σ ā k, from the warps' parts (the caller synchronised the CTA after writing them).
+template <typename Sm>
+__device__ __forceinline__ void fused_update_n(const Sm& sm, int tid, float gamma) {
+  if (tid < Sm::kDK) {
+    float sum = 0.f;
+#pragma unroll
+    for (int g8 = 0; g8 < Sm::kNparts; ++g8) sum += sm.npart()[g8 * Sm::kDK + tid];
+    sm.nvec()[tid] = gamma * sm.nvec()[tid] + sum;
+  }
+}
+
+// ---- the kernel ---------------------------------------------------------------------------------
+
+// The walk: per item its incoming state, then per chunk (steps 1-4 of the file header) the
+// producer's copies one chunk ahead, the gates, the first products (scores and the inter-chunk
+// term) beside ā ⊙ V, the score tiles, the second products (P · V and the state update) beside
+// Σ ā k and the normalizer, the outputs; at the item's end its end state.
+template <typename T, typename Gate, typename Mode>
+__global__ void __launch_bounds__(FusedFwdSmem::kThreads, Mode::kCtasPerSm)
+    fwd_fused_sm90_kernel(const Params p, const __grid_constant__ FusedMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Sm = typename Mode::Carve;
+  constexpr int L = Sm::kL, NT = Sm::kThreads;
+  const Sm sm;
+  const FusedLanes ln;
+  const int tid = ln.tid;
+  const FusedSchedule sched(p, Mode::kSummary, Sm::kBV);
+  __shared__ __align__(8) u64 full[Sm::kStages];
+  const FusedProducer<Mode> producer{p, maps, sm, full, tid};
+  producer.init(NT);
+  __syncthreads();
   const double log2_scale = double(log2f(p.scale));
 #if defined(TFLA_FUSED_CLOCKS)
   __shared__ long long clk_phase_[2][8];
@@ -320,308 +699,73 @@ __global__ void __launch_bounds__(FusedFwdSmem::kThreads, kMode == kFusedStates 
 
   int it = 0;          // chunks this CTA has walked: stage it & 1, mbarrier parity (it >> 1) & 1
   bool ahead = false;  // the current item's first chunk is already in flight
-  for (int w = blockIdx.x; w < items; w += gridDim.x) {
-    const FusedItem item(p, w, nvb);
+  for (int w = sched.first(); sched.has(w); w = sched.next(w)) {
+    const FusedItem item = sched.item(p, w);
     if (!item.valid) continue;
-    const SeqCoords& sq = item.sq;
-    const int v0 = item.vb * BV, seg = item.seg, nc = sq.nc, cb = item.cb, ce = item.ce;
-    const bool owns_nm = item.vb == 0;  // writes n, m, N, M
+    float Cacc[32];  // the state's rows of this thread (FusedLanes), fp32
+    float m = fused_state_in<Gate, Mode>(p, sm, ln, item, Cacc);
 
-    // ---- the incoming state: C rows 64·wg + (16·warp + g, +8), columns v0 + 8j + 2t (+1) ----------
-    // (segment 0: the initial state; later ones: the empty state in summary mode, else seg_*[g − 1])
-    const float *C_in = p.C0, *n_in = p.n0, *m_in = p.m0;
-    i64 in_state = sq.state;
-    if (seg > 0) {
-      C_in = kSegSummary ? nullptr : p.seg_C;
-      n_in = kSegSummary ? nullptr : p.seg_n;
-      m_in = kSegSummary ? nullptr : p.seg_m;
-      in_state = (seg - 1) * nsh + sq.state;
-    }
-    float Cacc[32];
-    const i64 cbase = i64(sq.state) * DK * p.DV + v0, in_base = in_state * DK * p.DV + v0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) Cacc[4 * j + e] = C_in != nullptr ? C_in[acc_at(in_base, j, e)] : 0.f;
-    if (tid < DK) sm.nvec()[tid] = (Gate::kNormalize && n_in != nullptr) ? n_in[in_state * DK + tid] : 0.f;
-    float m = (Gate::kStabilized && m_in != nullptr) ? m_in[in_state] : (kSegSummary && seg > 0 ? kEmptyM : 0.f);
-
-    if (!ahead && cb < ce) issue(item, cb, it & 1);
+    if (!ahead && item.cb < item.ce) producer.issue(item, item.cb, it & 1);
     ahead = false;
-    for (int c = cb; c < ce; ++c, ++it) {
-      const int s = it & 1, Lc = sq.chunk_len(p, c), u0 = c * L;
-      const i64 slot = sq.chunk_slot(p, c);
-      if (c + 1 < ce) {
-        issue(item, c + 1, s ^ 1);
-      } else if (w + int(gridDim.x) < items) {  // the next item's first chunk
-        const FusedItem next(p, w + gridDim.x, nvb);
-        if (next.valid && next.cb < next.ce) {
-          issue(next, next.cb, s ^ 1);
-          ahead = true;
-        }
-      }
+    for (int c = item.cb; c < item.ce; ++c, ++it) {
+      const int s = it & 1, Lc = item.sq.chunk_len(p, c), u0 = c * L;
+      ahead = producer.issue_next(sched, w, item, c, s);
       TFLA_FUSED_CLOCK(0);
 
-      // ---- chunk-boundary state out (keep_states) -------------------------------------------------
-      if (!kSegSummary && p.C_states != nullptr) {
-        T* Cs = ptr<T>(p.C_states) + slot * DK * p.DV + v0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          store2(Cs + i64(row_lo) * p.DV + 8 * j + 2 * t, Cacc[4 * j], Cacc[4 * j + 1]);
-          store2(Cs + i64(row_hi) * p.DV + 8 * j + 2 * t, Cacc[4 * j + 2], Cacc[4 * j + 3]);
-        }
-      }
-      if (!kSegSummary && owns_nm && Gate::kNormalize && p.n_states != nullptr && tid < DK)
-        p.n_states[slot * DK + tid] = sm.nvec()[tid];
-      if (!kSegSummary && owns_nm && Gate::kStabilized && p.m_states != nullptr && tid == 0)
-        p.m_states[sq.m_slot(p, c)] = m;
-
-      mbar_wait(&full[s], (it >> 1) & 1);  // chunk c's tiles and gate record landed (c + 1 may be in flight)
-      if (Lc < L) {  // ragged last chunk: rows past the sequence may hold the next sequence's tokens
-        if constexpr (!kCompact) {
-          zero_rows_sw128(sm.q(s), Lc, L, tid, NT);
-          zero_rows_sw128(sm.q(s) + Sm::kBlk, Lc, L, tid, NT);
-        }
-        zero_rows_sw128(sm.k(s, 0), Lc, L, tid, NT);
-        zero_rows_sw128(sm.k(s, 1), Lc, L, tid, NT);
-        zero_rows_sw128(sm.v(s), Lc, L, tid, NT);
-      }
+      fused_boundary_state<T, Gate, Mode>(p, sm, ln, item, c, Cacc, m);
+      producer.land(it, Lc, NT);
       __syncthreads();
       TFLA_FUSED_CLOCK(1);
 
-      // ---- gates: the staged record with m -> this thread's two rows, ā for the state update -------
+      // ---- gates; ā for the state update; Cᵀ and n for the first product ----
       const float* tr = sm.terms(s);
-      const double A0 = *reinterpret_cast<const double*>(tr + FusedTerms::kB0) + double(m);  // row 0's C^(c) weight
-      const float gch = tr[FusedTerms::kG], amax = tr[FusedTerms::kAmax];
-      const float m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
-      const float gamma = expf(gch + m - m_next), shift = amax - m_next;
-      // M_r, s·exp(A0 + p_r − M_r) and split((p_r − M_r) log2 e + log2 s) of row r (zeros past Lc)
-      auto row_terms = [&](int r, float& M_r, float& scale_r, float2& log_r) {
-        if (r < Lc) {
-          const double pr = reinterpret_cast<const double*>(tr + FusedTerms::kPr)[r];
-          double M = 0.0;
-          if constexpr (Gate::kStabilized) {
-            const double prpm = reinterpret_cast<const double*>(tr + FusedTerms::kPrPm)[r];
-            M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), prpm))));
-          }
-          M_r = float(M);
-          scale_r = p.scale * expf(float(A0 + pr - M));
-          log_r = split((pr - M) * double(kLog2e) + log2_scale);
-        } else {
-          M_r = 0.f;
-          scale_r = 0.f;
-          log_r = make_float2(neg_inf(), 0.f);
-        }
-      };
-      float M_lo = 0.f, M_hi = 0.f, sc_lo = 0.f, sc_hi = 0.f;
-      float2 rl_lo = make_float2(0.f, 0.f), rl_hi = rl_lo;
-      if constexpr (kOutputs) {
-        row_terms(row_lo, M_lo, sc_lo, rl_lo);
-        row_terms(row_hi, M_hi, sc_hi, rl_hi);
-      }
-      if (tid < L) sm.abar()[tid] = tid < Lc ? expf(tr[FusedTerms::kA + tid] + shift) : 0.f;
+      const FusedChunkGates gt = fused_chunk_gates<Gate, Mode::kOutputs>(p, tr, m, Lc, ln, log2_scale);
+      if (tid < L) sm.abar()[tid] = tid < Lc ? expf(tr[FusedTerms::kA + tid] + gt.shift) : 0.f;
       const float2* col_log = reinterpret_cast<const float2*>(tr + FusedTerms::kColLog);
-
-      // ---- Cᵀ and n for the first product: the state rows of warpgroup w are Cᵀ columns 64w .. ----
-      // stmatrix .trans: 8 × 8 blocks (j, hh) of C (rows 16·warp + 8hh + .., columns 8j + ..) become
-      // 16-byte pieces of Cᵀ rows 8j + .. (lane 8i + b addresses stored row b of block i)
-      if constexpr (kOutputs) {
-        const int i = lane >> 3, b = lane & 7, hh = i & 1;
-#pragma unroll
-        for (int q4 = 0; q4 < 4; ++q4) {
-          const int j = 2 * q4 + (i >> 1);
-          stmatrix_x4_trans(sm.ct(s, wg) + sw128_offset(8 * j + b, 16 * warp + 8 * hh),
-                            pack2<T>(Cacc[8 * q4], Cacc[8 * q4 + 1]), pack2<T>(Cacc[8 * q4 + 2], Cacc[8 * q4 + 3]),
-                            pack2<T>(Cacc[8 * q4 + 4], Cacc[8 * q4 + 5]), pack2<T>(Cacc[8 * q4 + 6], Cacc[8 * q4 + 7]));
-        }
-      }
-      if constexpr (kOutputs) {
-        if (tid < DK)
-          *reinterpret_cast<T*>(sm.nrow(s, tid >> 6) + sw128_offset(0, tid & 63)) = from_float<T>(sm.nvec()[tid]);
-      }
+      if constexpr (Mode::kOutputs) fused_stage_state<T>(sm, ln, s, Cacc);
       fence_async_smem();  // generic-proxy writes (Cᵀ, zeroed rows) visible to wgmma
       __syncthreads();     // and the row terms to every thread
       TFLA_FUSED_CLOCK(2);
 
-      // ---- inter-chunk term and scores on the tensor cores ... ------------------------------------
-      // D = Q_w · [n; Cᵀ; K_0]ᵀ (N = 136: q·n in column 0 = D[0] / D[2] of the quads' first threads,
-      // H = D[4, 36), the score block S_0 = D[36, 68)) and, for warpgroup 1, S_1 = Q_w · K_1ᵀ (the
-      // upper block of warpgroup 0 is never formed)
+      // ---- first products on the tensor cores, ā ⊙ V on the CUDA cores; the score tiles ----
       float D[68], S1[32];
-      if constexpr (kOutputs) {
-        fence_regs(Cacc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + wg * 64 * 128 + 32 * (kk & 3));
-          wgmma_ss_wide<T, 136>(D, da, sw128_desc(sm.nrow(s, kk >> 2) + 32 * (kk & 3)), kk > 0);
-        }
-        if (wg == 1) {
-#pragma unroll
-          for (int kk = 0; kk < 8; ++kk) {
-            const u64 da = sw128_desc(sm.q(s) + (kk >> 2) * Sm::kBlk + 64 * 128 + 32 * (kk & 3));
-            wgmma_ss<T, Major::kK, Major::kK>(S1, da, sw128_desc(sm.k(s, kk >> 2) + 64 * 128 + 32 * (kk & 3)), kk > 0);
-          }
-        }
-        wgmma_commit();
-      }
-
-      // ... while the CUDA cores form ā ⊙ V (same swizzled places)
-      scale_rows_sw128<T>(sm.vw(s), sm.v(s), sm.abar(), L, tid, NT);
-      float H[32], qn_lo = 0.f, qn_hi = 0.f, rs_lo = 0.f, rs_hi = 0.f;
-      u32 P[8][4];
-      if constexpr (kOutputs) {
+      if constexpr (Mode::kOutputs) fused_scores_mma<T>(sm, ln.wg, s, Cacc, D, S1);
+      scale_rows_sw128<T>(sm.vw(s), sm.v(s), sm.abar(), L, tid, NT);  // same swizzled places
+      FusedScores sc;
+      sc.qn_lo = sc.qn_hi = sc.rs_lo = sc.rs_hi = 0.f;
+      if constexpr (Mode::kOutputs) {
         wgmma_wait<0>();
         TFLA_FUSED_CLOCK(3);
-        fence_regs(D);
-        fence_regs(S1);
-#pragma unroll
-        for (int e = 0; e < 32; ++e) H[e] = D[4 + e] * ((e & 2) ? sc_hi : sc_lo);
-        qn_lo = __shfl_sync(0xffffffffu, D[0], lane & ~3);
-        qn_hi = __shfl_sync(0xffffffffu, D[2], lane & ~3);
-        const ScoreRows score_rows{rl_lo, rl_hi, row_lo, row_hi, t};
-        if (wg == 0) {  // query rows 0 .. 63
-          fused_p_block<T, KeyHalf::kLow, Triangle::kDiagonal>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
-          fused_p_block<T, KeyHalf::kHigh, Triangle::kAbove>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
-        } else {        // query rows 64 .. 127
-          fused_p_block<T, KeyHalf::kLow, Triangle::kBelow>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
-          fused_p_block<T, KeyHalf::kHigh, Triangle::kDiagonal>(D, S1, col_log, score_rows, rs_lo, rs_hi, P);
-        }
+        fused_score_tiles<T>(ln, gt, col_log, D, S1, sc);
       }
       fence_async_smem();  // ā ⊙ V visible to wgmma
       __syncthreads();     // both warpgroups' ā ⊙ V rows and q·n
       TFLA_FUSED_CLOCK(4);
 
-      // ---- intra-chunk term and the state update on the tensor cores ... --------------------------
-#pragma unroll
-      for (int e = 0; e < 32; ++e) Cacc[e] *= gamma;
-      fence_regs(Cacc);
-      if constexpr (kOutputs) {
-        fence_regs(H);
-        fence_regs(P);
-      }
-      wgmma_fence();
-      if constexpr (kOutputs) {
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          if (kk >= 4 * (wg + 1)) break;  // keys past this warpgroup's last row
-          wgmma_rs<T, Major::kMN>(H, P[kk], sw128_desc_mn(sm.v(s) + 2048 * kk, 1024), 1);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk)
-        wgmma_ss<T, Major::kMN, Major::kMN>(Cacc, sw128_desc_mn(sm.k(s, wg) + 2048 * kk, 1024),
-                                            sw128_desc_mn(sm.vw(s) + 2048 * kk, 1024), 1);
-      wgmma_commit();
-
-      // ... while the CUDA cores do Σ ā k (8 keys × 8 dims per thread, 16 keys per warp) and the normalizer
-      if constexpr (Gate::kNormalize) {
-        const int d8 = tid & 15, tg = tid >> 4;
-        const char* kb = sm.k(s, d8 >> 3);
-        float acc[8] = {};
-#pragma unroll
-        for (int uu = 0; uu < 8; ++uu) {
-          const int u = 8 * tg + uu;
-          const float w = sm.abar()[u];
-          const uint4 x = *reinterpret_cast<const uint4*>(kb + sw128_offset(u, 8 * (d8 & 7)));
-          const T* e8 = reinterpret_cast<const T*>(&x);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, to_float(e8[e]), acc[e]);
-        }
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);  // the warp's two key groups
-        if (lane < 16) {
-          float4* np = reinterpret_cast<float4*>(sm.npart() + (tid >> 5) * DK + 8 * d8);
-          np[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-          np[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-        }
-      }
+      // ---- second products on the tensor cores, Σ ā k and the normalizer on the CUDA cores ----
+      fused_update_mma<T, Mode>(sm, ln.wg, s, gt.gamma, Cacc, sc);
+      if constexpr (Gate::kNormalize) fused_key_sum_part<T>(sm, ln, s);
       float inv_lo = 1.f, inv_hi = 1.f;
-      if constexpr (Gate::kNormalize && kOutputs) {
-        rs_lo = quad_sum(rs_lo);
-        rs_hi = quad_sum(rs_hi);
-        const float den_lo = sc_lo * qn_lo + rs_lo, den_hi = sc_hi * qn_hi + rs_hi;
-        const float N_lo = fmaxf(fabsf(den_lo), expf(-M_lo));
-        const float N_hi = fmaxf(fabsf(den_hi), expf(-M_hi));
-        inv_lo = 1.f / (N_lo + p.eps);
-        inv_hi = 1.f / (N_hi + p.eps);
-        if (owns_nm && t == 0) {
-          if (row_lo < Lc) {
-            p.N[sq.tok(p.st_N, u0 + row_lo)] = N_lo;
-            if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_lo)] = M_lo;
-          }
-          if (row_hi < Lc) {
-            p.N[sq.tok(p.st_N, u0 + row_hi)] = N_hi;
-            if (Gate::kStabilized) p.M[sq.tok(p.st_M, u0 + row_hi)] = M_hi;
-          }
-        }
-      }
+      if constexpr (Gate::kNormalize && Mode::kOutputs) fused_normalizer<Gate>(p, ln, item, gt, sc, Lc, u0, inv_lo, inv_hi);
       wgmma_wait<0>();
       TFLA_FUSED_CLOCK(5);
       fence_regs(Cacc);
 
-      // ---- outputs -------------------------------------------------------------------------------
-      // through shared memory (the Cᵀ tiles, free since batch A) so each row leaves in 16-byte pieces
-      if constexpr (kOutputs) {
-        fence_regs(H);
-        fence_regs(P);
-        char* hs = sm.ct(s, wg);  // this warpgroup's 64 rows, swizzled (no bank conflicts)
-        const int rl = 16 * warp + g;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          *reinterpret_cast<u32*>(hs + sw128_offset(rl, 8 * j + 2 * t)) =
-              pack2<T>(H[4 * j] * inv_lo, H[4 * j + 1] * inv_lo);
-          *reinterpret_cast<u32*>(hs + sw128_offset(rl + 8, 8 * j + 2 * t)) =
-              pack2<T>(H[4 * j + 2] * inv_hi, H[4 * j + 3] * inv_hi);
-        }
-        named_barrier_sync(1 + wg, 128);
-        T* Hg = ptr<T>(p.h) + sq.tok(p.st_h, u0) + v0;
-#pragma unroll
-        for (int idx = tid & 127; idx < 64 * 8; idx += 128) {
-          const int r = idx >> 3, j = idx & 7;
-          if (64 * wg + r < Lc)
-            *reinterpret_cast<uint4*>(Hg + i64(64 * wg + r) * p.st_h.t + 8 * j) =
-                *reinterpret_cast<const uint4*>(hs + sw128_offset(r, 8 * j));
-        }
+      // ---- outputs, n ----
+      if constexpr (Mode::kOutputs) {
+        fence_regs(sc.H);
+        fence_regs(sc.P);
+        fused_store_h<T>(p, sm, ln, item, s, sc.H, inv_lo, inv_hi, Lc, u0);
       }
       if constexpr (Gate::kNormalize) {
         __syncthreads();  // every part of Σ ā k
-        if (tid < DK) {
-          float sum = 0.f;
-#pragma unroll
-          for (int g8 = 0; g8 < Sm::kNparts; ++g8) sum += sm.npart()[g8 * DK + tid];
-          sm.nvec()[tid] = gamma * sm.nvec()[tid] + sum;
-        }
+        fused_update_n(sm, tid, gt.gamma);
       }
-      m = m_next;
+      m = gt.m_next;
       __syncthreads();  // stage s, Cᵀ, ā ⊙ V and the gate scratch are free again
       TFLA_FUSED_CLOCK(6);
     }
-
-    // ---- summary mode: the segment's end state, fp32 ----------------------------------------------
-    if constexpr (kSegSummary) {
-      const i64 out_state = seg * nsh + sq.state, obase = out_state * DK * p.DV + v0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p.seg_C[acc_at(obase, j, e)] = Cacc[4 * j + e];
-      if (owns_nm && Gate::kNormalize && tid < DK) p.seg_n[out_state * DK + tid] = sm.nvec()[tid];
-      if (owns_nm && Gate::kStabilized && tid == 0) p.seg_m[out_state] = m;
-    } else if (item.last()) {
-      // ---- the state after the sequence's last step, fp32 (by its last segment) -------------------
-      if (owns_nm && tid == 0 && Gate::kStabilized) {
-        if (p.m_states != nullptr) p.m_states[sq.m_slot(p, nc)] = m;
-        if (p.m_last != nullptr) p.m_last[sq.state] = m;
-      }
-      if (p.C_last != nullptr) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) p.C_last[acc_at(cbase, j, e)] = Cacc[4 * j + e];
-      }
-      if (owns_nm && Gate::kNormalize && p.n_last != nullptr && tid < DK)
-        p.n_last[i64(sq.state) * DK + tid] = sm.nvec()[tid];
-    }
+    fused_state_out<Gate, Mode>(p, sm, ln, item, Cacc, m);
     __syncthreads();  // sm.nvec was read above; the next item writes it
   }  // items
 

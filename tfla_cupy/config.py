@@ -54,11 +54,9 @@ FUSED_FWD = {"tfla::FusedFwdSmem::kL": 128, "tfla::FusedFwdSmem::kDK": 128, "tfl
              # its tensor-map argument (tfla_cupy/_tma.py: FUSED_MAPS_DTYPE)
              "sizeof(tfla::FusedMaps)": 448, "alignof(tfla::FusedMaps)": 64,
              # segments of long sequences (cuda_src/segments.cuh)
-             "tfla::kMaxSegments": 64,
-             # its modes (the kernel's template argument)
-             "tfla::kFusedFull": 0, "tfla::kFusedSummary": 1, "tfla::kFusedStates": 2}
-FUSED_MODES = {"full": FUSED_FWD["tfla::kFusedFull"], "summary": FUSED_FWD["tfla::kFusedSummary"],
-               "states": FUSED_FWD["tfla::kFusedStates"]}
+             "tfla::kMaxSegments": 64}
+#: Its modes: the kernel's Mode policy (cuda_src/fwd_fused_sm90.cuh).
+FUSED_MODES = {"full": "FusedFull", "summary": "FusedSummary", "states": "FusedStates"}
 FUSED_L = FUSED_FWD["tfla::FusedFwdSmem::kL"]
 FUSED_DK = FUSED_FWD["tfla::FusedFwdSmem::kDK"]
 FUSED_BV = FUSED_FWD["tfla::FusedFwdSmem::kBV"]
@@ -365,7 +363,7 @@ def fused_fwd_kernel(mma: str, gate: str, mode: str = "full"):
     """The fused Hopper forward in one of FUSED_MODES: "full" (the forward), "summary" (pass 1 of
     segments: segment end states only), "states" (the backward's recompute: chunk-boundary states
     only)."""
-    return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate, str(FUSED_MODES[mode]))
+    return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{FUSED_MODES[mode]}")
 
 
 def bwd_chunk_sm90_kernel(mma: str, gate: str, role: str):
