@@ -451,33 +451,15 @@ template <typename Gate, bool kRows>
 __device__ __forceinline__ FusedChunkGates fused_chunk_gates(const Params& p, const float* tr, float m, int Lc,
                                                              const FusedLanes& ln, double log2_scale) {
   FusedChunkGates gt;
-  const double A0 = *reinterpret_cast<const double*>(tr + FusedTerms::kB0) + double(m);  // row 0's C^(c) weight
-  const float gch = tr[FusedTerms::kG], amax = tr[FusedTerms::kAmax];
-  gt.m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
-  gt.gamma = expf(gch + m - gt.m_next);
-  gt.shift = amax - gt.m_next;
-  auto row_terms = [&](int r, float& M_r, float& scale_r, float2& log_r) {
-    if (r < Lc) {
-      const double pr = reinterpret_cast<const double*>(tr + FusedTerms::kPr)[r];
-      double M = 0.0;
-      if constexpr (Gate::kStabilized) {
-        const double prpm = reinterpret_cast<const double*>(tr + FusedTerms::kPrPm)[r];
-        M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), prpm))));
-      }
-      M_r = float(M);
-      scale_r = p.scale * expf(float(A0 + pr - M));
-      log_r = split((pr - M) * double(kLog2e) + log2_scale);
-    } else {
-      M_r = 0.f;
-      scale_r = 0.f;
-      log_r = make_float2(neg_inf(), 0.f);
-    }
-  };
+  const FusedChunkDecay d = fused_chunk_decay<Gate>(tr, m);
+  gt.m_next = d.m_next;
+  gt.gamma = d.gamma;
+  gt.shift = d.shift;
   gt.M_lo = gt.M_hi = gt.sc_lo = gt.sc_hi = 0.f;
   gt.rl_lo = gt.rl_hi = make_float2(0.f, 0.f);
   if constexpr (kRows) {
-    row_terms(ln.row_lo, gt.M_lo, gt.sc_lo, gt.rl_lo);
-    row_terms(ln.row_hi, gt.M_hi, gt.sc_hi, gt.rl_hi);
+    fused_row_terms<Gate>(p, tr, d.A0, ln.row_lo, Lc, log2_scale, gt.M_lo, gt.sc_lo, gt.rl_lo);
+    fused_row_terms<Gate>(p, tr, d.A0, ln.row_hi, Lc, log2_scale, gt.M_hi, gt.sc_hi, gt.rl_hi);
   }
   return gt;
 }

@@ -10,7 +10,10 @@
 //                         kernels and the Hopper backward);
 //   key_scales            the keys' inter-chunk factors ā (also the Hopper backward's record);
 //   FusedTerms            the per-chunk record that carries them to the fused forward and the
-//                         segment combine.
+//                         segment combine;
+//   fused_chunk_decay, fused_row_terms
+//                         what a forward walk combines the record with its running stabiliser m
+//                         into: the state's decay, ā's shift and each query row's terms.
 #pragma once
 #include "coords.cuh"
 #include "gates.cuh"
@@ -214,5 +217,44 @@ struct FusedTerms {
       kFloats = kG + 4;
   static_assert(kFloats % 4 == 0 && kB0 % 2 == 0, "16-byte pieces, aligned double");
 };
+
+// Chunk c's gates from its record ``tr`` and the stabiliser m entering it: m after the chunk, the
+// state's decay γ, ā's shift (ā = exp(a + shift)) and A0, row 0's log weight of C^(c).
+struct FusedChunkDecay {
+  float m_next, gamma, shift;
+  double A0;
+};
+template <typename Gate> __device__ __forceinline__ FusedChunkDecay fused_chunk_decay(const float* tr, float m) {
+  FusedChunkDecay d;
+  d.A0 = *reinterpret_cast<const double*>(tr + FusedTerms::kB0) + double(m);
+  const float gch = tr[FusedTerms::kG], amax = tr[FusedTerms::kAmax];
+  d.m_next = Gate::kStabilized ? fmaxf(gch + m, amax) : 0.f;
+  d.gamma = expf(gch + m - d.m_next);
+  d.shift = amax - d.m_next;
+  return d;
+}
+
+// Query row r of the chunk (Lc rows): its stabiliser M_r, its row scale s·exp(A0 + p_r − M_r) (the
+// weight of q_r·C^(c) and q_r·n^(c)) and the split row exponent of its gate weights
+// (log2 s + (p_r − M_r) log2 e); zeros and −inf past Lc.
+template <typename Gate>
+__device__ __forceinline__ void fused_row_terms(const Params& p, const float* tr, double A0, int r, int Lc,
+                                                double log2_scale, float& M_r, float& scale_r, float2& log_r) {
+  if (r < Lc) {
+    const double pr = reinterpret_cast<const double*>(tr + FusedTerms::kPr)[r];
+    double M = 0.0;
+    if constexpr (Gate::kStabilized) {
+      const double prpm = reinterpret_cast<const double*>(tr + FusedTerms::kPrPm)[r];
+      M = double(float(fmax(A0 + pr, fmax(double(kRowMaxFloor), prpm))));
+    }
+    M_r = float(M);
+    scale_r = p.scale * expf(float(A0 + pr - M));
+    log_r = split((pr - M) * double(kLog2e) + log2_scale);
+  } else {
+    M_r = 0.f;
+    scale_r = 0.f;
+    log_r = make_float2(neg_inf(), 0.f);
+  }
+}
 
 }  // namespace tfla

@@ -6,6 +6,9 @@
 //   fwd_h_kernel         forward outputs h, N, M                  (fwd_outputs.cuh)
 //   fwd_fused_sm90_kernel  Hopper forward: states on chip, h, N, M (fwd_fused_sm90.cuh);
 //                        its summary mode and segment_combine_kernel split long sequences (segments.cuh)
+//   fwd_ws_sm90_kernel   Hopper forward, warp-specialised: a producer, a scores warpgroup and two
+//                        consumers holding the state transposed; also the backward's state
+//                        recompute (fwd_ws_sm90.cuh)
 //   bwd_dstates_kernel   backward boundary-state gradients dC     (bwd_dstates.cuh)
 //   bwd_dq/dk/dv_kernel  backward token gradients                 (bwd_chunks.cuh)
 //   bwd_chunk_sm90_kernel  Hopper backward token gradients, one role per instantiation (bwd_chunks_sm90.cuh)
@@ -25,6 +28,7 @@
 #include "step.cuh"
 #include "wgmma_probes.cuh"
 #include "fwd_fused_sm90.cuh"
+#include "fwd_ws_sm90.cuh"
 #include "bwd_chunks_sm90.cuh"
 #include "bwd_dstates_sm90.cuh"
 #include "bwd_walk_sm90.cuh"

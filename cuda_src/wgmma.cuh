@@ -1,5 +1,5 @@
 // tfla_cupy — Hopper (sm_90a) warpgroup MMA primitives: shared-memory matrix descriptors for the
-// 128-byte swizzled layout (swizzle.cuh), wgmma.mma_async m64n64k16 (and m64n136k16) with A from
+// 128-byte swizzled layout (swizzle.cuh), wgmma.mma_async m64n64k16 (and m64n136k16, m64n8k16) with A from
 // shared memory or from registers, the fences around it, and stmatrix. Checked on the GPU by
 // wgmma_probe_kernel (wgmma_probes.cuh, tests/test_gpu_wgmma.py) against NumPy.
 //
@@ -107,6 +107,26 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[32], const u32 (&a)[4], u64 
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TFLA_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
         : TFLA_WGMMA_D32_OPS(d)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(int(kB)));
+  }
+}
+
+// D[64 × 8] (+)= A[64 × 16] · B[16 × 8], both operands K-major in shared memory (sw128_desc; B is
+// 8 rows of one swizzle atom): a matrix-vector product with the vector in B's row 0 and zero rows
+// beside it. D holds rows g, g + 8 of each warp's 16 and columns 2t, 2t + 1 (as the m64n64 form's
+// first block): column 0, the product, is d[0] and d[2] of the quads' first threads.
+template <typename T> __device__ __forceinline__ void wgmma_ss_n8(float (&d)[4], u64 desc_a, u64 desc_b, int scale_d) {
+  if constexpr (is_same<T, bf16>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }
 }
 

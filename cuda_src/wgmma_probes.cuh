@@ -33,6 +33,8 @@ __device__ __forceinline__ void store_m64n64(const float (&d)[32], float* D) {
 //   kMode 2  h = q · k    B = k MN-major (rows of k are K indices)
 //   kMode 3  h = q · k    A from registers, B MN-major (P · V of the fused forward)
 //   kMode 4  h = qᵀ · k   A = q MN-major, B MN-major (Kᵀ · V of the state update)
+//   kMode 5  h = qᵀ · kᵀ  A = q MN-major, B K-major (Vᵀ · Pᵀ of the warp-specialised forward)
+//   kMode 6  h[:, :8] = q · k[:8]ᵀ, zeros beside it: the m64n8 form (q·n of that forward)
 template <int kMode>
 __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -49,9 +51,9 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  constexpr bool kRegA = kMode == 1 || kMode == 3, kMnB = kMode >= 2;
+  constexpr bool kRegA = kMode == 1 || kMode == 3, kMnB = kMode >= 2 && kMode <= 4;
   constexpr Major kB = kMnB ? Major::kMN : Major::kK;
-  float d[32] = {};
+  float d[32] = {}, d8[4] = {};
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -66,6 +68,10 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const Params p) {
       wgmma_rs<bf16, kB>(d, a, db, kk > 0);
     } else if constexpr (kMode == 4) {
       wgmma_ss<bf16, Major::kMN, Major::kMN>(d, sw128_desc_mn(sA + 2048 * kk, 1024), db, kk > 0);
+    } else if constexpr (kMode == 5) {
+      wgmma_ss<bf16, Major::kMN, Major::kK>(d, sw128_desc_mn(sA + 2048 * kk, 1024), sw128_desc(sB + 32 * kk), kk > 0);
+    } else if constexpr (kMode == 6) {
+      wgmma_ss_n8<bf16>(d8, sw128_desc(sA + 32 * kk), sw128_desc(sB + 32 * kk), kk > 0);
     } else {
       wgmma_ss<bf16, Major::kK, kB>(d, sw128_desc(sA + 32 * kk), db, kk > 0);
     }

@@ -20,7 +20,7 @@ def test_geometry_of_every_instantiation_matches_the_cuda_side():
     is itself asserted equal to its size, in ChunkSmem and StateStream)."""
     asserts = [f"static_assert({name} == {n}, \"{name}\");"
                for name, n in {**config.THREADS, **config.FUSED_FWD, **config.BWD_SM90, **config.BWD_DSTATES_SM90,
-                                  **config.BWD_WALK_SM90}.items()]
+                                  **config.BWD_WALK_SM90, **config.FUSED_WS}.items()]
     asserts += [f"static_assert(tfla::chunk_gates_smem_bytes({L}) == {config.chunk_gates_smem_bytes(L)}, \"cg\");"
                 for L in _ALL_L]
     asserts += [f"static_assert(tfla::BwdSm90Smem::bytes({DX}) == {config.bwd_sm90_smem_bytes(DX)}, \"bwd sm90\");"

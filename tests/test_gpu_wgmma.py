@@ -10,7 +10,8 @@ from tfla_cupy._params import make_params
 
 #: (mode, id, NumPy product) of wgmma_probe_kernel<mode> (cuda_src/wgmma.cuh)
 MODES = [(0, "smemA", lambda a, b: a @ b.T), (1, "regA", lambda a, b: a @ b.T), (2, "smemA-mnB", lambda a, b: a @ b),
-         (3, "regA-mnB", lambda a, b: a @ b), (4, "mnA-mnB", lambda a, b: a.T @ b)]
+         (3, "regA-mnB", lambda a, b: a @ b), (4, "mnA-mnB", lambda a, b: a.T @ b),
+         (5, "mnA-kB", lambda a, b: a.T @ b.T), (6, "n8", lambda a, b: np.pad(a @ b[:8].T, ((0, 0), (0, 56))))]
 NAMES = [f"tfla::wgmma_probe_kernel<{m}>" for m, _, _ in MODES]
 
 

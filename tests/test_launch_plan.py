@@ -559,3 +559,95 @@ def test_plain_step_with_a_seen_signature_skips_validation(launches, monkeypatch
     st2 = tfla_cupy.MLSTMState(big[:-4].reshape(st.C.shape), st.n, st.m)
     with pytest.raises(ValueError, match=r"^out_state.C: overlaps state.C without being the same buffer"):
         tfla_cupy.mlstm_step(q, k, v, i, f, st2, out_state=other)
+
+
+def _ws_call(launches, monkeypatch, env, DV=256, keep=False, sms=16):
+    """A packed bshd Hopper call with TFLA_CUPY_FWD_WS = ``env`` (None: unset): its forward, then
+    its backward; returns (forward launches, backward launches, sizes)."""
+    from tfla_cupy import config
+    from tfla_cupy._arrays import BFLOAT16
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.setattr(_loader, "device_limits", lambda device_id: (sms, 232_448))
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    monkeypatch.delenv(config.BWD_WALK_ENV, raising=False)
+    if env is None:
+        monkeypatch.delenv(config.FWD_WS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(config.FWD_WS_ENV, env)
+    lengths = [1, 127, 128, 129, 300]
+    S, N, NH, DK = sum(lengths), len(lengths), 2, 128
+    cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    rng = np.random.default_rng(7)
+    q, k = (_fake(rng.standard_normal((1, S, NH, DK)).astype(BFLOAT16)) for _ in range(2))
+    v = _fake(rng.standard_normal((1, S, NH, DV)).astype(BFLOAT16))
+    i, f = (_fake(rng.standard_normal((1, S, NH)).astype(np.float32)) for _ in range(2))
+    launches.clear()
+    _, _, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd", keep_states=keep)
+    fwd = list(launches)
+    launches.clear()
+    tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
+    return fwd, list(launches), (N, NH, DK, DV)
+
+
+def test_hopper_plan_ws_forward_and_recompute(launches, tensor_maps, monkeypatch):
+    """With TFLA_CUPY_FWD_WS=1 a covered call (DV % 128 == 0, no kept states) runs the
+    warp-specialised forward — one CTA of 512 threads per (pair of DV blocks, sequence, head) on a
+    persistent grid, its shared memory from config.FUSED_WS — after stage 0b, and the backward
+    recomputes the chunk states with its states mode into the buffers dq then reads."""
+    from tfla_cupy import config
+    fwd, bwd, (N, NH, DK, DV) = _ws_call(launches, monkeypatch, "1")
+    assert [e[0].split("<")[0] for e in fwd] == ["tfla::seq_table_kernel", "tfla::fused_terms_kernel",
+                                                  "tfla::fwd_ws_sm90_kernel"]
+    name, grid, block, p, smem = fwd[-1]
+    assert name == config.fused_ws_kernel("MmaBF16", "tfla::GateExp")
+    assert (grid, block, smem) == (min((DV // 128) * N * NH, 16), config.FUSED_WS_THREADS, config.FUSED_WS_SMEM_BYTES)
+    assert int(p["gate_terms"]) == int(fwd[1][3]["gate_terms"]) != 0 and int(p["C_states"]) == 0
+    assert int(p["h"]) != 0 and int(p["N"]) != 0 and int(p["M"]) != 0
+    (name, grid, block, p, smem), = _by_kernel(bwd, "fwd_ws_sm90_kernel")
+    assert name == config.fused_ws_kernel("MmaBF16", "tfla::GateExp", mode="states")
+    assert (grid, block, smem) == (min((DV // 128) * N * NH, 16), config.FUSED_WS_THREADS, config.FUSED_WS_SMEM_BYTES)
+    assert (int(p["h"]), int(p["N"]), int(p["M"]), int(p["n_states"])) == (0, 0, 0, 0)
+    dq = _by_kernel(bwd, "bwd_chunk_sm90_kernel")[0][3]
+    assert int(p["C_states"]) == int(dq["C_states"]) != 0 and int(p["m_states"]) == int(dq["m_states"]) != 0
+    assert not any("fwd_fused_sm90_kernel" in e[0] for e in fwd + bwd)
+
+
+@pytest.mark.parametrize("env,DV,keep,ws", [("1", 256, False, True), (None, 256, False, False), ("0", 256, False, False),
+                                            ("auto", 256, False, False), ("1", 192, False, False),
+                                            ("1", 256, True, False)],
+                         ids=["on", "default", "off", "auto", "DV192", "keep_states"])
+def test_hopper_plan_ws_choice(launches, tensor_maps, monkeypatch, env, DV, keep, ws):
+    """Only "1" takes the warp-specialised forward, and only where it covers the call: DV a
+    multiple of 128 and no kept chunk states; otherwise the fused forward runs (never an error)."""
+    fwd, bwd, _ = _ws_call(launches, monkeypatch, env, DV=DV, keep=keep)
+    families = {e[0].split("<")[0] for e in fwd}
+    assert ("tfla::fwd_ws_sm90_kernel" in families) == ws, families
+    assert ("tfla::fwd_fused_sm90_kernel" in families) == (not ws), families
+    recompute = {e[0].split("<")[0] for e in bwd} & {"tfla::fwd_ws_sm90_kernel", "tfla::fwd_fused_sm90_kernel"}
+    assert recompute == (set() if keep else {"tfla::fwd_ws_sm90_kernel" if ws else "tfla::fwd_fused_sm90_kernel"})
+
+
+def test_ws_env_value_is_checked(launches, tensor_maps, monkeypatch):
+    from tfla_cupy import config
+    with pytest.raises(ValueError, match=f"{config.FWD_WS_ENV}: expected '0', '1' or 'auto', got 'on'"):
+        _ws_call(launches, monkeypatch, "on")
+
+
+def test_hopper_plan_ws_segments(launches, tensor_maps, monkeypatch):
+    """A long single sequence on the warp-specialised forward: the segments' summary pass stays on
+    the fused kernel (its items per DV block of 64), the last pass walks pairs of DV blocks."""
+    from tfla_cupy import config
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    monkeypatch.setenv(config.FWD_WS_ENV, "1")
+    x = _bf16_call_inputs(np.random.default_rng(3), B=1, NH=2, S=128 * 40 + 17, DV=128)
+    tfla_cupy.mlstm(*x, chunk_size=128)
+    n, per = config.pick_segments(2, 41, 132)
+    assert n > 1
+    kinds = [e[0].split("<")[0] for e in launches]
+    assert kinds == ["tfla::fused_terms_kernel", "tfla::fwd_fused_sm90_kernel", "tfla::segment_combine_kernel",
+                     "tfla::fwd_ws_sm90_kernel"], kinds
+    assert launches[1][0] == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", mode="summary")
+    assert launches[1][1] == min(2 * 2 * (n - 1), 132)  # DV / 64 blocks × heads × (segments − 1), or every SM
+    assert launches[3][1] == min(2 * n, 132)             # DV / 128 pairs × heads × segments
+    assert all(int(e[3]["nseg"]) == n and int(e[3]["seg_chunks"]) == per for e in launches)

@@ -70,6 +70,20 @@ FUSED_TERMS_SMEM_BYTES = FUSED_FWD["tfla::FusedTermsSmem::kBytes"]
 FUSED_MAPS_BYTES = FUSED_FWD["sizeof(tfla::FusedMaps)"]
 MAX_SEGMENTS = FUSED_FWD["tfla::kMaxSegments"]
 SEG_COMBINE_THREADS = THREADS["tfla::kSegCombineThreads"]
+#: The warp-specialised Hopper forward (cuda_src/fwd_ws_sm90.cuh, struct WsFwdSmem): chunk size, DK,
+#: the DV columns of one CTA (two consumer warpgroups of 64), threads and dynamic shared memory.
+FUSED_WS = {"tfla::WsFwdSmem::kL": 128, "tfla::WsFwdSmem::kDK": 128, "tfla::WsFwdSmem::kBV": 128,
+            "tfla::WsFwdSmem::kThreads": 512, "tfla::WsFwdSmem::kBytes": 230_944}
+#: Its modes: the forward, and the backward's recompute of the chunk-boundary states.
+FUSED_WS_MODES = {"full": "WsFull", "states": "WsStates"}
+FUSED_WS_BV = FUSED_WS["tfla::WsFwdSmem::kBV"]
+FUSED_WS_THREADS = FUSED_WS["tfla::WsFwdSmem::kThreads"]
+FUSED_WS_SMEM_BYTES = FUSED_WS["tfla::WsFwdSmem::kBytes"]
+assert FUSED_WS["tfla::WsFwdSmem::kL"] == FUSED_L and FUSED_WS["tfla::WsFwdSmem::kDK"] == FUSED_DK
+#: Environment variable that turns the warp-specialised forward on ("1", wherever it covers the
+#: call). The default ("auto", or "0") keeps the fused forward: the warp-specialised kernel has not
+#: been run on a GPU yet (docs/performance.md, history "ws v1").
+FWD_WS_ENV = "TFLA_CUPY_FWD_WS"
 #: The segment heuristic's cost of one chunk in summary mode (pass 1: the state recurrence only)
 #: relative to a full chunk of the fused forward, and the fixed cost of the two extra launches in
 #: full chunk walks (estimates; docs/performance.md §8 has the measurements).
@@ -189,6 +203,19 @@ def fused_fwd_unsupported(mma: str, DK: int, DV: int, L: int):
         return f"it is built for DK = {FUSED_DK}, got {DK}"
     if DV % FUSED_BV:
         return f"it needs DV a multiple of {FUSED_BV}, got {DV}"
+    return None
+
+
+def fused_ws_unsupported(mma: str, DK: int, DV: int, L: int, keep_states: bool = False):
+    """None when the warp-specialised Hopper forward covers the call, else the reason it does not
+    (the fused forward then runs it)."""
+    why = fused_fwd_unsupported(mma, DK, DV, L)
+    if why is not None:
+        return why
+    if DV % FUSED_WS_BV:
+        return f"it needs DV a multiple of {FUSED_WS_BV}, got {DV}"
+    if keep_states:
+        return "it does not write the chunk states of keep_states=True"
     return None
 
 
@@ -366,6 +393,12 @@ def fused_fwd_kernel(mma: str, gate: str, mode: str = "full"):
     return kernel_name("fwd_fused_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{FUSED_MODES[mode]}")
 
 
+def fused_ws_kernel(mma: str, gate: str, mode: str = "full"):
+    """The warp-specialised Hopper forward in one of FUSED_WS_MODES: "full" (the forward) or
+    "states" (the backward's recompute: chunk-boundary states C and m only)."""
+    return kernel_name("fwd_ws_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{FUSED_WS_MODES[mode]}")
+
+
 def bwd_chunk_sm90_kernel(mma: str, gate: str, role: str):
     """The Hopper backward chunk product in one of BWD_ROLES (dq, dk or dv)."""
     return kernel_name("bwd_chunk_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{role}")
@@ -456,6 +489,7 @@ def all_instantiations():
                 names += [step_kernel(mma, gate), step_nm_kernel(mma, gate)]
             if fused_fwd_unsupported(mma, FUSED_DK, FUSED_BV, FUSED_L) is None:
                 names += [fused_fwd_kernel(mma, gate, mode) for mode in FUSED_MODES]
+                names += [fused_ws_kernel(mma, gate, mode) for mode in FUSED_WS_MODES]
             if bwd_sm90_unsupported(mma, BWD_SM90_BLOCK, BWD_SM90_BLOCK, BWD_SM90_L) is None:
                 names += [bwd_chunk_sm90_kernel(mma, gate, role) for role in BWD_ROLES]
                 names += [bwd_dstates_sm90_kernel(mma, gate, tma) for tma in (True, False)]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 from .. import _loader, _tma
-from ..config import (BWD_WALK_ENV, ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV,
-                      bwd_sm90_unsupported, bwd_walk_unsupported, fused_fwd_unsupported, pick_config)
+from ..config import (BWD_WALK_ENV, ELEMENT_BYTES, FAMILIES, FAMILY_ENV, FUSED_AUTO_MIN_CTAS_PER_SM, FUSED_BV, FWD_WS_ENV,
+                      bwd_sm90_unsupported, bwd_walk_unsupported, fused_fwd_unsupported, fused_ws_unsupported,
+                      pick_config)
 
 
 def config(problem, mma, device):
@@ -75,6 +76,23 @@ def forward(problem, cfg, mma, device, sms, operands_why=None):
     return choose(cfg, device, reason, auto_reason=few)
 
 
+def _switch(env):
+    """The value of an opt-in switch variable: "0", "1" or "auto" (unset or empty: "auto")."""
+    want = os.environ.get(env, "auto") or "auto"
+    if want not in ("0", "1", "auto"):
+        raise ValueError(f"{env}: expected '0', '1' or 'auto', got {want!r}")
+    return want
+
+
+def forward_ws(problem, mma):
+    """Whether a forward on the sm90 family runs on the warp-specialised kernel (fwd_ws_sm90, and
+    its states mode for the backward's recompute) rather than the fused one: only where the
+    environment variable TFLA_CUPY_FWD_WS is "1" and it covers the call (fused_ws_unsupported).
+    Its default ("auto", or "0") is off until the kernel has been measured (config.FWD_WS_ENV)."""
+    p = problem
+    return _switch(FWD_WS_ENV) == "1" and fused_ws_unsupported(mma, p.DK, p.DV, p.chunk_size, p.keep_states) is None
+
+
 def backward(problem, cfg, mma, device):
     """The backward's family for the token gradients and the reverse dC pass, chosen as the
     forward's is with bwd_sm90_unsupported as the reason. The gate gradients are one kernel on
@@ -89,7 +107,4 @@ def backward_walk(problem, mma):
     "1" and the walk covers the call (bwd_walk_unsupported). Its default ("auto", or "0") is off:
     the walk's first version is slower than the per-stage kernels (config.BWD_WALK_ENV)."""
     p = problem
-    want = os.environ.get(BWD_WALK_ENV, "auto") or "auto"
-    if want not in ("0", "1", "auto"):
-        raise ValueError(f"{BWD_WALK_ENV}: expected '0', '1' or 'auto', got {want!r}")
-    return want == "1" and bwd_walk_unsupported(mma, p.DK, p.DV, p.chunk_size) is None
+    return _switch(BWD_WALK_ENV) == "1" and bwd_walk_unsupported(mma, p.DK, p.DV, p.chunk_size) is None

@@ -17,7 +17,7 @@ import numpy as np
 from .. import _arrays, _loader, _tma
 from .._params import bind, make_params
 from .._types import MLSTMContext, MLSTMState
-from ..config import FAMILY_ENV, FUSED_BV, FUSED_TERM_FLOATS, pick_segments
+from ..config import FAMILY_ENV, FUSED_BV, FUSED_TERM_FLOATS, FUSED_WS_BV, FWD_WS_ENV, pick_segments
 from . import family, launch
 from .operands import F32, check_disjoint, check_state_buffers, gpu_inputs, seq_strides, strides
 
@@ -49,7 +49,10 @@ class ForwardPlan:
         self.family = family.forward(p, cfg, mma, device, sms, family.operands_reason(p, seq_st[:3], h_aligned))
         self.geo = g = launch.geometry(p, cfg, mma)
         self.strides = seq_st
-        ctas = (p.DV // FUSED_BV) * p.NSEQ * p.NH
+        # the warp-specialised forward (opt-in) walks pairs of DV blocks, the fused forward single ones
+        self.ws = self.family == "sm90" and family.forward_ws(p, mma)
+        walks = p.NSEQ * p.NH
+        ctas = (p.DV // (FUSED_WS_BV if self.ws else FUSED_BV)) * walks
         self.nseg, seg_chunks = 1, 0
         if self.family == "sm90" and not p.varlen:  # long sequences in segments when the walks cannot fill the GPU
             self.nseg, seg_chunks = pick_segments(ctas, g.NC, sms, cfg.segments)
@@ -57,13 +60,15 @@ class ForwardPlan:
                              dict(seg_chunks=seg_chunks, nseg=self.nseg)).tobytes()
         if self.family == "sm90":
             # stage 0b computes stage 0's vectors into its records itself: no gate arrays
-            items = ctas * self.nseg  # work items (segment, sequence, head, DV block)
-            last = launch.fused(g, "full", items, sms)
+            items = ctas * self.nseg  # work items (segment, sequence, head, DV block or pair)
+            walk = launch.fused_ws if self.ws else launch.fused
+            last = walk(g, "full", items, sms)
             first = (launch.fused_terms(g),)
-            if self.nseg > 1:  # pass 1 (segment summaries), their fold, then pass 2
-                first += (launch.fused(g, "summary", ctas * (self.nseg - 1), sms), launch.segment_combine(g))
+            if self.nseg > 1:  # pass 1 (segment summaries, on the fused kernel), their fold, then pass 2
+                summaries = (p.DV // FUSED_BV) * walks * (self.nseg - 1)
+                first += (launch.fused(g, "summary", summaries, sms), launch.segment_combine(g))
             self.launches = first + (last,)
-            self._states = (items, sms)
+            self._states = (walk, items, sms)
         else:
             self.launches = (launch.chunk_gates(g), launch.states(g, "fwd_states_kernel"), launch.chunk(g, "fwd_h"))
         # the call's scratch in one allocation: the chunk states the two-pass forward passes between
@@ -86,10 +91,11 @@ class ForwardPlan:
 
     def states_launches(self):
         """The backward's recompute of the chunk-boundary states on the fused path (sm90 plans): the
-        forward's launches with the last in "states" mode (no Q, no outputs). Built on first use,
+        forward's launches with the last in "states" mode (no Q, no outputs; the warp-specialised
+        kernel's where the forward takes it). Built on first use,
         so that a forward-only program never compiles that kernel."""
-        spec = launch.fused(self.geo, "states", *self._states)
-        return self.launches[:-1] + (spec,)
+        walk, items, sms = self._states
+        return self.launches[:-1] + (walk(self.geo, "states", items, sms),)
 
     def run(self, launches, params, q, k, v):
         """Run ``launches`` (this plan's, or its states_launches) on ``params``; the fused kernels
@@ -118,7 +124,7 @@ def plan_for(p, device, mma, operands, h_out):
     h_key = None if h_out is None else (strides(h_out, lay), h_out.data.ptr % 16 == 0)
     if p.cu_seqlens is not None:
         return ForwardPlan(p, device, mma, seq_st, h_key)
-    key = (p, device.id, seq_st, h_key, os.environ.get(FAMILY_ENV))
+    key = (p, device.id, seq_st, h_key, os.environ.get(FAMILY_ENV), os.environ.get(FWD_WS_ENV))
     plan = _PLANS.get(key)
     if plan is None:
         plan = ForwardPlan(p, device, mma, seq_st, h_key)

@@ -18,10 +18,10 @@ from .. import _arrays, _loader, _tma
 from .._params import POINTER_FIELDS, SEQUENCE_TENSORS, bind, make_params
 from ..config import (BWD_DSTATES_SM90_SMEM_BYTES, BWD_DSTATES_SM90_THREADS, BWD_SM90_BLOCK, BWD_SM90_THREADS,
                       BWD_WALK_BV, BWD_WALK_SMEM_BYTES, BWD_WALK_THREADS, ELEMENT_BYTES, FUSED_SMEM_BYTES, FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES,
-                      FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, GATE_POLICY, SEG_COMBINE_THREADS,
+                      FUSED_TERMS_SMEM_BYTES, FUSED_TERMS_THREADS, FUSED_THREADS, FUSED_WS_SMEM_BYTES, FUSED_WS_THREADS, GATE_POLICY, SEG_COMBINE_THREADS,
                       STEP_NM_THREADS, STEP_THREADS, THREADS, bwd_chunk_sm90_kernel, bwd_dstates_sm90_kernel,
                       bwd_sm90_smem_bytes, bwd_terms_sm90_kernel, bwd_walk_sm90_kernel, walk_terms_kernel, chunk_gates_kernel, chunk_gates_smem_bytes, chunk_kernel,
-                      fused_fwd_kernel, fused_terms_kernel, gates_kernel, segment_combine_kernel, seq_table_kernel,
+                      fused_fwd_kernel, fused_terms_kernel, fused_ws_kernel, gates_kernel, segment_combine_kernel, seq_table_kernel,
                       state_kernels, step_kernel, step_lanes, step_nm_kernel)
 from .operands import F32, cdiv, strides
 
@@ -256,6 +256,14 @@ def fused(g, mode, items, sms):
     per_sm, smem = (FUSED_STATES_CTAS_PER_SM, FUSED_STATES_SMEM_BYTES) if mode == "states" else (1, FUSED_SMEM_BYTES)
     return LaunchSpec(_loader.get_kernel(fused_fwd_kernel(g.mma, g.gate, mode)), min(items, per_sm * sms),
                       FUSED_THREADS, smem, True)
+
+
+@_memo
+def fused_ws(g, mode, items, sms):
+    """The warp-specialised forward in ``mode`` ("full", "states") on a persistent grid of at most
+    one CTA per SM, each walking work items (segment, sequence, head, pair of DV blocks) in turn."""
+    return LaunchSpec(_loader.get_kernel(fused_ws_kernel(g.mma, g.gate, mode)), min(items, sms), FUSED_WS_THREADS,
+                      FUSED_WS_SMEM_BYTES, True)
 
 
 @_memo

@@ -1,0 +1,170 @@
+"""The warp-specialised Hopper forward (cuda_src/fwd_ws_sm90.cuh, TFLA_CUPY_FWD_WS=1) against the
+float64 reference: the forward and the backward that consumes its N, M and last state and whose
+chunk states its states mode recomputes; every gate variant, bf16 and f16, DV 128 / 256 / 512,
+ragged chunks, initial states, several items per CTA, packed sequences with empty ones, the
+(B, S, NH, D) layout, masked tokens, segments; both of its modes launched; agreement with the
+fused forward; determinism; compute-sanitizer on ragged cases. Compute capability 9.0 only."""
+
+import textwrap
+
+import numpy as np
+import pytest
+
+import tfla_cupy
+from tfla_cupy import config
+from gpu_utils import DTYPES, GATE_MODES, cp, gpu, launched_kernels, make_inputs, run_sanitized, seed_of
+from test_gpu_varlen_layout import _assert_within, _errors, _run, _same_bits
+
+pytestmark = gpu
+
+L = config.FUSED_L
+DK = config.FUSED_DK
+WS = "fwd_ws_sm90_kernel"
+
+
+@pytest.fixture
+def ws(monkeypatch):
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("needs compute capability 9.0 (the sm90 family)")
+    monkeypatch.setenv(config.FAMILY_ENV, "sm90")
+    monkeypatch.setenv(config.FWD_WS_ENV, "1")
+
+
+def _cases():
+    out = []
+    for dt in ("bf16", "f16"):
+        for mode in GATE_MODES:
+            out.append((1, 2, 300, 128, mode, dt, 3.0, True, True))     # ragged last chunk, states in and out
+            out.append((2, 1, 1000, 256, mode, dt, -2.0, False, False))  # strong forgetting, two DV pairs
+        out.append((1, 1, 1, 128, "exp", dt, 3.0, True, False))         # one token
+        out.append((1, 1, 128, 128, "exp", dt, 3.0, False, True))       # exactly one chunk
+        out.append((1, 1, 4109, 128, "exp", dt, 3.0, True, True))       # many chunks, ragged
+    out.append((1, 1, 700, 512, "exp", "bf16", 0.0, True, True))        # four DV pairs
+    out.append((4, 40, 260, 128, "exp", "bf16", 3.0, True, True))       # 160 items: several per CTA
+    return [pytest.param(*c, id=f"B{c[0]}-NH{c[1]}-S{c[2]}-DV{c[3]}-{c[4]}-{c[5]}-f{c[6]:+g}-"
+                              f"{'init' if c[7] else 'noinit'}-{'dlast' if c[8] else 'nodlast'}") for c in out]
+
+
+def _check_launched(monkeypatch, host, gate, normalize, **kw):
+    """Both modes of the kernel run for this call (the forward, and the backward's recompute)."""
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+
+    def call():
+        h, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), gate=gate, normalize=normalize, chunk_size=L, **kw)
+        tfla_cupy.mlstm_bwd(ctx, cp.ones_like(h))
+
+    names = launched_kernels(monkeypatch, call)
+    ws_names = [n for n in names if WS in n]
+    assert any("WsFull" in n for n in ws_names) and any("WsStates" in n for n in ws_names), names
+    assert not any("fwd_fused_sm90_kernel" in n and "FusedSummary" not in n for n in names), names
+
+
+@pytest.mark.parametrize("B,NH,S,DV,mode,dt,f_mean,init,d_last", _cases())
+def test_ws_forward_and_backward_match_reference(ws, monkeypatch, B, NH, S, DV, mode, dt, f_mean, init, d_last):
+    rng = np.random.default_rng(seed_of("ws", B, NH, S, DV, mode, dt, f_mean, init, d_last))
+    gate, normalize = GATE_MODES[mode]
+    host, ref = make_inputs(rng, B, NH, S, DK, DV, DTYPES[dt], f_mean=f_mean)
+    got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt=dt, cu=None, init=init, d_last=d_last,
+                     seed=seed_of("ws-run", S, mode))
+    _assert_within(_errors(got, want, init=init), dt)
+    if B == 1 and S == 300 and dt == "bf16":
+        _check_launched(monkeypatch, host, gate, normalize)
+
+
+@pytest.mark.parametrize("mode", list(GATE_MODES))
+def test_ws_varlen_with_empty_sequences(ws, mode):
+    rng = np.random.default_rng(seed_of("ws-varlen", mode))
+    lengths = [0, 1, 127, 128, 0, 129, 300, 257, 0]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    gate, normalize = GATE_MODES[mode]
+    host, ref = make_inputs(rng, 1, 2, int(cu[-1]), DK, 256, DTYPES["bf16"])
+    got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
+                     seed=seed_of("ws-varlen-run", mode))
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_ws_bshd(ws):
+    rng = np.random.default_rng(seed_of("ws-bshd"))
+    host, ref = make_inputs(rng, 2, 2, 500, DK, 256, DTYPES["bf16"])
+    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True,
+                     layout="bshd")
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_ws_masked_tokens_are_finite_and_match_reference(ws):
+    """ĩ = −∞ (token writes nothing) and f̃ = −∞ (reset) inside chunks and at chunk edges."""
+    rng = np.random.default_rng(seed_of("ws-masked"))
+    host, ref = make_inputs(rng, 1, 2, 700, DK, 128, DTYPES["bf16"])
+    for name, cols in (("i", [0, 5, 127, 128, 129, 400, 699]), ("f", [3, 255, 256, 500])):
+        host[name][..., cols] = -np.inf
+        ref[name][..., cols] = -np.inf
+    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True)
+    h, last, g = got
+    assert bool(cp.isfinite(h).all()) and bool(cp.isfinite(last.C).all())
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+@pytest.mark.parametrize("nseg", [2, 5])
+def test_ws_segments_match_reference(ws, nseg):
+    """Segments: the summary pass on the fused kernel, the fold, then every segment on this one."""
+    import dataclasses
+    rng = np.random.default_rng(seed_of("ws-seg", nseg))
+    host, ref = make_inputs(rng, 1, 2, 2000, DK, 128, DTYPES["bf16"])
+    cfg = dataclasses.replace(config.pick_config("MmaBF16", DK, 128, L), segments=nseg)
+    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True,
+                     seed=seed_of("ws-seg-run", nseg), config=cfg)
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_ws_agrees_with_the_fused_forward_and_is_deterministic(ws, monkeypatch):
+    """Two runs bit for bit equal; against the fused forward within the rounding of the operands
+    each kernel rounds differently (ā ⊙ K here, ā ⊙ V there)."""
+    rng = np.random.default_rng(seed_of("ws-det"))
+    host, _ = make_inputs(rng, 1, 4, 1000, DK, 256, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    runs = [tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L, return_state=True) for _ in range(2)]
+    (h1, s1), (h2, s2) = runs
+    assert _same_bits(h1, h2) and _same_bits(s1.C, s2.C) and _same_bits(s1.n, s2.n) and _same_bits(s1.m, s2.m)
+    monkeypatch.setenv(config.FWD_WS_ENV, "0")
+    h0, s0 = tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L, return_state=True)
+    scale = float(cp.abs(h0.astype(cp.float32)).max())
+    assert float(cp.abs(h1.astype(cp.float32) - h0.astype(cp.float32)).max()) <= 2e-2 * scale
+    assert float(cp.abs(s1.C - s0.C).max()) <= 1e-2 * float(cp.abs(s0.C).max())
+    assert _same_bits(s1.m, s0.m)  # the stabiliser chain is the same arithmetic
+
+
+def test_ws_uncovered_calls_fall_back(ws, monkeypatch):
+    """DV = 192 (not a multiple of 128) and keep_states run on the fused forward, not an error."""
+    rng = np.random.default_rng(seed_of("ws-fallback"))
+    for DV, keep in ((192, False), (128, True)):
+        host, _ = make_inputs(rng, 1, 1, 300, DK, DV, DTYPES["bf16"])
+        x = {n: cp.asarray(host[n]) for n in "qkvif"}
+        names = launched_kernels(monkeypatch, lambda: tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L,
+                                                                          keep_states=keep))
+        assert not any(WS in n for n in names) and any("fwd_fused_sm90_kernel" in n for n in names), names
+
+
+_SANITIZED = textwrap.dedent("""
+    import dataclasses, os, ml_dtypes, numpy as np, cupy as cp, tfla_cupy
+    os.environ["TFLA_CUPY_FWD_WS"] = "1"
+    rng = np.random.default_rng(0)
+    bf = ml_dtypes.bfloat16
+    S = 300
+    q = cp.asarray(rng.standard_normal((1, 2, S, 128)).astype(bf))
+    k = cp.asarray(rng.standard_normal((1, 2, S, 128)).astype(bf))
+    v = cp.asarray(rng.standard_normal((1, 2, S, 256)).astype(bf))
+    i = cp.asarray(rng.standard_normal((1, 2, S)).astype(np.float32))
+    f = cp.asarray((3 + rng.standard_normal((1, 2, S))).astype(np.float32))
+    seg = dataclasses.replace(tfla_cupy.config.pick_config("MmaBF16", 128, 256, 128), segments=2)
+    for gate, norm in (("exp", True), ("sig", False)):
+        for cfg in (None, seg):  # one walk per item, and segments (the fused summary pass, fold, then this kernel)
+            h, last, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, gate=gate, normalize=norm, chunk_size=128, config=cfg)
+            tfla_cupy.mlstm_bwd(ctx, cp.ones_like(h))  # the states mode recomputes the chunk states
+    cp.cuda.Device().synchronize()
+    print("SANITIZED-RUN-OK")
+""")
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer_ws(ws, tmp_path, tool):
+    run_sanitized(tool, _SANITIZED, tmp_path)  # asserts the clean summary
