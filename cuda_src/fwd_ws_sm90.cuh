@@ -25,7 +25,8 @@
 //   empty[s]  both consumers are done with stage s (their V block holds h until it is stored);
 //   ready     the scores warpgroup's chunk is in shared memory: P, the row scales, γ, ā ⊙ K;
 //   pfree     both consumers are done with P and the row scales (the scores warpgroup waits for it
-//             before it writes the next chunk's; it also keeps `ready` one phase ahead at most);
+//             before it writes the next chunk's; it also keeps `ready` one phase ahead at most;
+//             1 / (N + ε), read after it, has two buffers);
 //   rec       the chunk's gate record landed (one buffer: the scores warpgroup copies the next
 //             chunk's record in once it has used the current one).
 //
@@ -47,15 +48,15 @@ namespace tfla {
 // Shared-memory carve (bytes from a 1024-aligned base). Per stage: Q and K as two 64-column DK
 // blocks of 128 rows, then the CTA's two 64-column V blocks (consumer j's is block j). Then, once:
 // the three causal 64 × 64 blocks of P (rows r, keys u: (0, 0), (1, 0), (1, 1)), two swizzle atoms
-// whose row 0 is n (compute dtype; rows 1..7 zero), the gate record, the row scales, the row
-// inverses 1 / (N + ε), γ per stage, and the scores warps' parts of Σ ā k.
+// whose row 0 is n (compute dtype; rows 1..7 zero), the gate record, the row scales and the row
+// inverses 1 / (N + ε) (two buffers each), γ per stage, and the scores warps' parts of Σ ā k.
 struct WsFwdSmem : SwizzledCarve {
   static constexpr int kL = 128, kDK = 128, kBV = 128, kHalfV = 64, kThreads = 512, kStages = 2;
   static constexpr int kBlk = kL * 128, kPBlk = 64 * 128, kAtom = 1024;
   static constexpr int kQ = 0, kK = 2 * kBlk, kV = 4 * kBlk, kStage = 6 * kBlk;
   static constexpr int kP = kStages * kStage, kNAtom = kP + 3 * kPBlk, kRec = kNAtom + 2 * kAtom,
-                       kTermBytes = 4 * FusedTerms::kFloats, kRowSc = kRec + kTermBytes, kRowInv = kRowSc + 4 * kL,
-                       kGamma = kRowInv + 4 * kL, kNPart = kGamma + 16, kEnd = kNPart + 4 * 4 * kDK;
+                       kTermBytes = 4 * FusedTerms::kFloats, kRowSc = kRec + kTermBytes, kRowInv = kRowSc + 2 * 4 * kL,
+                       kGamma = kRowInv + 2 * 4 * kL, kNPart = kGamma + 16, kEnd = kNPart + 4 * 4 * kDK;
   static constexpr int kBytes = kEnd + 1024;  // dynamic shared memory: the carve plus alignment slack
   static_assert(kBV == 2 * kHalfV && kDK == 2 * 64, "tiles are whole 128-byte swizzle rows");
   static_assert(kP % 1024 == 0 && kNAtom % 1024 == 0 && kRec % 16 == 0 && kTermBytes % 16 == 0, "alignment");
@@ -68,8 +69,10 @@ struct WsFwdSmem : SwizzledCarve {
   __device__ __forceinline__ char* p(int i) const { return base + kP + i * kPBlk; }
   __device__ __forceinline__ char* natom(int b) const { return base + kNAtom + b * kAtom; }
   __device__ __forceinline__ float* rec() const { return at<float>(kRec); }
-  __device__ __forceinline__ float* row_sc() const { return at<float>(kRowSc); }
-  __device__ __forceinline__ float* row_inv() const { return at<float>(kRowInv); }
+  // the row terms of chunk it in buffer it & 1 (the consumers read a chunk's 1 / (N + ε) after they
+  // released its P)
+  __device__ __forceinline__ float* row_sc(int buf) const { return at<float>(kRowSc + buf * 4 * kL); }
+  __device__ __forceinline__ float* row_inv(int buf) const { return at<float>(kRowInv + buf * 4 * kL); }
   __device__ __forceinline__ float* gamma() const { return at<float>(kGamma); }
   __device__ __forceinline__ float* npart() const { return at<float>(kNPart); }  // [scores warp][DK]
 };
@@ -268,7 +271,7 @@ __device__ __forceinline__ void ws_p_block(const WsFwdSmem& sm, const WsScoreLan
 template <typename Gate>
 __device__ __forceinline__ void ws_row_outputs(const Params& p, const WsFwdSmem& sm, const WsScoreLanes& ln,
                                                const WsRowTerms& rt, const FusedItem& item, int rh, const float (&qn)[4],
-                                               float (&rs)[2], int Lc, int u0) {
+                                               float (&rs)[2], int Lc, int u0, int buf) {
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     const int r = ln.row(rh, hi);
@@ -284,8 +287,8 @@ __device__ __forceinline__ void ws_row_outputs(const Params& p, const WsFwdSmem&
       }
     }
     if (ln.t == 0) {
-      sm.row_sc()[r] = rt.sc[rh][hi];
-      sm.row_inv()[r] = inv;
+      sm.row_sc(buf)[r] = rt.sc[rh][hi];
+      sm.row_inv(buf)[r] = inv;
     }
   }
 }
@@ -376,7 +379,10 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
       mbar_wait(bar.rec(), it & 1);
       const float* tr = sm.rec();
       const FusedChunkDecay d = fused_chunk_decay<Gate>(tr, m);
-      if (it > 0) mbar_wait(bar.pfree(), (it - 1) & 1);  // the consumers are done with the last chunk's
+      // (P, the row terms: the consumers must be done with the last chunk's before they are written)
+      auto wait_pfree = [&]() {
+        if (it > 0) mbar_wait(bar.pfree(), (it - 1) & 1);
+      };
       if constexpr (Mode::kOutputs) {
         WsRowTerms rt;
 #pragma unroll
@@ -391,16 +397,18 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
           named_barrier_sync(kWsScoresBar, 128);  // every n before the products read it
         }
         const float2* col_log = reinterpret_cast<const float2*>(tr + FusedTerms::kColLog);
-        float qn[4], rs[2];
+        float qn[4] = {0.f, 0.f, 0.f, 0.f}, rs[2];
         // query rows 0 .. 63: the diagonal block
         {
           float S[32];
           ws_score_mma<T, kN>(sm, s, 0, 0, S, qn);
+          wait_pfree();  // beside the first product
           wgmma_wait<0>();
           fence_regs(S);
+          fence_regs(qn);
           rs[0] = rs[1] = 0.f;
           ws_p_block<T>(sm, ln, rt, col_log, 0, 0, 0, Lc, S, rs);
-          ws_row_outputs<Gate>(p, sm, ln, rt, item, 0, qn, rs, Lc, u0);
+          ws_row_outputs<Gate>(p, sm, ln, rt, item, 0, qn, rs, Lc, u0, it & 1);
         }
         // query rows 64 .. 127: the block below the diagonal, then the diagonal one
         {
@@ -408,6 +416,7 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
           ws_score_mma<T, kN>(sm, s, 1, 0, S, qn);
           wgmma_wait<0>();
           fence_regs(S);
+          fence_regs(qn);
           rs[0] = rs[1] = 0.f;
           ws_p_block<T>(sm, ln, rt, col_log, 1, 0, 1, Lc, S, rs);
           float qn_unused[4];
@@ -415,8 +424,10 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
           wgmma_wait<0>();
           fence_regs(S);
           ws_p_block<T>(sm, ln, rt, col_log, 1, 1, 2, Lc, S, rs);
-          ws_row_outputs<Gate>(p, sm, ln, rt, item, 1, qn, rs, Lc, u0);
+          ws_row_outputs<Gate>(p, sm, ln, rt, item, 1, qn, rs, Lc, u0, it & 1);
         }
+      } else {
+        wait_pfree();  // (keeps `ready` at most one phase ahead of the consumers)
       }
       ws_scale_keys<T, kN>(sm, ln, tr, d.shift, s, Lc);  // the score products are done with K
       if (st == 0) sm.gamma()[s] = d.gamma;
@@ -437,7 +448,7 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
     }
     if (item.last() && item.owns_nm()) {
       if (Gate::kStabilized && st == 0) {
-        if (p.m_states != nullptr) p.m_states[item.sq.m_slot(p, item.sq.nc)] = m;
+        if (!Mode::kOutputs && p.m_states != nullptr) p.m_states[item.sq.m_slot(p, item.sq.nc)] = m;
         if (Mode::kOutputs && p.m_last != nullptr) p.m_last[item.sq.state] = m;
       }
       if (kN && p.n_last != nullptr) p.n_last[i64(item.sq.state) * Sm::kDK + st] = n;
@@ -573,8 +584,8 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
 #pragma unroll
         for (int e = 0; e < 32; ++e) {
           const int col = 8 * (e >> 2) + 2 * ln.t + (e & 1);
-          HL[e] *= sm.row_sc()[col];
-          HR[e] *= sm.row_sc()[64 + col];
+          HL[e] *= sm.row_sc(it & 1)[col];
+          HR[e] *= sm.row_sc(it & 1)[64 + col];
         }
       } else {
         mbar_arrive(bar.pfree());  // γ read; the states mode reads nothing else of the scores' buffers
@@ -590,13 +601,14 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
         fence_regs(HR);
       }
       wgmma_fence();
-      if constexpr (Mode::kOutputs) {
+      if constexpr (Mode::kOutputs) {  // its own commit group: P is released as soon as it is read
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
           const u64 dv = sw128_desc_mn(sm.v(s, j) + 2048 * kk, 1024);
           if (kk < 4) wgmma_ss<T, Major::kMN, Major::kK>(HL, dv, sw128_desc(sm.p(0) + 32 * kk), 1);
           wgmma_ss<T, Major::kMN, Major::kK>(HR, dv, sw128_desc(sm.p(1 + (kk >> 2)) + 32 * (kk & 3)), 1);
         }
+        wgmma_commit();
       }
 #pragma unroll
       for (int b = 0; b < 2; ++b)
@@ -605,6 +617,10 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
           wgmma_ss<T, Major::kMN, Major::kMN>(CT[b], sw128_desc_mn(sm.v(s, j) + 2048 * kk, 1024),
                                               sw128_desc_mn(sm.k(s, b) + 2048 * kk, 1024), 1);
       wgmma_commit();
+      if constexpr (Mode::kOutputs) {
+        wgmma_wait<1>();           // Hᵀ += Vᵀ·Pᵀ done (groups complete in order)
+        mbar_arrive(bar.pfree());  // P and the row scales are read (1 / (N + ε) has two buffers)
+      }
       wgmma_wait<0>();
       fence_regs(CT[0]);
       fence_regs(CT[1]);
@@ -612,9 +628,8 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
         fence_regs(HL);
         fence_regs(HR);
         char* tile = sm.v(s, j);  // the V block is free: h goes out through it
-        ws_store_transposed<T>(tile, 0, ln, HL, sm.row_inv());
-        ws_store_transposed<T>(tile, 64, ln, HR, sm.row_inv() + 64);
-        mbar_arrive(bar.pfree());  // P and the row terms are read
+        ws_store_transposed<T>(tile, 0, ln, HL, sm.row_inv(it & 1));
+        ws_store_transposed<T>(tile, 64, ln, HR, sm.row_inv(it & 1) + 64);
         named_barrier_sync(kWsConsumerBar + j, 128);
         ws_tile_out<T>(ptr<T>(p.h) + item.sq.tok(p.st_h, u0) + v0, p.st_h.t, tile, Lc, ct);
       }

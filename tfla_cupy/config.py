@@ -73,7 +73,7 @@ SEG_COMBINE_THREADS = THREADS["tfla::kSegCombineThreads"]
 #: The warp-specialised Hopper forward (cuda_src/fwd_ws_sm90.cuh, struct WsFwdSmem): chunk size, DK,
 #: the DV columns of one CTA (two consumer warpgroups of 64), threads and dynamic shared memory.
 FUSED_WS = {"tfla::WsFwdSmem::kL": 128, "tfla::WsFwdSmem::kDK": 128, "tfla::WsFwdSmem::kBV": 128,
-            "tfla::WsFwdSmem::kThreads": 512, "tfla::WsFwdSmem::kBytes": 230_944}
+            "tfla::WsFwdSmem::kThreads": 512, "tfla::WsFwdSmem::kBytes": 231_968}
 #: Its modes: the forward, and the backward's recompute of the chunk-boundary states.
 FUSED_WS_MODES = {"full": "WsFull", "states": "WsStates"}
 FUSED_WS_BV = FUSED_WS["tfla::WsFwdSmem::kBV"]
