@@ -8,6 +8,7 @@
     python bench/bench.py --family sm80    # force a kernel family (KernelConfig.family)
     python bench/bench.py --S 65536 --segments 4   # force the fused forward's segment count
     ncu --profile-from-start off python bench/bench.py --profile-once   # one fw + bw per variant, for a profiler
+    python bench/bench.py --probe-cluster  # Hopper: the cost of exchanging 16–64 KB within a CTA pair
 
 Timing (docs/performance.md §1): CUDA events, a 256 MB buffer zeroed before every call (L2
 flush), 10 warm-ups, median of 30 calls. Each tfla_cupy row is first checked against the float64
@@ -229,6 +230,42 @@ def bench_layouts(cp, timer, variant, mode, NH, DK, DV, L, n_seqs=64, seed=0, co
     return out
 
 
+def probe_cluster(cp, rounds=200):
+    """The cost of one exchange between the two CTAs of a thread-block cluster (cluster_probe_kernel,
+    cuda_src/wgmma_probes.cuh), every SM busy: cycles per round for the cluster barrier alone, for
+    remote stores and for one bulk copy of 16 … 64 KB per CTA, and the bytes per cycle and per SM
+    beyond the barrier. The bytes of the last round are checked. Returns False if any check failed."""
+    from tfla_cupy import _loader
+    from tfla_cupy._params import make_params
+
+    sms = _loader.device_limits(cp.cuda.Device().id)[0]
+    ctas = 2 * (sms // 2)
+    print(f"# cluster exchange probe: {ctas} CTAs in pairs, {rounds} rounds, cycles per round (median over CTAs)")
+    print(f"{'KB':>4} {'barrier':>8} {'stores':>8} {'bulk':>8} {'stores B/clk':>13} {'bulk B/clk':>11}")
+    ok = True
+    for kb in (16, 32, 48, 64):
+        nbytes = kb * 1024
+        per_round = []
+        for mode in (0, 1, 2):
+            out = cp.zeros(ctas * nbytes // 4, cp.uint32)
+            cycles = cp.zeros(ctas, cp.float32)
+            kernel = _loader.get_kernel(f"tfla::cluster_probe_kernel<{mode}>")
+            for _ in range(2):  # the first launch warms up
+                kernel(ctas, 128, make_params(h=out, N=cycles, S=nbytes, NC=rounds), 2 * 64 * 1024)
+            per_round.append(float(cp.median(cycles)) / rounds)
+            if mode:
+                words = np.arange(nbytes // 4, dtype=np.uint64)
+                got = cp.asnumpy(out).reshape(ctas, -1)
+                for b in range(ctas):
+                    want = ((((b % 2) ^ 1) << 28) + ((rounds - 1) << 16) + words) % 2**32
+                    ok &= bool(np.array_equal(got[b], want.astype(np.uint32)))
+        base, stores, bulk = per_round
+        print(f"{kb:>4} {base:>8.0f} {stores:>8.0f} {bulk:>8.0f} {nbytes / max(stores - base, 1):>13.1f} "
+              f"{nbytes / max(bulk - base, 1):>11.1f}")
+    print("# bytes received: " + ("checked" if ok else "WRONG"))
+    return ok
+
+
 def profile_once(cp, variants, B, NH, S, DK, DV, L, config=None):
     """One warmed-up forward + backward per variant between cudaProfilerStart / Stop, nothing
     timed: for ``ncu --profile-from-start off`` or ``nsys profile --capture-range=cudaProfilerApi``."""
@@ -390,6 +427,9 @@ def parse_args(argv):
     ap.add_argument("--profile-once", action="store_true",
                     help="no timing: one warmed-up fw + bw per variant at the first S and chunk size between "
                          "cudaProfilerStart / Stop, for a profiler; needs a GPU")
+    ap.add_argument("--probe-cluster", action="store_true",
+                    help="no mLSTM: the cost of exchanging 16–64 KB between the two CTAs of a thread-block cluster "
+                         "(remote stores, a bulk copy) with every SM busy; needs a GPU of compute capability 9.0")
     ap.add_argument("--out", default=str(_common.RESULTS), help="folder of the result files (default bench/results)")
     ap.add_argument("--tag", default=None,
                     help="file name prefix of the results (default: bench, bench-varlen; cpu-demo without a GPU)")
@@ -421,7 +461,7 @@ def main(argv=None):
         given = (("--shape", args.shape is not None), ("--sweep", args.sweep), ("--S", bool(args.S)),
                  ("--peers", args.peers_given and bool(args.wanted)), ("--family", args.family is not None),
                  ("--segments", args.segments is not None), ("--varlen", args.varlen),
-                 ("--profile-once", args.profile_once))
+                 ("--profile-once", args.profile_once), ("--probe-cluster", args.probe_cluster))
         gpu_only = [flag for flag, on in given if on]
         if gpu_only:
             ap.error(f"{', '.join(gpu_only)}: needs a CUDA GPU; without one the benchmark only runs the NumPy "
@@ -432,6 +472,10 @@ def main(argv=None):
 
     card = _common.card(cp)
     print(_common.card_line(cp))
+    if args.probe_cluster:
+        if cp.cuda.Device().compute_capability != "90":
+            ap.error("argument --probe-cluster: needs a GPU of compute capability 9.0")
+        return 0 if probe_cluster(cp) else 1
     if args.family == "sm90" and cp.cuda.Device().compute_capability != "90":
         ap.error("argument --family: sm90 needs a GPU of compute capability 9.0")
     shape = SHAPES[args.shape or "main"]

@@ -35,6 +35,28 @@ __device__ __forceinline__ u32 cluster_map(u32 smem, int rank) {
 __device__ __forceinline__ void st_cluster_f2(u32 addr, float a, float b) {
   asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
 }
+// This CTA's rank in its cluster.
+__device__ __forceinline__ int cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return int(r);
+}
+// Sixteen bytes to a cluster shared-memory address (cluster_map), 16-byte aligned.
+__device__ __forceinline__ void st_cluster_v4(u32 addr, uint4 x) {
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(x.x), "r"(x.y), "r"(x.z),
+               "r"(x.w)
+               : "memory");
+}
+// `bytes` (a multiple of 16, both ends 16-byte aligned) of this CTA's shared memory at `src` into
+// another CTA's at `dst`, completing the transaction count of that CTA's mbarrier `bar` (dst and
+// bar: cluster addresses, cluster_map). The receiver announces the bytes on its own barrier
+// (mbar_expect_tx) and waits on it; one thread issues.
+__device__ __forceinline__ void bulk_copy_to_cluster(u32 dst, const void* src, int bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   dst),
+               "r"(smem_addr(src)), "r"(bytes), "r"(bar)
+               : "memory");
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace tfla

@@ -1,8 +1,11 @@
 // tfla_cupy — probes of the Hopper primitives: wgmma_probe_kernel (the operand forms of
 // wgmma.cuh) and tma_probe_kernel (a bulk tensor copy of tma.cuh feeding wgmma), each one
-// warpgroup computing one 64 × 64 product that tests/test_gpu_wgmma.py checks against NumPy.
+// warpgroup computing one 64 × 64 product that tests/test_gpu_wgmma.py checks against NumPy; and
+// cluster_probe_kernel (the exchanges of cluster.cuh between the two CTAs of a cluster, whose
+// bytes tests/test_gpu_wgmma.py checks and whose cost bench/bench.py --probe-cluster prints).
 // On sm_80 and sm_90 they are an empty trap.
 #pragma once
+#include "cluster.cuh"
 #include "params.cuh"
 #include "swizzle.cuh"
 #include "tma.cuh"
@@ -112,6 +115,54 @@ __global__ void __launch_bounds__(128) tma_probe_kernel(const Params p) {
   wgmma_commit();
   wgmma_wait<0>();
   store_m64n64(d, ptr<float>(p.h));
+#else
+  __trap();
+#endif
+}
+
+// Probe of the cluster exchanges: clusters of two CTAs of 128 threads; each CTA sends p.S bytes (a
+// multiple of 16, at most kClusterProbeBytes) of its shared memory to its peer's, p.NC rounds:
+//   kMode 0  nothing sent: the rounds' cluster barriers alone
+//   kMode 1  remote stores (st.shared::cluster, 16 bytes per thread and step), then the barrier
+//   kMode 2  one bulk copy (cp.async.bulk shared::cta -> shared::cluster) completing the peer's
+//            mbarrier, which the peer waits on, then the barrier
+// Round it sends the words w of its buffer as rank · 2^28 + it · 2^16 + w (mod 2^32); after the
+// last round each CTA writes what it received to p.h + blockIdx.x · p.S bytes and thread 0 the
+// loop's clock64 cycles to p.N[blockIdx.x].
+constexpr int kClusterProbeBytes = 64 * 1024;
+template <int kMode>
+__global__ void __launch_bounds__(128, 1) TFLA_CLUSTER_DIMS(2) cluster_probe_kernel(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char probe_smem[];
+  u32* send = reinterpret_cast<u32*>(probe_smem);
+  u32* recv = reinterpret_cast<u32*>(probe_smem + kClusterProbeBytes);
+  __shared__ __align__(8) u64 bar;
+  const int tid = threadIdx.x, rank = cluster_rank(), peer = rank ^ 1, words = p.S / 4;
+  if (tid == 0) mbar_init(&bar, 1);
+  cluster_sync();
+  const u32 peer_recv = cluster_map(smem_addr(recv), peer), peer_bar = cluster_map(smem_addr(&bar), peer);
+  long long cycles = 0;
+  for (int it = 0; it < p.NC; ++it) {
+    for (int w = tid; w < words; w += 128) send[w] = (u32(rank) << 28) + (u32(it) << 16) + u32(w);
+    if constexpr (kMode == 2) fence_async_smem();  // the send buffer, to the bulk copy's (async) proxy
+    __syncthreads();
+    const long long t0 = clock64();
+    if constexpr (kMode == 1) {
+      for (int w = 4 * tid; w < words; w += 4 * 128)
+        st_cluster_v4(peer_recv + 4u * w, *reinterpret_cast<const uint4*>(send + w));
+    } else if constexpr (kMode == 2) {
+      if (tid == 0) {
+        mbar_expect_tx(&bar, p.S);  // what the peer sends this round
+        bulk_copy_to_cluster(peer_recv, send, p.S, peer_bar);
+      }
+      mbar_wait(&bar, it & 1);
+    }
+    cluster_sync();  // every round's bytes have landed; the buffers are free for the next
+    cycles += clock64() - t0;
+  }
+  unsigned char* out = static_cast<unsigned char*>(p.h) + size_t(blockIdx.x) * p.S;
+  for (int w = tid; w < words; w += 128) reinterpret_cast<u32*>(out)[w] = kMode == 0 ? 0u : recv[w];
+  if (tid == 0) p.N[blockIdx.x] = float(cycles);
 #else
   __trap();
 #endif

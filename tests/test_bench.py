@@ -92,7 +92,8 @@ def test_bad_flags_are_argparse_errors(capsys, no_gpu, argv, match):
 
 @pytest.mark.parametrize("argv", [["--sweep"], ["--S", "1024"], ["--shape", "second"], ["--peers", "fla"],
                                   ["--shape", "main"], ["--varlen"], ["--family", "sm80"], ["--segments", "2"],
-                                  ["--profile-once"]], ids=lambda a: "-".join(x.strip("-") for x in a))
+                                  ["--profile-once"], ["--probe-cluster"]],
+                         ids=lambda a: "-".join(x.strip("-") for x in a))
 def test_without_gpu_gpu_only_flags_are_rejected(capsys, no_gpu, argv):
     err = _error(capsys, argv)
     assert f"{argv[0]}: needs a CUDA GPU" in err

@@ -89,3 +89,35 @@ def test_tma_probe_matches_numpy():
     want = a.astype(np.float64) @ b.astype(np.float64).T
     got = cp.asnumpy(D).astype(np.float64)
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+CLUSTER_NAMES = [f"tfla::cluster_probe_kernel<{m}>" for m in (0, 1, 2)]
+
+
+def test_cluster_probe_compiles():
+    for arch in ("sm_80", "sm_90", "sm_90a"):
+        _, lowered = _loader.compile_for_arch(CLUSTER_NAMES, arch)
+        assert set(lowered) == set(CLUSTER_NAMES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [1, 2], ids=["remote-stores", "bulk-copy"])
+def test_cluster_probe_delivers_the_peers_bytes(mode):
+    """cluster.cuh's exchanges between the two CTAs of a cluster (st.shared::cluster, and the bulk
+    copy completing the peer's mbarrier): after three rounds each CTA holds exactly its peer's last
+    round; the output starts poisoned."""
+    cp = pytest.importorskip("cupy")
+    if not cp.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("needs compute capability 9.0 (sm_90a)")
+    ctas, nbytes, rounds = 4, 48 * 1024, 3
+    out = cp.full(ctas * nbytes // 4, 0xFFFFFFFF, dtype=cp.uint32)
+    cycles = cp.full(ctas, np.nan, dtype=cp.float32)
+    _loader.get_kernel(CLUSTER_NAMES[mode])(ctas, 128, make_params(h=out, N=cycles, S=nbytes, NC=rounds), 2 * 64 * 1024)
+    got = cp.asnumpy(out).reshape(ctas, -1)
+    words = np.arange(nbytes // 4, dtype=np.uint64)
+    for b in range(ctas):
+        want = ((((b % 2) ^ 1) << 28) + ((rounds - 1) << 16) + words) % 2**32
+        assert np.array_equal(got[b], want.astype(np.uint32)), f"CTA {b}"
+    assert bool(cp.all(cp.asarray(cycles) > 0))
