@@ -31,9 +31,10 @@
 //             chunk's record in once it has used the current one).
 //
 // Modes (the Mode policy; tfla_cupy/config.py: FUSED_WS_MODES): WsFull, the forward (h, N, M, the
-// last state; segment g > 0 starts from seg_*[g − 1]); WsStates, the backward's recompute of the
-// chunk-boundary states C^(c) (compute dtype) and m, without Q and outputs and without n. Shapes
-// and options it does not cover use the fused forward (tfla_cupy/config.py: fused_ws_unsupported).
+// last state; segment g > 0 starts from seg_*[g − 1]; with keep_states the chunk-boundary states
+// C^(c), n, m); WsStates, the backward's recompute of the chunk-boundary states C^(c) (compute
+// dtype) and m, without Q and outputs and without n. Shapes it does not cover use the fused
+// forward (tfla_cupy/config.py: fused_ws_unsupported).
 #pragma once
 #include "coords.cuh"
 #include "fused_schedule.cuh"
@@ -371,9 +372,9 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
     float m = (Gate::kStabilized && in.m != nullptr) ? in.m[in.state] : 0.f;
     for (int c = item.cb; c < item.ce; ++c, ++it) {
       const int s = it & 1, Lc = item.sq.chunk_len(p, c), u0 = c * L;
-      if constexpr (!Mode::kOutputs) {
-        if (item.owns_nm() && Gate::kStabilized && p.m_states != nullptr && st == 0)
-          p.m_states[item.sq.m_slot(p, c)] = m;  // m entering chunk c
+      if (item.owns_nm()) {  // the state entering chunk c: m (both modes), n (the forward's keep_states)
+        if (Gate::kStabilized && p.m_states != nullptr && st == 0) p.m_states[item.sq.m_slot(p, c)] = m;
+        if (kN && p.n_states != nullptr) p.n_states[item.sq.chunk_slot(p, c) * Sm::kDK + st] = n;
       }
       mbar_wait(bar.full(s), (it >> 1) & 1);
       mbar_wait(bar.rec(), it & 1);
@@ -448,7 +449,7 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
     }
     if (item.last() && item.owns_nm()) {
       if (Gate::kStabilized && st == 0) {
-        if (!Mode::kOutputs && p.m_states != nullptr) p.m_states[item.sq.m_slot(p, item.sq.nc)] = m;
+        if (p.m_states != nullptr) p.m_states[item.sq.m_slot(p, item.sq.nc)] = m;
         if (Mode::kOutputs && p.m_last != nullptr) p.m_last[item.sq.state] = m;
       }
       if (kN && p.n_last != nullptr) p.n_last[i64(item.sq.state) * Sm::kDK + st] = n;
@@ -538,6 +539,15 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
         for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
           for (int e = 0; e < 4; ++e) CT[b][4 * jj + e] = in.C != nullptr ? in.C[ln.state_at(p, base, b, jj, e)] : 0.f;
+    }
+    if (Mode::kOutputs && p.C_states != nullptr) {  // keep_states: C^(cb) straight from the registers
+      T* Cs = ptr<T>(p.C_states) + item.sq.chunk_slot(p, item.cb) * DK * p.DV + v0;
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) Cs[ln.state_at(p, 0, b, jj, e)] = from_float<T>(CT[b][4 * jj + e]);
     }
     for (int c = item.cb; c < item.ce; ++c, ++it) {
       const int s = it & 1, Lc = item.sq.chunk_len(p, c), u0 = c * L;
@@ -632,6 +642,13 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
         ws_store_transposed<T>(tile, 64, ln, HR, sm.row_inv(it & 1) + 64);
         named_barrier_sync(kWsConsumerBar + j, 128);
         ws_tile_out<T>(ptr<T>(p.h) + item.sq.tok(p.st_h, u0) + v0, p.st_h.t, tile, Lc, ct);
+        if (p.C_states != nullptr && c + 1 < item.ce) {  // keep_states: C^(c+1) out through the same block
+          named_barrier_sync(kWsConsumerBar + j, 128);  // every row of h has left it
+#pragma unroll
+          for (int b = 0; b < 2; ++b) ws_store_transposed<T>(tile, 64 * b, ln, CT[b], nullptr);
+          named_barrier_sync(kWsConsumerBar + j, 128);
+          ws_tile_out<T>(ptr<T>(p.C_states) + item.sq.chunk_slot(p, c + 1) * DK * p.DV + v0, p.DV, tile, DK, ct);
+        }
       }
       fence_async_smem();  // this thread's writes to the stage (zeroed rows, h) before the next copies
       mbar_arrive(bar.empty(s));

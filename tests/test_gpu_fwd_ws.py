@@ -83,12 +83,40 @@ def test_ws_varlen_with_empty_sequences(ws, mode):
     _assert_within(_errors(got, want, init=True), "bf16")
 
 
-def test_ws_bshd(ws):
-    rng = np.random.default_rng(seed_of("ws-bshd"))
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_states"])
+def test_ws_bshd_and_kept_states(ws, keep):
+    """bshd; with keep_states the forward writes C^(c), n, m of every chunk (the first of an item
+    from the registers, the others through the consumers' V blocks) and the backward reads them."""
+    rng = np.random.default_rng(seed_of("ws-bshd", keep))
     host, ref = make_inputs(rng, 2, 2, 500, DK, 256, DTYPES["bf16"])
     got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True,
-                     layout="bshd")
+                     layout="bshd", keep_states=keep)
     _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_ws_kept_states_equal_the_recomputed_ones(ws):
+    """The chunk states the forward keeps are the ones the states mode recomputes, bit for bit
+    (the same kernel arithmetic), in packed sequences cut across several items per CTA."""
+    rng = np.random.default_rng(seed_of("ws-kept"))
+    lengths = [300, 0, 129, 1000, 1]
+    cu = cp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    host, _ = make_inputs(rng, 1, 3, sum(lengths), DK, 256, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L, cu_seqlens=cu, keep_states=True)
+    kept_C, kept_m = ctx.saved["C_states"], ctx.saved["m_states"]
+    from tfla_cupy._gpu.fwd import recompute_states
+    C = cp.zeros(kept_C.shape, dtype=cp.uint16).view(kept_C.dtype)  # poison: 0xFFFF in every element
+    C.view(cp.uint16)[...] = 0xFFFF
+    m = cp.full(kept_m.shape, np.nan, dtype=kept_m.dtype)
+    assert recompute_states(ctx.problem, cp.cuda.Device(), ctx.saved, C, m)
+    got_C, want_C = (np.ascontiguousarray(cp.asnumpy(a.view(cp.uint16))) for a in (C, kept_C))
+    got_m, want_m = cp.asnumpy(m), cp.asnumpy(kept_m)
+    # the slots of real chunks (surplus slots of packed input are written by neither)
+    real = ~np.all(got_C == 0xFFFF, axis=(2, 3))
+    assert real.sum() == sum(-(-n // L) for n in lengths) * 3  # every chunk of every head, once
+    assert np.array_equal(got_C[real], want_C[real])
+    slot = np.isfinite(got_m)
+    assert slot.any() and np.array_equal(got_m[slot].view(np.uint32), want_m[slot].view(np.uint32))
 
 
 def test_ws_masked_tokens_are_finite_and_match_reference(ws):
@@ -134,14 +162,12 @@ def test_ws_agrees_with_the_fused_forward_and_is_deterministic(ws, monkeypatch):
 
 
 def test_ws_uncovered_calls_fall_back(ws, monkeypatch):
-    """DV = 192 (not a multiple of 128) and keep_states run on the fused forward, not an error."""
+    """DV = 192 (not a multiple of 128) runs on the fused forward, not an error."""
     rng = np.random.default_rng(seed_of("ws-fallback"))
-    for DV, keep in ((192, False), (128, True)):
-        host, _ = make_inputs(rng, 1, 1, 300, DK, DV, DTYPES["bf16"])
-        x = {n: cp.asarray(host[n]) for n in "qkvif"}
-        names = launched_kernels(monkeypatch, lambda: tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L,
-                                                                          keep_states=keep))
-        assert not any(WS in n for n in names) and any("fwd_fused_sm90_kernel" in n for n in names), names
+    host, _ = make_inputs(rng, 1, 1, 300, DK, 192, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    names = launched_kernels(monkeypatch, lambda: tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L))
+    assert not any(WS in n for n in names) and any("fwd_fused_sm90_kernel" in n for n in names), names
 
 
 _SANITIZED = textwrap.dedent("""

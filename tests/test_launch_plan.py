@@ -614,17 +614,23 @@ def test_hopper_plan_ws_forward_and_recompute(launches, tensor_maps, monkeypatch
 
 @pytest.mark.parametrize("env,DV,keep,ws", [("1", 256, False, True), (None, 256, False, False), ("0", 256, False, False),
                                             ("auto", 256, False, False), ("1", 192, False, False),
-                                            ("1", 256, True, False)],
+                                            ("1", 256, True, True)],
                          ids=["on", "default", "off", "auto", "DV192", "keep_states"])
 def test_hopper_plan_ws_choice(launches, tensor_maps, monkeypatch, env, DV, keep, ws):
-    """Only "1" takes the warp-specialised forward, and only where it covers the call: DV a
-    multiple of 128 and no kept chunk states; otherwise the fused forward runs (never an error)."""
+    """Only "1" takes the warp-specialised forward, and only where it covers the call (DV a
+    multiple of 128); otherwise the fused forward runs (never an error). With keep_states it writes
+    the chunk states itself and the backward recomputes nothing."""
     fwd, bwd, _ = _ws_call(launches, monkeypatch, env, DV=DV, keep=keep)
     families = {e[0].split("<")[0] for e in fwd}
     assert ("tfla::fwd_ws_sm90_kernel" in families) == ws, families
     assert ("tfla::fwd_fused_sm90_kernel" in families) == (not ws), families
     recompute = {e[0].split("<")[0] for e in bwd} & {"tfla::fwd_ws_sm90_kernel", "tfla::fwd_fused_sm90_kernel"}
     assert recompute == (set() if keep else {"tfla::fwd_ws_sm90_kernel" if ws else "tfla::fwd_fused_sm90_kernel"})
+    if keep:
+        p = fwd[-1][3]
+        dq = _by_kernel(bwd, "bwd_chunk_sm90_kernel")[0][3]
+        assert int(p["C_states"]) == int(dq["C_states"]) != 0 and int(p["m_states"]) == int(dq["m_states"]) != 0
+        assert int(p["n_states"]) != 0
 
 
 def test_ws_env_value_is_checked(launches, tensor_maps, monkeypatch):

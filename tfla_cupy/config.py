@@ -206,7 +206,7 @@ def fused_fwd_unsupported(mma: str, DK: int, DV: int, L: int):
     return None
 
 
-def fused_ws_unsupported(mma: str, DK: int, DV: int, L: int, keep_states: bool = False):
+def fused_ws_unsupported(mma: str, DK: int, DV: int, L: int):
     """None when the warp-specialised Hopper forward covers the call, else the reason it does not
     (the fused forward then runs it)."""
     why = fused_fwd_unsupported(mma, DK, DV, L)
@@ -214,8 +214,6 @@ def fused_ws_unsupported(mma: str, DK: int, DV: int, L: int, keep_states: bool =
         return why
     if DV % FUSED_WS_BV:
         return f"it needs DV a multiple of {FUSED_WS_BV}, got {DV}"
-    if keep_states:
-        return "it does not write the chunk states of keep_states=True"
     return None
 
 

@@ -90,7 +90,7 @@ def forward_ws(problem, mma):
     environment variable TFLA_CUPY_FWD_WS is "1" and it covers the call (fused_ws_unsupported).
     Its default ("auto", or "0") is off until the kernel has been measured (config.FWD_WS_ENV)."""
     p = problem
-    return _switch(FWD_WS_ENV) == "1" and fused_ws_unsupported(mma, p.DK, p.DV, p.chunk_size, p.keep_states) is None
+    return _switch(FWD_WS_ENV) == "1" and fused_ws_unsupported(mma, p.DK, p.DV, p.chunk_size) is None
 
 
 def backward(problem, cfg, mma, device):
