@@ -7,6 +7,7 @@
     python bench/bench.py --varlen         # 64 packed random-length sequences and (B, S, NH, D) vs B = 8
     python bench/bench.py --family sm80    # force a kernel family (KernelConfig.family)
     python bench/bench.py --S 65536 --segments 4   # force the fused forward's segment count
+    python bench/bench.py --fwd-ws both    # the warp-specialised Hopper forward beside the fused one
     ncu --profile-from-start off python bench/bench.py --profile-once   # one fw + bw per variant, for a profiler
     python bench/bench.py --probe-cluster  # Hopper: the cost of exchanging 16–64 KB within a CTA pair
 
@@ -37,7 +38,7 @@ import numpy as np
 
 import _common
 import tfla_cupy
-from tfla_cupy.config import MAX_SEGMENTS, pick_config
+from tfla_cupy.config import FWD_WS_ENV, MAX_SEGMENTS, pick_config
 from tfla_cupy.reference import chunkwise
 
 SHAPES = {"main": dict(NH=16, DK=128, DV=256), "second": dict(NH=8, DK=256, DV=512)}
@@ -421,6 +422,10 @@ def parse_args(argv):
     ap.add_argument("--segments", type=int, default=None,
                     help="segments per sequence of the fused Hopper forward (KernelConfig.segments: 1 = none, "
                          "0 = the heuristic); needs a GPU")
+    ap.add_argument("--fwd-ws", choices=("0", "1", "both"), default=None,
+                    help="the warp-specialised Hopper forward (TFLA_CUPY_FWD_WS) for every tfla_cupy call: 0, 1, "
+                         "or both, side by side (rows 'tfla_cupy' and 'tfla_cupy ws'); default: the environment "
+                         "decides; needs a GPU")
     ap.add_argument("--varlen", action="store_true",
                     help="only the layout cases: 64 packed random-length sequences (cu_seqlens) and bshd vs "
                          "the equal-length B = 8 bhsd call, first chunk size; needs a GPU")
@@ -451,6 +456,8 @@ def parse_args(argv):
                  f"got {args.segments}")
     if args.profile_once and (args.varlen or args.sweep):
         ap.error("argument --profile-once: not allowed with --varlen or --sweep (it runs one shape)")
+    if args.fwd_ws == "both" and (args.varlen or args.profile_once):
+        ap.error("argument --fwd-ws: 'both' is not allowed with --varlen or --profile-once (give 0 or 1)")
     return ap, args
 
 
@@ -461,7 +468,8 @@ def main(argv=None):
         given = (("--shape", args.shape is not None), ("--sweep", args.sweep), ("--S", bool(args.S)),
                  ("--peers", args.peers_given and bool(args.wanted)), ("--family", args.family is not None),
                  ("--segments", args.segments is not None), ("--varlen", args.varlen),
-                 ("--profile-once", args.profile_once), ("--probe-cluster", args.probe_cluster))
+                 ("--profile-once", args.profile_once), ("--probe-cluster", args.probe_cluster),
+                 ("--fwd-ws", args.fwd_ws is not None))
         gpu_only = [flag for flag, on in given if on]
         if gpu_only:
             ap.error(f"{', '.join(gpu_only)}: needs a CUDA GPU; without one the benchmark only runs the NumPy "
@@ -487,6 +495,11 @@ def main(argv=None):
 
     if args.family or args.segments is not None:
         print(f"# tfla_cupy calls with KernelConfig(family={args.family or 'auto'!r}, segments={args.segments or 0})")
+    # the warp-specialised forward: one setting for every call, or both side by side
+    ws_runs = {None: [None], "0": ["0"], "1": ["1"], "both": ["0", "1"]}[args.fwd_ws]
+    if args.fwd_ws is not None:
+        _set_env(FWD_WS_ENV, ws_runs[0])
+        print(f"# {FWD_WS_ENV}={' and '.join(ws_runs)} for the tfla_cupy calls")
     if args.profile_once:
         S, L = S_list[0], args.chunk[0]
         profile_once(cp, args.variants, max(TOKENS // S, 1), NH, S, DK, DV, L, config(L))
@@ -518,16 +531,18 @@ def main(argv=None):
         B = max(TOKENS // S, 1)
         for L in args.chunk:
             for mode in args.modes:
-                for variant in args.variants:
+                for variant, ws in ((v, w) for v in args.variants for w in ws_runs):
+                    impl = "tfla_cupy ws" if ws == "1" and args.fwd_ws == "both" else "tfla_cupy"
+                    _set_env(FWD_WS_ENV, ws)
                     try:
                         ms, peak, checked, ok = bench_tfla(cp, timer, variant, mode, B, NH, S, DK, DV, L,
                                                            check=not args.no_check, config=config(L))
                     except ValueError as e:   # e.g. a forced family that does not cover the shape
-                        print(f"# tfla_cupy {variant} {mode} S={S} L={L}: {e}")
+                        print(f"# {impl} {variant} {mode} S={S} L={L}: {e}")
                         failures += 1
                         continue
                     failures += not ok
-                    rows.append(_row("tfla_cupy", variant, mode, B, S, shape, L, ms, peak, checked))
+                    rows.append(_row(impl, variant, mode, B, S, shape, L, ms, peak, checked))
                     _print(rows[-1])
                 for name, (kind, fn) in peers.items():
                     if mode == "bw" or (kind in ("sdpa", "gla") and L != args.chunk[0]):
@@ -544,6 +559,12 @@ def main(argv=None):
                 cp.get_default_memory_pool().free_all_blocks()
     _save(rows, args.out, args.tag or "bench", card)
     return 1 if failures else 0
+
+
+def _set_env(name, value):
+    """Set the environment variable ``name`` to ``value``, or leave it as it is for None."""
+    if value is not None:
+        os.environ[name] = value
 
 
 def _subset(ap, flag, text, allowed, empty_ok=False):

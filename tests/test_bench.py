@@ -85,6 +85,8 @@ def _error(capsys, argv):
     pytest.param(["--segments", "-1"], "argument --segments: expected an integer in [0, ", id="segments-negative"),
     pytest.param(["--segments", "100000"], "argument --segments: expected an integer in [0, ", id="segments-large"),
     pytest.param(["--profile-once", "--sweep"], "argument --profile-once: not allowed with", id="profile-sweep"),
+    pytest.param(["--fwd-ws", "yes"], "argument --fwd-ws: invalid choice", id="fwd-ws"),
+    pytest.param(["--fwd-ws", "both", "--varlen"], "argument --fwd-ws: 'both' is not allowed", id="fwd-ws-varlen"),
 ])
 def test_bad_flags_are_argparse_errors(capsys, no_gpu, argv, match):
     assert match in _error(capsys, argv)
@@ -92,7 +94,7 @@ def test_bad_flags_are_argparse_errors(capsys, no_gpu, argv, match):
 
 @pytest.mark.parametrize("argv", [["--sweep"], ["--S", "1024"], ["--shape", "second"], ["--peers", "fla"],
                                   ["--shape", "main"], ["--varlen"], ["--family", "sm80"], ["--segments", "2"],
-                                  ["--profile-once"], ["--probe-cluster"]],
+                                  ["--profile-once"], ["--probe-cluster"], ["--fwd-ws", "both"]],
                          ids=lambda a: "-".join(x.strip("-") for x in a))
 def test_without_gpu_gpu_only_flags_are_rejected(capsys, no_gpu, argv):
     err = _error(capsys, argv)
