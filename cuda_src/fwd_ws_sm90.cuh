@@ -540,7 +540,7 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
 #pragma unroll
           for (int e = 0; e < 4; ++e) CT[b][4 * jj + e] = in.C != nullptr ? in.C[ln.state_at(p, base, b, jj, e)] : 0.f;
     }
-    if (Mode::kOutputs && p.C_states != nullptr) {  // keep_states: C^(cb) straight from the registers
+    if (Mode::kOutputs && p.C_states != nullptr && item.cb < item.ce) {  // keep_states: C^(cb) from the registers
       T* Cs = ptr<T>(p.C_states) + item.sq.chunk_slot(p, item.cb) * DK * p.DV + v0;
 #pragma unroll
       for (int b = 0; b < 2; ++b)

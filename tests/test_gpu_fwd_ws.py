@@ -13,7 +13,7 @@ import pytest
 import tfla_cupy
 from tfla_cupy import config
 from gpu_utils import DTYPES, GATE_MODES, cp, gpu, launched_kernels, make_inputs, run_sanitized, seed_of
-from test_gpu_varlen_layout import _assert_within, _errors, _run, _same_bits
+from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
 
 pytestmark = gpu
 
@@ -71,16 +71,56 @@ def test_ws_forward_and_backward_match_reference(ws, monkeypatch, B, NH, S, DV, 
         _check_launched(monkeypatch, host, gate, normalize)
 
 
+@pytest.mark.parametrize("kind", ["mixed", "main"])
 @pytest.mark.parametrize("mode", list(GATE_MODES))
-def test_ws_varlen_with_empty_sequences(ws, mode):
-    rng = np.random.default_rng(seed_of("ws-varlen", mode))
-    lengths = [0, 1, 127, 128, 0, 129, 300, 257, 0]
-    cu = np.concatenate([[0], np.cumsum(lengths)])
+def test_ws_varlen_matches_per_sequence_reference(ws, kind, mode):
+    rng = np.random.default_rng(seed_of("ws-varlen", kind, mode))
+    cu = np.concatenate([[0], np.cumsum(_lengths(rng, kind, L))])
     gate, normalize = GATE_MODES[mode]
     host, ref = make_inputs(rng, 1, 2, int(cu[-1]), DK, 256, DTYPES["bf16"])
     got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
-                     seed=seed_of("ws-varlen-run", mode))
+                     seed=seed_of("ws-varlen-run", kind, mode))
     _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def _kept(monkeypatch, x, ws, **kw):
+    """(h, last state, kept C_states, kept m_states) of a forward with keep_states, on the
+    warp-specialised kernel (ws) or the fused one."""
+    monkeypatch.setenv(config.FWD_WS_ENV, "1" if ws else "0")
+    h, last, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L, keep_states=True, **kw)
+    return h, last, ctx.saved["C_states"], ctx.saved["m_states"]
+
+
+def _close(a, b, tol, what):
+    a, b = (cp.asnumpy(t.astype(cp.float32)).astype(np.float64) for t in (a, b))
+    assert np.isfinite(a).all(), what
+    assert np.max(np.abs(a - b)) <= tol * max(np.max(np.abs(b)), 1e-30), what
+
+
+def test_ws_empty_sequences_of_a_device_cu_seqlens(ws, monkeypatch):
+    """A device cu_seqlens is not read on the host, so it may hold empty sequences: their last state
+    is the initial state bit for bit, nothing of theirs is written into a neighbour's chunk slots,
+    and h, the last states and every kept chunk state agree with the fused forward's."""
+    rng = np.random.default_rng(seed_of("ws-empty"))
+    lengths, NH, DV = [0, 200, 0, 129, 300, 0], 2, 256
+    S, N = sum(lengths), len(lengths)
+    cu = cp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    host, _ = make_inputs(rng, 1, NH, S, DK, DV, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    state = tfla_cupy.MLSTMState(cp.asarray((0.5 * rng.standard_normal((N, NH, DK, DV))).astype(np.float32)),
+                                 cp.asarray(rng.standard_normal((N, NH, DK)).astype(np.float32)),
+                                 cp.asarray(rng.standard_normal((N, NH)).astype(np.float32)))
+    got = _kept(monkeypatch, x, True, cu_seqlens=cu, initial_state=state)
+    want = _kept(monkeypatch, x, False, cu_seqlens=cu, initial_state=state)
+    for s in (0, 2, 5):
+        assert _same_bits(got[1].C[s], state.C[s]) and _same_bits(got[1].n[s], state.n[s]), s
+        assert _same_bits(got[1].m[s], state.m[s]), s
+    _close(got[0], want[0], 2e-2, "h")
+    _close(got[1].C, want[1].C, 1e-2, "C_last")
+    # the chunk slots (7 per head: 2 + 2 + 3, packed from slot 0) and the m slots (a sequence's
+    # chunks and its end: 7 + 6), written once each, as the fused forward does
+    _close(got[2][:, :7], want[2][:, :7], 1e-2, "C_states")
+    assert _same_bits(got[3][:, :13], want[3][:, :13])  # (the stabiliser chain: the same arithmetic)
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_states"])
@@ -96,13 +136,19 @@ def test_ws_bshd_and_kept_states(ws, keep):
 
 def test_ws_kept_states_equal_the_recomputed_ones(ws):
     """The chunk states the forward keeps are the ones the states mode recomputes, bit for bit
-    (the same kernel arithmetic), in packed sequences cut across several items per CTA."""
+    (the same kernel arithmetic), in packed sequences with an initial state and more items (2 DV
+    pairs × 40 heads × 4 non-empty sequences) than SMs."""
     rng = np.random.default_rng(seed_of("ws-kept"))
-    lengths = [300, 0, 129, 1000, 1]
+    lengths, NH = [300, 129, 1000, 1], 40
     cu = cp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    host, _ = make_inputs(rng, 1, 3, sum(lengths), DK, 256, DTYPES["bf16"])
+    host, _ = make_inputs(rng, 1, NH, sum(lengths), DK, 256, DTYPES["bf16"])
     x = {n: cp.asarray(host[n]) for n in "qkvif"}
-    _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L, cu_seqlens=cu, keep_states=True)
+    N = len(lengths)
+    state = tfla_cupy.MLSTMState(cp.asarray((0.5 * rng.standard_normal((N, NH, DK, 256))).astype(np.float32)),
+                                 cp.asarray(rng.standard_normal((N, NH, DK)).astype(np.float32)),
+                                 cp.asarray(rng.standard_normal((N, NH)).astype(np.float32)))
+    _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L, cu_seqlens=cu, keep_states=True,
+                                    initial_state=state)
     kept_C, kept_m = ctx.saved["C_states"], ctx.saved["m_states"]
     from tfla_cupy._gpu.fwd import recompute_states
     C = cp.zeros(kept_C.shape, dtype=cp.uint16).view(kept_C.dtype)  # poison: 0xFFFF in every element
@@ -113,7 +159,7 @@ def test_ws_kept_states_equal_the_recomputed_ones(ws):
     got_m, want_m = cp.asnumpy(m), cp.asnumpy(kept_m)
     # the slots of real chunks (surplus slots of packed input are written by neither)
     real = ~np.all(got_C == 0xFFFF, axis=(2, 3))
-    assert real.sum() == sum(-(-n // L) for n in lengths) * 3  # every chunk of every head, once
+    assert real.sum() == sum(-(-n // L) for n in lengths) * NH  # every chunk of every head, once
     assert np.array_equal(got_C[real], want_C[real])
     slot = np.isfinite(got_m)
     assert slot.any() and np.array_equal(got_m[slot].view(np.uint32), want_m[slot].view(np.uint32))
@@ -130,6 +176,23 @@ def test_ws_masked_tokens_are_finite_and_match_reference(ws):
     h, last, g = got
     assert bool(cp.isfinite(h).all()) and bool(cp.isfinite(last.C).all())
     _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def test_ws_segments_with_kept_states_agree_with_the_fused_forward(ws, monkeypatch):
+    """keep_states with segments: each segment's first kept state comes from the fold of the
+    segments before it (seg_C), the others through the consumers' V blocks; against the fused
+    forward with the same segments."""
+    import dataclasses
+    rng = np.random.default_rng(seed_of("ws-seg-kept"))
+    host, _ = make_inputs(rng, 1, 2, 2000, DK, 256, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    cfg = dataclasses.replace(config.pick_config("MmaBF16", DK, 256, L), segments=3)
+    got = _kept(monkeypatch, x, True, config=cfg)
+    want = _kept(monkeypatch, x, False, config=cfg)
+    _close(got[0], want[0], 2e-2, "h")
+    _close(got[1].C, want[1].C, 1e-2, "C_last")
+    _close(got[2], want[2], 1e-2, "C_states")
+    assert _same_bits(got[3], want[3])
 
 
 @pytest.mark.parametrize("nseg", [2, 5])

@@ -657,3 +657,22 @@ def test_hopper_plan_ws_segments(launches, tensor_maps, monkeypatch):
     assert launches[1][1] == min(2 * 2 * (n - 1), 132)  # DV / 64 blocks × heads × (segments − 1), or every SM
     assert launches[3][1] == min(2 * n, 132)             # DV / 128 pairs × heads × segments
     assert all(int(e[3]["nseg"]) == n and int(e[3]["seg_chunks"]) == per for e in launches)
+
+
+def test_ws_recompute_follows_the_forward_not_the_environment(launches, tensor_maps, monkeypatch):
+    """The backward's recompute takes the kernel the forward took, whatever TFLA_CUPY_FWD_WS says
+    by then (the two kernels round ā ⊙ K and ā ⊙ V differently)."""
+    from tfla_cupy import config
+    from tfla_cupy._arrays import BFLOAT16
+    monkeypatch.setattr(_Device, "compute_capability", "90")
+    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
+    x = _bf16_call_inputs(np.random.default_rng(8), B=2, NH=4, S=300, DV=256)
+    dh = _fake(np.ones((2, 4, 300, 256), BFLOAT16))
+    for fwd_env, bwd_env, kernel in (("1", "0", "fwd_ws_sm90_kernel"), ("0", "1", "fwd_fused_sm90_kernel")):
+        monkeypatch.setenv(config.FWD_WS_ENV, fwd_env)
+        _, _, ctx = tfla_cupy.mlstm_fwd(*x, chunk_size=128)
+        monkeypatch.setenv(config.FWD_WS_ENV, bwd_env)
+        launches.clear()
+        tfla_cupy.mlstm_bwd(ctx, dh)
+        (name, *_), = [e for e in launches if "sm90_kernel<" in e[0] and "fwd_" in e[0]]
+        assert kernel in name and "States" in name, name

@@ -42,15 +42,16 @@ class ForwardPlan:
     one only allocates its outputs, binds pointers and launches (docs/architecture.md: host path).
     A plan is immutable once built and may be shared between threads."""
 
-    def __init__(self, p, device, mma, seq_st, h_key):
+    def __init__(self, p, device, mma, seq_st, h_key, ws=None):
         self.cfg = cfg = family.config(p, mma, device)
         h_strides, h_aligned = h_key if h_key is not None else (seq_strides(p, p.DV), True)
         sms = _loader.device_limits(device.id)[0]
         self.family = family.forward(p, cfg, mma, device, sms, family.operands_reason(p, seq_st[:3], h_aligned))
         self.geo = g = launch.geometry(p, cfg, mma)
         self.strides = seq_st
-        # the warp-specialised forward (opt-in) walks pairs of DV blocks, the fused forward single ones
-        self.ws = self.family == "sm90" and family.forward_ws(p, mma)
+        # the warp-specialised forward (opt-in; ``ws``: the choice of an earlier plan of this call)
+        # walks pairs of DV blocks, the fused forward single ones
+        self.ws = self.family == "sm90" and (family.forward_ws(p, mma) if ws is None else ws)
         walks = p.NSEQ * p.NH
         ctas = (p.DV // (FUSED_WS_BV if self.ws else FUSED_BV)) * walks
         self.nseg, seg_chunks = 1, 0
@@ -115,19 +116,20 @@ _PLANS = {}
 _PLANS_MAX = 64
 
 
-def plan_for(p, device, mma, operands, h_out):
+def plan_for(p, device, mma, operands, h_out, ws=None):
     """The ForwardPlan of this call, from the cache unless the call has packed sequences (their
-    cu_seqlens is an array: no signature). Two threads may build one plan at once; either result
-    is complete before it is published, and they are equal."""
+    cu_seqlens is an array: no signature). ``ws``: the warp-specialised kernel's choice of the
+    forward this plan repeats (the backward's recompute), else the environment's. Two threads may
+    build one plan at once; either result is complete before it is published, and they are equal."""
     lay = p.layout
     seq_st = tuple(strides(x, lay) for x in operands)
     h_key = None if h_out is None else (strides(h_out, lay), h_out.data.ptr % 16 == 0)
     if p.cu_seqlens is not None:
-        return ForwardPlan(p, device, mma, seq_st, h_key)
-    key = (p, device.id, seq_st, h_key, os.environ.get(FAMILY_ENV), os.environ.get(FWD_WS_ENV))
+        return ForwardPlan(p, device, mma, seq_st, h_key, ws)
+    key = (p, device.id, seq_st, h_key, os.environ.get(FAMILY_ENV), os.environ.get(FWD_WS_ENV) if ws is None else ws)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = ForwardPlan(p, device, mma, seq_st, h_key)
+        plan = ForwardPlan(p, device, mma, seq_st, h_key, ws)
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -187,7 +189,7 @@ def forward(problem, arrays, state, *, out=None, copy_saved=True):
         plan.run(plan.launches, params, q, k, v)
         del scratch  # the stream orders its reuse after the kernels
     saved = dict(q=q, k=k, v=v, i=i32, f=f32, C0=C0, n0=n0, m0=m0, N=N, M=M, C_last=C_last, gates=gates,
-                 C_states=kept.get("C_states"), m_states=kept.get("m_states"),
+                 C_states=kept.get("C_states"), m_states=kept.get("m_states"), fwd_ws=plan.ws,
                  dtypes=(arrays[3].dtype, arrays[4].dtype), mma=mma, cfg=plan.cfg, device=device.id,
                  cu_seqlens=cu, seq_table=table)
     return h, MLSTMState(C_last, n_last, m_last), MLSTMContext("cuda", problem, saved)
@@ -198,9 +200,10 @@ def recompute_states(p, device, saved, C_states, m_states):
     where the fused forward covers the call: its "states" mode (the forward's own plan: stage 0b,
     segments if any, then the state recurrence alone). False (nothing launched) where it does
     not; the caller then runs the two-pass forward's state pass. Either gives states consistent
-    with the forward's N and M."""
+    with the forward's N and M; the fused path takes the kernel the forward took (the
+    warp-specialised one or not), whatever the environment says now."""
     operands = tuple(saved[n] for n in ("q", "k", "v", "i", "f"))
-    plan = plan_for(p, device, saved["mma"], operands, None)
+    plan = plan_for(p, device, saved["mma"], operands, None, ws=saved.get("fwd_ws"))
     if plan.family != "sm90":
         return False
     q, k, v, i32, f32 = operands
