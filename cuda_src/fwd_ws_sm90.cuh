@@ -32,9 +32,10 @@
 //
 // Modes (the Mode policy; tfla_cupy/config.py: FUSED_WS_MODES): WsFull, the forward (h, N, M, the
 // last state; segment g > 0 starts from seg_*[g − 1]; with keep_states the chunk-boundary states
-// C^(c), n, m); WsStates, the backward's recompute of the chunk-boundary states C^(c) (compute
-// dtype) and m, without Q and outputs and without n. Shapes it does not cover use the fused
-// forward (tfla_cupy/config.py: fused_ws_unsupported).
+// C^(c), n, m); WsSummary, pass 1 of segments (segments 0 .. nseg − 2 from the initial or the empty
+// state, only the recurrence, the end state into seg_*[g]); WsStates, the backward's recompute of
+// the chunk-boundary states C^(c) (compute dtype) and m, without Q and outputs and without n.
+// Shapes it does not cover use the fused forward (tfla_cupy/config.py: fused_ws_unsupported).
 #pragma once
 #include "coords.cuh"
 #include "fused_schedule.cuh"
@@ -81,16 +82,22 @@ struct WsFwdSmem : SwizzledCarve {
 // The modes and their register budgets per role (setmaxnreg; the four sum to 512 = 65536 / 128
 // per thread of a 512-thread CTA): producer, scores, each consumer.
 struct WsFull {
-  static constexpr bool kOutputs = true;
+  static constexpr bool kOutputs = true, kSummary = false;
   static constexpr int kProducerRegs = 24, kScoresRegs = 136, kConsumerRegs = 176;
 };
 struct WsStates {
-  static constexpr bool kOutputs = false;
+  static constexpr bool kOutputs = false, kSummary = false;
+  static constexpr int kProducerRegs = 32, kScoresRegs = 96, kConsumerRegs = 192;
+};
+struct WsSummary {
+  static constexpr bool kOutputs = false, kSummary = true;
   static constexpr int kProducerRegs = 32, kScoresRegs = 96, kConsumerRegs = 192;
 };
 constexpr int kWsLaunchRegs = 65536 / WsFwdSmem::kThreads;
 static_assert(WsFull::kProducerRegs + WsFull::kScoresRegs + 2 * WsFull::kConsumerRegs == 4 * kWsLaunchRegs, "budget");
 static_assert(WsStates::kProducerRegs + WsStates::kScoresRegs + 2 * WsStates::kConsumerRegs == 4 * kWsLaunchRegs,
+              "budget");
+static_assert(WsSummary::kProducerRegs + WsSummary::kScoresRegs + 2 * WsSummary::kConsumerRegs == 4 * kWsLaunchRegs,
               "budget");
 
 // The CTA's mbarriers (static shared memory) and their arrival counts.
@@ -148,21 +155,28 @@ __device__ __forceinline__ bool ws_next(const Params& p, const FusedSchedule& sc
   return false;
 }
 
-// The state an item starts from: the initial state for segment 0, else the fold of the earlier
-// segments (seg_*[g − 1], segments.cuh).
+// The state an item starts from: the initial state for segment 0; for a later one the fold of the
+// segments before it (seg_*[g − 1], segments.cuh), or in the summary pass the empty state (C = 0,
+// n = 0, m = kEmptyM: null pointers and m_empty).
 struct WsStateIn {
   const float *C, *n, *m;
   i64 state;
-  __device__ __forceinline__ WsStateIn(const Params& p, const FusedItem& item)
-      : C(p.C0), n(p.n0), m(p.m0), state(item.sq.state) {
+  float m_empty;  // m where m is null
+  __device__ __forceinline__ WsStateIn(const Params& p, const FusedItem& item, bool summary)
+      : C(p.C0), n(p.n0), m(p.m0), state(item.sq.state), m_empty(0.f) {
     if (item.seg > 0) {
-      C = p.seg_C;
-      n = p.seg_n;
-      m = p.seg_m;
+      C = summary ? nullptr : p.seg_C;
+      n = summary ? nullptr : p.seg_n;
+      m = summary ? nullptr : p.seg_m;
+      m_empty = summary ? kEmptyM : 0.f;
       state = (item.seg - 1) * (i64(p.NSEQ) * p.NH) + item.sq.state;
     }
   }
 };
+// Where the summary pass writes segment g's end state: seg_*[g] (segments.cuh).
+__device__ __forceinline__ i64 ws_summary_slot(const Params& p, const FusedItem& item) {
+  return item.seg * (i64(p.NSEQ) * p.NH) + item.sq.state;
+}
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -352,7 +366,7 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
                                           const FusedSchedule& sched, int st) {
   using Sm = WsFwdSmem;
   constexpr int L = Sm::kL;
-  constexpr bool kN = Mode::kOutputs && Gate::kNormalize;  // n is carried (the states mode needs none)
+  constexpr bool kN = (Mode::kOutputs || Mode::kSummary) && Gate::kNormalize;  // n carried (the states mode: none)
   const WsScoreLanes ln(st);
   const double log2_scale = double(log2f(p.scale));
   {
@@ -367,12 +381,12 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
   for (int w = sched.first(); sched.has(w); w = sched.next(w)) {
     const FusedItem item = sched.item(p, w);
     if (!item.valid) continue;
-    const WsStateIn in(p, item);
+    const WsStateIn in(p, item, Mode::kSummary);
     float n = (kN && in.n != nullptr) ? in.n[in.state * Sm::kDK + st] : 0.f;
-    float m = (Gate::kStabilized && in.m != nullptr) ? in.m[in.state] : 0.f;
+    float m = (Gate::kStabilized && in.m != nullptr) ? in.m[in.state] : in.m_empty;
     for (int c = item.cb; c < item.ce; ++c, ++it) {
       const int s = it & 1, Lc = item.sq.chunk_len(p, c), u0 = c * L;
-      if (item.owns_nm()) {  // the state entering chunk c: m (both modes), n (the forward's keep_states)
+      if (!Mode::kSummary && item.owns_nm()) {  // the state entering chunk c: m, n (the forward's keep_states)
         if (Gate::kStabilized && p.m_states != nullptr && st == 0) p.m_states[item.sq.m_slot(p, c)] = m;
         if (kN && p.n_states != nullptr) p.n_states[item.sq.chunk_slot(p, c) * Sm::kDK + st] = n;
       }
@@ -444,10 +458,17 @@ __device__ __forceinline__ void ws_scores(const Params& p, const WsFwdSmem& sm, 
 #pragma unroll
         for (int g4 = 0; g4 < 4; ++g4) sum += sm.npart()[g4 * Sm::kDK + st];
         n = d.gamma * n + sum;
+        // (the forward's next chunk synchronises before its next parts, at the n atoms; the summary
+        // pass has no such step)
+        if constexpr (!Mode::kOutputs) named_barrier_sync(kWsScoresBar, 128);
       }
       m = d.m_next;
     }
-    if (item.last() && item.owns_nm()) {
+    if (Mode::kSummary) {  // the segment's end state
+      const i64 out = ws_summary_slot(p, item);
+      if (item.owns_nm() && Gate::kStabilized && st == 0) p.seg_m[out] = m;
+      if (item.owns_nm() && kN) p.seg_n[out * Sm::kDK + st] = n;
+    } else if (item.last() && item.owns_nm()) {
       if (Gate::kStabilized && st == 0) {
         if (p.m_states != nullptr) p.m_states[item.sq.m_slot(p, item.sq.nc)] = m;
         if (Mode::kOutputs && p.m_last != nullptr) p.m_last[item.sq.state] = m;
@@ -531,7 +552,7 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
     const int v0 = item.vb * Sm::kBV + j * Sm::kHalfV;  // this consumer's first value column
     float CT[2][32];                                     // Cᵀ: rows = value columns, DK halves b
     {
-      const WsStateIn in(p, item);
+      const WsStateIn in(p, item, Mode::kSummary);
       const i64 base = in.state * DK * p.DV + v0;
 #pragma unroll
       for (int b = 0; b < 2; ++b)
@@ -551,7 +572,7 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
     }
     for (int c = item.cb; c < item.ce; ++c, ++it) {
       const int s = it & 1, Lc = item.sq.chunk_len(p, c), u0 = c * L;
-      if constexpr (!Mode::kOutputs) {  // C^(c) out, through the stage's idle Q block j
+      if constexpr (!Mode::kOutputs && !Mode::kSummary) {  // C^(c) out, through the stage's idle Q block j
         if (p.C_states != nullptr) {
           char* tile = sm.q(s, j);
 #pragma unroll
@@ -653,14 +674,15 @@ __device__ __forceinline__ void ws_consumer(const Params& p, const WsFwdSmem& sm
       fence_async_smem();  // this thread's writes to the stage (zeroed rows, h) before the next copies
       mbar_arrive(bar.empty(s));
     }
-    if (item.last() && p.C_last != nullptr) {
-      const i64 base = i64(item.sq.state) * DK * p.DV + v0;
+    float* out = Mode::kSummary ? p.seg_C : item.last() ? p.C_last : nullptr;  // the end state, fp32
+    if (out != nullptr) {
+      const i64 base = (Mode::kSummary ? ws_summary_slot(p, item) : i64(item.sq.state)) * DK * p.DV + v0;
 #pragma unroll
       for (int b = 0; b < 2; ++b)
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) p.C_last[ln.state_at(p, base, b, jj, e)] = CT[b][4 * jj + e];
+          for (int e = 0; e < 4; ++e) out[ln.state_at(p, base, b, jj, e)] = CT[b][4 * jj + e];
     }
   }
 }
@@ -681,7 +703,7 @@ __global__ void __launch_bounds__(WsFwdSmem::kThreads, 1)
   const int tid = threadIdx.x, role = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform
   if (tid == 0) bar.init();
   __syncthreads();
-  const FusedSchedule sched(p, false, WsFwdSmem::kBV);
+  const FusedSchedule sched(p, Mode::kSummary, WsFwdSmem::kBV);
   if (role == 0) {
     setmaxnreg_to<Mode::kProducerRegs, kWsLaunchRegs>();
     if (tid == 0) ws_producer<Mode>(p, maps, sm, bar, sched);

@@ -2,7 +2,7 @@
 float64 reference: the forward and the backward that consumes its N, M and last state and whose
 chunk states its states mode recomputes; every gate variant, bf16 and f16, DV 128 / 256 / 512,
 ragged chunks, initial states, several items per CTA, packed sequences with empty ones, the
-(B, S, NH, D) layout, masked tokens, segments; both of its modes launched; agreement with the
+(B, S, NH, D) layout, masked tokens, segments, kept states; its modes launched; agreement with the
 fused forward; determinism; compute-sanitizer on ragged cases. Compute capability 9.0 only."""
 
 import textwrap
@@ -195,9 +195,23 @@ def test_ws_segments_with_kept_states_agree_with_the_fused_forward(ws, monkeypat
     assert _same_bits(got[3], want[3])
 
 
+def test_ws_segments_run_on_its_own_modes(ws, monkeypatch):
+    """Segments on this kernel: its summary mode for pass 1 and its forward for pass 2, no fused
+    kernel in between."""
+    import dataclasses
+    rng = np.random.default_rng(seed_of("ws-seg-modes"))
+    host, _ = make_inputs(rng, 1, 2, 1000, DK, 128, DTYPES["bf16"])
+    x = {n: cp.asarray(host[n]) for n in "qkvif"}
+    cfg = dataclasses.replace(config.pick_config("MmaBF16", DK, 128, L), segments=3)
+    names = launched_kernels(monkeypatch, lambda: tfla_cupy.mlstm(*(x[n] for n in "qkvif"), chunk_size=L, config=cfg))
+    assert [n for n in names if WS in n] == [config.fused_ws_kernel("MmaBF16", "tfla::GateExp", mode)
+                                              for mode in ("summary", "full")], names
+    assert not any("fwd_fused_sm90_kernel" in n for n in names) and any("segment_combine" in n for n in names)
+
+
 @pytest.mark.parametrize("nseg", [2, 5])
 def test_ws_segments_match_reference(ws, nseg):
-    """Segments: the summary pass on the fused kernel, the fold, then every segment on this one."""
+    """Segments: this kernel's summary pass, the fold, then every segment from its incoming state."""
     import dataclasses
     rng = np.random.default_rng(seed_of("ws-seg", nseg))
     host, ref = make_inputs(rng, 1, 2, 2000, DK, 128, DTYPES["bf16"])
@@ -246,7 +260,7 @@ _SANITIZED = textwrap.dedent("""
     f = cp.asarray((3 + rng.standard_normal((1, 2, S))).astype(np.float32))
     seg = dataclasses.replace(tfla_cupy.config.pick_config("MmaBF16", 128, 256, 128), segments=2)
     for gate, norm in (("exp", True), ("sig", False)):
-        for cfg in (None, seg):  # one walk per item, and segments (the fused summary pass, fold, then this kernel)
+        for cfg in (None, seg):  # one walk per item, and segments (its summary pass, the fold, its forward)
             h, last, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, gate=gate, normalize=norm, chunk_size=128, config=cfg)
             tfla_cupy.mlstm_bwd(ctx, cp.ones_like(h))  # the states mode recomputes the chunk states
     cp.cuda.Device().synchronize()

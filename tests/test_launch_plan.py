@@ -640,8 +640,8 @@ def test_ws_env_value_is_checked(launches, tensor_maps, monkeypatch):
 
 
 def test_hopper_plan_ws_segments(launches, tensor_maps, monkeypatch):
-    """A long single sequence on the warp-specialised forward: the segments' summary pass stays on
-    the fused kernel (its items per DV block of 64), the last pass walks pairs of DV blocks."""
+    """A long single sequence on the warp-specialised forward: stage 0b, its summary mode over
+    segments 0 .. n − 2, the fold, its forward over every segment — items of pairs of DV blocks."""
     from tfla_cupy import config
     monkeypatch.setattr(_Device, "compute_capability", "90")
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
@@ -651,11 +651,13 @@ def test_hopper_plan_ws_segments(launches, tensor_maps, monkeypatch):
     n, per = config.pick_segments(2, 41, 132)
     assert n > 1
     kinds = [e[0].split("<")[0] for e in launches]
-    assert kinds == ["tfla::fused_terms_kernel", "tfla::fwd_fused_sm90_kernel", "tfla::segment_combine_kernel",
+    assert kinds == ["tfla::fused_terms_kernel", "tfla::fwd_ws_sm90_kernel", "tfla::segment_combine_kernel",
                      "tfla::fwd_ws_sm90_kernel"], kinds
-    assert launches[1][0] == config.fused_fwd_kernel("MmaBF16", "tfla::GateExp", mode="summary")
-    assert launches[1][1] == min(2 * 2 * (n - 1), 132)  # DV / 64 blocks × heads × (segments − 1), or every SM
-    assert launches[3][1] == min(2 * n, 132)             # DV / 128 pairs × heads × segments
+    assert launches[1][0] == config.fused_ws_kernel("MmaBF16", "tfla::GateExp", mode="summary")
+    assert launches[3][0] == config.fused_ws_kernel("MmaBF16", "tfla::GateExp")
+    assert launches[1][1] == min(2 * (n - 1), 132)  # DV / 128 pairs × heads × (segments − 1), or every SM
+    assert launches[3][1] == min(2 * n, 132)        # DV / 128 pairs × heads × segments
+    assert all(int(launches[i][3][f]) != 0 for i in (1, 3) for f in ("seg_C", "seg_n", "seg_m"))
     assert all(int(e[3]["nseg"]) == n and int(e[3]["seg_chunks"]) == per for e in launches)
 
 

@@ -74,8 +74,8 @@ SEG_COMBINE_THREADS = THREADS["tfla::kSegCombineThreads"]
 #: the DV columns of one CTA (two consumer warpgroups of 64), threads and dynamic shared memory.
 FUSED_WS = {"tfla::WsFwdSmem::kL": 128, "tfla::WsFwdSmem::kDK": 128, "tfla::WsFwdSmem::kBV": 128,
             "tfla::WsFwdSmem::kThreads": 512, "tfla::WsFwdSmem::kBytes": 231_968}
-#: Its modes: the forward, and the backward's recompute of the chunk-boundary states.
-FUSED_WS_MODES = {"full": "WsFull", "states": "WsStates"}
+#: Its modes: the forward, the segments' summary pass, the backward's recompute of the chunk states.
+FUSED_WS_MODES = {"full": "WsFull", "summary": "WsSummary", "states": "WsStates"}
 FUSED_WS_BV = FUSED_WS["tfla::WsFwdSmem::kBV"]
 FUSED_WS_THREADS = FUSED_WS["tfla::WsFwdSmem::kThreads"]
 FUSED_WS_SMEM_BYTES = FUSED_WS["tfla::WsFwdSmem::kBytes"]
@@ -392,8 +392,9 @@ def fused_fwd_kernel(mma: str, gate: str, mode: str = "full"):
 
 
 def fused_ws_kernel(mma: str, gate: str, mode: str = "full"):
-    """The warp-specialised Hopper forward in one of FUSED_WS_MODES: "full" (the forward) or
-    "states" (the backward's recompute: chunk-boundary states C and m only)."""
+    """The warp-specialised Hopper forward in one of FUSED_WS_MODES: "full" (the forward),
+    "summary" (pass 1 of segments: segment end states only) or "states" (the backward's recompute:
+    chunk-boundary states C and m only)."""
     return kernel_name("fwd_ws_sm90_kernel", STORAGE_TYPE[mma], gate, f"tfla::{FUSED_WS_MODES[mode]}")
 
 

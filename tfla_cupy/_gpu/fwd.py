@@ -65,9 +65,8 @@ class ForwardPlan:
             walk = launch.fused_ws if self.ws else launch.fused
             last = walk(g, "full", items, sms)
             first = (launch.fused_terms(g),)
-            if self.nseg > 1:  # pass 1 (segment summaries, on the fused kernel), their fold, then pass 2
-                summaries = (p.DV // FUSED_BV) * walks * (self.nseg - 1)
-                first += (launch.fused(g, "summary", summaries, sms), launch.segment_combine(g))
+            if self.nseg > 1:  # pass 1 (segment summaries), their fold, then pass 2
+                first += (walk(g, "summary", ctas * (self.nseg - 1), sms), launch.segment_combine(g))
             self.launches = first + (last,)
             self._states = (walk, items, sms)
         else:

@@ -260,7 +260,7 @@ def fused(g, mode, items, sms):
 
 @_memo
 def fused_ws(g, mode, items, sms):
-    """The warp-specialised forward in ``mode`` ("full", "states") on a persistent grid of at most
+    """The warp-specialised forward in ``mode`` ("full", "summary", "states") on a persistent grid of at most
     one CTA per SM, each walking work items (segment, sequence, head, pair of DV blocks) in turn."""
     return LaunchSpec(_loader.get_kernel(fused_ws_kernel(g.mma, g.gate, mode)), min(items, sms), FUSED_WS_THREADS,
                       FUSED_WS_SMEM_BYTES, True)
