@@ -42,6 +42,27 @@ __device__ __forceinline__ void mbar_expect_tx(u64* bar, int bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
+#if defined(TFLA_WAIT_LIMIT)
+// Debug builds (TFLA_CUPY_NVRTC_OPTIONS="-DTFLA_WAIT_LIMIT=<polls>"): a wait that is still open
+// after that many polls prints where it is and traps, so that a protocol that can deadlock fails
+// the launch instead of hanging it.
+__device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
+  for (long long polls = 0;; ++polls) {
+    u32 done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (polls >= (long long)(TFLA_WAIT_LIMIT)) {
+      printf("tfla: mbarrier wait (parity %d) of block %d, thread %d still open after TFLA_WAIT_LIMIT polls\n",
+             parity, int(blockIdx.x), int(threadIdx.x));
+      __trap();
+    }
+  }
+}
+#else
 __device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
   asm volatile(
       "{\n.reg .pred done;\nwait_%=:\n"
@@ -50,6 +71,7 @@ __device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
       "r"(parity)
       : "memory");
 }
+#endif
 // Copy the box at (x = column, y = row) of a 2-D tensor map into shared memory.
 __device__ __forceinline__ void tma_load_2d(void* smem, const void* tmap, int x, int y, u64* bar) {
   asm volatile(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 import threading
 from pathlib import Path
@@ -26,8 +27,18 @@ import numpy as np
 from . import _arrays
 
 #: Options of every compilation (CuPy appends -arch and -ftz=true on the GPU path; the
-#: direct NVRTC path appends the same).
+#: direct NVRTC path appends the same), and then those of NVRTC_OPTIONS_ENV if set.
 OPTIONS = ("-std=c++17", "-DNDEBUG")
+#: Environment variable of extra NVRTC options for every compilation of a process (whitespace
+#: separated, read when a kernel is compiled: set it before the first call): "-lineinfo" for a
+#: profiler's source view, "-DTFLA_WAIT_LIMIT=<polls>" to make a stuck mbarrier wait trap with its
+#: block and thread printed instead of hanging (cuda_src/tma.cuh). For development, not production.
+NVRTC_OPTIONS_ENV = "TFLA_CUPY_NVRTC_OPTIONS"
+
+
+def options() -> tuple:
+    """OPTIONS and the extra options of the environment (NVRTC_OPTIONS_ENV)."""
+    return OPTIONS + tuple(os.environ.get(NVRTC_OPTIONS_ENV, "").split())
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -162,7 +173,7 @@ def _raw(a):
 def _build_kernel(device_id: int, name: str) -> Kernel:
     cp = _arrays.cupy_module()
     cc = cp.cuda.Device(device_id).compute_capability
-    module = cp.RawModule(code=source(), options=OPTIONS + _arch_options(cc), name_expressions=(name,))
+    module = cp.RawModule(code=source(), options=options() + _arch_options(cc), name_expressions=(name,))
     try:
         return Kernel(module.get_function(name))
     except cp.cuda.compiler.CompileException as e:
@@ -201,15 +212,15 @@ def compile_for_arch(names, arch: str, *, extra_source: str = "", verbose_ptxas:
     from cupy_backends.cuda.libs import nvrtc
 
     src = source() + extra_source
-    options = list(OPTIONS) + [f"-arch={arch}", "-ftz=true"]
+    opts = list(options()) + [f"-arch={arch}", "-ftz=true"]
     if verbose_ptxas:
-        options.append("-Xptxas=-v")
+        opts.append("-Xptxas=-v")
     prog = nvrtc.createProgram(src, "tfla.cu", [], [])
     try:
         for n in names:
             nvrtc.addNameExpression(prog, n)
         try:
-            nvrtc.compileProgram(prog, options)
+            nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError:
             raise CompileError(f"NVRTC failed for {arch}:\n{nvrtc.getProgramLog(prog)}") from None
         log = nvrtc.getProgramLog(prog)

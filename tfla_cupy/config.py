@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._arrays import BFLOAT16
-from ._loader import kernel_name
+from ._loader import NVRTC_OPTIONS_ENV, kernel_name  # noqa: F401  (the loader's variable, named here too)
 from .reference.gates import GATE_SPECS
 
 DEFAULT_CHUNK_SIZE = 128
