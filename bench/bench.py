@@ -38,6 +38,8 @@ import numpy as np
 
 import _common
 import tfla_cupy
+from tfla_cupy import _loader
+from tfla_cupy._params import make_params
 from tfla_cupy.config import FWD_WS_ENV, MAX_SEGMENTS, pick_config
 from tfla_cupy.reference import chunkwise
 
@@ -236,9 +238,6 @@ def probe_cluster(cp, rounds=200):
     cuda_src/wgmma_probes.cuh), every SM busy: cycles per round for the cluster barrier alone, for
     remote stores and for one bulk copy of 16 … 64 KB per CTA, and the bytes per cycle and per SM
     beyond the barrier. The bytes of the last round are checked. Returns False if any check failed."""
-    from tfla_cupy import _loader
-    from tfla_cupy._params import make_params
-
     sms = _loader.device_limits(cp.cuda.Device().id)[0]
     ctas = 2 * (sms // 2)
     print(f"# cluster exchange probe: {ctas} CTAs in pairs, {rounds} rounds, cycles per round (median over CTAs)")

@@ -5,6 +5,7 @@ ragged chunks, initial states, several items per CTA, packed sequences with empt
 (B, S, NH, D) layout, masked tokens, segments, kept states; its modes launched; agreement with the
 fused forward; determinism; compute-sanitizer on ragged cases. Compute capability 9.0 only."""
 
+import dataclasses
 import textwrap
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 import tfla_cupy
 from tfla_cupy import config
+from tfla_cupy._gpu.fwd import recompute_states
 from gpu_utils import DTYPES, GATE_MODES, cp, gpu, launched_kernels, make_inputs, run_sanitized, seed_of
 from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
 
@@ -150,7 +152,6 @@ def test_ws_kept_states_equal_the_recomputed_ones(ws):
     _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L, cu_seqlens=cu, keep_states=True,
                                     initial_state=state)
     kept_C, kept_m = ctx.saved["C_states"], ctx.saved["m_states"]
-    from tfla_cupy._gpu.fwd import recompute_states
     C = cp.zeros(kept_C.shape, dtype=cp.uint16).view(kept_C.dtype)  # poison: 0xFFFF in every element
     C.view(cp.uint16)[...] = 0xFFFF
     m = cp.full(kept_m.shape, np.nan, dtype=kept_m.dtype)
@@ -182,7 +183,6 @@ def test_ws_segments_with_kept_states_agree_with_the_fused_forward(ws, monkeypat
     """keep_states with segments: each segment's first kept state comes from the fold of the
     segments before it (seg_C), the others through the consumers' V blocks; against the fused
     forward with the same segments."""
-    import dataclasses
     rng = np.random.default_rng(seed_of("ws-seg-kept"))
     host, _ = make_inputs(rng, 1, 2, 2000, DK, 256, DTYPES["bf16"])
     x = {n: cp.asarray(host[n]) for n in "qkvif"}
@@ -198,7 +198,6 @@ def test_ws_segments_with_kept_states_agree_with_the_fused_forward(ws, monkeypat
 def test_ws_segments_run_on_its_own_modes(ws, monkeypatch):
     """Segments on this kernel: its summary mode for pass 1 and its forward for pass 2, no fused
     kernel in between."""
-    import dataclasses
     rng = np.random.default_rng(seed_of("ws-seg-modes"))
     host, _ = make_inputs(rng, 1, 2, 1000, DK, 128, DTYPES["bf16"])
     x = {n: cp.asarray(host[n]) for n in "qkvif"}
@@ -212,7 +211,6 @@ def test_ws_segments_run_on_its_own_modes(ws, monkeypatch):
 @pytest.mark.parametrize("nseg", [2, 5])
 def test_ws_segments_match_reference(ws, nseg):
     """Segments: this kernel's summary pass, the fold, then every segment from its incoming state."""
-    import dataclasses
     rng = np.random.default_rng(seed_of("ws-seg", nseg))
     host, ref = make_inputs(rng, 1, 2, 2000, DK, 128, DTYPES["bf16"])
     cfg = dataclasses.replace(config.pick_config("MmaBF16", DK, 128, L), segments=nseg)
