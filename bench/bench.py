@@ -40,7 +40,7 @@ import _common
 import tfla_cupy
 from tfla_cupy import _loader
 from tfla_cupy._params import make_params
-from tfla_cupy.config import FWD_WS_ENV, MAX_SEGMENTS, pick_config
+from tfla_cupy.config import FWD_WS_ENV, MAX_SEGMENTS, fused_ws_unsupported, pick_config
 from tfla_cupy.reference import chunkwise
 
 SHAPES = {"main": dict(NH=16, DK=128, DV=256), "second": dict(NH=8, DK=256, DV=512)}
@@ -461,6 +461,18 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """The benchmark; TFLA_CUPY_FWD_WS is as before when it returns (--fwd-ws sets it per row)."""
+    before = os.environ.get(FWD_WS_ENV)
+    try:
+        return _main(argv)
+    finally:
+        if before is None:
+            os.environ.pop(FWD_WS_ENV, None)
+        else:
+            os.environ[FWD_WS_ENV] = before
+
+
+def _main(argv=None):
     ap, args = parse_args(argv)
     cp = _common.gpu()
     if cp is None:
@@ -523,6 +535,7 @@ def main(argv=None):
         _save(rows, args.out, args.tag or "bench-varlen", card)
         return 0
 
+    card_cc = cp.cuda.Device().compute_capability
     torch, peers = torch_peers(args.wanted) if args.wanted else (None, {})
     if os.environ.get("DISABLE_LLVM_OPT"):
         print(f"# DISABLE_LLVM_OPT={os.environ['DISABLE_LLVM_OPT']} (Triton: the TFLA exp peer needs it under Triton 3.6)")
@@ -530,9 +543,17 @@ def main(argv=None):
         B = max(TOKENS // S, 1)
         for L in args.chunk:
             for mode in args.modes:
+                # the warp-specialised forward runs where TFLA_CUPY_FWD_WS is 1 and it covers the call
+                covered = (card_cc == "90" and args.family != "sm80"
+                           and fused_ws_unsupported("MmaBF16", DK, DV, L) is None)
                 for variant, ws in ((v, w) for v in args.variants for w in ws_runs):
-                    impl = "tfla_cupy ws" if ws == "1" and args.fwd_ws == "both" else "tfla_cupy"
                     _set_env(FWD_WS_ENV, ws)
+                    ws_active = os.environ.get(FWD_WS_ENV) == "1" and covered
+                    if ws == "1" and not covered and args.fwd_ws == "both":
+                        print(f"# tfla_cupy ws {variant} {mode} S={S} L={L}: the warp-specialised forward does not "
+                              f"cover this call (the row above is what runs)")
+                        continue
+                    impl = "tfla_cupy ws" if ws_active else "tfla_cupy"
                     try:
                         ms, peak, checked, ok = bench_tfla(cp, timer, variant, mode, B, NH, S, DK, DV, L,
                                                            check=not args.no_check, config=config(L))

@@ -44,8 +44,10 @@ __device__ __forceinline__ void mbar_expect_tx(u64* bar, int bytes) {
 }
 #if defined(TFLA_WAIT_LIMIT)
 // Debug builds (TFLA_CUPY_NVRTC_OPTIONS="-DTFLA_WAIT_LIMIT=<polls>"): a wait that is still open
-// after that many polls prints where it is and traps, so that a protocol that can deadlock fails
-// the launch instead of hanging it.
+// after that many polls traps (with a line naming the block and thread, where the printf buffer
+// reaches the host), so that a protocol that can deadlock fails the launch instead of hanging it.
+// Such builds may spill registers: not for timing.
+static_assert((long long)(TFLA_WAIT_LIMIT) >= 1024, "TFLA_WAIT_LIMIT: a number of polls, at least 1024");
 __device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
   for (long long polls = 0;; ++polls) {
     u32 done;
@@ -56,8 +58,8 @@ __device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
         : "memory");
     if (done) return;
     if (polls >= (long long)(TFLA_WAIT_LIMIT)) {
-      printf("tfla: mbarrier wait (parity %d) of block %d, thread %d still open after TFLA_WAIT_LIMIT polls\n",
-             parity, int(blockIdx.x), int(threadIdx.x));
+      printf("tfla: mbarrier wait of block %d, thread %d still open after %lld polls\n", int(blockIdx.x),
+             int(threadIdx.x), polls);
       __trap();
     }
   }

@@ -112,12 +112,17 @@ def test_conftest_finds_the_tests_that_need_nvrtc():
 def test_development_options_reach_every_compilation(monkeypatch):
     """TFLA_CUPY_NVRTC_OPTIONS adds its options to every compilation: with the bounded mbarrier
     wait (-DTFLA_WAIT_LIMIT) and -lineinfo the warp-specialised forward and the fused forward
-    still build for sm_90a without spills; a malformed option is NVRTC's error, with its log."""
+    still build for sm_90a (a debug build, which may spill); a malformed option, or a limit too
+    small to mean anything, is NVRTC's error, with its log."""
     monkeypatch.setenv(_loader.NVRTC_OPTIONS_ENV, "-DTFLA_WAIT_LIMIT=100000000 -lineinfo")
     assert _loader.options()[-2:] == ("-DTFLA_WAIT_LIMIT=100000000", "-lineinfo")
-    names = [config.fused_ws_kernel("MmaBF16", "tfla::GateExp"), config.fused_fwd_kernel("MmaBF16", "tfla::GateExp")]
+    names = [config.fused_ws_kernel("MmaBF16", gate) for gate in config.GATE_POLICY.values()]
+    names.append(config.fused_fwd_kernel("MmaBF16", "tfla::GateExp"))
     log, lowered = _loader.compile_for_arch(names, "sm_90a")
-    assert set(lowered) == set(names) and not any(_spills(log).values()), _spills(log)
+    assert set(lowered) == set(names) and len(_spills(log)) == len(names), log
     monkeypatch.setenv(_loader.NVRTC_OPTIONS_ENV, "--no-such-option")
     with pytest.raises(_loader.CompileError):
         _loader.compile_for_arch(names[:1], "sm_80", verbose_ptxas=False)
+    monkeypatch.setenv(_loader.NVRTC_OPTIONS_ENV, "-DTFLA_WAIT_LIMIT=10")  # too few polls to mean anything
+    with pytest.raises(_loader.CompileError, match="TFLA_WAIT_LIMIT"):
+        _loader.compile_for_arch(names[:1], "sm_90a", verbose_ptxas=False)

@@ -65,7 +65,9 @@ def test_fwbw_peak_at_the_main_shape_does_not_grow(launches, tensor_maps, monkey
 
 def test_fwbw_peak_is_the_same_with_the_warp_specialised_forward(launches, tensor_maps, monkeypatch):
     plain = _fwbw_peak(monkeypatch)
+    assert not any("fwd_ws_sm90_kernel" in e[0] for e in launches)
     ws = _fwbw_peak(monkeypatch, ws=True)
+    assert sum("fwd_ws_sm90_kernel" in e[0] for e in launches) == 2  # the forward and the recompute
     assert abs(ws - plain) <= 1e6, (plain, ws)
 
 

@@ -170,18 +170,22 @@ def _raw(a):
     return np.frombuffer(a, raw_dtype(a.dtype.itemsize)) if isinstance(a, np.ndarray) and a.dtype.names else a
 
 
-def _build_kernel(device_id: int, name: str) -> Kernel:
+def _build_kernel(device_id: int, name: str, opts: tuple) -> Kernel:
     cp = _arrays.cupy_module()
     cc = cp.cuda.Device(device_id).compute_capability
-    module = cp.RawModule(code=source(), options=options() + _arch_options(cc), name_expressions=(name,))
+    module = cp.RawModule(code=source(), options=opts + _arch_options(cc), name_expressions=(name,))
     try:
         return Kernel(module.get_function(name))
     except cp.cuda.compiler.CompileException as e:
         raise CompileError(f"NVRTC failed to compile {name} for compute capability {cc}:\n{e}") from None
 
 
-#: kernel_on(device id, name): the Kernel, compiled once per process and device (thread-safe)
-kernel_on = _Once(_build_kernel)
+_kernels = _Once(_build_kernel)
+
+
+def kernel_on(device_id: int, name: str) -> Kernel:
+    """The Kernel ``name`` on a device, compiled once per process, device and options (thread-safe)."""
+    return _kernels(device_id, name, options())
 
 
 def get_kernel(name: str) -> Kernel:
