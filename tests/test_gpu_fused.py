@@ -13,7 +13,8 @@ import tfla_cupy
 from tfla_cupy import _loader, config
 from gpu_utils import (DTYPES, GATE_MODES, cp, gpu, launched_kernels, make_inputs, run_sanitized,
                        seed_of)
-from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
+from test_gpu_varlen_layout import (_assert_within, _errors, _masked_tokens_match_reference,
+                                    _packed_call_matches_reference, _run, _same_bits)
 
 pytestmark = gpu
 
@@ -54,13 +55,7 @@ def test_fused_forward_and_backward_match_reference(hopper, B, NH, S, DV, mode, 
 @pytest.mark.parametrize("kind", ["mixed", "main"])
 @pytest.mark.parametrize("mode", list(GATE_MODES))
 def test_fused_varlen_matches_per_sequence_reference(hopper, kind, mode):
-    rng = np.random.default_rng(seed_of("fused-varlen", kind, mode))
-    cu = np.concatenate([[0], np.cumsum(_lengths(rng, kind, L))])
-    gate, normalize = GATE_MODES[mode]
-    host, ref = make_inputs(rng, 1, 1, int(cu[-1]), DK, 128, DTYPES["bf16"])
-    got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
-                     seed=seed_of("fused-varlen-run", kind, mode))
-    _assert_within(_errors(got, want, init=True), "bf16")
+    _packed_call_matches_reference("fused-varlen", kind, mode, 1, 128, L)
 
 
 def test_fused_bshd_and_kept_states(hopper):
@@ -73,15 +68,7 @@ def test_fused_bshd_and_kept_states(hopper):
 
 def test_fused_masked_tokens_are_finite_and_match_reference(hopper):
     """ĩ = −∞ (token writes nothing) and f̃ = −∞ (reset) inside chunks and at chunk edges."""
-    rng = np.random.default_rng(seed_of("fused-masked"))
-    host, ref = make_inputs(rng, 1, 2, 700, DK, 64, DTYPES["bf16"])
-    for name, cols in (("i", [0, 5, 127, 128, 129, 400, 699]), ("f", [3, 255, 256, 500])):
-        host[name][..., cols] = -np.inf
-        ref[name][..., cols] = -np.inf
-    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True)
-    h, last, g = got
-    assert bool(cp.isfinite(h).all()) and bool(cp.isfinite(last.C).all())
-    _assert_within(_errors(got, want, init=True), "bf16")
+    _masked_tokens_match_reference(seed_of("fused-masked"), 64, L)
 
 
 def test_fused_forward_is_deterministic(hopper):

@@ -15,7 +15,8 @@ import tfla_cupy
 from tfla_cupy import config
 from tfla_cupy._gpu.fwd import recompute_states
 from gpu_utils import DTYPES, GATE_MODES, cp, gpu, launched_kernels, make_inputs, run_sanitized, seed_of
-from test_gpu_varlen_layout import _assert_within, _errors, _lengths, _run, _same_bits
+from test_gpu_varlen_layout import (_assert_within, _errors, _masked_tokens_match_reference,
+                                    _packed_call_matches_reference, _run, _same_bits, _states)
 
 pytestmark = gpu
 
@@ -76,13 +77,7 @@ def test_ws_forward_and_backward_match_reference(ws, monkeypatch, B, NH, S, DV, 
 @pytest.mark.parametrize("kind", ["mixed", "main"])
 @pytest.mark.parametrize("mode", list(GATE_MODES))
 def test_ws_varlen_matches_per_sequence_reference(ws, kind, mode):
-    rng = np.random.default_rng(seed_of("ws-varlen", kind, mode))
-    cu = np.concatenate([[0], np.cumsum(_lengths(rng, kind, L))])
-    gate, normalize = GATE_MODES[mode]
-    host, ref = make_inputs(rng, 1, 2, int(cu[-1]), DK, 256, DTYPES["bf16"])
-    got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
-                     seed=seed_of("ws-varlen-run", kind, mode))
-    _assert_within(_errors(got, want, init=True), "bf16")
+    _packed_call_matches_reference("ws-varlen", kind, mode, 2, 256, L)
 
 
 def _kept(monkeypatch, x, ws, **kw):
@@ -109,9 +104,7 @@ def test_ws_empty_sequences_of_a_device_cu_seqlens(ws, monkeypatch):
     cu = cp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     host, _ = make_inputs(rng, 1, NH, S, DK, DV, DTYPES["bf16"])
     x = {n: cp.asarray(host[n]) for n in "qkvif"}
-    state = tfla_cupy.MLSTMState(cp.asarray((0.5 * rng.standard_normal((N, NH, DK, DV))).astype(np.float32)),
-                                 cp.asarray(rng.standard_normal((N, NH, DK)).astype(np.float32)),
-                                 cp.asarray(rng.standard_normal((N, NH)).astype(np.float32)))
+    state = tfla_cupy.MLSTMState(*(cp.asarray(a) for a in _states(rng, N, NH, DK, DV)))
     got = _kept(monkeypatch, x, True, cu_seqlens=cu, initial_state=state)
     want = _kept(monkeypatch, x, False, cu_seqlens=cu, initial_state=state)
     for s in (0, 2, 5):
@@ -146,9 +139,7 @@ def test_ws_kept_states_equal_the_recomputed_ones(ws):
     host, _ = make_inputs(rng, 1, NH, sum(lengths), DK, 256, DTYPES["bf16"])
     x = {n: cp.asarray(host[n]) for n in "qkvif"}
     N = len(lengths)
-    state = tfla_cupy.MLSTMState(cp.asarray((0.5 * rng.standard_normal((N, NH, DK, 256))).astype(np.float32)),
-                                 cp.asarray(rng.standard_normal((N, NH, DK)).astype(np.float32)),
-                                 cp.asarray(rng.standard_normal((N, NH)).astype(np.float32)))
+    state = tfla_cupy.MLSTMState(*(cp.asarray(a) for a in _states(rng, N, NH, DK, 256)))
     _, _, ctx = tfla_cupy.mlstm_fwd(*(x[n] for n in "qkvif"), chunk_size=L, cu_seqlens=cu, keep_states=True,
                                     initial_state=state)
     kept_C, kept_m = ctx.saved["C_states"], ctx.saved["m_states"]
@@ -168,15 +159,7 @@ def test_ws_kept_states_equal_the_recomputed_ones(ws):
 
 def test_ws_masked_tokens_are_finite_and_match_reference(ws):
     """ĩ = −∞ (token writes nothing) and f̃ = −∞ (reset) inside chunks and at chunk edges."""
-    rng = np.random.default_rng(seed_of("ws-masked"))
-    host, ref = make_inputs(rng, 1, 2, 700, DK, 128, DTYPES["bf16"])
-    for name, cols in (("i", [0, 5, 127, 128, 129, 400, 699]), ("f", [3, 255, 256, 500])):
-        host[name][..., cols] = -np.inf
-        ref[name][..., cols] = -np.inf
-    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True)
-    h, last, g = got
-    assert bool(cp.isfinite(h).all()) and bool(cp.isfinite(last.C).all())
-    _assert_within(_errors(got, want, init=True), "bf16")
+    _masked_tokens_match_reference(seed_of("ws-masked"), 128, L)
 
 
 def test_ws_segments_with_kept_states_agree_with_the_fused_forward(ws, monkeypatch):

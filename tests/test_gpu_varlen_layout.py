@@ -42,6 +42,32 @@ def _states(rng, N, NH, DK, DV):
     return C, n, m
 
 
+def _packed_call_matches_reference(name, kind, mode, NH, DV, L):
+    """Packed sequences of a ``kind`` (_lengths) against the per-sequence float64 reference: every
+    output and gradient of a bf16 call with initial states and a last-state gradient."""
+    rng = np.random.default_rng(seed_of(name, kind, mode))
+    cu = np.concatenate([[0], np.cumsum(_lengths(rng, kind, L))])
+    gate, normalize = GATE_MODES[mode]
+    host, ref = make_inputs(rng, 1, NH, int(cu[-1]), 128, DV, DTYPES["bf16"])
+    got, want = _run(host, ref, gate=gate, normalize=normalize, L=L, dt="bf16", cu=cu, init=True, d_last=True,
+                     seed=seed_of(name + "-run", kind, mode))
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
+def _masked_tokens_match_reference(seed, DV, L, **run_kw):
+    """ĩ = −∞ (a token writes nothing) and f̃ = −∞ (a reset) inside chunks and at chunk edges of a
+    700-token call: h and the last state finite, everything within the bf16 bounds."""
+    rng = np.random.default_rng(seed)
+    host, ref = make_inputs(rng, 1, 2, 700, 128, DV, DTYPES["bf16"])
+    for name, cols in (("i", [0, 5, 127, 128, 129, 400, 699]), ("f", [3, 255, 256, 500])):
+        host[name][..., cols] = -np.inf
+        ref[name][..., cols] = -np.inf
+    got, want = _run(host, ref, gate="exp", normalize=True, L=L, dt="bf16", cu=None, init=True, d_last=True, **run_kw)
+    h, last, g = got
+    assert bool(cp.isfinite(h).all()) and bool(cp.isfinite(last.C).all())
+    _assert_within(_errors(got, want, init=True), "bf16")
+
+
 def _run(host, ref, *, gate, normalize, L, dt, cu, init, d_last, layout="bhsd", seed=0, keep_states=False,
          cu_dtype=np.int32, config=None):
     """GPU forward + backward and the float64 reference of the same call. Inputs are (1, NH, S, ·);

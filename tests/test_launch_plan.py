@@ -312,29 +312,41 @@ def test_hopper_plan_fused_forward_in_place_then_hopper_backward(launches, tenso
 
 
 
-def _walk_backward(launches, monkeypatch, sms, env):
-    """A packed bshd call with DV = 256 on a Hopper device of ``sms`` SMs, its backward run with
-    TFLA_CUPY_BWD_WALK = ``env`` (None: unset); returns (launch names, the call's sizes)."""
+def _packed_hopper_call(launches, monkeypatch, sms, envs, DV=256, keep=False):
+    """A packed bshd call (five sequences, two heads) on a Hopper device of ``sms`` SMs with the
+    environment variables ``envs`` ({name: value, None: unset}): its forward, then its backward;
+    returns (forward launches, backward launches, (sequences, NH, DK, DV))."""
     from tfla_cupy import config
     from tfla_cupy._arrays import BFLOAT16
     monkeypatch.setattr(_Device, "compute_capability", "90")
     monkeypatch.setattr(_loader, "device_limits", lambda device_id: (sms, 232_448))
     monkeypatch.delenv(config.FAMILY_ENV, raising=False)
-    if env is None:
-        monkeypatch.delenv(config.BWD_WALK_ENV, raising=False)
-    else:
-        monkeypatch.setenv(config.BWD_WALK_ENV, env)
+    for name, value in envs.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     lengths = [1, 127, 128, 129, 300]
-    S, N, NH, DK, DV = sum(lengths), len(lengths), 2, 128, 256
+    S, N, NH, DK = sum(lengths), len(lengths), 2, 128
     cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     rng = np.random.default_rng(5)
     q, k = (_fake(rng.standard_normal((1, S, NH, DK)).astype(BFLOAT16)) for _ in range(2))
     v = _fake(rng.standard_normal((1, S, NH, DV)).astype(BFLOAT16))
     i, f = (_fake(rng.standard_normal((1, S, NH)).astype(np.float32)) for _ in range(2))
-    _, _, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd")
+    launches.clear()
+    _, _, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd", keep_states=keep)
+    fwd = list(launches)
     launches.clear()
     tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
-    return [e[0] for e in launches], (N, NH, DK, DV)
+    return fwd, list(launches), (N, NH, DK, DV)
+
+
+def _walk_backward(launches, monkeypatch, sms, env):
+    """A packed bshd call with DV = 256 on a Hopper device of ``sms`` SMs, its backward run with
+    TFLA_CUPY_BWD_WALK = ``env`` (None: unset); returns (launch names, the call's sizes)."""
+    from tfla_cupy import config
+    _, bwd, sizes = _packed_hopper_call(launches, monkeypatch, sms, {config.BWD_WALK_ENV: env, config.FWD_WS_ENV: None})
+    return [e[0] for e in bwd], sizes
 
 
 def test_hopper_plan_fused_backward_walk(launches, tensor_maps, monkeypatch):
@@ -565,28 +577,8 @@ def _ws_call(launches, monkeypatch, env, DV=256, keep=False, sms=16):
     """A packed bshd Hopper call with TFLA_CUPY_FWD_WS = ``env`` (None: unset): its forward, then
     its backward; returns (forward launches, backward launches, sizes)."""
     from tfla_cupy import config
-    from tfla_cupy._arrays import BFLOAT16
-    monkeypatch.setattr(_Device, "compute_capability", "90")
-    monkeypatch.setattr(_loader, "device_limits", lambda device_id: (sms, 232_448))
-    monkeypatch.delenv(config.FAMILY_ENV, raising=False)
-    monkeypatch.delenv(config.BWD_WALK_ENV, raising=False)
-    if env is None:
-        monkeypatch.delenv(config.FWD_WS_ENV, raising=False)
-    else:
-        monkeypatch.setenv(config.FWD_WS_ENV, env)
-    lengths = [1, 127, 128, 129, 300]
-    S, N, NH, DK = sum(lengths), len(lengths), 2, 128
-    cu = _fake(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    rng = np.random.default_rng(7)
-    q, k = (_fake(rng.standard_normal((1, S, NH, DK)).astype(BFLOAT16)) for _ in range(2))
-    v = _fake(rng.standard_normal((1, S, NH, DV)).astype(BFLOAT16))
-    i, f = (_fake(rng.standard_normal((1, S, NH)).astype(np.float32)) for _ in range(2))
-    launches.clear()
-    _, _, ctx = tfla_cupy.mlstm_fwd(q, k, v, i, f, chunk_size=128, cu_seqlens=cu, layout="bshd", keep_states=keep)
-    fwd = list(launches)
-    launches.clear()
-    tfla_cupy.mlstm_bwd(ctx, _fake(np.ones((1, S, NH, DV), BFLOAT16)))
-    return fwd, list(launches), (N, NH, DK, DV)
+    return _packed_hopper_call(launches, monkeypatch, sms, {config.FWD_WS_ENV: env, config.BWD_WALK_ENV: None}, DV,
+                               keep)
 
 
 def test_hopper_plan_ws_forward_and_recompute(launches, tensor_maps, monkeypatch):
