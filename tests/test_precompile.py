@@ -42,6 +42,7 @@ def test_bad_dtype_is_an_argparse_error_in_a_subprocess():
     pytest.param(["--jobs", "0"], "argument --jobs: expected an integer >= 1", id="jobs-zero"),
     pytest.param(["--jobs", "x"], "argument --jobs", id="jobs-text"),
     pytest.param(["--no-such-flag"], "unrecognized arguments", id="unknown-flag"),
+    pytest.param(["--family", "sm70"], "argument --family: invalid choice", id="family"),
 ])
 def test_bad_options_are_argparse_errors(capsys, monkeypatch, args, match):
     monkeypatch.setattr(precompile, "precompile", lambda *a, **k: pytest.fail("must not compile"))
@@ -63,3 +64,19 @@ def test_main_returns_one_without_a_gpu(monkeypatch, capsys):
     assert precompile.main(["--dtype", "bf16"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA GPU found" in err
+
+
+def test_family_selects_one_family_with_the_shared_stages():
+    """--family sm90: the Hopper kernels of the chosen dtypes and the shared stages (fp32 gate
+    kernels, the sequence table), nothing of sm80; --family sm80 the rest; together, everything."""
+    from tfla_cupy import config
+    every = set(precompile.selected(["bf16", "f16", "f32", "tf32"]))
+    hopper = set(precompile.selected(["bf16", "f16"], "sm90"))
+    others = set(precompile.selected(["bf16", "f16", "f32", "tf32"], "sm80"))
+    stages = set(config.stage_kernels())
+    assert stages <= hopper and stages <= others and stages <= every
+    assert all("sm90" in n for n in hopper - stages) and not any("sm90" in n for n in others - stages)
+    assert config.fused_ws_kernel("MmaBF16", "tfla::GateExp") in hopper
+    assert config.fused_ws_kernel("MmaF16", "tfla::GateExp", "states") in hopper
+    assert precompile.selected(["bf16", "f16", "f32", "tf32"], "sm90") and (
+        set(precompile.selected(["bf16", "f16", "f32", "tf32"], "sm90")) | others == every)

@@ -494,10 +494,18 @@ def all_instantiations():
                 names += [bwd_dstates_sm90_kernel(mma, gate, tma) for tma in (True, False)]
             if bwd_walk_unsupported(mma, BWD_WALK_DK, BWD_WALK_BV, BWD_WALK_L) is None:
                 names += [bwd_walk_sm90_kernel(mma, gate, parts) for parts in BWD_WALK_PARTS]
-            if mma == "MmaF32":
-                names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate),
-                          segment_combine_kernel(gate), walk_terms_kernel(gate), bwd_terms_sm90_kernel(gate)]
-        if mma == "MmaF32":
-            names += [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]
+        if mma == "MmaF32":  # (they compute in fp32 whatever the inputs: listed once, here)
+            names += stage_kernels()
         out[mma] = names
     return out
+
+
+def stage_kernels():
+    """The kernels of the stages every family shares, which compute in fp32 whatever the inputs:
+    the gate preparations and records, the gate gradients, the segment fold, the packed-sequence
+    table."""
+    names = []
+    for gate in GATE_POLICY.values():
+        names += [gates_kernel(gate), chunk_gates_kernel(gate), fused_terms_kernel(gate), segment_combine_kernel(gate),
+                  walk_terms_kernel(gate), bwd_terms_sm90_kernel(gate)]
+    return names + [seq_table_kernel(np.int32), seq_table_kernel(np.int64)]

@@ -1,6 +1,6 @@
 """Compile every kernel instantiation into CuPy's on-disk cache, in parallel.
 
-    python -m tfla_cupy.precompile [--jobs N] [--dtype bf16,f16,f32,tf32]
+    python -m tfla_cupy.precompile [--jobs N] [--dtype bf16,f16,f32,tf32] [--family all|sm80|sm90]
 
 Useful once per machine (first calls then skip NVRTC) and on test machines. Needs a GPU: the
 cache is keyed by the device architecture; without one it says so in one line and exits with
@@ -38,6 +38,17 @@ def precompile(names=None, jobs=None):
         for _ in pool.map(_compile, names):
             pass
     return time.perf_counter() - start
+
+
+def selected(dtypes, family="all"):
+    """The instantiations of the compute policies ``dtypes`` (short names), of one ``family``
+    ("sm90": the Hopper kernels; "sm80": all others) with the shared stages, or all of them."""
+    groups = config.all_instantiations()
+    names = [n for d in dtypes for n in groups[_SHORT[d]]]
+    if family == "all":
+        return names
+    hopper = [n for n in names if "sm90" in n] if family == "sm90" else [n for n in names if "sm90" not in n]
+    return sorted(set(hopper) | set(config.stage_kernels()))
 
 
 def _dtypes(text):
@@ -78,14 +89,16 @@ def main(argv=None):
     ap.add_argument("--jobs", type=_positive, default=None, help="compiler processes (default: one per CPU)")
     ap.add_argument("--dtype", type=_dtypes, default="bf16,f16,f32,tf32",
                     help="comma-separated subset of bf16,f16,f32,tf32 (default: all)")
+    ap.add_argument("--family", choices=("all", "sm80", "sm90"), default="all",
+                    help="only one family's kernels, with the stages both share: sm90 (the Hopper kernels) or "
+                         "sm80 (default: all)")
     args = ap.parse_args(argv)
     problem = gpu_problem()
     if problem is not None:
         print(f"tfla_cupy.precompile: {problem}; the kernel cache is per GPU architecture, nothing was compiled "
               f"(to compile without a GPU: pytest -m nvrtc_matrix tests)", file=sys.stderr)
         return 1
-    groups = config.all_instantiations()
-    names = [n for d in args.dtype for n in groups[_SHORT[d]]]
+    names = selected(args.dtype, args.family)
     seconds = precompile(names, args.jobs)
     print(f"tfla_cupy: compiled {len(set(names))} kernels in {seconds:.1f} s")
     return 0
